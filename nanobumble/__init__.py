@@ -1,0 +1,1 @@
+"""nanobumble: train a small language model from nothing, in plain PyTorch."""

@@ -1,0 +1,143 @@
+"""Model directories and resumable checkpoints.
+
+A model directory (what model_name_or_path points at):
+    config.json  model.safetensors  tokenizer.model  training_args.yaml
+
+A checkpoint, output_dir/checkpoint-{step}/, is a model directory plus the
+trainer state needed to continue exactly: optimizer.pt (AdamW moments) and
+trainer_state.pt (step, RNG states, counters). The data position is the step
+itself, because every batch is drawn from (seed, step, sample index).
+
+Every write goes to a temporary name first and is renamed into place, so a
+crash or a NaN can never leave a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import ModelConfig, Transformer, load_model_config, model_config_json
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _copy_atomic(src: str, dst: str) -> None:
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Weights to save: a tied LM head is the embedding, so it is stored once."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def save_model_dir(path: str, model: Transformer, tokenizer_file: str, training_args_yaml: str) -> None:
+    """Write (or overwrite, file by file atomically) a model directory."""
+    os.makedirs(path, exist_ok=True)
+    tmp = os.path.join(path, f"model.safetensors.tmp-{os.getpid()}")
+    save_file(model_state_dict(model), tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(path, "model.safetensors"))
+    atomic_write_text(os.path.join(path, "config.json"), model_config_json(model.config))
+    if os.path.abspath(tokenizer_file) != os.path.abspath(os.path.join(path, "tokenizer.model")):
+        _copy_atomic(tokenizer_file, os.path.join(path, "tokenizer.model"))
+    atomic_write_text(os.path.join(path, "training_args.yaml"), training_args_yaml)
+
+
+def load_model_weights(model: Transformer, weights_file: str) -> None:
+    state = load_file(weights_file)
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{weights_file}: weights do not match config.json "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise ValueError(f"{weights_file}: tensor {name} has shape {tuple(tensor.shape)}, "
+                             f"config.json says {expected[name]}")
+    model.load_state_dict(state, strict=False)
+
+
+def load_model_dir(path: str) -> tuple[Transformer, ModelConfig]:
+    cfg = load_model_config(os.path.join(path, "config.json"))
+    model = Transformer(cfg)
+    load_model_weights(model, os.path.join(path, "model.safetensors"))
+    return model, cfg
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Complete checkpoints, oldest first. Incomplete ones never carry the final name."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_RE.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict, tokenizer_file: str, training_args_yaml: str,
+                    save_total_limit: int) -> str:
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_dir(tmp, model, tokenizer_file, training_args_yaml)
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+    if os.path.exists(final):  # a resumed run saving the same step again
+        old = f"{final}.old-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    if save_total_limit > 0:
+        for _, path in list_checkpoints(output_dir)[:-save_total_limit]:
+            shutil.rmtree(path)
+    return final
+
+
+def load_checkpoint(path: str, model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore weights and optimizer in place; return the trainer state."""
+    load_model_weights(model, os.path.join(path, "model.safetensors"))
+    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

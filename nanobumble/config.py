@@ -1,0 +1,221 @@
+"""Training configuration: dataclass defaults < YAML file < command line.
+
+    python train_pretrain.py --yaml_config configs/pretrain/pretrain_full.yaml --learning_rate 3e-4
+
+Every key is a field of TrainConfig. A key that does not exist, or a value of
+the wrong type, is an error that names the key (and the closest valid keys),
+so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, fields
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad key or value in the YAML file or on the command line."""
+
+
+@dataclass
+class TrainConfig:
+    # --- model, tokenizer, data, output ---
+    model_name_or_path: str = "tiny"  # preset name (tiny, bumblebee-1.5b) or model directory
+    tokenizer_path: str = ""  # sentencepiece .model or a model directory; "" = train one
+    vocab_size: int = 4096  # size of a tokenizer trained from the data
+    dataset_path: str = "datasets/pretrain"  # JSON/JSONL files, a directory of them, or prepared shards
+    output_dir: str = "checkpoints/pretrain/tiny_base"
+    cache_dir: str = "cache"  # trained tokenizers and token shards, keyed by their inputs
+    val_ratio: float = 0.01  # share of documents held out for validation
+    strict: bool = False  # stop at the first malformed record instead of skipping it
+    cutoff_len: int = 256  # tokens per training sequence
+    # --- schedule ---
+    num_epochs: float = 1.0  # passes over the training tokens (used when max_steps <= 0)
+    max_steps: int = -1  # optimizer steps; overrides num_epochs when > 0
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.1
+    lr_scheduler_type: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1  # the schedule decays to learning_rate * min_lr_ratio
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    max_grad_norm: float = 1.0  # <= 0 turns clipping off
+    train_micro_batch_size_per_gpu: int = 8
+    gradient_accumulation_steps: int = 1
+    # --- numerics and speed ---
+    train_model_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    enable_gradient_checkpointing: bool = False
+    # --- logging, evaluation, checkpoints ---
+    logging_steps: int = 10
+    eval_steps: int = 100  # <= 0: only at the end
+    eval_batches: int = 20  # validation batches per evaluation
+    save_steps: int = 100  # <= 0: only the final model
+    save_total_limit: int = 2  # newest checkpoints kept; <= 0 keeps all
+    use_tensorboard: bool = True
+    seed: int = 42
+    resume: str = ""  # "" = fresh run, "auto" = newest checkpoint in output_dir, or a checkpoint dir
+
+    def __post_init__(self):
+        choices = {
+            "lr_scheduler_type": ("cosine", "linear", "constant"),
+            "train_model_precision": ("auto", "bf16", "fp32"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        for key in ("cutoff_len", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                    "logging_steps", "eval_batches", "vocab_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"key '{key}' must be at least 1, got {getattr(self, key)}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"key 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise ConfigError(f"key 'val_ratio' must be in [0, 1), got {self.val_ratio}")
+        if self.max_steps <= 0 and self.num_epochs <= 0:
+            raise ConfigError("set max_steps > 0 or num_epochs > 0")
+
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+def _coerce(key: str, value: Any, kind: type, source: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, or explain why not."""
+    def bad() -> ConfigError:
+        return ConfigError(f"{source}: key '{key}' expects {kind.__name__}, got {value!r}")
+
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad()
+    if kind is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)  # accepts "1000" and "1e3"
+            except ValueError:
+                raise bad() from None
+            if number.is_integer():
+                return int(number)
+        raise bad()
+    if kind is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-4" as a string
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if kind is str:
+        if value is None:
+            return ""
+        if isinstance(value, (dict, list)):
+            raise bad()
+        return str(value)
+    raise TypeError(f"unsupported config field type {kind}")
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    types = {"bool": bool, "int": int, "float": float, "str": str}
+    return {f.name: types[f.type] if isinstance(f.type, str) else f.type for f in fields(cls)}
+
+
+def _unknown_key(key: str, valid: list[str], source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ConfigError(f"{source}: unknown key '{key}'{hint} (run with --help to list all keys)")
+
+
+def _split_command_line(argv: list[str]) -> list[tuple[str, str]]:
+    """['--a', '1', '--b=2', '--flag'] -> [('a', '1'), ('b', '2'), ('flag', 'true')]."""
+    pairs = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"command line: expected --key value, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 2
+        else:
+            value = "true"  # a bare --flag switches a boolean on
+            i += 1
+        pairs.append((key.replace("-", "_"), value))
+    return pairs
+
+
+def format_help(cls: type, defaults: dict[str, Any] | None = None) -> str:
+    config = cls(**(defaults or {}))
+    lines = ["usage: --yaml_config FILE --key value ...  (command line > YAML > defaults)", "keys:"]
+    for f in fields(cls):
+        lines.append(f"  --{f.name} {getattr(config, f.name)!r}")
+    return "\n".join(lines)
+
+
+def parse_config(argv: list[str], cls: type = TrainConfig, defaults: dict[str, Any] | None = None):
+    """Build a config from per-script defaults, an optional YAML file and overrides."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(format_help(cls, defaults))
+        sys.exit(0)
+    types = _field_types(cls)
+    valid = list(types)
+    values: dict[str, Any] = dict(defaults or {})
+    pairs = _split_command_line(argv)
+
+    yaml_files = [v for k, v in pairs if k == "yaml_config"]
+    if len(yaml_files) > 1:
+        raise ConfigError("command line: --yaml_config given more than once")
+    if yaml_files:
+        path = yaml_files[0]
+        try:
+            with open(path, encoding="utf-8") as f:
+                loaded = yaml.safe_load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"--yaml_config: file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of key: value at the top level")
+        for key, value in loaded.items():
+            if key not in types:
+                raise _unknown_key(str(key), valid, path)
+            values[key] = _coerce(key, value, types[key], path)
+
+    for key, value in pairs:
+        if key == "yaml_config":
+            continue
+        if key not in types:
+            raise _unknown_key(key, valid, "command line")
+        values[key] = _coerce(key, value, types[key], "command line")
+    return cls(**values)
+
+
+def config_to_dict(config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def config_to_yaml(config) -> str:
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,48 @@
+"""Scalars to TensorBoard and to output_dir/metrics.jsonl (one JSON object per logged step)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str, use_tensorboard: bool, resume_step: int = 0):
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        if resume_step > 0:
+            self._drop_after(resume_step)
+        elif os.path.exists(self.path):
+            os.remove(self.path)  # a fresh run starts a fresh log
+        self.writer = None
+        if use_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step hides events a killed run wrote after the checkpoint we resume from
+            self.writer = SummaryWriter(log_dir=output_dir, purge_step=resume_step + 1 if resume_step else None)
+
+    def _drop_after(self, step: int) -> None:
+        """A run killed after its last checkpoint logged steps that will be redone."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, **scalars}) + "\n")
+        if self.writer is not None:
+            for key, value in scalars.items():
+                self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

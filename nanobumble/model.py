@@ -1,0 +1,217 @@
+"""The decoder-only transformer, in the shape of Qwen2 ("bumblebee").
+
+    tokens -> embedding -> N x [RMSNorm -> attention (GQA, RoPE) -> +residual,
+                                RMSNorm -> SwiGLU MLP -> +residual]
+           -> RMSNorm -> LM head (tied to the embedding) -> logits
+
+Parameter names follow Qwen2 (self_attn.q_proj, mlp.gate_proj, ...) so the
+weights map one to one onto that family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2  # grouped-query attention: each K/V head serves num_heads/num_kv_heads query heads
+    intermediate_size: int = 384  # SwiGLU hidden width
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    tie_word_embeddings: bool = True
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("head dimension must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+# Named shapes. vocab_size comes from the tokenizer when the model is built.
+PRESETS: dict[str, dict] = {
+    # A few million parameters: trains on a laptop CPU in minutes.
+    "tiny": dict(hidden_size=192, num_layers=4, num_heads=6, num_kv_heads=2, intermediate_size=512,
+                 max_position_embeddings=1024, rope_theta=10000.0),
+    # Qwen2.5-1.5B's shape: 1.54B parameters with its 151,936-token vocabulary.
+    "bumblebee-1.5b": dict(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+                           intermediate_size=8960, max_position_embeddings=32768, rope_theta=1e6),
+}
+
+
+def pad_vocab_size(vocab_size: int, multiple: int = 64) -> int:
+    """Round the embedding table up so matrix shapes stay friendly to GPU tiles."""
+    return (vocab_size + multiple - 1) // multiple * multiple
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()  # the mean of squares needs fp32 even in a bf16 model
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [batch, seq, head_dim] for the given (possibly restarting) positions."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
+    angles = position_ids.float().unsqueeze(-1) * inv_freq  # [B, T, head_dim/2]
+    angles = torch.cat([angles, angles], dim=-1)  # half-rotation layout: pairs are (i, i + head_dim/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [batch, heads, seq, head_dim] by the per-position angles."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.gradient_checkpointing = False
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        # GPT-2 style: N(0, 0.02), and the projections that write into the residual
+        # stream scaled by 1/sqrt(2 * layers) so its variance does not grow with depth.
+        residual_std = 0.02 / math.sqrt(2 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                std = residual_std if name.endswith(("o_proj", "down_proj")) else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # a tied weight is counted once
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [batch, seq, vocab], or the mean cross-entropy when targets are given
+        (targets of -100 are ignored). position_ids default to 0..seq-1 per row."""
+        B, T = input_ids.shape
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings {self.config.max_position_embeddings}")
+        if position_ids is None:
+            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        logits = self.lm_head(self.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+
+
+def model_config_for(name_or_path: str, vocab_size: int) -> ModelConfig:
+    """A preset by name (with the tokenizer's vocabulary) or the config.json of a model directory."""
+    if name_or_path in PRESETS:
+        return ModelConfig(vocab_size=pad_vocab_size(vocab_size), **PRESETS[name_or_path])
+    config_file = os.path.join(name_or_path, "config.json")
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(
+            f"model_name_or_path '{name_or_path}' is neither a preset ({', '.join(PRESETS)}) "
+            f"nor a model directory with config.json")
+    return load_model_config(config_file)
+
+
+def load_model_config(config_file: str) -> ModelConfig:
+    with open(config_file, encoding="utf-8") as f:
+        data = json.load(f)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{config_file}: unknown model keys {unknown}")
+    return ModelConfig(**data)
+
+
+def model_config_json(cfg: ModelConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"

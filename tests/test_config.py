@@ -1,0 +1,68 @@
+import pytest
+
+from nanobumble.config import ConfigError, TrainConfig, parse_config
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_yaml_and_command_line_precedence(tmp_path):
+    path = write(tmp_path, "learning_rate: 1e-4\ncutoff_len: 128\nuse_tensorboard: false\n")
+    cfg = parse_config(["--yaml_config", path, "--cutoff_len", "64"])
+    assert cfg.learning_rate == 1e-4  # YAML over default ("1e-4" is a string to YAML 1.1)
+    assert cfg.cutoff_len == 64  # command line over YAML
+    assert cfg.use_tensorboard is False
+    assert cfg.seed == TrainConfig().seed  # untouched default
+    cfg = parse_config([f"--yaml_config={path}", "--cutoff_len=32"])
+    assert cfg.cutoff_len == 32
+
+
+def test_script_defaults_sit_below_yaml(tmp_path):
+    path = write(tmp_path, "cutoff_len: 128\n")
+    cfg = parse_config(["--yaml_config", path], defaults={"cutoff_len": 512, "seed": 7})
+    assert cfg.cutoff_len == 128 and cfg.seed == 7
+
+
+@pytest.mark.parametrize("text,expected", [("true", True), ("1", True), ("False", False), ("0", False)])
+def test_booleans(text, expected):
+    assert parse_config(["--strict", text]).strict is expected
+
+
+def test_numbers_parse_as_numbers():
+    cfg = parse_config(["--max_steps", "1e3", "--learning_rate", "3e-4", "--max_grad_norm", "2"])
+    assert cfg.max_steps == 1000 and isinstance(cfg.max_steps, int)
+    assert cfg.learning_rate == 3e-4 and isinstance(cfg.max_grad_norm, float)
+    assert parse_config(["--max_steps", "-1"]).max_steps == -1
+
+
+def test_unknown_key_names_the_closest(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key 'learnig_rate'.*learning_rate"):
+        parse_config(["--learnig_rate", "1"])
+    path = write(tmp_path, "save_step: 10\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'save_step'.*save_steps"):
+        parse_config(["--yaml_config", path])
+
+
+@pytest.mark.parametrize("argv,key", [
+    (["--max_steps", "ten"], "max_steps"),
+    (["--max_steps", "2.5"], "max_steps"),
+    (["--strict", "maybe"], "strict"),
+    (["--learning_rate", "fast"], "learning_rate"),
+    (["--lr_scheduler_type", "exponential"], "lr_scheduler_type"),
+    (["--cutoff_len", "0"], "cutoff_len"),
+])
+def test_bad_values_name_the_key(argv, key):
+    with pytest.raises(ConfigError, match=key):
+        parse_config(argv)
+
+
+def test_bad_yaml_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        parse_config(["--yaml_config", str(tmp_path / "missing.yaml")])
+    with pytest.raises(ConfigError, match="mapping"):
+        parse_config(["--yaml_config", write(tmp_path, "- a\n- b\n")])
+    with pytest.raises(ConfigError, match="expects int"):
+        parse_config(["--yaml_config", write(tmp_path, "seed: [1, 2]\n")])
