@@ -81,8 +81,17 @@ def main(argv: list[str]) -> None:
         raise UserError(f"output_dir {cfg.output_dir} already holds checkpoints; continue it with --resume auto, "
                         f"or pick another --output_dir (nothing there is overwritten)")
 
-    # --- tokenizer and token shards ---
+    # --- tokenizer and model shape (checked against each other before any data work) ---
     tokenizer = find_tokenizer(cfg, resume_dir)
+    model_cfg = model_config_for(resume_dir or cfg.model_name_or_path, tokenizer.vocab_size)
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                        f"{model_cfg.vocab_size}: tokenizer and model do not belong together")
+    if cfg.cutoff_len > model_cfg.max_position_embeddings:
+        raise UserError(f"cutoff_len {cfg.cutoff_len} exceeds the model's max_position_embeddings "
+                        f"{model_cfg.max_position_embeddings}")
+
+    # --- token shards ---
     shard_dir = ensure_shards(cfg.dataset_path, tokenizer, cfg.cache_dir, val_ratio=cfg.val_ratio, strict=cfg.strict)
     train_data = TokenShards(shard_dir, "train")
     val_data = TokenShards(shard_dir, "val")
@@ -91,13 +100,6 @@ def main(argv: list[str]) -> None:
         val_data = None
 
     # --- model ---
-    model_cfg = model_config_for(resume_dir or cfg.model_name_or_path, tokenizer.vocab_size)
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                        f"{model_cfg.vocab_size}: tokenizer and model do not belong together")
-    if cfg.cutoff_len > model_cfg.max_position_embeddings:
-        raise UserError(f"cutoff_len {cfg.cutoff_len} exceeds the model's max_position_embeddings "
-                        f"{model_cfg.max_position_embeddings}")
     model = Transformer(model_cfg)
     if os.path.isdir(cfg.model_name_or_path) and not resume_dir:
         load_model_weights(model, os.path.join(cfg.model_name_or_path, "model.safetensors"))

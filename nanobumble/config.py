@@ -35,7 +35,7 @@ class TrainConfig:
     strict: bool = False  # stop at the first malformed record instead of skipping it
     cutoff_len: int = 256  # tokens per training sequence
     # --- schedule ---
-    num_epochs: float = 1.0  # passes over the training tokens (used when max_steps <= 0)
+    num_epochs: float = 6.0  # passes over the training tokens (used when max_steps <= 0)
     max_steps: int = -1  # optimizer steps; overrides num_epochs when > 0
     learning_rate: float = 1e-3
     weight_decay: float = 0.1

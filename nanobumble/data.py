@@ -1,0 +1,553 @@
+"""Pretraining data: raw JSON/JSONL text -> token shards -> deterministic batches.
+
+Raw data is `{"text": ...}` records, as JSONL (one object a line) or as one
+JSON array. `prepare_shards` tokenizes it once into binary shards:
+
+    shard file = 256 little-endian int32 header values
+                 [MAGIC, VERSION, token itemsize, token count, 0, ...]
+                 followed by the raw tokens (uint16, or uint32 for vocabularies
+                 above 65536)
+
+A shard directory holds train_000000.bin, ..., val_000000.bin, ..., the
+tokenizer.model that made them, and meta.json describing the lot.
+
+`TokenShards.sample_batch` draws each training window from (seed, step,
+sample index) alone, so a batch does not depend on how many processes share
+it, and a resumed run draws exactly the batches it would have drawn.
+"""
+
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from nanobumble.tokenizer import EOT_ID, Tokenizer
+
+MAGIC = int.from_bytes(b"nbsh", "little")  # reads "nbsh" in a hex dump
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+META_VERSION = 1
+MAX_REPORTED_PROBLEMS = 20  # per call of iter_text_records; the rest are only counted
+CHUNK_CHARS = 1 << 20  # documents are sent to workers in chunks of about this much text
+
+
+class DataError(Exception):
+    """Bad or missing data. The message names the file (and line or record)."""
+
+
+# ---------------------------------------------------------------------------
+# Raw JSON / JSONL records
+
+
+def list_data_files(dataset_path: str | list[str]) -> list[str]:
+    """A file, a directory (every *.json / *.jsonl below it), or a comma-separated list."""
+    paths = dataset_path.split(",") if isinstance(dataset_path, str) else list(dataset_path)
+    paths = [p.strip() for p in paths if p.strip()]
+    if not paths:
+        raise DataError("no dataset_path given")
+    files: list[str] = []
+    for path in paths:
+        if os.path.isfile(path):
+            files.append(path)
+        elif os.path.isdir(path):
+            found = []
+            for root, _, names in os.walk(path):
+                found += [os.path.join(root, n) for n in names if n.endswith((".json", ".jsonl"))]
+            files += sorted(found)
+        else:
+            raise DataError(f"dataset path not found: {path}")
+    if not files:
+        raise DataError(f"no .json or .jsonl files found in {dataset_path}")
+    return files
+
+
+def _record_text(record: object) -> str:
+    """The record's text, or raise ValueError saying what is wrong with it."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if "text" not in record:
+        raise ValueError('record has no "text" field')
+    if not isinstance(record["text"], str):
+        raise ValueError(f'"text" must be a string, got {type(record["text"]).__name__}')
+    return record["text"]
+
+
+def _iter_file_records(path: str) -> Iterator[tuple[str, object]]:
+    """Yield (location, record or ValueError) for every record of one file."""
+    with open(path, encoding="utf-8-sig") as f:  # -sig: accept a leading byte order mark
+        head = f.read(4096).lstrip()
+        f.seek(0)
+        if head.startswith("["):
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON: {e}") from e
+            for i, record in enumerate(records):
+                yield f"{path}:record {i}", record
+            return
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{line_number}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{path}:{line_number}", ValueError(f"malformed JSON: {e}")
+
+
+def iter_text_records(files: Sequence[str], strict: bool = False, stats: dict | None = None,
+                      quiet: bool = False) -> Iterator[str]:
+    """Yield the text of every `{"text": ...}` record in files.
+
+    A bad record is reported on stderr as `file:line: reason` (unless quiet) and
+    skipped, or raises DataError when strict. stats (if given) counts documents,
+    skipped, empty and bytes (UTF-8 bytes of the yielded texts). Files without a
+    single non-empty text raise DataError once they are read.
+    """
+    if stats is None:
+        stats = {}
+    for key in ("documents", "skipped", "empty", "bytes"):
+        stats.setdefault(key, 0)
+    reported = 0
+    documents = 0
+    for path in files:
+        try:
+            for location, record in _iter_file_records(path):
+                try:
+                    if isinstance(record, ValueError):
+                        raise record
+                    text = _record_text(record)
+                except ValueError as e:
+                    if strict:
+                        raise DataError(f"{location}: {e}") from None
+                    stats["skipped"] += 1
+                    reported += 1
+                    if quiet:
+                        continue
+                    if reported <= MAX_REPORTED_PROBLEMS:
+                        print(f"{location}: {e} (skipped)", file=sys.stderr)
+                    elif reported == MAX_REPORTED_PROBLEMS + 1:
+                        print("... more bad records are skipped without a message", file=sys.stderr)
+                    continue
+                if not text:
+                    stats["empty"] += 1
+                    continue
+                documents += 1
+                stats["documents"] += 1
+                stats["bytes"] += len(text.encode("utf-8"))
+                yield text
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text: {e}") from e
+        except OSError as e:
+            raise DataError(f"{path}: cannot read: {e}") from e
+    if documents == 0:
+        raise DataError(f"no documents with text in {', '.join(files)} "
+                        f"({stats['skipped']} bad records, {stats['empty']} empty texts)")
+
+
+# ---------------------------------------------------------------------------
+# Shard files
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def write_shard(path: str, tokens: np.ndarray, vocab_size: int) -> None:
+    """Write one shard atomically (temp file in the same directory, then rename)."""
+    dtype = token_dtype(vocab_size)
+    tokens = np.asarray(tokens)
+    if len(tokens) >= 2**31:
+        raise ValueError(f"{path}: too many tokens for one shard ({len(tokens)})")
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"{path}: token ids outside [0, {vocab_size})")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:4] = [MAGIC, VERSION, dtype.itemsize, len(tokens)]
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".bin")
+    os.chmod(tmp_path, 0o644)  # mkstemp makes the file private; shards are ordinary files
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def read_shard(path: str) -> np.ndarray:
+    """Memory-map one shard's tokens after checking its header and size."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read shard: {e}") from e
+    if len(header) < HEADER_INTS:
+        raise DataError(f"{path}: truncated shard (shorter than its {HEADER_BYTES}-byte header)")
+    magic, version, itemsize, count = (int(v) for v in header[:4])
+    if magic != MAGIC:
+        raise DataError(f"{path}: not a nanobumble token shard (bad magic number)")
+    if version != VERSION:
+        raise DataError(f"{path}: shard version {version}, expected {VERSION}")
+    if itemsize not in (2, 4):
+        raise DataError(f"{path}: bad token itemsize {itemsize}")
+    expected_size = HEADER_BYTES + count * itemsize
+    if size != expected_size:
+        raise DataError(f"{path}: file is {size} bytes but its header says {expected_size} "
+                        "(truncated or corrupted)")
+    dtype = np.dtype("<u2") if itemsize == 2 else np.dtype("<u4")
+    if count == 0:
+        return np.zeros(0, dtype=dtype)  # numpy cannot memory-map zero bytes
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+
+class _ShardWriter:
+    """Collects tokens and writes {prefix}_000000.bin, ... of shard_tokens tokens each."""
+
+    def __init__(self, out_dir: str, prefix: str, vocab_size: int, shard_tokens: int):
+        self.out_dir, self.prefix = out_dir, prefix
+        self.vocab_size, self.shard_tokens = vocab_size, shard_tokens
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.total_tokens = 0
+        self.shards: list[str] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        if len(tokens) == 0:
+            return
+        self.pending.append(tokens)
+        self.pending_tokens += len(tokens)
+        self.total_tokens += len(tokens)
+        while self.pending_tokens >= self.shard_tokens:
+            joined = np.concatenate(self.pending)
+            self._write(joined[:self.shard_tokens])
+            self.pending = [joined[self.shard_tokens:]]
+            self.pending_tokens = len(self.pending[0])
+
+    def close(self) -> None:
+        if self.pending_tokens:
+            self._write(np.concatenate(self.pending))
+        self.pending, self.pending_tokens = [], 0
+
+    def _write(self, tokens: np.ndarray) -> None:
+        name = f"{self.prefix}_{len(self.shards):06d}.bin"
+        write_shard(os.path.join(self.out_dir, name), tokens, self.vocab_size)
+        self.shards.append(name)
+
+
+# ---------------------------------------------------------------------------
+# Tokenizing raw data into shards
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(model_file: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(model_file)
+
+
+def _tokenize_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize documents; return all tokens (each document followed by EOT) and their lengths."""
+    assert _worker_tokenizer is not None
+    encoded = _worker_tokenizer.encode_batch(texts)
+    for ids in encoded:
+        ids.append(EOT_ID)
+    lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
+    tokens = np.array(list(itertools.chain.from_iterable(encoded)), dtype=np.int32)
+    return tokens, lengths
+
+
+def _chunks(texts: Iterable[str]) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    chars = 0
+    for text in texts:
+        chunk.append(text)
+        chars += len(text)
+        if chars >= CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def is_validation_document(index: int, val_ratio: float) -> bool:
+    """Route document number `index` to validation: a fixed hash of the index, so
+    the split depends on neither worker count nor chunking. Document 1 always goes
+    to validation, so any dataset of two or more documents has some."""
+    if val_ratio <= 0:
+        return False
+    if index == 1:
+        return True
+    digest = hashlib.blake2b(index.to_bytes(8, "little"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_ratio * 2**64
+
+
+def _tokenized_chunks(texts: Iterable[str], model_file: str, num_workers: int
+                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Tokenize chunks of documents, in order, with num_workers processes."""
+    if num_workers <= 1:
+        _init_worker(model_file)
+        for chunk in _chunks(texts):
+            yield _tokenize_chunk(chunk)
+        return
+    with multiprocessing.Pool(num_workers, initializer=_init_worker, initargs=(model_file,)) as pool:
+        # Keep a bounded number of chunks in flight so memory stays flat on big datasets.
+        in_flight: deque = deque()
+        for chunk in _chunks(texts):
+            in_flight.append(pool.apply_async(_tokenize_chunk, (chunk,)))
+            if len(in_flight) >= 2 * num_workers:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
+
+
+def prepare_shards(
+    files: Sequence[str],
+    tokenizer: Tokenizer,
+    out_dir: str,
+    val_ratio: float = 0.01,
+    shard_tokens: int = 100_000_000,
+    num_workers: int | None = None,
+    strict: bool = False,
+) -> dict:
+    """Tokenize raw JSON/JSONL files into a new shard directory out_dir; return its meta.
+
+    Everything is written into a temporary directory beside out_dir and renamed
+    at the end, so out_dir either does not exist or is complete.
+    """
+    if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
+        raise DataError(f"output directory {out_dir} already exists and is not empty")
+    num_workers = num_workers or os.cpu_count() or 1
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-")
+    os.chmod(tmp_dir, 0o755)  # mkdtemp makes the directory private
+    try:
+        meta = _write_shards(files, tokenizer, tmp_dir, val_ratio, shard_tokens, num_workers, strict)
+        try:
+            if os.path.isdir(out_dir):
+                os.rmdir(out_dir)  # empty (checked above)
+            os.rename(tmp_dir, out_dir)
+        except OSError as e:
+            raise DataError(f"output directory {out_dir} appeared while preparing: {e}") from e
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return meta
+
+
+def _write_shards(files: Sequence[str], tokenizer: Tokenizer, out_dir: str, val_ratio: float,
+                  shard_tokens: int, num_workers: int, strict: bool) -> dict:
+    stats: dict = {}
+    texts = iter_text_records(files, strict=strict, stats=stats)
+    train = _ShardWriter(out_dir, "train", tokenizer.vocab_size, shard_tokens)
+    val = _ShardWriter(out_dir, "val", tokenizer.vocab_size, shard_tokens)
+    start = last_print = time.time()
+    index = 0
+    val_documents = 0
+    for tokens, lengths in _tokenized_chunks(texts, tokenizer.model_file, num_workers):
+        is_val = np.array([is_validation_document(index + i, val_ratio) for i in range(len(lengths))])
+        token_is_val = np.repeat(is_val, lengths)
+        train.add(tokens[~token_is_val])
+        val.add(tokens[token_is_val])
+        index += len(lengths)
+        val_documents += int(is_val.sum())
+        if time.time() - last_print > 0.5:
+            last_print = time.time()
+            _print_progress(stats, time.time() - start)
+    train.close()
+    val.close()
+    _print_progress(stats, time.time() - start)
+    print()
+
+    shutil.copyfile(tokenizer.model_file, os.path.join(out_dir, "tokenizer.model"))
+    meta = {
+        "format_version": META_VERSION,
+        "tokenizer_checksum": tokenizer.checksum,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": token_dtype(tokenizer.vocab_size).name,
+        "train_tokens": train.total_tokens,
+        "val_tokens": val.total_tokens,
+        "train_shards": train.shards,
+        "val_shards": val.shards,
+        "documents": stats["documents"],
+        "val_documents": val_documents,
+        "skipped": stats["skipped"],
+        "empty": stats["empty"],
+        "text_bytes": stats["bytes"],
+        "val_ratio": val_ratio,
+        "source_files": [os.path.abspath(f) for f in files],
+    }
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    print(f"shards: {meta['documents']:,} documents ({val_documents:,} for validation), "
+          f"{meta['train_tokens']:,} train + {meta['val_tokens']:,} val tokens, "
+          f"{len(train.shards)} + {len(val.shards)} shards, "
+          f"{meta['skipped']:,} bad records and {meta['empty']:,} empty texts skipped, "
+          f"{time.time() - start:.1f}s")
+    return meta
+
+
+def _print_progress(stats: dict, seconds: float) -> None:
+    mb = stats["bytes"] / 1e6
+    print(f"\rtokenizing: {stats['documents']:,} docs, {mb:,.1f} MB, {mb / max(seconds, 1e-9):,.1f} MB/s",
+          end="", flush=True)
+
+
+def read_meta(shard_dir: str) -> dict:
+    path = os.path.join(shard_dir, "meta.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{shard_dir} is not a shard directory (no meta.json)") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON: {e}") from e
+
+
+def files_fingerprint(files: Sequence[str]) -> str:
+    """sha256 hex of each file's absolute path, size and modification time:
+    changes when the data changes, without reading it."""
+    digest = hashlib.sha256()
+    for path in files:
+        info = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
+    return digest.hexdigest()
+
+
+def ensure_shards(
+    dataset_path: str | list[str],
+    tokenizer: Tokenizer,
+    cache_dir: str,
+    val_ratio: float = 0.01,
+    strict: bool = False,
+    num_workers: int | None = None,
+) -> str:
+    """Return a shard directory for dataset_path, preparing (and caching) it if needed.
+
+    dataset_path is either a prepared shard directory (has meta.json) or raw
+    JSON/JSONL data; raw data is tokenized once into {cache_dir}/shards-{key}.
+    """
+    if isinstance(dataset_path, str) and os.path.isfile(os.path.join(dataset_path, "meta.json")):
+        meta = read_meta(dataset_path)
+        check_tokenizer_matches(meta, tokenizer, dataset_path)
+        return dataset_path
+
+    files = list_data_files(dataset_path)
+    key = f"{files_fingerprint(files)}\0{tokenizer.checksum}\0{val_ratio}\0{META_VERSION}"
+    shard_dir = os.path.join(cache_dir, f"shards-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+    if os.path.isfile(os.path.join(shard_dir, "meta.json")):
+        print(f"shards: reusing cached {shard_dir}")
+        return shard_dir
+    print(f"shards: preparing {len(files)} file(s) into {shard_dir}")
+    try:
+        prepare_shards(files, tokenizer, shard_dir, val_ratio=val_ratio, num_workers=num_workers, strict=strict)
+    except DataError:
+        # Another process (e.g. another rank) may have prepared the same shards meanwhile.
+        if not os.path.isfile(os.path.join(shard_dir, "meta.json")):
+            raise
+        print(f"shards: another process prepared {shard_dir}; using it")
+    return shard_dir
+
+
+def check_tokenizer_matches(meta: dict, tokenizer: Tokenizer, shard_dir: str) -> None:
+    if meta.get("tokenizer_checksum") != tokenizer.checksum or meta.get("vocab_size") != tokenizer.vocab_size:
+        raise DataError(
+            f"tokenizer/shard mismatch: {shard_dir} was tokenized with another tokenizer "
+            f"(vocab_size {meta.get('vocab_size')}, checksum {str(meta.get('tokenizer_checksum'))[:12]}) "
+            f"than {tokenizer.model_file} (vocab_size {tokenizer.vocab_size}, "
+            f"checksum {tokenizer.checksum[:12]}); use the tokenizer.model stored in {shard_dir}")
+
+
+# ---------------------------------------------------------------------------
+# Reading batches
+
+
+class TokenShards:
+    """All shards of one split, memory-mapped, with deterministic window sampling."""
+
+    def __init__(self, shard_dir: str, split: str = "train"):
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        self.shard_dir = shard_dir
+        self.split = split
+        self.meta = read_meta(shard_dir)
+        if self.meta.get("format_version") != META_VERSION:
+            raise DataError(f"{shard_dir}/meta.json: format_version {self.meta.get('format_version')}, "
+                            f"expected {META_VERSION}")
+        self.vocab_size: int = self.meta["vocab_size"]
+        self.shards = [read_shard(os.path.join(shard_dir, name)) for name in self.meta[f"{split}_shards"]]
+        self.num_tokens = sum(len(s) for s in self.shards)
+        if self.num_tokens != self.meta[f"{split}_tokens"]:
+            raise DataError(f"{shard_dir}: {split} shards hold {self.num_tokens} tokens "
+                            f"but meta.json says {self.meta[f'{split}_tokens']}")
+
+    @property
+    def tokens_in_split(self) -> int:
+        return self.num_tokens
+
+    def _check_fits(self, cutoff_len: int) -> None:
+        if not any(len(s) >= cutoff_len + 1 for s in self.shards):
+            raise DataError(
+                f"dataset too small for cutoff_len={cutoff_len}: the {self.split} split of "
+                f"{self.shard_dir} has no shard with {cutoff_len + 1} tokens "
+                f"({self.num_tokens} tokens in all); use a smaller cutoff_len or more data")
+
+    def sample_batch(self, seed: int, step: int, sample_indices: Sequence[int], cutoff_len: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs x and targets y (x shifted by one), each [len(sample_indices), cutoff_len].
+
+        Sample `idx` at `step` is a uniformly drawn window of cutoff_len + 1
+        consecutive tokens inside one shard, chosen from (seed, step, idx) alone.
+        """
+        self._check_fits(cutoff_len)
+        # Window starts per shard; a start position s is valid when s + cutoff_len < len(shard).
+        starts = np.array([max(len(s) - cutoff_len, 0) for s in self.shards], dtype=np.int64)
+        first_start = np.cumsum(starts) - starts  # global number of the first start in each shard
+        total = int(starts.sum())
+        batch = np.empty((len(sample_indices), cutoff_len + 1), dtype=np.int64)
+        for row, idx in enumerate(sample_indices):
+            position = int(np.random.default_rng([seed, step, idx]).integers(total))
+            shard = int(np.searchsorted(first_start, position, side="right")) - 1
+            offset = position - int(first_start[shard])
+            batch[row] = self.shards[shard][offset:offset + cutoff_len + 1]
+        batch_t = torch.from_numpy(batch)
+        return batch_t[:, :-1].contiguous(), batch_t[:, 1:].contiguous()
+
+    def val_batches(self, cutoff_len: int, batch_size: int, max_batches: int | None = None
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Consecutive windows from the start of the split (inputs do not overlap;
+        every token after the first of a shard is a target once). The last batch
+        may be smaller. Same output every time."""
+        self._check_fits(cutoff_len)
+        rows: list[np.ndarray] = []
+        produced = 0
+        for shard in self.shards:
+            for offset in range(0, len(shard) - cutoff_len, cutoff_len):
+                rows.append(shard[offset:offset + cutoff_len + 1])
+                if len(rows) == batch_size:
+                    yield _rows_to_batch(rows)
+                    rows = []
+                    produced += 1
+                    if max_batches is not None and produced >= max_batches:
+                        return
+        if rows:
+            yield _rows_to_batch(rows)
+
+
+def _rows_to_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = torch.from_numpy(np.array(rows, dtype=np.int64))
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()

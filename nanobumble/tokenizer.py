@@ -1,0 +1,235 @@
+"""Sentencepiece BPE tokenizer: training, loading, encoding, decoding.
+
+Every nanobumble tokenizer has the same four fixed ids:
+
+    0  <unk>
+    1  <|endoftext|>   appended after every pretraining document
+    2  <|im_start|>    chat turn start
+    3  <|im_end|>      chat turn end
+
+The three specials are sentencepiece *control* symbols: `encode` never
+produces them, even when the text literally contains "<|im_end|>", so user
+data cannot forge a chat turn. They enter a sequence only by id, and `decode`
+writes them back as their literal strings.
+
+Encoding is lossless: decode(encode(text)) == text for any UTF-8 text
+(identity normalisation, no dummy prefix, whitespace kept, and byte fallback
+so that characters never seen in training become their UTF-8 bytes).
+Sentencepiece stores spaces as U+2581 '▁', so a literal '▁' in the text would
+come back as a space; `encode` therefore writes that one character as its
+three byte tokens.
+"""
+
+import hashlib
+import io
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+UNK_ID = 0
+EOT_ID = 1
+IM_START_ID = 2
+IM_END_ID = 3
+SPECIAL_TOKENS = {"<|endoftext|>": EOT_ID, "<|im_start|>": IM_START_ID, "<|im_end|>": IM_END_ID}
+SPECIAL_IDS = frozenset(SPECIAL_TOKENS.values())
+
+SPACE_PIECE = "\u2581"  # how sentencepiece writes a space inside a piece
+MAX_LINE_CHARS = 8192  # longer lines are cut into pieces of this size for training
+MAX_TRAINING_LINES = 5_000_000  # sentencepiece samples this many lines at most
+TRAIN_THREADS = 8  # fixed, not os.cpu_count(): the count is stored in the model file
+
+
+def _training_lines(texts: Iterable[str], errors: list[Exception]) -> Iterator[str]:
+    """Cut documents into lines (newlines become byte tokens, never pieces).
+
+    An exception raised while reading texts is kept in `errors`: sentencepiece
+    would otherwise turn it into a generic RuntimeError.
+    """
+    try:
+        for text in texts:
+            for line in text.split("\n"):
+                for start in range(0, len(line), MAX_LINE_CHARS):
+                    yield line[start:start + MAX_LINE_CHARS]
+    except Exception as e:
+        errors.append(e)
+        raise
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str) -> str:
+    """Train a BPE tokenizer on an iterable of documents and write it to model_path.
+
+    The same input gives the same model file. When the text is too small to
+    fill vocab_size, the model simply comes out smaller (the real size is printed).
+    """
+    start = time.time()
+    specials = sorted(SPECIAL_TOKENS, key=SPECIAL_TOKENS.get)
+    model = io.BytesIO()
+    reading_errors: list[Exception] = []
+    spm.set_random_generator_seed(0)  # line sampling on large corpora is reproducible
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_lines(texts, reading_errors),
+            model_writer=model,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            hard_vocab_limit=False,
+            unk_id=UNK_ID, bos_id=-1, eos_id=-1, pad_id=-1,
+            control_symbols=specials,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            byte_fallback=True,
+            character_coverage=0.9995,
+            max_sentence_length=4 * MAX_LINE_CHARS,  # in bytes
+            input_sentence_size=MAX_TRAINING_LINES,
+            shuffle_input_sentence=True,
+            num_threads=TRAIN_THREADS,
+            minloglevel=2,  # sentencepiece's own log is long; we print one line
+        )
+    except RuntimeError as e:
+        if reading_errors:
+            raise reading_errors[0] from None
+        if "sentences_.empty()" in str(e):
+            raise ValueError("cannot train a tokenizer: the training text is empty") from e
+        if "required_chars" in str(e):
+            raise ValueError(f"vocab_size={vocab_size} is too small for this text: {e}") from e
+        raise
+
+    _write_atomic(model_path, model.getvalue())
+    real_size = spm.SentencePieceProcessor(model_file=model_path).get_piece_size()
+    print(f"tokenizer: trained vocab_size={real_size} (asked {vocab_size}) "
+          f"in {time.time() - start:.1f}s -> {model_path}")
+    return model_path
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    """Write to a temp file in the same directory, then rename: never a half file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".model")
+    os.chmod(tmp_path, 0o644)  # mkstemp makes the file private
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+class Tokenizer:
+    """A loaded nanobumble sentencepiece model."""
+
+    def __init__(self, model_file: str):
+        if not os.path.isfile(model_file):
+            raise FileNotFoundError(f"tokenizer model not found: {model_file}")
+        with open(model_file, "rb") as f:
+            model_bytes = f.read()
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+        except RuntimeError as e:
+            raise ValueError(f"{model_file} is not a sentencepiece model: {e}") from e
+        self.model_file = model_file
+        self.checksum = hashlib.sha256(model_bytes).hexdigest()
+        self.vocab_size = self.sp.get_piece_size()
+        self.eot_id = EOT_ID
+        self.im_start_id = IM_START_ID
+        self.im_end_id = IM_END_ID
+        self._check_fixed_ids()
+        # A literal '▁' is encoded as its UTF-8 bytes so that it decodes to itself.
+        self._space_piece_ids = [self._byte_id(b) for b in SPACE_PIECE.encode("utf-8")]
+
+    def _check_fixed_ids(self) -> None:
+        expected = {"<unk>": UNK_ID, **SPECIAL_TOKENS}
+        for piece, token_id in expected.items():
+            found = self.sp.id_to_piece(token_id) if token_id < self.vocab_size else None
+            is_special = token_id == UNK_ID or self.sp.is_control(token_id)
+            if found != piece or not is_special:
+                raise ValueError(
+                    f"{self.model_file} is not a nanobumble tokenizer: expected {piece!r} "
+                    f"at id {token_id}, found {found!r}")
+        if self.sp.piece_to_id("<0x00>") == UNK_ID:
+            raise ValueError(f"{self.model_file} is not a nanobumble tokenizer: no byte fallback tokens")
+
+    def _byte_id(self, value: int) -> int:
+        return self.sp.piece_to_id(f"<0x{value:02X}>")
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> token ids. Never returns the special ids."""
+        if SPACE_PIECE not in text:
+            return self.sp.encode(text)
+        ids: list[int] = []
+        for i, part in enumerate(text.split(SPACE_PIECE)):
+            if i > 0:
+                ids.extend(self._space_piece_ids)
+            ids.extend(self.sp.encode(part))
+        return ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if any(SPACE_PIECE in text for text in texts):
+            return [self.encode(text) for text in texts]
+        return self.sp.encode(list(texts), num_threads=1)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Token ids -> text. Special ids come back as their literal strings."""
+        parts: list[str] = []
+        run: list[int] = []  # decode ordinary ids together so byte tokens join into characters
+        for token_id in ids:
+            token_id = int(token_id)
+            if token_id in SPECIAL_IDS:
+                parts.append(self.sp.decode(run))
+                parts.append(self.sp.id_to_piece(token_id))
+                run = []
+            else:
+                run.append(token_id)
+        parts.append(self.sp.decode(run))
+        return "".join(parts)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes each token stands for inside decoded text (for bits per byte).
+
+        0 for <unk> and the specials, 1 for a byte-fallback token, and '▁' counts
+        as one space.
+        """
+        lengths = np.zeros(self.vocab_size, dtype=np.int32)
+        for token_id in range(self.vocab_size):
+            if self.sp.is_control(token_id) or self.sp.is_unknown(token_id):
+                continue
+            if self.sp.is_byte(token_id):
+                lengths[token_id] = 1
+            else:
+                piece = self.sp.id_to_piece(token_id).replace(SPACE_PIECE, " ")
+                lengths[token_id] = len(piece.encode("utf-8"))
+        return lengths
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.model_file!r}, vocab_size={self.vocab_size})"
+
+
+def load_or_train_tokenizer(
+    tokenizer_path: str | None,
+    texts_fn: Callable[[], Iterable[str]],
+    vocab_size: int,
+    cache_dir: str,
+    cache_key: str,
+) -> Tokenizer:
+    """Load tokenizer_path (a .model file or a directory holding tokenizer.model),
+    or, when it is empty, train on texts_fn() once and keep the result in cache_dir."""
+    if tokenizer_path:
+        if os.path.isdir(tokenizer_path):
+            tokenizer_path = os.path.join(tokenizer_path, "tokenizer.model")
+        return Tokenizer(tokenizer_path)
+
+    model_path = os.path.join(cache_dir, f"tokenizer-{cache_key}-{vocab_size}.model")
+    if os.path.isfile(model_path):
+        print(f"tokenizer: reusing cached {model_path}")
+    else:
+        train_tokenizer(texts_fn(), vocab_size, model_path)
+    return Tokenizer(model_path)

@@ -1,0 +1,158 @@
+"""The pretraining script end to end, on the bundled data, at a few steps."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_pretrain
+from nanobumble.checkpoint import list_checkpoints, load_model_dir
+from nanobumble.common import UserError
+from nanobumble.data import DataError
+from nanobumble.metrics import MetricsLogger, read_metrics
+
+from conftest import REPO_ROOT
+
+# Small and fast: the tiny preset on short sequences.
+FAST = ["--cutoff_len", "64", "--train_micro_batch_size_per_gpu", "4", "--logging_steps", "2",
+        "--eval_batches", "2", "--use_tensorboard", "false"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))  # the tokenizer is trained once for the module
+
+
+def run(argv):
+    cwd = os.getcwd()
+    os.chdir(REPO_ROOT)  # the default dataset_path is relative to the repository
+    try:
+        train_pretrain.main(argv)
+    finally:
+        os.chdir(cwd)
+
+
+def test_no_argument_run_at_a_few_steps(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    # The script's defaults, as a user runs it, only shortened and redirected.
+    result = subprocess.run(
+        [sys.executable, "train_pretrain.py", "--max_steps", "30", "--output_dir", str(out),
+         "--cache_dir", cache_dir, "--logging_steps", "5", "--save_steps", "15", "--eval_steps", "15"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step 30/30" in result.stdout and "eta" in result.stdout and "tok/s" in result.stdout
+    assert sorted(n for n in os.listdir(out) if not n.startswith("events")) == [
+        "checkpoint-15", "checkpoint-30", "config.json", "metrics.jsonl", "model.safetensors",
+        "tokenizer.model", "training_args.yaml"]
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(out))
+    metrics = read_metrics(str(out))
+    losses = [m["train/loss"] for m in metrics if "train/loss" in m]
+    assert len(losses) == 6 and losses[-1] < losses[0] - 1.0  # clearly falling
+    val = [m for m in metrics if "val/loss" in m]
+    assert [m["step"] for m in val] == [15, 30] and 0 < val[-1]["val/bpb"] < val[-1]["val/loss"] * 2
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_sec"} <= set(metrics[0])
+    model, _ = load_model_dir(str(out))  # the final directory loads as a model
+    assert model.num_parameters() > 1e6
+
+
+def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, cache_dir, monkeypatch):
+    common = FAST + ["--max_steps", "8", "--save_steps", "3", "--eval_steps", "4", "--cache_dir", cache_dir,
+                     "--logging_steps", "1", "--save_total_limit", "0"]
+    run(common + ["--output_dir", str(tmp_path / "straight")])
+    expected = read_metrics(str(tmp_path / "straight"))
+
+    killed = str(tmp_path / "killed")
+    original_log = MetricsLogger.log
+
+    def log_then_die(self, step, scalars):
+        original_log(self, step, scalars)
+        if step == 5:  # after checkpoint-3 and two more logged steps
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(common + ["--output_dir", killed])
+    monkeypatch.setattr(MetricsLogger, "log", original_log)
+    assert [s for s, _ in list_checkpoints(killed)] == [3]
+    assert read_metrics(killed)[-1]["step"] == 5
+
+    run(common + ["--output_dir", killed, "--resume", "auto"])
+    resumed = read_metrics(killed)
+    assert [m["step"] for m in resumed] == [m["step"] for m in expected]
+    for a, b in zip(expected, resumed):
+        for key in a:
+            if key != "train/tokens_per_sec":
+                assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), (a["step"], key)
+    a, _ = load_model_dir(str(tmp_path / "straight"))
+    b, _ = load_model_dir(killed)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache_dir, monkeypatch):
+    out = tmp_path / "nan"
+    calls = {"n": 0}
+    original_forward = train_pretrain.Transformer.forward
+
+    def forward_nan_at_step_5(self, *args, **kwargs):
+        out = original_forward(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(train_pretrain.Transformer, "forward", forward_nan_at_step_5)
+    with pytest.raises(UserError, match=r"at step 5.*checkpoint-4"):
+        run(FAST + ["--max_steps", "10", "--save_steps", "2", "--cache_dir", cache_dir, "--output_dir", str(out)])
+    assert [s for s, _ in list_checkpoints(str(out))] == [2, 4]
+    model, _ = load_model_dir(str(out / "checkpoint-4"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_existing_checkpoints_are_not_overwritten_without_resume(tmp_path, cache_dir):
+    args = FAST + ["--max_steps", "2", "--save_steps", "2", "--cache_dir", cache_dir, "--output_dir", str(tmp_path)]
+    run(args)
+    weights = (tmp_path / "checkpoint-2" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already holds checkpoints"):
+        run(args)
+    assert (tmp_path / "checkpoint-2" / "model.safetensors").read_bytes() == weights
+
+
+def cli(argv, cwd=REPO_ROOT):
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_pretrain.py")] + argv,
+                          cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_bad_input_stops_before_training_with_a_clear_message(tmp_path, cache_dir):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    result = cli(["--dataset_path", str(empty), "--cache_dir", str(tmp_path / "c"), "--output_dir", str(tmp_path / "o")])
+    assert result.returncode == 2 and "empty.jsonl" in result.stderr and "Traceback" not in result.stderr
+
+    result = cli(["--dataset_path", str(tmp_path / "nope.jsonl"), "--output_dir", str(tmp_path / "o")])
+    assert result.returncode == 2 and "nope.jsonl" in result.stderr
+
+    result = cli(["--cutoff_len", "4096", "--cache_dir", cache_dir, "--output_dir", str(tmp_path / "o")])
+    assert result.returncode == 2 and "max_position_embeddings" in result.stderr
+
+    result = cli(["--learnig_rate", "1"])
+    assert result.returncode == 2 and "learning_rate" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_tokenizer_model_mismatch_is_refused(tmp_path, cache_dir):
+    # A model directory trained with a 4096-token tokenizer cannot take a 8192-token one.
+    run(FAST + ["--max_steps", "1", "--save_steps", "0", "--cache_dir", cache_dir, "--output_dir", str(tmp_path / "m")])
+    bigger = tmp_path / "bigger"
+    run(FAST + ["--max_steps", "1", "--save_steps", "0", "--cache_dir", cache_dir, "--vocab_size", "8192",
+                "--output_dir", str(bigger)])
+    small = load_model_dir(str(tmp_path / "m"))[1].vocab_size
+    big_tok = str(bigger / "tokenizer.model")
+    with pytest.raises((UserError, DataError), match="tokenizer"):
+        run(FAST + ["--max_steps", "1", "--cache_dir", cache_dir, "--model_name_or_path", str(tmp_path / "m"),
+                    "--tokenizer_path", big_tok, "--dataset_path", str(bigger), "--output_dir", str(tmp_path / "x")])
+    assert small < load_model_dir(str(bigger))[1].vocab_size
