@@ -495,10 +495,6 @@ class TokenShards:
             raise DataError(f"{shard_dir}: {split} shards hold {self.num_tokens} tokens "
                             f"but meta.json says {self.meta[f'{split}_tokens']}")
 
-    @property
-    def tokens_in_split(self) -> int:
-        return self.num_tokens
-
     def _check_fits(self, cutoff_len: int) -> None:
         if not any(len(s) >= cutoff_len + 1 for s in self.shards):
             raise DataError(

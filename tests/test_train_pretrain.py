@@ -144,15 +144,23 @@ def test_bad_input_stops_before_training_with_a_clear_message(tmp_path, cache_di
     assert not (tmp_path / "o").exists()
 
 
-def test_tokenizer_model_mismatch_is_refused(tmp_path, cache_dir):
-    # A model directory trained with a 4096-token tokenizer cannot take a 8192-token one.
-    run(FAST + ["--max_steps", "1", "--save_steps", "0", "--cache_dir", cache_dir, "--output_dir", str(tmp_path / "m")])
-    bigger = tmp_path / "bigger"
-    run(FAST + ["--max_steps", "1", "--save_steps", "0", "--cache_dir", cache_dir, "--vocab_size", "8192",
-                "--output_dir", str(bigger)])
-    small = load_model_dir(str(tmp_path / "m"))[1].vocab_size
-    big_tok = str(bigger / "tokenizer.model")
-    with pytest.raises((UserError, DataError), match="tokenizer"):
-        run(FAST + ["--max_steps", "1", "--cache_dir", cache_dir, "--model_name_or_path", str(tmp_path / "m"),
-                    "--tokenizer_path", big_tok, "--dataset_path", str(bigger), "--output_dir", str(tmp_path / "x")])
-    assert small < load_model_dir(str(bigger))[1].vocab_size
+def test_tokenizer_mismatches_are_refused(tmp_path, cache_dir):
+    model_dir = tmp_path / "m"
+    run(FAST + ["--max_steps", "1", "--save_steps", "0", "--cache_dir", cache_dir, "--output_dir", str(model_dir)])
+
+    # Shards tokenized with another tokenizer than the model's own.
+    other_shards = tmp_path / "shards"
+    from nanobumble import prepare
+    assert prepare.main(["--dataset_path", os.path.join(REPO_ROOT, "datasets/pretrain/en.jsonl"),
+                         "--output_dir", str(other_shards), "--vocab_size", "1000", "--num_workers", "1"]) == 0
+    with pytest.raises(DataError, match="tokenizer/shard mismatch"):
+        run(FAST + ["--max_steps", "1", "--model_name_or_path", str(model_dir), "--dataset_path", str(other_shards),
+                    "--output_dir", str(tmp_path / "x")])
+
+    # A model whose vocabulary is smaller than its tokenizer's.
+    config = model_dir / "config.json"
+    config.write_text(config.read_text().replace('"vocab_size": 4096', '"vocab_size": 1024'))
+    with pytest.raises(UserError, match="tokenizer has 4096 tokens but the model's vocabulary is 1024"):
+        run(FAST + ["--max_steps", "1", "--model_name_or_path", str(model_dir), "--cache_dir", cache_dir,
+                    "--output_dir", str(tmp_path / "y")])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
