@@ -1,9 +1,25 @@
 import os
 import sys
 
-# Triton kernels run on CPU tensors through the interpreter; this must be set
-# before any kernel is defined, i.e. before nanobumble/kernels are imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Without a GPU the Triton kernels run on CPU tensors through the interpreter;
+# this must be set before any kernel is defined, i.e. before kernels/ is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
+
+# Kernel tests run on CUDA when there is one, else on CPU under the interpreter.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def print_table(title: str, header: list, rows: list[list]) -> None:
+    """A plain right-aligned text table, for the benchmarks."""
+    cells = [[str(c) for c in row] for row in [header] + rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    fmt = lambda row: " | ".join(c.rjust(w) for c, w in zip(row, widths))
+    print(f"\n{title}\n{fmt(cells[0])}\n{'-+-'.join('-' * w for w in widths)}")
+    for row in cells[1:]:
+        print(fmt(row))

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, print_table
 from nanobumble.common import autocast
 from nanobumble.data import TokenShards, iter_text_records, list_data_files, prepare_shards
 from nanobumble.mfu import peak_bf16_flops, training_flops_per_token
@@ -23,14 +23,6 @@ from nanobumble.tokenizer import Tokenizer, train_tokenizer
 
 pytestmark = pytest.mark.bench
 DATA = os.path.join(REPO_ROOT, "datasets", "pretrain")
-
-
-def print_table(title, header, rows):
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    line = lambda r: " | ".join(str(c).rjust(w) for c, w in zip(r, widths))
-    print(f"\n{title}\n{line(header)}\n{'-+-'.join('-' * w for w in widths)}")
-    for row in rows:
-        print(line(row))
 
 
 @pytest.fixture(scope="module")
