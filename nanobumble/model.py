@@ -14,12 +14,17 @@ import dataclasses
 import json
 import math
 import os
+import zlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from kernels import resolve_backend
+from kernels.rmsnorm import rms_norm, rms_norm_reference
+from kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
 
 
 @dataclass
@@ -71,27 +76,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()  # the mean of squares needs fp32 even in a bf16 model
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
-
-
-def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape [batch, seq, head_dim] for the given (possibly restarting) positions."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim))
-    angles = position_ids.float().unsqueeze(-1) * inv_freq  # [B, T, head_dim/2]
-    angles = torch.cat([angles, angles], dim=-1)  # half-rotation layout: pairs are (i, i + head_dim/2)
-    return angles.cos(), angles.sin()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [batch, heads, seq, head_dim] by the per-position angles."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        if backend == "triton":
+            return rms_norm(x, self.weight, self.eps)
+        return rms_norm_reference(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -103,13 +91,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        rope = apply_rope if backend == "triton" else apply_rope_reference
+        q, k = rope(q, k, cos, sin)
+        # SDPA wants [batch, heads, seq, head_dim]; enable_gqa lets each K/V head serve its group of query heads.
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -132,9 +123,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x, backend), cos, sin, backend)
+        return x + self.mlp(self.post_attention_layernorm(x, backend))
 
 
 class Transformer(nn.Module):
@@ -142,29 +133,34 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.gradient_checkpointing = False
+        self.kernels = "auto"  # auto | triton | torch: see kernels/__init__.py
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.reset_parameters()
+        if self.embed_tokens.weight.device.type != "meta":  # meta models are initialised once materialised
+            self.init_weights()
 
     @torch.no_grad()
-    def reset_parameters(self):
-        # GPT-2 style: N(0, 0.02), and the projections that write into the residual
-        # stream scaled by 1/sqrt(2 * layers) so its variance does not grow with depth.
+    def init_weights(self, seed: int = 0) -> None:
+        """GPT-2 style: N(0, 0.02), with the projections that write into the residual
+        stream scaled by 1/sqrt(2 * layers) so its variance does not grow with depth;
+        biases 0, norms 1. Every parameter comes from its own generator seeded by
+        (seed, name), so the values do not depend on the device or on how the
+        model is sharded: one process and N processes start from the same weights."""
         residual_std = 0.02 / math.sqrt(2 * self.config.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                std = residual_std if name.endswith(("o_proj", "down_proj")) else 0.02
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
+        for name, param in self.named_parameters():
+            if name.endswith("norm.weight"):
+                value = torch.ones(param.shape)
+            elif name.endswith(".bias"):
+                value = torch.zeros(param.shape)
+            else:
+                std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+                generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                value = torch.randn(param.shape, generator=generator) * std
+            copy_full_into(param, value)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied weight is counted once
@@ -176,19 +172,35 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings {self.config.max_position_embeddings}")
+        backend = resolve_backend(self.kernels, input_ids.device)
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        cos, sin = rotary_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, backend, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
-        logits = self.lm_head(self.norm(x))
+                x = layer(x, cos, sin, backend)
+        x = self.norm(x, backend)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+            return self.lm_head(x)
+        return F.cross_entropy(self.lm_head(x).float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full (unsharded) tensor into a parameter, which may be an FSDP2
+    DTensor shard: each rank keeps only its own slice of `full`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        # Every rank holds the same full tensor, so no rank needs to send it (src_data_rank=None).
+        shard = distribute_tensor(full.to(param.device_mesh.device_type), param.device_mesh, param.placements,
+                                  src_data_rank=None)
+        param.to_local().copy_(shard.to_local())
+    else:
+        param.copy_(full)
 
 
 def model_config_for(name_or_path: str, vocab_size: int) -> ModelConfig:
