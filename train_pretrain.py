@@ -1,6 +1,7 @@
 """Stage 1: pretrain a language model on raw text.
 
     python train_pretrain.py                      # tiny model on datasets/pretrain, CPU, ~2 minutes
+    torchrun --nproc_per_node=2 train_pretrain.py # the same, two processes, model sharded by FSDP2
     python train_pretrain.py --yaml_config configs/pretrain/pretrain_full.yaml \
         --dataset_path <jsonl files or dir> --output_dir ./checkpoints/pretrain/bumblebee_1.5b_base
 
@@ -18,14 +19,16 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanobumble.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, load_model_weights,
-                                   rng_state, save_checkpoint, save_model_dir, set_rng_state)
-from nanobumble.common import UserError, autocast, format_duration, pick_device, resolve_precision, run_cli
+from nanobumble.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, rng_state,
+                                   save_checkpoint, save_model_dir, set_rng_state)
+from nanobumble.common import UserError, autocast, format_duration, resolve_precision, run_cli
 from nanobumble.config import TrainConfig, config_to_yaml, parse_config
 from nanobumble.data import TokenShards, ensure_shards, files_fingerprint, iter_text_records, list_data_files
+from nanobumble.distributed import (all_reduce_mean, all_reduce_sum, build_model, cleanup_distributed, local_bytes,
+                                    main_process_first, optimizer_state_bytes, print0, setup_distributed)
 from nanobumble.metrics import MetricsLogger
 from nanobumble.mfu import peak_bf16_flops, training_flops_per_token
-from nanobumble.model import Transformer, model_config_for
+from nanobumble.model import model_config_for
 from nanobumble.optim import build_optimizer, lr_at
 from nanobumble.tokenizer import Tokenizer, load_or_train_tokenizer
 
@@ -36,7 +39,7 @@ def find_tokenizer(cfg: TrainConfig, resume_dir: str | None) -> Tokenizer:
     for directory in (resume_dir, cfg.model_name_or_path, cfg.dataset_path):
         if directory and os.path.isfile(os.path.join(directory, "tokenizer.model")):
             if cfg.tokenizer_path and directory != cfg.dataset_path:
-                print(f"note: using {directory}/tokenizer.model (the model's own), not tokenizer_path")
+                print0(f"note: using {directory}/tokenizer.model (the model's own), not tokenizer_path")
             return Tokenizer(os.path.join(directory, "tokenizer.model"))
     files = list_data_files(cfg.dataset_path)
     return load_or_train_tokenizer(cfg.tokenizer_path, lambda: iter_text_records(files, strict=cfg.strict),
@@ -44,31 +47,45 @@ def find_tokenizer(cfg: TrainConfig, resume_dir: str | None) -> Tokenizer:
 
 
 @torch.no_grad()
-def evaluate(model, val_data: TokenShards, cfg: TrainConfig, token_bytes: torch.Tensor, device, dtype) -> dict:
-    """Mean validation loss (nats per token) and bits per byte (comparable across tokenizers)."""
+def evaluate(model, val_data: TokenShards, cfg: TrainConfig, token_bytes: torch.Tensor, info, dtype) -> dict:
+    """Mean validation loss (nats per token) and bits per byte (comparable across
+    tokenizers). Ranks split the batches; with a sharded model every rank must run
+    the same number of forward passes, so a rank short of batches repeats one
+    with weight 0."""
     model.eval()
-    nats, tokens, text_nats, text_bytes = 0.0, 0, 0.0, 0
-    for x, y in val_data.val_batches(cfg.cutoff_len, cfg.train_micro_batch_size_per_gpu, cfg.eval_batches):
-        x, y = x.to(device), y.to(device)
-        with autocast(device, dtype):
+    batches = list(val_data.val_batches(cfg.cutoff_len, cfg.train_micro_batch_size_per_gpu, cfg.eval_batches))
+    mine = batches[info.rank::info.world_size]
+    rounds = math.ceil(len(batches) / info.world_size)
+    totals = torch.zeros(4, dtype=torch.float64, device=info.device)  # nats, tokens, text nats, text bytes
+    for i in range(rounds):
+        x, y = mine[i] if i < len(mine) else batches[0]
+        weight = 1.0 if i < len(mine) else 0.0
+        x, y = x.to(info.device), y.to(info.device)
+        with autocast(info.device, dtype):
             logits = model(x)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
         nbytes = token_bytes[y.flatten()]
-        nats += losses.sum().item()
-        tokens += y.numel()
         # Special tokens stand for no text: they count neither bytes nor bits.
-        text_nats += losses[nbytes > 0].sum().item()
-        text_bytes += nbytes.sum().item()
+        totals += weight * torch.stack([losses.sum(), torch.tensor(y.numel(), device=info.device),
+                                        losses[nbytes > 0].sum(), nbytes.sum()]).double()
+    nats, tokens, text_nats, text_bytes = all_reduce_sum(totals).tolist()
     model.train()
     return {"val/loss": nats / tokens, "val/bpb": text_nats / math.log(2) / max(text_bytes, 1)}
 
 
 def main(argv: list[str]) -> None:
-    cfg = parse_config(argv, TrainConfig)
-    device = pick_device()
+    info = setup_distributed()
+    try:
+        train(parse_config(argv, TrainConfig), info)
+    finally:
+        cleanup_distributed()
+
+
+def train(cfg: TrainConfig, info) -> None:
+    device = info.device
     dtype = resolve_precision(cfg.train_model_precision, device)
     torch.manual_seed(cfg.seed)
-    print(f"config:\n{config_to_yaml(cfg)}")
+    print0(f"config:\n{config_to_yaml(cfg)}")
 
     # --- where do we start? ---
     resume_dir = None
@@ -76,13 +93,13 @@ def main(argv: list[str]) -> None:
         resume_dir = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else cfg.resume
         if cfg.resume != "auto" and not os.path.isdir(cfg.resume):
             raise UserError(f"resume: checkpoint directory not found: {cfg.resume}")
-        print(f"resuming from {resume_dir}" if resume_dir else f"resume=auto: no checkpoint in {cfg.output_dir}, starting fresh")
+        print0(f"resuming from {resume_dir}" if resume_dir else f"resume=auto: no checkpoint in {cfg.output_dir}, starting fresh")
     elif list_checkpoints(cfg.output_dir):
         raise UserError(f"output_dir {cfg.output_dir} already holds checkpoints; continue it with --resume auto, "
                         f"or pick another --output_dir (nothing there is overwritten)")
 
     # --- tokenizer and model shape (checked against each other before any data work) ---
-    tokenizer = find_tokenizer(cfg, resume_dir)
+    tokenizer = main_process_first(lambda: find_tokenizer(cfg, resume_dir))
     model_cfg = model_config_for(resume_dir or cfg.model_name_or_path, tokenizer.vocab_size)
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
@@ -91,32 +108,40 @@ def main(argv: list[str]) -> None:
         raise UserError(f"cutoff_len {cfg.cutoff_len} exceeds the model's max_position_embeddings "
                         f"{model_cfg.max_position_embeddings}")
 
-    # --- token shards ---
-    shard_dir = ensure_shards(cfg.dataset_path, tokenizer, cfg.cache_dir, val_ratio=cfg.val_ratio, strict=cfg.strict)
+    # --- token shards (prepared once, by rank 0) ---
+    shard_dir = main_process_first(lambda: ensure_shards(cfg.dataset_path, tokenizer, cfg.cache_dir,
+                                                         val_ratio=cfg.val_ratio, strict=cfg.strict))
     train_data = TokenShards(shard_dir, "train")
     val_data = TokenShards(shard_dir, "val")
     if val_data.num_tokens < cfg.cutoff_len + 1:
-        print(f"note: validation split has {val_data.num_tokens} tokens, fewer than cutoff_len+1; validation is off")
+        print0(f"note: validation split has {val_data.num_tokens} tokens, fewer than cutoff_len+1; validation is off")
         val_data = None
 
-    # --- model ---
-    model = Transformer(model_cfg)
+    # --- model: built on the meta device, sharded over the ranks, then filled ---
+    weights = None
     if os.path.isdir(cfg.model_name_or_path) and not resume_dir:
-        load_model_weights(model, os.path.join(cfg.model_name_or_path, "model.safetensors"))
-    model.gradient_checkpointing = cfg.enable_gradient_checkpointing
-    model.to(device)
-    print(f"model: {cfg.model_name_or_path}, {model.num_parameters() / 1e6:.2f}M parameters, "
-          f"vocab {model_cfg.vocab_size}, device {device.type}, compute {str(dtype).removeprefix('torch.')}")
+        weights = os.path.join(cfg.model_name_or_path, "model.safetensors")
+    model = build_model(model_cfg, info, cfg.seed, weights, dtype, cfg.enable_gradient_checkpointing, cfg.compile)
+    model.kernels = cfg.kernels
+    # With FSDP's mixed precision (CUDA, several ranks) the shards are cast for
+    # compute; otherwise autocast does it.
+    compute_dtype = torch.float32 if info.sharded and device.type == "cuda" else dtype
+    print0(f"model: {cfg.model_name_or_path}, {model.num_parameters() / 1e6:.2f}M parameters, "
+           f"vocab {model_cfg.vocab_size}, {info.world_size} x {device.type}, "
+           f"compute {str(dtype).removeprefix('torch.')}")
 
     # --- optimizer and schedule ---
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
-    batch_rows = cfg.train_micro_batch_size_per_gpu * cfg.gradient_accumulation_steps
+    micro_batch = cfg.train_micro_batch_size_per_gpu
+    batch_rows = micro_batch * cfg.gradient_accumulation_steps * info.world_size
     tokens_per_step = batch_rows * cfg.cutoff_len
     steps_per_epoch = max(1, train_data.num_tokens // tokens_per_step)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
     warmup_steps = int(cfg.warmup_ratio * total_steps)
-    print(f"data: {train_data.num_tokens:,} training tokens; {tokens_per_step:,} tokens per step "
-          f"({batch_rows} rows x {cfg.cutoff_len}); {total_steps} steps = {total_steps / steps_per_epoch:.2f} epochs")
+    print0(f"data: {train_data.num_tokens:,} training tokens; global batch {batch_rows} rows "
+           f"({micro_batch} per micro-step x {cfg.gradient_accumulation_steps} accumulation x {info.world_size} ranks) "
+           f"x {cfg.cutoff_len} = {tokens_per_step:,} tokens per step; "
+           f"{total_steps} steps = {total_steps / steps_per_epoch:.2f} epochs")
 
     start_step = 0
     if resume_dir:
@@ -124,20 +149,23 @@ def main(argv: list[str]) -> None:
         set_rng_state(state["rng"])
         start_step = state["step"]
 
-    # --- logging ---
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    # --- logging (rank 0 writes) ---
     training_args = config_to_yaml(cfg)
-    logger = MetricsLogger(cfg.output_dir, cfg.use_tensorboard, resume_step=start_step)
+    logger = MetricsLogger(cfg.output_dir, cfg.use_tensorboard, resume_step=start_step) if info.is_main else None
     token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()).to(device)
     token_bytes = F.pad(token_bytes, (0, model_cfg.vocab_size - len(token_bytes)))
     flops_per_token = training_flops_per_token(model_cfg, cfg.cutoff_len)
     peak_flops = peak_bf16_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
 
+    def log(step: int, scalars: dict) -> None:
+        if logger is not None:
+            logger.log(step, scalars)
+
     def save(step: int) -> None:
         state = {"step": step, "rng": rng_state()}
         path = save_checkpoint(cfg.output_dir, step, model, optimizer, state, tokenizer.model_file,
                                training_args, cfg.save_total_limit)
-        print(f"saved {path}")
+        print0(f"saved {path}")
 
     # --- the loop ---
     model.train()
@@ -151,20 +179,25 @@ def main(argv: list[str]) -> None:
 
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.gradient_accumulation_steps):
-            # Global sample indices: the batch depends only on (seed, step), so a
-            # resumed run draws exactly the batches the uninterrupted run would have.
-            first = micro * cfg.train_micro_batch_size_per_gpu
-            indices = range(first, first + cfg.train_micro_batch_size_per_gpu)
-            x, y = train_data.sample_batch(cfg.seed, step, indices, cfg.cutoff_len)
+            # Global sample indices: the batch depends only on (seed, step), not on
+            # the number of ranks, and a resumed run draws the batches the
+            # uninterrupted run would have drawn. Each rank takes its own slice.
+            first = (micro * info.world_size + info.rank) * micro_batch
+            x, y = train_data.sample_batch(cfg.seed, step, range(first, first + micro_batch), cfg.cutoff_len)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast(device, dtype):
+            if info.sharded:  # reduce gradients across ranks only after the last micro-step
+                model.set_requires_gradient_sync(micro == cfg.gradient_accumulation_steps - 1)
+            with autocast(device, compute_dtype):
                 loss = model(x, y)
+            # FSDP averages gradients over ranks; dividing by the micro-steps makes
+            # the gradient the mean over the whole global batch.
             (loss / cfg.gradient_accumulation_steps).backward()
             loss_sum += loss.detach()
 
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
-        step_loss = loss_sum.item() / cfg.gradient_accumulation_steps
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # the global norm, over all shards
+        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        step_loss = all_reduce_mean(loss_sum).item() / cfg.gradient_accumulation_steps
         if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
             last = latest_checkpoint(cfg.output_dir)
             raise UserError(f"loss {step_loss} / grad norm {grad_norm} at step {step}: stopping before the "
@@ -176,6 +209,11 @@ def main(argv: list[str]) -> None:
         window_steps += 1
         window_time += time.time() - t0
         steps_done += 1
+        if steps_done == 1 and info.sharded:
+            params = local_bytes(model.parameters())
+            print(f"rank {info.rank}: holds {params / 2**20:.2f} MiB of parameters and "
+                  f"{optimizer_state_bytes(optimizer) / 2**20:.2f} MiB of optimizer state "
+                  f"(of {model.num_parameters() * 4 / 2**20:.2f} MiB fp32 parameters in all)", flush=True)
 
         if step % cfg.logging_steps == 0 or step == total_steps:
             tokens_per_sec = window_steps * tokens_per_step / window_time
@@ -184,24 +222,25 @@ def main(argv: list[str]) -> None:
             line = (f"step {step}/{total_steps} | loss {scalars['train/loss']:.4f} | lr {lr:.2e} "
                     f"| grad norm {grad_norm:.3f} | {tokens_per_sec:,.0f} tok/s")
             if peak_flops:
-                scalars["train/mfu"] = flops_per_token * tokens_per_sec / peak_flops
+                scalars["train/mfu"] = flops_per_token * tokens_per_sec / (peak_flops * info.world_size)
                 line += f" | mfu {100 * scalars['train/mfu']:.1f}%"
             eta = (time.time() - run_start) / steps_done * (total_steps - step)
-            print(f"{line} | eta {format_duration(eta)}", flush=True)
-            logger.log(step, scalars)
+            print0(f"{line} | eta {format_duration(eta)}", flush=True)
+            log(step, scalars)
             window_loss, window_steps, window_time = 0.0, 0, 0.0
 
         if val_data is not None and (step == total_steps or (cfg.eval_steps > 0 and step % cfg.eval_steps == 0)):
-            scalars = evaluate(model, val_data, cfg, token_bytes, device, dtype)
-            print(f"step {step}/{total_steps} | val loss {scalars['val/loss']:.4f} | val bpb {scalars['val/bpb']:.4f}")
-            logger.log(step, scalars)
+            scalars = evaluate(model, val_data, cfg, token_bytes, info, compute_dtype)
+            print0(f"step {step}/{total_steps} | val loss {scalars['val/loss']:.4f} | val bpb {scalars['val/bpb']:.4f}")
+            log(step, scalars)
 
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             save(step)
 
     save_model_dir(cfg.output_dir, model, tokenizer.model_file, training_args)
-    logger.close()
-    print(f"done in {format_duration(time.time() - run_start)}; model directory: {cfg.output_dir}")
+    if logger is not None:
+        logger.close()
+    print0(f"done in {format_duration(time.time() - run_start)}; model directory: {cfg.output_dir}")
 
 
 if __name__ == "__main__":

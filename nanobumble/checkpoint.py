@@ -4,12 +4,16 @@ A model directory (what model_name_or_path points at):
     config.json  model.safetensors  tokenizer.model  training_args.yaml
 
 A checkpoint, output_dir/checkpoint-{step}/, is a model directory plus the
-trainer state needed to continue exactly: optimizer.pt (AdamW moments) and
-trainer_state.pt (step, RNG states, counters). The data position is the step
-itself, because every batch is drawn from (seed, step, sample index).
+trainer state needed to continue exactly: optimizer/ (the AdamW moments, saved
+by torch.distributed.checkpoint: each rank writes its own shard, and a later
+run with a different number of ranks reshards on load) and trainer_state.pt
+(step, RNG state). The data position is the step itself, because every batch
+is drawn from (seed, step, sample index).
 
-Every write goes to a temporary name first and is renamed into place, so a
-crash or a NaN can never leave a half-written checkpoint behind.
+model.safetensors is always the consolidated model: sharded parameters are
+gathered and rank 0 writes the file. Every write goes to a temporary name first
+and is renamed into place, so a crash or a NaN can never leave a half-written
+checkpoint behind.
 """
 
 from __future__ import annotations
@@ -17,11 +21,24 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from .model import ModelConfig, Transformer, load_model_config, model_config_json
+from .model import ModelConfig, Transformer, copy_full_into, load_model_config, model_config_json
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -40,18 +57,27 @@ def _copy_atomic(src: str, dst: str) -> None:
 
 
 def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Weights to save: a tied LM head is the embedding, so it is stored once."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    """Full weights on the CPU (sharded ones gathered: every rank must call this).
+    A tied LM head is the embedding, so it is stored once."""
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        if hasattr(tensor, "full_tensor"):  # an FSDP2 DTensor shard
+            tensor = tensor.full_tensor()
+        state[name] = tensor.detach().to("cpu").contiguous()
     return state
 
 
 def save_model_dir(path: str, model: Transformer, tokenizer_file: str, training_args_yaml: str) -> None:
-    """Write (or overwrite, file by file atomically) a model directory."""
+    """Write (or overwrite, file by file atomically) a model directory. Every
+    rank calls it (to gather shards); rank 0 writes."""
+    state = model_state_dict(model)
+    if not _is_main():
+        return
     os.makedirs(path, exist_ok=True)
     tmp = os.path.join(path, f"model.safetensors.tmp-{os.getpid()}")
-    save_file(model_state_dict(model), tmp, metadata={"format": "pt"})
+    save_file(state, tmp, metadata={"format": "pt"})
     os.replace(tmp, os.path.join(path, "model.safetensors"))
     atomic_write_text(os.path.join(path, "config.json"), model_config_json(model.config))
     if os.path.abspath(tokenizer_file) != os.path.abspath(os.path.join(path, "tokenizer.model")):
@@ -59,13 +85,14 @@ def save_model_dir(path: str, model: Transformer, tokenizer_file: str, training_
     atomic_write_text(os.path.join(path, "training_args.yaml"), training_args_yaml)
 
 
+@torch.no_grad()
 def load_model_weights(model: Transformer, weights_file: str) -> None:
+    """Load a full safetensors file into a model, sharded or not (each rank keeps its slice)."""
     state = load_file(weights_file)
+    params = dict(model.named_parameters())  # a tied weight is listed once, as embed_tokens.weight
+    expected = {name: tuple(p.shape) for name, p in params.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{weights_file}: weights do not match config.json "
@@ -74,7 +101,8 @@ def load_model_weights(model: Transformer, weights_file: str) -> None:
         if tuple(tensor.shape) != expected[name]:
             raise ValueError(f"{weights_file}: tensor {name} has shape {tuple(tensor.shape)}, "
                              f"config.json says {expected[name]}")
-    model.load_state_dict(state, strict=False)
+    for name, tensor in state.items():
+        copy_full_into(params[name], tensor.to(params[name].dtype))
 
 
 def load_model_dir(path: str) -> tuple[Transformer, ModelConfig]:
@@ -104,29 +132,43 @@ def latest_checkpoint(output_dir: str) -> str | None:
 def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
                     trainer_state: dict, tokenizer_file: str, training_args_yaml: str,
                     save_total_limit: int) -> str:
+    """Every rank calls this. Written under a temporary name, renamed by rank 0."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
-    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    if _is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
     save_model_dir(tmp, model, tokenizer_file, training_args_yaml)
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
-    if os.path.exists(final):  # a resumed run saving the same step again
-        old = f"{final}.old-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    if save_total_limit > 0:
-        for _, path in list_checkpoints(output_dir)[:-save_total_limit]:
-            shutil.rmtree(path)
+    with warnings.catch_warnings():  # a single process saving alone is intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"),
+                 no_dist=not dist.is_initialized())
+    if _is_main():
+        torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+        if os.path.exists(final):  # a resumed run saving the same step again
+            old = f"{final}.old-{os.getpid()}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        if save_total_limit > 0:
+            for _, path in list_checkpoints(output_dir)[:-save_total_limit]:
+                shutil.rmtree(path)
+    _barrier()
     return final
 
 
 def load_checkpoint(path: str, model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore weights and optimizer in place; return the trainer state."""
+    """Restore weights and optimizer in place (resharding to this run's ranks);
+    return the trainer state."""
     load_model_weights(model, os.path.join(path, "model.safetensors"))
-    optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    state = get_optimizer_state_dict(model, optimizer)  # the target layout; filled in by the load
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=os.path.join(path, "optimizer"), no_dist=not dist.is_initialized())
+    set_optimizer_state_dict(model, optimizer, state)
     return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
 
 

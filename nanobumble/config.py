@@ -50,6 +50,8 @@ class TrainConfig:
     # --- numerics and speed ---
     train_model_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     enable_gradient_checkpointing: bool = False
+    compile: bool = False  # torch.compile each transformer block
+    kernels: str = "auto"  # auto (Triton on CUDA) | triton | torch (the PyTorch references)
     # --- logging, evaluation, checkpoints ---
     logging_steps: int = 10
     eval_steps: int = 100  # <= 0: only at the end
@@ -64,6 +66,7 @@ class TrainConfig:
         choices = {
             "lr_scheduler_type": ("cosine", "linear", "constant"),
             "train_model_precision": ("auto", "bf16", "fp32"),
+            "kernels": ("auto", "triton", "torch"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

@@ -13,6 +13,7 @@ from nanobumble.checkpoint import list_checkpoints, load_model_dir
 from nanobumble.common import UserError
 from nanobumble.data import DataError
 from nanobumble.metrics import MetricsLogger, read_metrics
+from nanobumble.model import Transformer
 
 from conftest import REPO_ROOT
 
@@ -95,7 +96,7 @@ def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, cache_dir, mon
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache_dir, monkeypatch):
     out = tmp_path / "nan"
     calls = {"n": 0}
-    original_forward = train_pretrain.Transformer.forward
+    original_forward = Transformer.forward
 
     def forward_nan_at_step_5(self, *args, **kwargs):
         out = original_forward(self, *args, **kwargs)
@@ -105,7 +106,7 @@ def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache_dir, monke
                 return out * float("nan")
         return out
 
-    monkeypatch.setattr(train_pretrain.Transformer, "forward", forward_nan_at_step_5)
+    monkeypatch.setattr(Transformer, "forward", forward_nan_at_step_5)
     with pytest.raises(UserError, match=r"at step 5.*checkpoint-4"):
         run(FAST + ["--max_steps", "10", "--save_steps", "2", "--cache_dir", cache_dir, "--output_dir", str(out)])
     assert [s for s, _ in list_checkpoints(str(out))] == [2, 4]

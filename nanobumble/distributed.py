@@ -1,0 +1,159 @@
+"""Processes and sharding: torchrun's environment, FSDP2, and small collectives.
+
+    python train_pretrain.py                          # one process, no process group
+    torchrun --nproc_per_node=2 train_pretrain.py     # two processes, model sharded by FSDP2
+
+Under torchrun every rank runs the same script. Ranks talk over NCCL on GPUs
+and gloo on CPUs. With more than one rank the model is sharded with
+`fully_shard`: each transformer block is its own unit (its parameters are
+gathered just before it runs and freed after), then the root takes the rest
+(embedding, final norm, tied LM head).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    mesh: object = None  # DeviceMesh when world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed() -> DistInfo:
+    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE, or run as a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        # Ranks on one machine share its cores; without this each would start one
+        # thread per core and they would fight over them.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world_size == 1:
+        return DistInfo(device=device)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
+                            device_id=device if device.type == "cuda" else None)
+    mesh = init_device_mesh(device.type, (world_size,))
+    return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, mesh=mesh)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    """Print from rank 0 only, so N processes do not print N copies."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        return all_reduce_sum(value) / dist.get_world_size()
+    return value
+
+
+def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None) -> None:
+    """fully_shard every transformer block, then the root. On CUDA, param_dtype
+    bf16 casts the gathered parameters for compute while gradients are reduced
+    in fp32 and the optimizer keeps fp32 shards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": info.mesh}
+    if param_dtype is not None and param_dtype != torch.float32:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+
+
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds for the given tensors (a DTensor counts its local shard)."""
+    total = 0
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return local_bytes(v for state in optimizer.state.values() for v in state.values()
+                       if isinstance(v, torch.Tensor) and v.dim() > 0)
+
+
+def build_model(model_cfg, info: DistInfo, seed: int, weights_file: str | None,
+                param_dtype: torch.dtype | None, gradient_checkpointing: bool = False, compile: bool = False):
+    """Create the model on the meta device (no memory), shard it when there are
+    several ranks, then allocate only this rank's shards on its device and fill
+    them: from weights_file, or with the seeded initialisation. So a 1.5B model
+    never exists whole on one rank before it is sharded."""
+    from .checkpoint import load_model_weights
+    from .model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(model_cfg)
+    model.gradient_checkpointing = gradient_checkpointing
+    if compile:
+        for block in model.layers:
+            block.compile()  # per block: compiles once, reused by all layers
+    if info.sharded:
+        shard_model(model, info, param_dtype if info.device.type == "cuda" else None)
+    model.to_empty(device=info.device)
+    if model_cfg.tie_word_embeddings:  # to_empty can re-create parameters; tie again
+        model.lm_head.weight = model.embed_tokens.weight
+    if weights_file:
+        load_model_weights(model, weights_file)
+    else:
+        model.init_weights(seed)
+    return model
+
+
+def main_process_first(fn):
+    """Run fn on rank 0 first (e.g. training a tokenizer, writing shards), then on
+    the other ranks, which then find its results in the cache."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        result = fn()
+        barrier()
+    else:
+        barrier()
+        result = fn()
+    return result
