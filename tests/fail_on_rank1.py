@@ -1,0 +1,21 @@
+"""train_pretrain.py with a data error on rank 1 only (used by tests/test_distributed.py):
+rank 0 goes on into the first collective, which must not hang the job."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train_pretrain  # noqa: E402
+from nanobumble.common import run_cli  # noqa: E402
+from nanobumble.data import DataError  # noqa: E402
+
+if os.environ.get("RANK") == "1":
+    class BrokenShards:
+        def __init__(self, shard_dir, split="train"):
+            raise DataError(f"{shard_dir}/train_000000.bin: truncated shard (seen by rank 1 only)")
+
+    train_pretrain.TokenShards = BrokenShards
+
+if __name__ == "__main__":
+    run_cli(train_pretrain.main)

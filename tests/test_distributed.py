@@ -1,0 +1,93 @@
+"""Several processes on CPU (gloo), launched with torchrun: parity with one
+process, real sharding, resume across world sizes, failure of one rank."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO_ROOT
+from nanobumble.metrics import read_metrics
+
+FAST = ["--cutoff_len", "64", "--train_micro_batch_size_per_gpu", "4", "--logging_steps", "1",
+        "--eval_batches", "2", "--use_tensorboard", "false", "--save_total_limit", "0"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def launch(nproc, argv, script="train_pretrain.py", timeout=300):
+    if nproc == 1:
+        cmd = [sys.executable, script]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    result = subprocess.run(cmd + argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def run_ok(nproc, argv):
+    result = launch(nproc, argv)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result.stdout
+
+
+def losses(output_dir, key="train/loss"):
+    return {m["step"]: m[key] for m in read_metrics(output_dir) if key in m}
+
+
+def test_two_processes_match_one_and_shard_the_state(tmp_path, cache_dir):
+    common = FAST + ["--max_steps", "20", "--save_steps", "0", "--eval_steps", "10", "--cache_dir", cache_dir]
+    # The same global batch of 8 rows: 1 process x 2 micro-steps, or 2 processes x 1.
+    run_ok(1, common + ["--gradient_accumulation_steps", "2", "--output_dir", str(tmp_path / "one")])
+    out = run_ok(2, common + ["--output_dir", str(tmp_path / "two")])
+
+    one, two = losses(str(tmp_path / "one")), losses(str(tmp_path / "two"))
+    assert sorted(one) == sorted(two) == list(range(1, 21))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    assert one[20] < one[1] - 0.5  # and it did learn
+    val_one, val_two = losses(str(tmp_path / "one"), "val/loss"), losses(str(tmp_path / "two"), "val/loss")
+    assert val_two[20] == pytest.approx(val_one[20], rel=1e-5)
+
+    # Each rank holds about half of the parameters, and its AdamW moments for that half.
+    held = re.findall(r"rank (\d): holds ([\d.]+) MiB of parameters and ([\d.]+) MiB of optimizer state "
+                      r"\(of ([\d.]+) MiB", out)
+    assert sorted(r for r, *_ in held) == ["0", "1"]
+    for _, params, optim, total in held:
+        params, optim, total = float(params), float(optim), float(total)
+        assert 0.45 * total < params < 0.55 * total
+        assert 0.9 * total < optim < 1.1 * total  # two moments of half the parameters
+
+
+def test_resume_across_world_sizes(tmp_path, cache_dir):
+    common = FAST + ["--max_steps", "8", "--save_steps", "4", "--eval_steps", "4", "--cache_dir", cache_dir]
+    straight = str(tmp_path / "straight")
+    run_ok(2, common + ["--output_dir", straight])
+    expected = losses(straight)
+    checkpoint = os.path.join(straight, "checkpoint-4")
+    assert os.path.isdir(os.path.join(checkpoint, "optimizer"))
+
+    # Continue the 2-process checkpoint with 1 process (same global batch) and with 2.
+    for nproc, extra in [(1, ["--gradient_accumulation_steps", "2"]), (2, [])]:
+        out = str(tmp_path / f"resumed{nproc}")
+        run_ok(nproc, common + extra + ["--output_dir", out, "--resume", checkpoint])
+        resumed = losses(out)
+        assert sorted(resumed) == [5, 6, 7, 8]
+        for step in resumed:
+            assert resumed[step] == pytest.approx(expected[step], rel=1e-5), (nproc, step)
+        val = losses(out, "val/loss")
+        assert val[8] == pytest.approx(losses(straight, "val/loss")[8], rel=1e-5)
+
+
+def test_one_failing_rank_ends_the_job(tmp_path, cache_dir):
+    start = time.time()
+    result = launch(2, FAST + ["--max_steps", "5", "--cache_dir", cache_dir, "--output_dir", str(tmp_path)],
+                    script="tests/fail_on_rank1.py", timeout=240)
+    assert result.returncode != 0
+    assert "truncated shard (seen by rank 1 only)" in result.stdout + result.stderr
+    assert time.time() - start < 200  # ended by the failure, not by the collective timeout
