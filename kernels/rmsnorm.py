@@ -13,11 +13,12 @@ weight's dtype (an fp32 weight with bf16 activations is fine).
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels.interpreter import round_bf16_first, round_to_bf16
 
 # Tests set this to True so that outputs start as NaN: an element a kernel
 # forgets to write then fails the comparison instead of passing by luck.
@@ -34,15 +35,6 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 
 
 @triton.jit
-def _round_to_bf16(x):
-    """fp32 -> nearest bf16 value (ties to even), kept in fp32. The interpreter's fp32->bf16
-    cast truncates, where the GPU rounds; rounding first makes that cast exact."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps,
                          BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # row * stride may pass 2^31
@@ -54,7 +46,7 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps,
     tl.store(RSTD + row, rstd)
     y = (x * rstd) * w  # same order as the reference: normalise, then scale
     if ROUND_BF16:
-        y = _round_to_bf16(y)
+        y = round_to_bf16(y)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -78,7 +70,7 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, st
         c = tl.sum(dyw * xhat, axis=0) / n_cols
         dx = rstd * (dyw - xhat * c)
         if ROUND_BF16:
-            dx = _round_to_bf16(dx)
+            dx = round_to_bf16(dx)
         tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
     tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
@@ -88,10 +80,6 @@ def _alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _round_bf16(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _launch_params(n_cols: int) -> tuple[int, int]:
@@ -129,7 +117,7 @@ class RMSNormFunction(torch.autograd.Function):
         rstd = _alloc((n_rows,), torch.float32, x.device)
         if n_rows > 0:
             _rms_norm_fwd_kernel[(n_rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n_cols, float(eps),
-                                            BLOCK=block, ROUND_BF16=_round_bf16(x2.dtype), num_warps=num_warps)
+                                            BLOCK=block, ROUND_BF16=round_bf16_first(x2.dtype), num_warps=num_warps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
         ctx.dw_programs = dw_programs
@@ -150,7 +138,7 @@ class RMSNormFunction(torch.autograd.Function):
         partial = _alloc((programs, n_cols), torch.float32, x2.device)
         _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, partial,
                                           dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
-                                          BLOCK=block, ROUND_BF16=_round_bf16(x2.dtype), num_warps=num_warps)
+                                          BLOCK=block, ROUND_BF16=round_bf16_first(x2.dtype), num_warps=num_warps)
         dw = partial.sum(0).to(weight.dtype)
         return dx.view(ctx.x_shape), dw, None, None
 

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.interpreter import round_bf16_first, round_to_bf16
+
 # Tests set this to True: outputs are then allocated filled with NaN instead of left
 # uninitialized, so any element a kernel fails to write shows up.
 POISON_OUTPUTS = False
@@ -50,7 +52,7 @@ def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 
 @triton.jit
 def _rotate_heads(x_ptr, out_ptr, b, t, row, stride_b, stride_t, stride_h, cos, sin, d, d_mask,
-                  NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+                  NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_BF16: tl.constexpr):
     """Rotate all heads of one token: x at (b, t) with the given strides, out contiguous."""
     h = tl.arange(0, BLOCK_H)
     mask = (h[:, None] < NUM_HEADS) & d_mask[None, :]
@@ -60,6 +62,8 @@ def _rotate_heads(x_ptr, out_ptr, b, t, row, stride_b, stride_t, stride_h, cos, 
     x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
     out1 = x1 * cos[None, :] - x2 * sin[None, :]
     out2 = x2 * cos[None, :] + x1 * sin[None, :]
+    if ROUND_BF16:
+        out1, out2 = round_to_bf16(out1), round_to_bf16(out2)
     dst = out_ptr + row * (NUM_HEADS * 2 * HALF) + h[:, None] * (2 * HALF) + d[None, :]
     tl.store(dst, out1.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + HALF, out2.to(out_ptr.dtype.element_ty), mask=mask)
@@ -71,7 +75,7 @@ def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, seq_len,
                  cs_stride_b, cs_stride_t,
                  NUM_Q_HEADS: tl.constexpr, NUM_K_HEADS: tl.constexpr, HALF: tl.constexpr,
                  BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                 INVERSE: tl.constexpr):
+                 INVERSE: tl.constexpr, ROUND_BF16: tl.constexpr):
     # int64 so that row * stride cannot overflow on long batches
     row = tl.program_id(0).to(tl.int64)
     b = row // seq_len
@@ -84,9 +88,9 @@ def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, seq_len,
     if INVERSE:  # the backward pass rotates by the opposite angle
         sin = -sin
     _rotate_heads(q_ptr, q_out_ptr, b, t, row, q_stride_b, q_stride_t, q_stride_h, cos, sin, d, d_mask,
-                  NUM_Q_HEADS, HALF, BLOCK_QH)
+                  NUM_Q_HEADS, HALF, BLOCK_QH, ROUND_BF16)
     _rotate_heads(k_ptr, k_out_ptr, b, t, row, k_stride_b, k_stride_t, k_stride_h, cos, sin, d, d_mask,
-                  NUM_K_HEADS, HALF, BLOCK_KH)
+                  NUM_K_HEADS, HALF, BLOCK_KH, ROUND_BF16)
 
 
 def _empty_like(x: torch.Tensor) -> torch.Tensor:
@@ -123,7 +127,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         cos.stride(0), cos.stride(1),
         NUM_Q_HEADS=num_q_heads, NUM_K_HEADS=num_k_heads, HALF=half,
         BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_HALF=block_half,
-        INVERSE=inverse, num_warps=num_warps,
+        INVERSE=inverse, ROUND_BF16=round_bf16_first(q.dtype), num_warps=num_warps,
     )
     return q_out, k_out
 

@@ -1,0 +1,399 @@
+"""Cross-entropy over a vocabulary, and linear + cross-entropy without the full logits.
+
+cross_entropy(logits [N, V], targets [N]):
+    One Triton program per row. Pass 1 walks the row in blocks with an online
+    softmax (running max m and running sum s of exp(x - m), in fp32), so a
+    151,936-wide row never has to sit in registers, and picks up the target's
+    logit on the way: loss = (m - x[target]) + log(s). Pass 2 walks the row again
+    and writes the gradient (softmax - onehot) * scale, where scale is
+    1/n_valid for "mean" and 1 for "sum". The forward pass therefore leaves the
+    whole gradient behind; backward only multiplies it by grad_output.
+
+    Where the gradient goes: by default into a fresh buffer of the logits'
+    shape and dtype. With inplace=True it overwrites the logits themselves,
+    which saves that buffer (N x V, the largest tensor of a language model's
+    step). That is safe only when nothing else reads the logits afterwards:
+    the logits were made just for this loss (e.g. by a matmul, whose backward
+    needs its inputs, not its output) and the caller neither returns them nor
+    feeds them to another op. The kernel writes raw memory, so autograd cannot
+    detect a misuse; inplace=True is a promise by the caller.
+
+linear_cross_entropy(hidden [N, H], weight [V, H], targets [N]):
+    The same loss as cross_entropy(hidden @ weight.T, targets), but the tokens
+    go through in chunks, so only one chunk of logits exists at a time. For
+    each chunk the forward pass computes logits_c = hidden_c @ weight.T (in the
+    input dtype, as the model would), turns them into grad_logits_c in place
+    (the Triton kernel, or plain torch math with backend="torch"), and then
+    grad_hidden_c = grad_logits_c @ weight and grad_weight += grad_logits_c.T
+    @ hidden_c, summed in fp32 (with bf16/fp16 inputs on CUDA through addmm's
+    out_dtype=float32, so each chunk's product is never rounded to bf16).
+    The chunks' gradients stay unscaled; backward multiplies the two stored
+    gradients by grad_output (and 1/n_valid for "mean") in fp32 and rounds once.
+
+Shared rules:
+- targets equal to IGNORE_INDEX (-100) add nothing to the loss and get a zero
+  gradient row. "mean" divides by the number of non-ignored targets (over all
+  chunks); when every target is ignored the loss is 0 and the gradient 0.
+- Any other target outside [0, V) raises ValueError. The check is one cheap
+  torch reduction and one host sync per call, before anything is launched.
+- The loss is fp32 whatever the input dtype (it sums many tokens); gradients
+  come back in the dtype of the tensor they belong to.
+- cross_entropy with bf16/fp16 logits stores the gradient in that dtype before
+  grad_output is known, so a grad_output other than 1 rounds it a second time;
+  in fp16 a loss scale also cannot lift tiny values out of the subnormal range.
+  Prefer bf16 (or linear_cross_entropy, which scales in fp32).
+- The gradients are computed in the forward pass and handed out once: a second
+  backward through the same graph (retain_graph=True) raises an error, because
+  the stored gradient has already been scaled in place and released.
+- Leading dimensions are flattened: logits [B, T, V] with targets [B, T] work.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.interpreter import round_bf16_first, round_to_bf16
+
+from kernels import resolve_backend
+
+IGNORE_INDEX = -100
+
+# Tests set this to True so that outputs start as NaN: an element a kernel
+# forgets to write then fails the comparison instead of passing by luck.
+POISON_OUTPUTS = False
+
+# linear_cross_entropy's default chunk: as many rows as keep one chunk of logits,
+# counted at 4 bytes a value, within this budget (rounded down to a multiple of 64
+# rows), but never fewer than _MIN_CHUNK_ROWS so the three matmuls stay efficient.
+_CHUNK_BYTES = 256 * 2**20
+_MIN_CHUNK_ROWS = 256
+
+REDUCTIONS = ("mean", "sum")
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain PyTorch references (the test oracle, and what the torch backend is checked against)
+# ---------------------------------------------------------------------------------------------
+
+def _check_targets(targets: torch.Tensor, vocab_size: int, n_rows: int) -> None:
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets must be int64 (or int32), got {targets.dtype}")
+    if targets.numel() != n_rows:
+        raise ValueError(f"{targets.numel()} targets for {n_rows} rows of logits")
+    bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):  # the one host sync: a clear error instead of a silently wrong loss
+        first = int(targets.reshape(-1)[bad.reshape(-1)][0])
+        raise ValueError(f"target id {first} is outside the vocabulary [0, {vocab_size}) "
+                         f"and is not ignore_index {IGNORE_INDEX}")
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+
+
+def cross_entropy_reference(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Plain PyTorch, fp32 math (float64 stays float64). Unlike F.cross_entropy's "mean",
+    all-ignored targets give a loss of 0 and a zero gradient instead of NaN."""
+    _check_reduction(reduction)
+    logits = logits.reshape(-1, logits.shape[-1])
+    targets = targets.reshape(-1)
+    _check_targets(targets, logits.shape[-1], logits.shape[0])
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    # reduction="none" gives 0 for ignored rows, so their gradient is 0 as well
+    total = F.cross_entropy(x, targets.long(), ignore_index=IGNORE_INDEX, reduction="none").sum()
+    if reduction == "mean":
+        total = total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return total
+
+
+def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                   reduction: str = "mean") -> torch.Tensor:
+    """The materialised version: the full [N, V] logits, then cross_entropy_reference."""
+    return cross_entropy_reference(hidden @ weight.T, targets, reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton kernel: loss and gradient of one row per program
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _cross_entropy_kernel(LOGITS, GRAD, TARGETS, LOSS, SCALE, stride_logits, stride_grad, n_cols,
+                          ignore_index, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                          ROUND_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # row * stride passes 2^31 at 32k tokens x 151,936
+    LOGITS += row * stride_logits
+    GRAD += row * stride_grad
+    target = tl.load(TARGETS + row).to(tl.int64)
+    if target == ignore_index:
+        tl.store(LOSS + row, 0.0)
+        if WRITE_GRAD:
+            zero = tl.zeros((BLOCK,), dtype=tl.float32).to(GRAD.dtype.element_ty)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                tl.store(GRAD + cols, zero, mask=cols < n_cols)
+    else:
+        # pass 1: online softmax. m = max so far, s = sum of exp(x - m) so far.
+        m = -float("inf")
+        s = 0.0
+        x_target = 0.0
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(LOGITS + cols, mask=cols < n_cols, other=-float("inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+            x_target += tl.sum(tl.where(cols == target, x, 0.0), axis=0)
+        # keep m and log(s) apart: at logits of 1e4, m + log(s) in fp32 would lose ~1e-3
+        log_s = tl.log(s)
+        tl.store(LOSS + row, (m - x_target) + log_s)
+        if WRITE_GRAD:
+            # pass 2: gradient (softmax - onehot) * scale. Each element is read before it is
+            # written, by this program only, so GRAD may be LOGITS itself.
+            scale = tl.load(SCALE)
+            for start in range(0, n_cols, BLOCK):
+                cols = start + tl.arange(0, BLOCK)
+                mask = cols < n_cols
+                x = tl.load(LOGITS + cols, mask=mask, other=-float("inf")).to(tl.float32)
+                g = (tl.exp((x - m) - log_s) - tl.where(cols == target, 1.0, 0.0)) * scale
+                if ROUND_BF16:
+                    g = round_to_bf16(g)
+                tl.store(GRAD + cols, g.to(GRAD.dtype.element_ty), mask=mask)
+
+
+# Columns per step of a program's walk along its row. Tests lower it so that the online
+# softmax crosses many blocks at vocabulary sizes the interpreter can afford.
+MAX_BLOCK = 8192
+
+
+def _block_and_warps(n_cols: int) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(n_cols), MAX_BLOCK)
+    return block, (8 if block >= 4096 else 4)
+
+
+def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _rows_triton(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
+                 grad: torch.Tensor | None) -> torch.Tensor:
+    """Per-row losses (fp32) of logits [n, V]; when grad is given, (softmax - onehot) * scale
+    is written into it (grad may be logits itself)."""
+    n_rows, n_cols = logits.shape
+    loss_rows = _alloc((n_rows,), torch.float32, logits.device)
+    if n_rows == 0:
+        return loss_rows
+    block, num_warps = _block_and_warps(n_cols)
+    _cross_entropy_kernel[(n_rows,)](
+        logits, grad if grad is not None else logits, targets, loss_rows, scale,
+        logits.stride(0), grad.stride(0) if grad is not None else 0, n_cols, IGNORE_INDEX,
+        BLOCK=block, WRITE_GRAD=grad is not None,
+        ROUND_BF16=grad is not None and round_bf16_first(grad.dtype),
+        num_warps=num_warps)
+    return loss_rows
+
+
+def _rows_torch(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, write_grad: bool) -> torch.Tensor:
+    """The same as _rows_triton with plain torch ops. logits is scratch: it is overwritten
+    (by the gradient when write_grad)."""
+    x = logits.float()  # fp32 logits: x *is* logits, and the math below runs in place on it
+    valid = targets != IGNORE_INDEX
+    safe_targets = torch.where(valid, targets, 0).long()
+    m = x.amax(dim=-1, keepdim=True)
+    x_target = x.gather(1, safe_targets[:, None])
+    x.sub_(m)  # as in the kernel, m and log(s) stay apart for precision at large logits
+    log_s = torch.logsumexp(x, dim=-1, keepdim=True)
+    loss_rows = torch.where(valid, ((m - x_target) + log_s).squeeze(1), 0.0)
+    if write_grad:
+        x.sub_(log_s).exp_()
+        x[torch.arange(x.shape[0], device=x.device), safe_targets] -= 1.0
+        x.mul_((scale * valid)[:, None])
+        if x.data_ptr() != logits.data_ptr():
+            logits.copy_(x)
+    return loss_rows
+
+
+def _mean_scale(targets: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n_valid, scale) as fp32 device tensors, so no host sync: scale = 1/max(n_valid, 1) for
+    "mean", 1 for "sum". With all targets ignored the loss is 0 either way."""
+    n_valid = (targets != IGNORE_INDEX).sum().float()
+    if reduction == "mean":
+        return n_valid, 1.0 / n_valid.clamp(min=1.0)
+    return n_valid, torch.ones((), dtype=torch.float32, device=targets.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# cross_entropy
+# ---------------------------------------------------------------------------------------------
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, reduction: str, inplace: bool,
+                want_grad: bool) -> torch.Tensor:
+        if logits.stride(-1) != 1:
+            logits = logits.contiguous()  # the kernel walks columns with unit stride
+        _, scale = _mean_scale(targets, reduction)
+        grad = None
+        if want_grad and ctx.needs_input_grad[0]:
+            grad = logits if inplace else _alloc(logits.shape, logits.dtype, logits.device)
+        loss_rows = _rows_triton(logits, targets, scale, grad)
+        ctx.grad = grad
+        return loss_rows.sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("cross_entropy: the gradient was computed in the forward pass and is "
+                               "handed out once; backward cannot run twice through the same graph")
+        ctx.grad = None
+        grad.mul_(grad_output)  # in place: the buffer is ours and is not used again
+        return grad, None, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                  inplace: bool = False) -> torch.Tensor:
+    """Cross-entropy with the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1).
+
+    logits [..., V] of any float dtype, targets [...] int64 with IGNORE_INDEX for tokens
+    that do not count. Returns an fp32 scalar. inplace=True writes the gradient over the
+    logits (see the module docstring for when that is safe)."""
+    _check_reduction(reduction)
+    resolve_backend("triton", logits.device)  # a clear error when Triton cannot run here
+    logits = logits.reshape(-1, logits.shape[-1])
+    targets = targets.reshape(-1)
+    _check_targets(targets, logits.shape[-1], logits.shape[0])
+    return CrossEntropyFunction.apply(logits, targets, reduction, inplace, torch.is_grad_enabled())
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_cross_entropy
+# ---------------------------------------------------------------------------------------------
+
+def default_chunk_size(n_rows: int, vocab_size: int) -> int:
+    """Rows per chunk: chunk_rows * V * 4 bytes within _CHUNK_BYTES (256 MiB), in multiples
+    of 64 rows, at least _MIN_CHUNK_ROWS, at most n_rows. At V = 151,936 that is 384 rows;
+    at V = 32,000 it is 2,048."""
+    rows = _CHUNK_BYTES // (4 * vocab_size) // 64 * 64
+    return max(1, min(n_rows, max(_MIN_CHUNK_ROWS, rows)))
+
+
+@functools.cache
+def _has_fp32_out_addmm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.addmm(..., out_dtype=float32) multiplies `dtype` matrices into an fp32 sum
+    here (CUDA builds of recent PyTorch). Probed once with a small exact case."""
+    try:
+        a = torch.ones(16, 16, dtype=dtype, device=device)
+        acc = torch.ones(16, 16, dtype=torch.float32, device=device)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return bool((acc == 17).all())
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _add_matmul_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b with the products summed in fp32, never rounded to a's dtype:
+    rounding each chunk's [V, H] product to bf16 would add one bf16 error per chunk."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.device.type == "cuda" and _has_fp32_out_addmm(a.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)  # bf16 tensor cores, fp32 output
+    else:  # CPU (where fp32 matmul is no slower than bf16), or an older PyTorch on CUDA
+        acc.addmm_(a.float(), b.float())
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, reduction: str,
+                chunk_size: int, backend: str, want_grad: bool) -> torch.Tensor:
+        n_rows, hidden_size = hidden.shape
+        vocab_size = weight.shape[0]
+        need_hidden = want_grad and ctx.needs_input_grad[0]
+        need_weight = want_grad and ctx.needs_input_grad[1]
+        write_grad = need_hidden or need_weight
+        _, scale = _mean_scale(targets, reduction)
+        # The chunks' gradients are left unscaled (softmax - onehot); the 1/n_valid of "mean"
+        # and grad_output are applied once, in fp32, to grad_hidden and grad_weight in backward.
+        # Tiny scaled values would otherwise round (or underflow, in fp16) twice.
+        one = torch.ones((), dtype=torch.float32, device=hidden.device)
+
+        grad_hidden = _alloc((n_rows, hidden_size), hidden.dtype, hidden.device) if need_hidden else None
+        grad_weight = torch.zeros((vocab_size, hidden_size), dtype=torch.float32, device=weight.device) \
+            if need_weight else None
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):  # dtypes are settled by the caller
+            for start in range(0, n_rows, chunk_size):
+                end = min(start + chunk_size, n_rows)
+                hidden_c = hidden[start:end]
+                logits_c = hidden_c @ weight.T  # [c, V], made here and overwritten by its gradient
+                if backend == "triton":
+                    loss_rows = _rows_triton(logits_c, targets[start:end], one, logits_c if write_grad else None)
+                else:
+                    loss_rows = _rows_torch(logits_c, targets[start:end], one, write_grad)
+                loss += loss_rows.sum()
+                if need_hidden:
+                    torch.matmul(logits_c, weight, out=grad_hidden[start:end])
+                if need_weight:
+                    _add_matmul_fp32(grad_weight, logits_c.T, hidden_c)
+                del logits_c
+        ctx.grad_hidden, ctx.grad_weight, ctx.scale = grad_hidden, grad_weight, scale
+        ctx.weight_dtype = weight.dtype
+        ctx.used = False
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        if ctx.used:
+            raise RuntimeError("linear_cross_entropy: the gradients were computed in the forward pass and "
+                               "are handed out once; backward cannot run twice through the same graph")
+        ctx.used = True
+        grad_hidden, grad_weight = ctx.grad_hidden, ctx.grad_weight
+        ctx.grad_hidden = ctx.grad_weight = None
+        factor = grad_output.float() * ctx.scale
+        if grad_hidden is not None:
+            grad_hidden = (grad_hidden.float() * factor).to(grad_hidden.dtype)
+        if grad_weight is not None:  # fp32 until here; one rounding to the weight's dtype
+            grad_weight = grad_weight.mul_(factor).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         reduction: str = "mean", chunk_size: int | None = None,
+                         backend: str = "triton") -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T, targets) without the full logits.
+
+    hidden [..., H], weight [V, H] (may be tied to an embedding, may have
+    requires_grad=False), targets [...]. backend "triton" uses the kernel for the
+    loss and gradient of each chunk, "torch" plain torch ops (any device). Under
+    autocast both operands are cast to the autocast dtype, as F.linear would do;
+    otherwise weight is cast to hidden's dtype if they differ. chunk_size None
+    takes default_chunk_size. Returns an fp32 scalar."""
+    _check_reduction(reduction)
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
+    if backend == "triton":
+        resolve_backend("triton", hidden.device)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight {tuple(weight.shape)} does not match hidden size {hidden.shape[1]}")
+    _check_targets(targets, weight.shape[0], hidden.shape[0])
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif weight.dtype != hidden.dtype:
+        weight = weight.to(hidden.dtype)  # autograd carries the gradient back to weight's dtype
+    hidden = hidden.contiguous()
+    if chunk_size is None:
+        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0])
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    return LinearCrossEntropyFunction.apply(hidden, weight, targets, reduction, chunk_size, backend,
+                                            torch.is_grad_enabled())

@@ -1,0 +1,211 @@
+"""Cross-entropy benchmarks: `python -m pytest -m bench tests/test_bench_cross_entropy.py`.
+
+They print tables and assert nothing about speed. On CUDA: cross-entropy over bf16
+logits (Triton vs F.cross_entropy on logits.float(), its torch.compile, and Liger if
+installed), time, achieved bandwidth and peak extra memory; then linear + cross-entropy
+against materialised logits. On CPU: linear_cross_entropy(backend="torch") against the
+materialised reference, peak memory measured in fresh processes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO_ROOT, print_table
+from kernels.cross_entropy import IGNORE_INDEX, cross_entropy, linear_cross_entropy, linear_cross_entropy_reference
+
+pytestmark = pytest.mark.bench
+
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # bytes/s (H100: SXM)
+
+
+def gpu_bandwidth() -> tuple[str, float | None]:
+    name = torch.cuda.get_device_name()
+    return name, next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
+
+
+def liger_functions():
+    """(cross-entropy, fused linear cross-entropy) callables from Liger-Kernel, or None."""
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None, None
+    ce_loss, flce_loss = LigerCrossEntropyLoss(ignore_index=IGNORE_INDEX), LigerFusedLinearCrossEntropyLoss()
+    return (lambda x, t: ce_loss(x, t)), (lambda h, w, t: flce_loss(w, h, t))
+
+
+def cuda_peak_extra(fn) -> float:
+    """Peak bytes allocated by one call of fn above what was allocated before it."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def eager_ce(x, t):
+    return F.cross_entropy(x.float(), t, ignore_index=IGNORE_INDEX)
+
+
+# ------------------------------------------------------------------------------------------------ CUDA
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_cross_entropy_cuda(capsys):
+    from triton.testing import do_bench
+
+    name, peak_bw = gpu_bandwidth()
+    compiled_ce = torch.compile(eager_ce)
+    liger_ce, _ = liger_functions()
+    variants = {"triton": cross_entropy, "triton inplace": lambda x, t: cross_entropy(x, t, inplace=True),
+                "torch eager": eager_ce, "torch.compile": compiled_ce}
+    if liger_ce is not None:
+        variants["liger"] = liger_ce
+    rows = []
+    for vocab in (32_000, 151_936):
+        for n in (8192, 16384):
+            torch.manual_seed(0)
+            logits = torch.randn(n, vocab, device="cuda", dtype=torch.bfloat16)
+            targets = torch.randint(0, vocab, (n,), device="cuda")
+            targets[::10] = IGNORE_INDEX
+            logits_gb = logits.numel() * logits.element_size() / 1e9
+            for label, fn in variants.items():
+                x = logits.clone().requires_grad_()  # in-place variants overwrite their input
+
+                def fwd_bwd():
+                    fn(x, targets).backward()
+
+                try:
+                    fwd_bwd()  # compile / warm up
+                    x.grad = None
+                    t_fwd = do_bench(lambda: fn(x, targets))
+                    t_all = do_bench(fwd_bwd, grad_to_none=[x])
+                    x.grad = None
+                    peak = cuda_peak_extra(fwd_bwd)
+                except Exception as e:  # e.g. an incompatible Liger version: report, go on
+                    rows.append([vocab, n, label, f"failed: {type(e).__name__}", "", "", "", "", ""])
+                    continue
+                # bytes that must move for loss + gradient: read the logits once, write the gradient once
+                gbs = 2 * logits.numel() * logits.element_size() / (t_all * 1e-3) / 1e9
+                share = f"{100 * gbs * 1e9 / peak_bw:.0f}%" if peak_bw else "unknown"
+                rows.append([vocab, n, label, f"{t_fwd:.2f}", f"{t_all:.2f}", f"{gbs:.0f}", share,
+                             f"{peak / 1e9:.2f}", f"{logits_gb:.2f}"])
+                del x
+            del logits
+            torch.cuda.empty_cache()
+    with capsys.disabled():
+        print_table(f"cross-entropy, bf16 logits, 10% of targets ignored ({name}; fwd = forward of a "
+                    f"training step, which for Triton includes the gradient)",
+                    ["V", "N", "impl", "fwd ms", "fwd+bwd ms", "GB/s", "of peak BW", "peak extra GB", "logits GB"],
+                    rows)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_linear_cross_entropy_cuda(capsys):
+    from triton.testing import do_bench
+
+    name, _ = gpu_bandwidth()
+    n, hidden_size, vocab = 8192, 1536, 151_936
+    torch.manual_seed(0)
+    hidden = torch.randn(n, hidden_size, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    weight = (0.02 * torch.randn(vocab, hidden_size, device="cuda")).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+    targets[::10] = IGNORE_INDEX
+    _, liger_flce = liger_functions()
+    variants = {"chunked triton": linear_cross_entropy,
+                "chunked torch": lambda h, w, t: linear_cross_entropy(h, w, t, backend="torch"),
+                "materialised eager": linear_cross_entropy_reference,
+                "materialised compile": torch.compile(linear_cross_entropy_reference)}
+    if liger_flce is not None:
+        variants["liger fused"] = liger_flce
+    flops = 6 * n * hidden_size * vocab  # three matmuls of 2*N*H*V
+    rows, peaks = [], {}
+    for label, fn in variants.items():
+        def fwd_bwd():
+            fn(hidden, weight, targets).backward()
+
+        try:
+            fwd_bwd()
+            hidden.grad = weight.grad = None
+            t_all = do_bench(fwd_bwd, grad_to_none=[hidden, weight])
+            hidden.grad = weight.grad = None
+            peaks[label] = cuda_peak_extra(fwd_bwd)
+            hidden.grad = weight.grad = None
+        except Exception as e:
+            rows.append([label, f"failed: {type(e).__name__}", "", ""])
+            continue
+        rows.append([label, f"{t_all:.1f}", f"{flops / (t_all * 1e-3) / 1e12:.0f}", f"{peaks[label] / 1e9:.2f}"])
+        torch.cuda.empty_cache()
+    logits_gb = n * vocab * 2 / 1e9
+    with capsys.disabled():
+        print_table(f"linear + cross-entropy fwd+bwd, N={n} H={hidden_size} V={vocab} bf16 ({name}); "
+                    f"the bf16 logits alone are {logits_gb:.2f} GB",
+                    ["impl", "ms", "TFLOP/s", "peak extra GB (incl. grads)"], rows)
+        if "chunked triton" in peaks:
+            for ref in ("materialised eager", "materialised compile"):
+                if ref in peaks:
+                    print(f"peak memory {ref} / chunked triton: {peaks[ref] / peaks['chunked triton']:.1f}x")
+
+
+# ------------------------------------------------------------------------------------------------- CPU
+
+# Peak memory of one forward+backward, measured in a fresh Python process: resource's
+# ru_maxrss is the process's high-water mark of resident memory, so the peak after the
+# step minus the mark just before it (inputs made, libraries loaded, a small warm-up step
+# done) is the most extra memory the step ever held. PyTorch's CPU allocator hands large
+# blocks back to the OS on free, so the mark follows live tensors rather than a cache.
+_CPU_MEASURE = textwrap.dedent("""
+    import json, resource, sys, time
+    import torch
+    sys.path.insert(0, {repo!r})
+    from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+    torch.manual_seed(0)
+    n, h, v = {n}, {h}, {v}
+    hidden = torch.randn(n, h).requires_grad_()
+    weight = torch.randn(v, h).mul_(0.05).requires_grad_()  # in place: no temporary to raise the mark
+    targets = torch.randint(0, v, (n,))
+    targets[::10] = -100
+    if {chunked}:
+        fn = lambda a, b, c: linear_cross_entropy(a, b, c, backend="torch")
+    else:
+        fn = linear_cross_entropy_reference
+    fn(hidden[:8], weight[:64], targets[:8].clamp(max=63)).backward()  # load kernels, thread pools
+    hidden.grad = weight.grad = None
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    t0 = time.perf_counter()
+    loss = fn(hidden, weight, targets)
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps(dict(extra_bytes=(after - before) * 1024, seconds=seconds, loss=loss.item())))
+""")
+
+
+def measure_cpu(chunked: bool, n: int, h: int, v: int) -> dict:
+    code = _CPU_MEASURE.format(repo=REPO_ROOT, n=n, h=h, v=v, chunked=chunked)
+    env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA benchmarks above cover this")
+def test_bench_linear_cross_entropy_cpu(capsys):
+    n, h, v = 8192, 256, 32_000
+    chunked = measure_cpu(True, n, h, v)
+    materialised = measure_cpu(False, n, h, v)
+    assert abs(chunked["loss"] - materialised["loss"]) < 1e-3 * abs(materialised["loss"])
+    logits_gb = n * v * 4 / 1e9
+    rows = [[label, f"{r['seconds']:.2f}", f"{r['extra_bytes'] / 1e9:.3f}"]
+            for label, r in (("chunked (backend=torch)", chunked), ("materialised reference", materialised))]
+    with capsys.disabled():
+        print_table(f"linear + cross-entropy fwd+bwd on CPU, N={n} H={h} V={v} fp32 "
+                    f"(the logits alone are {logits_gb:.2f} GB); peak = ru_maxrss rise in a fresh process",
+                    ["impl", "seconds", "peak extra GB"], rows)
+        print(f"peak memory materialised / chunked: {materialised['extra_bytes'] / chunked['extra_bytes']:.1f}x")
+        print("Triton timings need a GPU: the Triton kernel only runs under the interpreter here.")

@@ -1,0 +1,280 @@
+"""Cross-entropy and linear + cross-entropy against float64 PyTorch.
+
+On CPU the Triton kernel runs under TRITON_INTERPRET=1 (set by conftest), so the
+Triton cases keep shapes small; the torch-backend chunked cases can be larger.
+Tolerance: error vs float64 <= 2 x the error the PyTorch reference makes in the
+same dtype, plus 1e-5 of the largest value (fp32-level math in both).
+"""
+
+import pytest
+import torch
+
+from conftest import DEVICE
+import kernels.cross_entropy as ce
+from kernels.cross_entropy import (IGNORE_INDEX, cross_entropy, cross_entropy_reference, linear_cross_entropy,
+                                   linear_cross_entropy_reference)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    # every test runs with outputs that start as NaN, so an unwritten element fails
+    monkeypatch.setattr(ce, "POISON_OUTPUTS", True)
+
+
+def make_targets(n: int, vocab: int, ignore: str, gen_device=DEVICE) -> torch.Tensor:
+    t = torch.randint(0, vocab, (n,), device=gen_device)
+    if ignore == "some":
+        t[::3] = IGNORE_INDEX
+    elif ignore == "all":
+        t[:] = IGNORE_INDEX
+    return t
+
+
+def assert_close_2x(out: torch.Tensor, ref: torch.Tensor, ref64: torch.Tensor, what: str) -> None:
+    """|out - ref64| <= 2 |ref - ref64| + 1e-5 max|ref64| + tiny, elementwise maxima."""
+    assert not torch.isnan(out).any(), f"{what}: NaN"
+    ref64 = ref64.double()
+    err = (out.double() - ref64).abs().max().item()
+    ref_err = (ref.double() - ref64).abs().max().item()
+    bound = 2 * ref_err + 1e-5 * ref64.abs().max().item() + 1e-9
+    assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g} (reference error {ref_err:.3g})"
+
+
+def leaf(x: torch.Tensor, dtype=None) -> torch.Tensor:
+    return x.detach().to(dtype or x.dtype).clone().requires_grad_()
+
+
+def check_ce(logits: torch.Tensor, targets: torch.Tensor, reduction: str, grad_scale: float = 1.0, **kw) -> None:
+    """Loss and logits gradient of the kernel vs the reference in the same dtype and in float64."""
+    x, x_ref, x64 = leaf(logits), leaf(logits), leaf(logits, torch.float64)
+    loss = cross_entropy(x, targets, reduction, **kw)
+    loss_ref = cross_entropy_reference(x_ref, targets, reduction)
+    loss64 = cross_entropy_reference(x64, targets, reduction)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    (loss * grad_scale).backward()
+    (loss_ref * grad_scale).backward()
+    (loss64 * grad_scale).backward()
+    assert x.grad.dtype == logits.dtype
+    assert_close_2x(loss, loss_ref, loss64, "loss")
+    assert_close_2x(x.grad, x_ref.grad, x64.grad, "grad")
+
+
+# ------------------------------------------------------------------------------------------ cross_entropy
+
+@pytest.mark.parametrize("vocab,rows", [(1, 5), (7, 17), (1000, 17), (5003, 5), (5003, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_matches_float64(vocab, rows, dtype, reduction):
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(rows, vocab, device=DEVICE)).to(dtype)
+    check_ce(logits, make_targets(rows, vocab, "some"), reduction)
+
+
+@pytest.mark.parametrize("vocab,rows", [(1000, 17), (5003, 5)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy_many_blocks(monkeypatch, vocab, rows, dtype):
+    """Rows much wider than a block: the running max and sum carry across blocks, with the
+    row maximum placed late so that earlier sums must be rescaled."""
+    monkeypatch.setattr(ce, "MAX_BLOCK", 128)
+    torch.manual_seed(10)
+    logits = 4 * torch.randn(rows, vocab, device=DEVICE)
+    logits[:, -3] += 20
+    check_ce(logits.to(dtype), make_targets(rows, vocab, "some"), "mean")
+
+
+@pytest.mark.parametrize("ignore", ["none", "some", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_ignore_patterns(ignore, reduction):
+    torch.manual_seed(1)
+    logits = torch.randn(17, 1000, device=DEVICE)
+    targets = make_targets(17, 1000, ignore)
+    check_ce(logits, targets, reduction, grad_scale=2.5)
+    if ignore == "all":
+        x = leaf(logits)
+        loss = cross_entropy(x, targets, reduction)
+        loss.backward()
+        assert loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e4), (torch.bfloat16, 1e4), (torch.float16, 3e4)])
+@pytest.mark.parametrize("max_block", [8192, 128])
+def test_cross_entropy_large_logits(monkeypatch, dtype, scale, max_block):
+    monkeypatch.setattr(ce, "MAX_BLOCK", max_block)
+    torch.manual_seed(2)
+    logits = (scale * torch.rand(17, 1000, device=DEVICE) * 2 - scale).to(dtype)  # in [-scale, scale]
+    logits[0, :] = scale  # a row of equal maxima
+    logits[1, :] = -scale
+    targets = make_targets(17, 1000, "some")
+    targets[0] = 5
+    targets[1] = 7
+    x = leaf(logits)
+    loss = cross_entropy(x, targets)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    check_ce(logits, targets, "mean")
+
+
+def test_cross_entropy_inplace_and_3d():
+    torch.manual_seed(3)
+    logits = torch.randn(2, 9, 333, device=DEVICE, dtype=torch.bfloat16)
+    targets = make_targets(18, 333, "some").view(2, 9)
+    x_ref = leaf(logits)
+    cross_entropy(x_ref, targets).backward()
+    buffer = logits.clone()
+    x = buffer.requires_grad_()
+    loss = cross_entropy(x, targets, inplace=True)
+    loss.backward()
+    assert torch.equal(x.grad, x_ref.grad)
+    assert torch.equal(buffer.detach(), x_ref.grad)  # the logits buffer now holds the gradient
+    check_ce(logits, targets, "sum")
+
+
+def test_cross_entropy_no_grad_and_double_backward():
+    torch.manual_seed(4)
+    x = torch.randn(5, 100, device=DEVICE, requires_grad=True)
+    targets = make_targets(5, 100, "none")
+    with torch.no_grad():
+        loss = cross_entropy(x, targets)
+    torch.testing.assert_close(loss, cross_entropy_reference(x.detach(), targets))
+    loss = cross_entropy(x, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("bad", [1000, -1, -101, 5000])
+def test_bad_target_raises(bad):
+    logits = torch.randn(4, 1000, device=DEVICE, requires_grad=True)
+    targets = torch.tensor([1, bad, IGNORE_INDEX, 3], device=DEVICE)
+    hidden, weight = torch.randn(4, 16, device=DEVICE), torch.randn(1000, 16, device=DEVICE)
+    with pytest.raises(ValueError, match=f"target id {bad} is outside"):
+        cross_entropy(logits, targets)
+    with pytest.raises(ValueError, match="outside"):
+        cross_entropy_reference(logits, targets)
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match="outside"):
+            linear_cross_entropy(hidden, weight, targets, backend=backend)
+
+
+def test_bad_arguments_raise():
+    logits = torch.randn(4, 10, device=DEVICE)
+    targets = torch.zeros(4, dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="reduction"):
+        cross_entropy(logits, targets, reduction="avg")
+    with pytest.raises(ValueError, match="3 targets for 4 rows"):
+        cross_entropy(logits, targets[:3])
+    with pytest.raises(ValueError, match="backend"):
+        linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), targets.cpu(), backend="cuda")
+
+
+# ------------------------------------------------------------------------------------ linear_cross_entropy
+
+def check_linear_ce(hidden, weight, targets, reduction, chunk_size, backend, weight_grad=True):
+    h, h_ref, h64 = leaf(hidden), leaf(hidden), leaf(hidden, torch.float64)
+    w, w_ref, w64 = (leaf(weight), leaf(weight), leaf(weight, torch.float64))
+    for t in (w, w_ref, w64):
+        t.requires_grad_(weight_grad)
+    loss = linear_cross_entropy(h, w, targets, reduction, chunk_size=chunk_size, backend=backend)
+    loss_ref = linear_cross_entropy_reference(h_ref, w_ref, targets, reduction)
+    loss64 = linear_cross_entropy_reference(h64, w64, targets, reduction)
+    for t in (loss, loss_ref, loss64):
+        (1.5 * t).backward()
+    assert loss.dtype == torch.float32
+    assert_close_2x(loss, loss_ref, loss64, "loss")
+    assert h.grad.dtype == hidden.dtype
+    assert_close_2x(h.grad, h_ref.grad, h64.grad, "grad hidden")
+    if weight_grad:
+        assert w.grad.dtype == weight.dtype
+        assert_close_2x(w.grad, w_ref.grad, w64.grad, "grad weight")
+    else:
+        assert w.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_size", [7, None])
+def test_linear_cross_entropy_triton(monkeypatch, dtype, reduction, chunk_size):
+    monkeypatch.setattr(ce, "MAX_BLOCK", 64)  # 257 columns: five blocks, the last one 1 wide
+    torch.manual_seed(5)
+    hidden = torch.randn(17, 48, device=DEVICE).to(dtype)
+    weight = (0.2 * torch.randn(257, 48, device=DEVICE)).to(dtype)
+    check_linear_ce(hidden, weight, make_targets(17, 257, "some"), reduction, chunk_size, "triton")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("ignore", ["none", "some", "all"])
+def test_linear_cross_entropy_torch(dtype, reduction, ignore):
+    torch.manual_seed(6)
+    hidden = torch.randn(300, 123, device=DEVICE).to(dtype)
+    weight = (0.1 * torch.randn(5003, 123, device=DEVICE)).to(dtype)
+    check_linear_ce(hidden, weight, make_targets(300, 5003, ignore), reduction, 64, "torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_cross_entropy_frozen_weight(backend):
+    torch.manual_seed(7)
+    hidden = torch.randn(17, 32, device=DEVICE)
+    weight = torch.randn(100, 32, device=DEVICE)
+    check_linear_ce(hidden, weight, make_targets(17, 100, "some"), "mean", 5, backend, weight_grad=False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_cross_entropy_tied_weight(backend):
+    """The LM head shares its weight with the embedding: both gradients add up."""
+    torch.manual_seed(8)
+    vocab, width, n = 211, 40, 23
+    ids = torch.randint(0, vocab, (n,), device=DEVICE)
+    targets = make_targets(n, vocab, "some")
+    mix = torch.randn(width, width, device=DEVICE) / width**0.5
+    weight0 = torch.randn(vocab, width, device=DEVICE)
+
+    def run(weight, fn):
+        hidden = torch.tanh(torch.nn.functional.embedding(ids, weight) @ mix.to(weight.dtype))
+        loss = fn(hidden, weight)
+        loss.backward()
+        return loss, weight.grad
+
+    w, w64 = leaf(weight0), leaf(weight0, torch.float64)
+    loss, grad = run(w, lambda h, w_: linear_cross_entropy(h, w_, targets, chunk_size=6, backend=backend))
+    loss64, grad64 = run(w64, lambda h, w_: linear_cross_entropy_reference(h, w_, targets))
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_autocast_and_3d():
+    """Under autocast the matmuls run in the autocast dtype, as F.linear would; fp32 master
+    weights get fp32 gradients."""
+    torch.manual_seed(9)
+    hidden = torch.randn(3, 20, 64, device=DEVICE, requires_grad=True)
+    weight = (0.1 * torch.randn(777, 64, device=DEVICE)).requires_grad_()
+    targets = make_targets(60, 777, "some").view(3, 20)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_size=16, backend="torch")
+    loss.backward()
+    assert weight.grad.dtype == torch.float32 and hidden.grad.dtype == torch.float32
+    h64, w64 = leaf(hidden, torch.float64), leaf(weight, torch.float64)
+    loss64 = linear_cross_entropy_reference(h64.view(60, 64), w64, targets)
+    loss64.backward()
+    # bf16 matmuls: a loose check that the right thing was computed
+    torch.testing.assert_close(loss.double(), loss64, rtol=2e-2, atol=1e-2)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=5e-2, atol=2e-4)
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=5e-2, atol=2e-4)
+
+
+def test_linear_cross_entropy_double_backward_raises():
+    hidden = torch.randn(5, 8, device=DEVICE, requires_grad=True)
+    weight = torch.randn(30, 8, device=DEVICE, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, make_targets(5, 30, "none"), backend="torch")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()
+
+
+def test_default_chunk_size():
+    assert ce.default_chunk_size(8192, 151_936) == 384
+    assert ce.default_chunk_size(8192, 32_000) == 2048
+    assert ce.default_chunk_size(100, 151_936) == 100
+    assert ce.default_chunk_size(10**6, 10**7) == 256
