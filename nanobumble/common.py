@@ -1,4 +1,4 @@
-"""What every training script shares: device, precision, seeding, friendly errors."""
+"""What every script shares: precision, durations, friendly errors."""
 
 from __future__ import annotations
 
@@ -14,10 +14,6 @@ from .config import ConfigError
 
 class UserError(Exception):
     """A problem with the user's input (data, paths, settings): shown without a traceback."""
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
