@@ -92,7 +92,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -101,7 +102,8 @@ class Attention(nn.Module):
         q, k = rope(q, k, cos, sin)
         # SDPA wants [batch, heads, seq, head_dim]; enable_gqa lets each K/V head serve its group of query heads.
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=self.num_heads != self.num_kv_heads)
+                                           attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -124,8 +126,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x, backend), cos, sin, backend)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x, backend), cos, sin, backend, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x, backend))
 
 
@@ -169,21 +172,27 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
         """Logits [batch, seq, vocab]; or, when targets are given, the cross-entropy
-        over the targets that are not -100 ("mean" or "sum"). position_ids default
-        to 0..seq-1 in every row."""
+        over the targets that are not -100 ("mean" or "sum").
+
+        position_ids default to 0..seq-1 in every row. Given explicitly, they may
+        restart at 0 inside a row (several documents packed into one row): each
+        token then attends only to earlier tokens of its own document."""
         B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings {self.config.max_position_embeddings}")
         backend = resolve_backend(self.kernels, input_ids.device)
+        attn_mask = None
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
+        else:
+            attn_mask = packed_causal_mask(position_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, backend, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, backend, attn_mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, backend)
+                x = layer(x, cos, sin, backend, attn_mask)
         x = self.norm(x, backend)
         if targets is None:
             return self.lm_head(x)
@@ -192,6 +201,16 @@ class Transformer(nn.Module):
             # logits (2.5 GB for 8k tokens at vocab 151,936 in fp16) never exist at once.
             return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), reduction)
         return cross_entropy_reference(self.lm_head(x).flatten(0, 1), targets.flatten(), reduction)
+
+
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, 1, seq, seq] boolean mask, True where attention is allowed: causal,
+    and within one document, a document starting wherever the position is 0."""
+    document = (position_ids == 0).cumsum(-1)  # [B, T]: 1, 1, 1, 2, 2, ...
+    same_document = document.unsqueeze(-1) == document.unsqueeze(-2)
+    T = position_ids.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return (same_document & causal).unsqueeze(1)
 
 
 @torch.no_grad()

@@ -156,3 +156,16 @@ def test_triton_and_torch_kernels_give_the_same_loss_and_gradients():
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
     for name, grad in results["torch"][1].items():
         torch.testing.assert_close(results["triton"][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_packed_row_gives_each_document_its_own_logits():
+    # Two documents in one row, positions restarting at the second: every logit
+    # equals the one from running that document alone.
+    model = tiny().eval()
+    a, b = torch.randint(0, 97, (1, 7)), torch.randint(0, 97, (1, 5))
+    row = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    with torch.no_grad():
+        packed = model(row, position_ids=positions)
+        torch.testing.assert_close(packed[:, :7], model(a), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed[:, 7:], model(b), rtol=1e-5, atol=1e-5)
