@@ -19,9 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanobumble.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, rng_state,
-                                   save_checkpoint, save_model_dir, set_rng_state)
-from nanobumble.common import UserError, autocast, format_duration, resolve_precision, run_cli
+from nanobumble.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_model_dir, set_rng_state
+from nanobumble.common import UserError, autocast, resolve_precision, run_cli
 from nanobumble.config import TrainConfig, config_to_yaml, parse_config
 from nanobumble.data import TokenShards, ensure_shards, files_fingerprint, iter_text_records, list_data_files
 from nanobumble.distributed import (all_reduce_mean, all_reduce_sum, build_model, cleanup_distributed, local_bytes,
@@ -31,6 +30,8 @@ from nanobumble.mfu import peak_bf16_flops, training_flops_per_token
 from nanobumble.model import model_config_for
 from nanobumble.optim import build_optimizer, lr_at
 from nanobumble.tokenizer import Tokenizer, load_or_train_tokenizer
+from nanobumble.training import (Progress, check_finite, clip_gradients, resolve_resume, set_learning_rate,
+                                 total_steps)
 
 
 def find_tokenizer(cfg: TrainConfig, resume_dir: str | None) -> Tokenizer:
@@ -88,15 +89,7 @@ def train(cfg: TrainConfig, info) -> None:
     print0(f"config:\n{config_to_yaml(cfg)}")
 
     # --- where do we start? ---
-    resume_dir = None
-    if cfg.resume:
-        resume_dir = latest_checkpoint(cfg.output_dir) if cfg.resume == "auto" else cfg.resume
-        if cfg.resume != "auto" and not os.path.isdir(cfg.resume):
-            raise UserError(f"resume: checkpoint directory not found: {cfg.resume}")
-        print0(f"resuming from {resume_dir}" if resume_dir else f"resume=auto: no checkpoint in {cfg.output_dir}, starting fresh")
-    elif list_checkpoints(cfg.output_dir):
-        raise UserError(f"output_dir {cfg.output_dir} already holds checkpoints; continue it with --resume auto, "
-                        f"or pick another --output_dir (nothing there is overwritten)")
+    resume_dir = resolve_resume(cfg.resume, cfg.output_dir)
 
     # --- tokenizer and model shape (checked against each other before any data work) ---
     tokenizer = main_process_first(lambda: find_tokenizer(cfg, resume_dir))
@@ -136,12 +129,12 @@ def train(cfg: TrainConfig, info) -> None:
     batch_rows = micro_batch * cfg.gradient_accumulation_steps * info.world_size
     tokens_per_step = batch_rows * cfg.cutoff_len
     steps_per_epoch = max(1, train_data.num_tokens // tokens_per_step)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_epochs * steps_per_epoch))
-    warmup_steps = int(cfg.warmup_ratio * total_steps)
+    num_steps = total_steps(cfg.max_steps, cfg.num_epochs, steps_per_epoch)
+    warmup_steps = int(cfg.warmup_ratio * num_steps)
     print0(f"data: {train_data.num_tokens:,} training tokens; global batch {batch_rows} rows "
            f"({micro_batch} per micro-step x {cfg.gradient_accumulation_steps} accumulation x {info.world_size} ranks) "
            f"x {cfg.cutoff_len} = {tokens_per_step:,} tokens per step; "
-           f"{total_steps} steps = {total_steps / steps_per_epoch:.2f} epochs")
+           f"{num_steps} steps = {num_steps / steps_per_epoch:.2f} epochs")
 
     start_step = 0
     if resume_dir:
@@ -154,8 +147,9 @@ def train(cfg: TrainConfig, info) -> None:
     logger = MetricsLogger(cfg.output_dir, cfg.use_tensorboard, resume_step=start_step) if info.is_main else None
     token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()).to(device)
     token_bytes = F.pad(token_bytes, (0, model_cfg.vocab_size - len(token_bytes)))
-    flops_per_token = training_flops_per_token(model_cfg, cfg.cutoff_len)
     peak_flops = peak_bf16_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+    progress = Progress(num_steps, training_flops_per_token(model_cfg, cfg.cutoff_len),
+                        peak_flops * info.world_size if peak_flops else None)
 
     def log(step: int, scalars: dict) -> None:
         if logger is not None:
@@ -169,13 +163,10 @@ def train(cfg: TrainConfig, info) -> None:
 
     # --- the loop ---
     model.train()
-    window_loss, window_steps, window_time = 0.0, 0, 0.0
-    run_start, steps_done = time.time(), 0
-    for step in range(start_step + 1, total_steps + 1):
+    for step in range(start_step + 1, num_steps + 1):
         t0 = time.time()
-        lr = lr_at(step, total_steps, cfg.learning_rate, warmup_steps, cfg.lr_scheduler_type, cfg.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = lr_at(step, num_steps, cfg.learning_rate, warmup_steps, cfg.lr_scheduler_type, cfg.min_lr_ratio)
+        set_learning_rate(optimizer, lr)
 
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.gradient_accumulation_steps):
@@ -194,44 +185,25 @@ def train(cfg: TrainConfig, info) -> None:
             (loss / cfg.gradient_accumulation_steps).backward()
             loss_sum += loss.detach()
 
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # the global norm, over all shards
-        grad_norm = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+        grad_norm = clip_gradients(model, cfg.max_grad_norm)
         step_loss = all_reduce_mean(loss_sum).item() / cfg.gradient_accumulation_steps
-        if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
-            last = latest_checkpoint(cfg.output_dir)
-            raise UserError(f"loss {step_loss} / grad norm {grad_norm} at step {step}: stopping before the "
-                            f"update; the last good checkpoint is {last or 'none (nothing saved yet)'}")
+        check_finite(step, step_loss, grad_norm, cfg.output_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-        window_loss += step_loss
-        window_steps += 1
-        window_time += time.time() - t0
-        steps_done += 1
-        if steps_done == 1 and info.sharded:
-            params = local_bytes(model.parameters())
-            print(f"rank {info.rank}: holds {params / 2**20:.2f} MiB of parameters and "
+        progress.add(time.time() - t0, tokens_per_step, **{"train/loss": step_loss})
+        if progress.steps_done == 1 and info.sharded:
+            print(f"rank {info.rank}: holds {local_bytes(model.parameters()) / 2**20:.2f} MiB of parameters and "
                   f"{optimizer_state_bytes(optimizer) / 2**20:.2f} MiB of optimizer state "
                   f"(of {model.num_parameters() * 4 / 2**20:.2f} MiB fp32 parameters in all)", flush=True)
 
-        if step % cfg.logging_steps == 0 or step == total_steps:
-            tokens_per_sec = window_steps * tokens_per_step / window_time
-            scalars = {"train/loss": window_loss / window_steps, "train/lr": lr, "train/grad_norm": grad_norm,
-                       "train/tokens_per_sec": tokens_per_sec}
-            line = (f"step {step}/{total_steps} | loss {scalars['train/loss']:.4f} | lr {lr:.2e} "
-                    f"| grad norm {grad_norm:.3f} | {tokens_per_sec:,.0f} tok/s")
-            if peak_flops:
-                scalars["train/mfu"] = flops_per_token * tokens_per_sec / (peak_flops * info.world_size)
-                line += f" | mfu {100 * scalars['train/mfu']:.1f}%"
-            eta = (time.time() - run_start) / steps_done * (total_steps - step)
-            print0(f"{line} | eta {format_duration(eta)}", flush=True)
+        if step % cfg.logging_steps == 0 or step == num_steps:
+            scalars, line = progress.report(step, lr, grad_norm)
+            print0(line, flush=True)
             log(step, scalars)
-            window_loss, window_steps, window_time = 0.0, 0, 0.0
 
-        if val_data is not None and (step == total_steps or (cfg.eval_steps > 0 and step % cfg.eval_steps == 0)):
+        if val_data is not None and (step == num_steps or (cfg.eval_steps > 0 and step % cfg.eval_steps == 0)):
             scalars = evaluate(model, val_data, cfg, token_bytes, info, compute_dtype)
-            print0(f"step {step}/{total_steps} | val loss {scalars['val/loss']:.4f} | val bpb {scalars['val/bpb']:.4f}")
+            print0(f"step {step}/{num_steps} | val loss {scalars['val/loss']:.4f} | val bpb {scalars['val/bpb']:.4f}")
             log(step, scalars)
 
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
@@ -240,7 +212,7 @@ def train(cfg: TrainConfig, info) -> None:
     save_model_dir(cfg.output_dir, model, tokenizer.model_file, training_args)
     if logger is not None:
         logger.close()
-    print0(f"done in {format_duration(time.time() - run_start)}; model directory: {cfg.output_dir}")
+    print0(f"done in {progress.elapsed()}; model directory: {cfg.output_dir}")
 
 
 if __name__ == "__main__":
