@@ -1,0 +1,191 @@
+"""Sequence log-probabilities and the DPO loss family.
+
+A DPO batch holds 2n rows: the n chosen responses first, then the n rejected
+ones, row i and row n+i answering the same prompt. `labels` are next-token
+targets (labels[b, t] is the token that logits[b, t] should predict), with -100
+on every position that is not a response token.
+
+    logits -> token_logps -> sequence_logps (optionally LD-DPO weighted)
+           -> preference_loss(policy vs. reference) -> dpo_batch_metrics
+
+With h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)) and d = beta * h:
+
+    sigmoid  -logsigmoid(d) (1 - eps) - logsigmoid(-d) eps     (DPO; eps = label smoothing, cDPO)
+    ipo      (h - 1 / (2 beta))^2                               (IPO)
+    hinge    relu(1 - d)                                        (SLiC)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+# Positions per chunk when walking the [B, T, V] logits: with V = 151,936 a chunk is
+# about 64 MB in fp32, so the fp32 temporaries stay small whatever the batch size.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunks(logits: torch.Tensor):
+    """(row, t0, t1) slices covering logits [B, T, V]; logits[b, t0:t1] is a view even
+    when logits itself is not contiguous (e.g. logits[:, :-1])."""
+    B, T, V = logits.shape
+    step = max(1, CHUNK_ELEMENTS // max(V, 1))
+    for b in range(B):
+        for t0 in range(0, T, step):
+            yield b, t0, min(t0 + step, T)
+
+
+def _check_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [batch, seq, vocab], got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits {tuple(logits.shape[:2])}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be int64 (or int32), got {labels.dtype}")
+    V = logits.shape[-1]
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):  # one host sync buys a clear error instead of a wrong gather
+        b, t = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"label {int(labels[b, t])} at row {b}, position {t} is outside the vocabulary "
+                         f"[0, {V}) and is not {IGNORE_INDEX}")
+
+
+class _TokenLogps(torch.autograd.Function):
+    """log softmax(logits)[label] per position, in fp32, a chunk at a time.
+
+    Autograd through logsumexp would keep an fp32 copy of every chunk for the
+    backward pass (a full fp32 copy of the logits when they are bf16). Here only
+    the logits themselves (already alive) and the [B, T] logsumexp are saved, and
+    the backward recomputes softmax one chunk at a time:
+        d logp[b,t] / d logits[b,t,:] = onehot(label) - softmax(logits[b,t,:])."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        safe = torch.where(mask, labels, 0).long()
+        logps = torch.zeros(labels.shape, dtype=out_dtype, device=logits.device)
+        lse = torch.zeros(labels.shape, dtype=out_dtype, device=logits.device)
+        for b, t0, t1 in _chunks(logits):
+            x = logits[b, t0:t1].to(out_dtype)
+            lse[b, t0:t1] = torch.logsumexp(x, dim=-1)
+            logps[b, t0:t1] = x.gather(-1, safe[b, t0:t1, None]).squeeze(-1) - lse[b, t0:t1]
+        logps.mul_(mask)
+        ctx.save_for_backward(logits, safe, mask, lse)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor):
+        logits, safe, mask, lse = ctx.saved_tensors
+        g = grad_logps * mask  # ignored positions get no gradient
+        grad = torch.empty_like(logits)
+        for b, t0, t1 in _chunks(logits):
+            gc = g[b, t0:t1, None]
+            p = (logits[b, t0:t1].to(lse.dtype) - lse[b, t0:t1, None]).exp_().mul_(-gc)
+            p.scatter_add_(-1, safe[b, t0:t1, None], gc)
+            grad[b, t0:t1] = p
+        return grad, None, None
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps [B, T] fp32, mask [B, T] bool): log-probability of each label token
+    under logits [B, T, V], and where labels are real (not -100). Ignored positions
+    hold 0. Differentiable with respect to logits."""
+    _check_labels(logits, labels)
+    mask = labels != IGNORE_INDEX
+    return _TokenLogps.apply(logits, labels, mask), mask
+
+
+def sequence_logps(logps: torch.Tensor, mask: torch.Tensor, ld_alpha: float | None = None) -> torch.Tensor:
+    """[B] sum of each row's response-token log-probs.
+
+    ld_alpha (LD-DPO): in each pair (i, n+i) the first min(len_chosen, len_rejected)
+    response tokens of both rows count fully, and the tokens beyond that (only the
+    longer response has any) are weighted by ld_alpha, so that a long answer is not
+    preferred or punished merely for its length."""
+    if ld_alpha is None or ld_alpha == 1.0:
+        return (logps * mask).sum(-1)
+    B = logps.shape[0]
+    if B % 2:
+        raise ValueError(f"ld_alpha needs chosen/rejected pairs, got an odd batch of {B} rows")
+    n = B // 2
+    lengths = mask.sum(-1)  # response tokens per row
+    shared = torch.minimum(lengths[:n], lengths[n:]).repeat(2)  # [B]: the pair's common length
+    rank = mask.cumsum(-1)  # 1, 2, ... over the response tokens of a row
+    weight = torch.where(rank <= shared[:, None], 1.0, float(ld_alpha)).to(logps.dtype)
+    return (logps * weight * mask).sum(-1)
+
+
+def preference_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+                    ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(losses [n], chosen_rewards [n], rejected_rewards [n]) from sequence log-probs of
+    the policy and the reference model. Rewards are beta * (policy - reference), detached."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    chosen_ratio = pi_chosen - ref_chosen
+    rejected_ratio = pi_rejected - ref_rejected
+    d = beta * (chosen_ratio - rejected_ratio)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(d) * (1 - label_smoothing) - F.logsigmoid(-d) * label_smoothing
+    elif loss_type == "ipo":
+        losses = (d / beta - 1 / (2 * beta)) ** 2
+    else:  # hinge
+        losses = torch.relu(1 - d)
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+@torch.no_grad()
+def mean_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] fp32: each row's logits averaged over the vocabulary and its masked positions
+    (0 for a row without any). Sums in fp32 a chunk at a time, without an fp32 copy."""
+    B, T, V = logits.shape
+    position_sums = torch.zeros(B, T, dtype=torch.float32, device=logits.device)
+    for b, t0, t1 in _chunks(logits):
+        position_sums[b, t0:t1] = logits[b, t0:t1].sum(-1, dtype=torch.float32)
+    count = mask.sum(-1).clamp(min=1).float() * V
+    return (position_sums * mask).sum(-1) / count
+
+
+@torch.no_grad()
+def dpo_batch_metrics(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                      policy_logps: torch.Tensor, row_mean_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over this batch's n pairs, as fp32 scalars: all-reduce them across ranks and
+    steps, then divide each by the global number of pairs to log means.
+
+    policy_logps and row_mean_logits are [2n] (chosen rows, then rejected rows)."""
+    n = losses.shape[0]
+    if policy_logps.shape[0] != 2 * n or row_mean_logits.shape[0] != 2 * n:
+        raise ValueError(f"{n} pairs, but {policy_logps.shape[0]} policy log-probs and "
+                         f"{row_mean_logits.shape[0]} mean logits (want {2 * n} each)")
+    sums = {
+        "loss": losses,
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracies": (chosen_rewards > rejected_rewards),
+        "rewards/margins": chosen_rewards - rejected_rewards,
+        "logps/chosen": policy_logps[:n],
+        "logps/rejected": policy_logps[n:],
+        "logits/chosen": row_mean_logits[:n],
+        "logits/rejected": row_mean_logits[n:],
+    }
+    return {key: value.detach().float().sum() for key, value in sums.items()}
+
+
+def sft_nll(logps: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Mean negative log-likelihood per response token of the n chosen rows (the
+    sft_weight term: loss = dpo_loss + sft_weight * sft_nll)."""
+    return -(logps[:n] * mask[:n]).sum() / mask[:n].sum().clamp(min=1)
+
+
+def batch_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+                ld_alpha: float | None = None, position_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward pass over a DPO batch: (sequence logps [2n], token logps [2n, T],
+    mask [2n, T], mean logits [2n]). Under torch.no_grad (the reference model) the
+    logits are freed on return; otherwise they live until backward, as with any loss."""
+    logits = model(input_ids, position_ids=position_ids)
+    logps, mask = token_logps(logits, labels)
+    return sequence_logps(logps, mask, ld_alpha), logps, mask, mean_logits(logits, mask)
