@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from nanobumble.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_model_dir, set_rng_state
 from nanobumble.common import UserError, autocast, resolve_precision, run_cli
-from nanobumble.config import TrainConfig, config_to_yaml, parse_config
+from nanobumble.config import PretrainConfig, config_to_yaml, parse_config
 from nanobumble.data import TokenShards, ensure_shards, files_fingerprint, iter_text_records, list_data_files
 from nanobumble.distributed import (all_reduce_mean, all_reduce_sum, build_model, cleanup_distributed, local_bytes,
                                     main_process_first, optimizer_state_bytes, print0, setup_distributed)
@@ -34,7 +34,7 @@ from nanobumble.training import (Progress, check_finite, clip_gradients, resolve
                                  total_steps)
 
 
-def find_tokenizer(cfg: TrainConfig, resume_dir: str | None) -> Tokenizer:
+def find_tokenizer(cfg: PretrainConfig, resume_dir: str | None) -> Tokenizer:
     """The tokenizer travels with the model: a checkpoint's or model directory's
     tokenizer.model wins; otherwise tokenizer_path; otherwise train one on the data."""
     for directory in (resume_dir, cfg.model_name_or_path, cfg.dataset_path):
@@ -48,7 +48,7 @@ def find_tokenizer(cfg: TrainConfig, resume_dir: str | None) -> Tokenizer:
 
 
 @torch.no_grad()
-def evaluate(model, val_data: TokenShards, cfg: TrainConfig, token_bytes: torch.Tensor, info, dtype) -> dict:
+def evaluate(model, val_data: TokenShards, cfg: PretrainConfig, token_bytes: torch.Tensor, info, dtype) -> dict:
     """Mean validation loss (nats per token) and bits per byte (comparable across
     tokenizers). Ranks split the batches; with a sharded model every rank must run
     the same number of forward passes, so a rank short of batches repeats one
@@ -77,12 +77,12 @@ def evaluate(model, val_data: TokenShards, cfg: TrainConfig, token_bytes: torch.
 def main(argv: list[str]) -> None:
     info = setup_distributed()
     try:
-        train(parse_config(argv, TrainConfig), info)
+        train(parse_config(argv, PretrainConfig), info)
     finally:
         cleanup_distributed()
 
 
-def train(cfg: TrainConfig, info) -> None:
+def train(cfg: PretrainConfig, info) -> None:
     device = info.device
     dtype = resolve_precision(cfg.train_model_precision, device)
     torch.manual_seed(cfg.seed)

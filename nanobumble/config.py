@@ -2,7 +2,7 @@
 
     python train_pretrain.py --yaml_config configs/pretrain/pretrain_full.yaml --learning_rate 3e-4
 
-Every key is a field of TrainConfig. A key that does not exist, or a value of
+Every key is a field of the script's config dataclass (PretrainConfig, ...). A key that does not exist, or a value of
 the wrong type, is an error that names the key (and the closest valid keys),
 so a typo never silently trains with a default.
 """
@@ -24,18 +24,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    # --- model, tokenizer, data, output ---
+    """Keys every training stage shares. Each stage's config below adds its own
+    keys and its own defaults (the defaults are that stage's tiny demo)."""
+    stage: str = ""  # fixed per script (pretrain, sft, dpo); recorded in training_args.yaml
+    # --- model, data, output ---
     model_name_or_path: str = "tiny"  # preset name (tiny, bumblebee-1.5b) or model directory
-    tokenizer_path: str = ""  # sentencepiece .model or a model directory; "" = train one
-    vocab_size: int = 4096  # size of a tokenizer trained from the data
-    dataset_path: str = "datasets/pretrain"  # JSON/JSONL files, a directory of them, or prepared shards
-    output_dir: str = "checkpoints/pretrain/tiny_base"
-    cache_dir: str = "cache"  # trained tokenizers and token shards, keyed by their inputs
-    val_ratio: float = 0.01  # share of documents held out for validation
+    dataset_path: str = ""  # JSON/JSONL files, a directory of them, or a comma-separated list
+    output_dir: str = ""
     strict: bool = False  # stop at the first malformed record instead of skipping it
     cutoff_len: int = 256  # tokens per training sequence
     # --- schedule ---
-    num_epochs: float = 6.0  # passes over the training tokens (used when max_steps <= 0)
+    num_epochs: float = 1.0  # passes over the training data (used when max_steps <= 0)
     max_steps: int = -1  # optimizer steps; overrides num_epochs when > 0
     learning_rate: float = 1e-3
     weight_decay: float = 0.1
@@ -52,10 +51,8 @@ class TrainConfig:
     enable_gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block
     kernels: str = "auto"  # auto (Triton on CUDA) | triton | torch (the PyTorch references)
-    # --- logging, evaluation, checkpoints ---
+    # --- logging, checkpoints ---
     logging_steps: int = 10
-    eval_steps: int = 100  # <= 0: only at the end
-    eval_batches: int = 20  # validation batches per evaluation
     save_steps: int = 100  # <= 0: only the final model
     save_total_limit: int = 2  # newest checkpoints kept; <= 0 keeps all
     use_tensorboard: bool = True
@@ -63,24 +60,45 @@ class TrainConfig:
     resume: str = ""  # "" = fresh run, "auto" = newest checkpoint in output_dir, or a checkpoint dir
 
     def __post_init__(self):
-        choices = {
-            "lr_scheduler_type": ("cosine", "linear", "constant"),
-            "train_model_precision": ("auto", "bf16", "fp32"),
-            "kernels": ("auto", "triton", "torch"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
-        for key in ("cutoff_len", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                    "logging_steps", "eval_batches", "vocab_size"):
+        if self.stage != type(self).stage:
+            raise ConfigError(f"key 'stage' is {type(self).stage!r} for this script, got {self.stage!r} "
+                              f"(a training_args.yaml from another stage?)")
+        _check_choice(self, "lr_scheduler_type", ("cosine", "linear", "constant"))
+        _check_choice(self, "train_model_precision", ("auto", "bf16", "fp32"))
+        _check_choice(self, "kernels", ("auto", "triton", "torch"))
+        for key in ("cutoff_len", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be at least 1, got {getattr(self, key)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"key 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
-        if not 0.0 <= self.val_ratio < 1.0:
-            raise ConfigError(f"key 'val_ratio' must be in [0, 1), got {self.val_ratio}")
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise ConfigError("set max_steps > 0 or num_epochs > 0")
+
+
+def _check_choice(config, key: str, allowed: tuple[str, ...]) -> None:
+    if getattr(config, key) not in allowed:
+        raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    stage: str = "pretrain"
+    dataset_path: str = "datasets/pretrain"
+    output_dir: str = "checkpoints/pretrain/tiny_base"
+    num_epochs: float = 6.0
+    tokenizer_path: str = ""  # sentencepiece .model or a model directory; "" = train one on the data
+    vocab_size: int = 4096  # size of a tokenizer trained on the data
+    cache_dir: str = "cache"  # trained tokenizers and token shards, keyed by their inputs
+    val_ratio: float = 0.01  # share of documents held out for validation
+    eval_steps: int = 100  # validate every N steps (<= 0: only at the end)
+    eval_batches: int = 20  # validation batches per evaluation
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.vocab_size < 1 or self.eval_batches < 1:
+            raise ConfigError("keys 'vocab_size' and 'eval_batches' must be at least 1")
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise ConfigError(f"key 'val_ratio' must be in [0, 1), got {self.val_ratio}")
 
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -176,7 +194,7 @@ def format_help(cls: type, defaults: dict[str, Any] | None = None) -> str:
     return "\n".join(lines)
 
 
-def parse_config(argv: list[str], cls: type = TrainConfig, defaults: dict[str, Any] | None = None):
+def parse_config(argv: list[str], cls: type, defaults: dict[str, Any] | None = None):
     """Build a config from per-script defaults, an optional YAML file and overrides."""
     if any(a in ("-h", "--help") for a in argv):
         print(format_help(cls, defaults))

@@ -1,6 +1,6 @@
 import pytest
 
-from nanobumble.config import ConfigError, TrainConfig, parse_config
+from nanobumble.config import ConfigError, PretrainConfig, parse_config
 
 
 def write(tmp_path, text):
@@ -11,39 +11,39 @@ def write(tmp_path, text):
 
 def test_defaults_yaml_and_command_line_precedence(tmp_path):
     path = write(tmp_path, "learning_rate: 1e-4\ncutoff_len: 128\nuse_tensorboard: false\n")
-    cfg = parse_config(["--yaml_config", path, "--cutoff_len", "64"])
+    cfg = parse_config(["--yaml_config", path, "--cutoff_len", "64"], PretrainConfig)
     assert cfg.learning_rate == 1e-4  # YAML over default ("1e-4" is a string to YAML 1.1)
     assert cfg.cutoff_len == 64  # command line over YAML
     assert cfg.use_tensorboard is False
-    assert cfg.seed == TrainConfig().seed  # untouched default
-    cfg = parse_config([f"--yaml_config={path}", "--cutoff_len=32"])
+    assert cfg.seed == PretrainConfig().seed  # untouched default
+    cfg = parse_config([f"--yaml_config={path}", "--cutoff_len=32"], PretrainConfig)
     assert cfg.cutoff_len == 32
 
 
 def test_script_defaults_sit_below_yaml(tmp_path):
     path = write(tmp_path, "cutoff_len: 128\n")
-    cfg = parse_config(["--yaml_config", path], defaults={"cutoff_len": 512, "seed": 7})
+    cfg = parse_config(["--yaml_config", path], PretrainConfig, defaults={"cutoff_len": 512, "seed": 7})
     assert cfg.cutoff_len == 128 and cfg.seed == 7
 
 
 @pytest.mark.parametrize("text,expected", [("true", True), ("1", True), ("False", False), ("0", False)])
 def test_booleans(text, expected):
-    assert parse_config(["--strict", text]).strict is expected
+    assert parse_config(["--strict", text], PretrainConfig).strict is expected
 
 
 def test_numbers_parse_as_numbers():
-    cfg = parse_config(["--max_steps", "1e3", "--learning_rate", "3e-4", "--max_grad_norm", "2"])
+    cfg = parse_config(["--max_steps", "1e3", "--learning_rate", "3e-4", "--max_grad_norm", "2"], PretrainConfig)
     assert cfg.max_steps == 1000 and isinstance(cfg.max_steps, int)
     assert cfg.learning_rate == 3e-4 and isinstance(cfg.max_grad_norm, float)
-    assert parse_config(["--max_steps", "-1"]).max_steps == -1
+    assert parse_config(["--max_steps", "-1"], PretrainConfig).max_steps == -1
 
 
 def test_unknown_key_names_the_closest(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'learnig_rate'.*learning_rate"):
-        parse_config(["--learnig_rate", "1"])
+        parse_config(["--learnig_rate", "1"], PretrainConfig)
     path = write(tmp_path, "save_step: 10\n")
     with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'save_step'.*save_steps"):
-        parse_config(["--yaml_config", path])
+        parse_config(["--yaml_config", path], PretrainConfig)
 
 
 @pytest.mark.parametrize("argv,key", [
@@ -56,13 +56,27 @@ def test_unknown_key_names_the_closest(tmp_path):
 ])
 def test_bad_values_name_the_key(argv, key):
     with pytest.raises(ConfigError, match=key):
-        parse_config(argv)
+        parse_config(argv, PretrainConfig)
 
 
 def test_bad_yaml_files(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        parse_config(["--yaml_config", str(tmp_path / "missing.yaml")])
+        parse_config(["--yaml_config", str(tmp_path / "missing.yaml")], PretrainConfig)
     with pytest.raises(ConfigError, match="mapping"):
-        parse_config(["--yaml_config", write(tmp_path, "- a\n- b\n")])
+        parse_config(["--yaml_config", write(tmp_path, "- a\n- b\n")], PretrainConfig)
     with pytest.raises(ConfigError, match="expects int"):
-        parse_config(["--yaml_config", write(tmp_path, "seed: [1, 2]\n")])
+        parse_config(["--yaml_config", write(tmp_path, "seed: [1, 2]\n")], PretrainConfig)
+
+
+def test_stage_is_fixed_per_script(tmp_path):
+    # training_args.yaml records the stage; feeding one stage's file to another script is refused.
+    assert parse_config([], PretrainConfig).stage == "pretrain"
+    with pytest.raises(ConfigError, match="stage"):
+        parse_config(["--yaml_config", write(tmp_path, "stage: sft\n")], PretrainConfig)
+
+
+def test_training_args_yaml_reproduces_the_config(tmp_path):
+    from nanobumble.config import config_to_yaml
+    cfg = parse_config(["--learning_rate", "3e-4", "--strict", "true"], PretrainConfig)
+    again = parse_config(["--yaml_config", write(tmp_path, config_to_yaml(cfg))], PretrainConfig)
+    assert again == cfg
