@@ -69,16 +69,24 @@ def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_model_dir(path: str, model: Transformer, tokenizer_file: str, training_args_yaml: str) -> None:
-    """Write (or overwrite, file by file atomically) a model directory. Every
-    rank calls it (to gather shards); rank 0 writes."""
-    state = model_state_dict(model)
+def save_model_dir(path: str, model: Transformer, tokenizer_file: str, training_args_yaml: str,
+                   adapter_config: dict | None = None) -> None:
+    """Write (or overwrite, file by file atomically) a model directory: the full
+    weights, or for a LoRA run (adapter_config given) only the adapter, beside
+    config.json, tokenizer.model and training_args.yaml. Every rank calls it (to
+    gather shards); rank 0 writes."""
+    if adapter_config is not None:
+        from .lora import save_adapter
+        save_adapter(path, model, adapter_config)
+    else:
+        state = model_state_dict(model)
     if not _is_main():
         return
     os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, f"model.safetensors.tmp-{os.getpid()}")
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(path, "model.safetensors"))
+    if adapter_config is None:
+        tmp = os.path.join(path, f"model.safetensors.tmp-{os.getpid()}")
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, "model.safetensors"))
     atomic_write_text(os.path.join(path, "config.json"), model_config_json(model.config))
     if os.path.abspath(tokenizer_file) != os.path.abspath(os.path.join(path, "tokenizer.model")):
         _copy_atomic(tokenizer_file, os.path.join(path, "tokenizer.model"))
@@ -87,9 +95,13 @@ def save_model_dir(path: str, model: Transformer, tokenizer_file: str, training_
 
 @torch.no_grad()
 def load_model_weights(model: Transformer, weights_file: str) -> None:
-    """Load a full safetensors file into a model, sharded or not (each rank keeps its slice)."""
+    """Load a full safetensors file into a model, sharded or not (each rank keeps
+    its slice). LoRA adapter parameters, if injected, are not in the file."""
+    from .lora import is_lora_param
+
     state = load_file(weights_file)
-    params = dict(model.named_parameters())  # a tied weight is listed once, as embed_tokens.weight
+    # a tied weight is listed once, as embed_tokens.weight
+    params = {name: p for name, p in model.named_parameters() if not is_lora_param(name)}
     expected = {name: tuple(p.shape) for name, p in params.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -131,7 +143,7 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
                     trainer_state: dict, tokenizer_file: str, training_args_yaml: str,
-                    save_total_limit: int) -> str:
+                    save_total_limit: int, adapter_config: dict | None = None) -> str:
     """Every rank calls this. Written under a temporary name, renamed by rank 0."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
@@ -139,7 +151,7 @@ def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: t
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    save_model_dir(tmp, model, tokenizer_file, training_args_yaml)
+    save_model_dir(tmp, model, tokenizer_file, training_args_yaml, adapter_config)
     with warnings.catch_warnings():  # a single process saving alone is intended
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"),
@@ -161,9 +173,13 @@ def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: t
 
 
 def load_checkpoint(path: str, model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore weights and optimizer in place (resharding to this run's ranks);
-    return the trainer state."""
-    load_model_weights(model, os.path.join(path, "model.safetensors"))
+    """Restore weights (or, for a LoRA run, the adapter) and the optimizer in place,
+    resharding to this run's ranks; return the trainer state."""
+    if os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
+        from .lora import load_adapter
+        load_adapter(model, path)
+    else:
+        load_model_weights(model, os.path.join(path, "model.safetensors"))
     state = get_optimizer_state_dict(model, optimizer)  # the target layout; filled in by the load
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
