@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from .chat_template import DEFAULT_SYSTEM_PROMPT
+
 
 class ConfigError(ValueError):
     """A bad key or value in the YAML file or on the command line."""
@@ -99,6 +101,63 @@ class PretrainConfig(TrainConfig):
             raise ConfigError("keys 'vocab_size' and 'eval_batches' must be at least 1")
         if not 0.0 <= self.val_ratio < 1.0:
             raise ConfigError(f"key 'val_ratio' must be in [0, 1), got {self.val_ratio}")
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """Keys shared by SFT and DPO: what to train (all weights or LoRA adapters) and the chat template."""
+    finetuning_type: str = "full"  # full | lora
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"  # comma-separated; also gate_proj,up_proj,down_proj, or all
+    use_rslora: bool = False  # scale adapters by alpha/sqrt(rank) instead of alpha/rank
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT  # added when a conversation has none; "" for no system turn
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice(self, "finetuning_type", ("full", "lora"))
+        if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError("keys 'lora_rank' >= 1, 'lora_alpha' > 0 and 'lora_dropout' in [0, 1) are required")
+
+
+@dataclass
+class SFTConfig(FinetuneConfig):
+    stage: str = "sft"
+    model_name_or_path: str = "checkpoints/pretrain/tiny_base"
+    dataset_path: str = "datasets/sft"
+    output_dir: str = "checkpoints/sft/tiny_instruct"
+    num_epochs: float = 3.0
+    learning_rate: float = 5e-4
+    packing: bool = False  # pack several conversations into each row of cutoff_len tokens
+
+
+@dataclass
+class DPOConfig(FinetuneConfig):
+    stage: str = "dpo"
+    model_name_or_path: str = "checkpoints/sft/tiny_instruct"
+    dataset_path: str = "datasets/dpo"
+    output_dir: str = "checkpoints/dpo/tiny_dpo_lora"
+    finetuning_type: str = "lora"
+    num_epochs: float = 2.0
+    learning_rate: float = 5e-4
+    train_micro_batch_size_per_gpu: int = 4  # pairs: each forward runs 2x this many rows
+    pref_beta: float = 0.1  # strength of the pull toward the reference model
+    pref_loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
+    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped preference labels
+    ld_alpha: float = 1.0  # LD-DPO: weight of response tokens past the shorter response (1 = plain DPO)
+    sft_weight: float = 0.0  # adds sft_weight x the NLL of the chosen responses
+    precompute_ref_log_probs: bool = False  # reference log-probs once before training, then drop the reference
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choice(self, "pref_loss", ("sigmoid", "ipo", "hinge"))
+        if self.pref_beta <= 0:
+            raise ConfigError(f"key 'pref_beta' must be > 0, got {self.pref_beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"key 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
+        if not 0.0 <= self.ld_alpha <= 1.0:
+            raise ConfigError(f"key 'ld_alpha' must be in [0, 1], got {self.ld_alpha}")
 
 
 _TRUE = {"true", "1", "yes", "on"}

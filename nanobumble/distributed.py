@@ -121,16 +121,22 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 
 def build_model(model_cfg, info: DistInfo, seed: int, weights_file: str | None,
-                param_dtype: torch.dtype | None, gradient_checkpointing: bool = False, compile: bool = False):
+                param_dtype: torch.dtype | None, gradient_checkpointing: bool = False, compile: bool = False,
+                lora: dict | None = None):
     """Create the model on the meta device (no memory), shard it when there are
     several ranks, then allocate only this rank's shards on its device and fill
     them: from weights_file, or with the seeded initialisation. So a 1.5B model
-    never exists whole on one rank before it is sharded."""
+    never exists whole on one rank before it is sharded. `lora` (keyword
+    arguments of lora.inject_lora) adds adapters before sharding and freezes
+    the rest."""
     from .checkpoint import load_model_weights
+    from .lora import init_lora_weights, inject_lora
     from .model import Transformer
 
     with torch.device("meta"):
         model = Transformer(model_cfg)
+    if lora is not None:
+        inject_lora(model, **lora)
     model.gradient_checkpointing = gradient_checkpointing
     if compile:
         for block in model.layers:
@@ -144,6 +150,8 @@ def build_model(model_cfg, info: DistInfo, seed: int, weights_file: str | None,
         load_model_weights(model, weights_file)
     else:
         model.init_weights(seed)
+    if lora is not None:
+        init_lora_weights(model, seed)  # B = 0: the model starts exactly as the base
     return model
 
 

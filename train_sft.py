@@ -1,0 +1,179 @@
+"""Stage 2: supervised fine-tuning on conversations, all weights or LoRA adapters.
+
+    python train_sft.py                      # fine-tune the no-argument train_pretrain.py output, CPU
+    python train_sft.py --yaml_config configs/sft/sft_full.yaml \
+        --model_name_or_path ./checkpoints/pretrain/bumblebee_1.5b_base \
+        --dataset_path <your dataset path> --output_dir ./checkpoints/sft/bumblebee_1.5b_Instruct_full
+
+The loss is only on what the assistant says: every conversation is rendered
+with the ChatML template and each token carries a mask that is true on
+assistant content and its closing <|im_end|>. Top to bottom: config -> base
+model directory -> conversations -> tokens and masks -> model (+ LoRA) ->
+optimizer -> resume -> loop -> final model (or adapter) directory.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from nanobumble.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_model_dir, set_rng_state
+from nanobumble.common import UserError, autocast, resolve_precision, run_cli
+from nanobumble.config import SFTConfig, config_to_yaml, parse_config
+from nanobumble.distributed import (all_reduce_sum, build_model, cleanup_distributed, print0,
+                                    setup_distributed)
+from nanobumble.lora import adapter_config_for
+from nanobumble.metrics import MetricsLogger
+from nanobumble.model import load_model_config
+from nanobumble.optim import build_optimizer, lr_at
+from nanobumble.sft_data import SFTDataset, load_conversations, tokenize_sft
+from nanobumble.tokenizer import Tokenizer
+from nanobumble.training import (Progress, check_finite, clip_gradients, resolve_resume, set_learning_rate,
+                                 total_steps)
+
+
+def check_base_model_dir(path: str) -> None:
+    """SFT and DPO start from a full model directory (what pretraining or SFT wrote)."""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")) and \
+            not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise UserError(f"{path} holds a LoRA adapter, not a full model: fold it into its base first with "
+                        f"python -m nanobumble.merge_lora --base_model_path <base> --lora_model_path {path} "
+                        f"--save_path <merged>")
+    for name in ("config.json", "model.safetensors", "tokenizer.model"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise UserError(f"model_name_or_path {path}: no {name} (expected a model directory written by "
+                            f"train_pretrain.py or train_sft.py)")
+
+
+def lora_settings(cfg) -> dict | None:
+    """Keyword arguments for lora.inject_lora, or None for full fine-tuning."""
+    if cfg.finetuning_type != "lora":
+        return None
+    return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+            "target_modules": cfg.lora_target_modules, "use_rslora": cfg.use_rslora, "seed": cfg.seed}
+
+
+def main(argv: list[str]) -> None:
+    info = setup_distributed()
+    try:
+        train(parse_config(argv, SFTConfig), info)
+    finally:
+        cleanup_distributed()
+
+
+def train(cfg: SFTConfig, info) -> None:
+    device = info.device
+    dtype = resolve_precision(cfg.train_model_precision, device)
+    torch.manual_seed(cfg.seed)
+    print0(f"config:\n{config_to_yaml(cfg)}")
+    resume_dir = resolve_resume(cfg.resume, cfg.output_dir)
+
+    # --- the base model's shape and tokenizer ---
+    check_base_model_dir(cfg.model_name_or_path)
+    tokenizer = Tokenizer(os.path.join(cfg.model_name_or_path, "tokenizer.model"))
+    model_cfg = load_model_config(os.path.join(cfg.model_name_or_path, "config.json"))
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"{cfg.model_name_or_path}: tokenizer.model has {tokenizer.vocab_size} tokens but "
+                        f"config.json a vocabulary of {model_cfg.vocab_size}")
+    if cfg.cutoff_len > model_cfg.max_position_embeddings:
+        raise UserError(f"cutoff_len {cfg.cutoff_len} exceeds the model's max_position_embeddings "
+                        f"{model_cfg.max_position_embeddings}")
+
+    # --- conversations -> tokens + assistant masks -> rows ---
+    quiet = not info.is_main
+    conversations = load_conversations(cfg.dataset_path, strict=cfg.strict, quiet=quiet)
+    samples, _ = tokenize_sft(conversations, tokenizer, cfg.cutoff_len, cfg.system_prompt, quiet=quiet)
+    if not samples:
+        raise UserError(f"{cfg.dataset_path}: no conversation has a trainable token left")
+    dataset = SFTDataset(samples, cfg.cutoff_len, packing=cfg.packing)
+
+    # --- model: the base weights, plus adapters for LoRA ---
+    lora = lora_settings(cfg)
+    model = build_model(model_cfg, info, cfg.seed, os.path.join(cfg.model_name_or_path, "model.safetensors"),
+                        dtype, cfg.enable_gradient_checkpointing, cfg.compile, lora)
+    model.kernels = cfg.kernels
+    compute_dtype = torch.float32 if info.sharded and device.type == "cuda" else dtype
+    adapter_config = adapter_config_for(model, cfg.model_name_or_path) if lora else None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print0(f"model: {cfg.model_name_or_path}, {model.num_parameters() / 1e6:.2f}M parameters, "
+           f"{trainable / 1e6:.3f}M trainable ({cfg.finetuning_type}), {info.world_size} x {device.type}")
+
+    # --- optimizer and schedule ---
+    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
+    micro_batch = cfg.train_micro_batch_size_per_gpu
+    rows_per_step = micro_batch * cfg.gradient_accumulation_steps * info.world_size
+    num_steps = total_steps(cfg.max_steps, cfg.num_epochs, dataset.num_rows / rows_per_step)
+    warmup_steps = int(cfg.warmup_ratio * num_steps)
+    print0(f"data: {dataset.num_rows} rows ({'packed' if cfg.packing else 'padded'}), "
+           f"{dataset.num_target_tokens:,} trainable tokens; {rows_per_step} rows per step; {num_steps} steps")
+
+    start_step = 0
+    if resume_dir:
+        state = load_checkpoint(resume_dir, model, optimizer)
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+
+    training_args = config_to_yaml(cfg)
+    logger = MetricsLogger(cfg.output_dir, cfg.use_tensorboard, resume_step=start_step) if info.is_main else None
+    progress = Progress(num_steps)
+
+    # --- the loop ---
+    model.train()
+    for step in range(start_step + 1, num_steps + 1):
+        t0 = time.time()
+        lr = lr_at(step, num_steps, cfg.learning_rate, warmup_steps, cfg.lr_scheduler_type, cfg.min_lr_ratio)
+        set_learning_rate(optimizer, lr)
+
+        # This rank's micro-batches. Row indices run over an endless stream of
+        # shuffled epochs; the step's rows are split between ranks and micro-steps.
+        batches = []
+        for micro in range(cfg.gradient_accumulation_steps):
+            first = (step - 1) * rows_per_step + (micro * info.world_size + info.rank) * micro_batch
+            batches.append(dataset.batch(cfg.seed, range(first, first + micro_batch)))
+        # Every trainable token of the global batch weighs the same, however the
+        # tokens fall between ranks and micro-steps: divide by the global count.
+        local_tokens = sum(int((y != -100).sum()) for _, y, _ in batches)
+        global_tokens = all_reduce_sum(torch.tensor(float(local_tokens), device=device)).item()
+
+        loss_sum = torch.zeros((), device=device)
+        tokens = 0
+        for micro, (x, y, position_ids) in enumerate(batches):
+            x, y = x.to(device), y.to(device)
+            position_ids = position_ids.to(device) if position_ids is not None else None
+            if info.sharded:
+                model.set_requires_gradient_sync(micro == len(batches) - 1)
+            with autocast(device, compute_dtype):
+                summed = model(x, y, position_ids=position_ids, reduction="sum")
+            # FSDP averages gradients over ranks, so scale by world_size to get a sum.
+            (summed * info.world_size / global_tokens).backward()
+            loss_sum += summed.detach()
+            tokens += x.numel()
+
+        grad_norm = clip_gradients(model, cfg.max_grad_norm)
+        step_loss = all_reduce_sum(loss_sum).item() / global_tokens
+        check_finite(step, step_loss, grad_norm, cfg.output_dir)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.add(time.time() - t0, tokens * info.world_size, **{"train/loss": step_loss})
+
+        if step % cfg.logging_steps == 0 or step == num_steps:
+            scalars, line = progress.report(step, lr, grad_norm)
+            print0(line, flush=True)
+            if logger is not None:
+                logger.log(step, scalars)
+        if cfg.save_steps > 0 and step % cfg.save_steps == 0:
+            path = save_checkpoint(cfg.output_dir, step, model, optimizer, {"step": step, "rng": rng_state()},
+                                   tokenizer.model_file, training_args, cfg.save_total_limit, adapter_config)
+            print0(f"saved {path}")
+
+    save_model_dir(cfg.output_dir, model, tokenizer.model_file, training_args, adapter_config)
+    if logger is not None:
+        logger.close()
+    what = "adapter" if lora else "model"
+    print0(f"done in {progress.elapsed()}; {what} directory: {cfg.output_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
