@@ -83,6 +83,35 @@ class RMSNorm(nn.Module):
         return rms_norm_reference(x, self.weight, self.eps)
 
 
+class KVCache:
+    """Keys and values of the tokens seen so far, for generating one token at a time.
+
+    Pre-allocated per layer as [batch, num_kv_heads, max_len, head_dim] in the
+    model's dtype: with grouped-query attention only the K/V heads are stored,
+    num_heads / num_kv_heads times less memory than caching every query head.
+    `length` is how many positions are filled; the model advances it after
+    each forward.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
+                 dtype: torch.dtype):
+        if not 0 < max_len <= cfg.max_position_embeddings:
+            raise ValueError(f"KVCache max_len must be in [1, {cfg.max_position_embeddings}], got {max_len}")
+        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k, v ([batch, kv_heads, new, head_dim]) after the cached
+        ones; return every key and value so far."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -93,16 +122,31 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         rope = apply_rope if backend == "triton" else apply_rope_reference
         q, k = rope(q, k, cos, sin)
+        if kv_cache is not None:
+            return self._forward_cached(q, k, v, kv_cache, layer)
         # SDPA wants [batch, heads, seq, head_dim]; enable_gqa lets each K/V head serve its group of query heads.
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           enable_gqa=self.num_heads != self.num_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _forward_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+                        layer: int) -> torch.Tensor:
+        B, T = q.shape[:2]
+        start = kv_cache.length
+        keys, values = kv_cache.update(layer, k.transpose(1, 2), v.transpose(1, 2))
+        attn_mask = None  # one new token may look at every cached one
+        if T > 1:  # several new tokens (the prompt): causal, offset by what is already cached
+            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=attn_mask,
                                            enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -127,8 +171,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x, backend), cos, sin, backend, attn_mask)
+                attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                layer: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x, backend), cos, sin, backend, attn_mask, kv_cache, layer)
         return x + self.mlp(self.post_attention_layernorm(x, backend))
 
 
@@ -170,29 +215,46 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # a tied weight is counted once
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, reduction: str = "mean",
+                kv_cache: KVCache | None = None) -> torch.Tensor:
         """Logits [batch, seq, vocab]; or, when targets are given, the cross-entropy
         over the targets that are not -100 ("mean" or "sum").
 
         position_ids default to 0..seq-1 in every row. Given explicitly, they may
         restart at 0 inside a row (several documents packed into one row): each
-        token then attends only to earlier tokens of its own document."""
+        token then attends only to earlier tokens of its own document.
+
+        With a kv_cache (generation), input_ids continue the cached sequence: they
+        sit at positions cache.length.. and attend to everything cached before
+        them; the cache then grows by their length. This path uses the plain
+        PyTorch kernels."""
         B, T = input_ids.shape
-        if T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {T} exceeds max_position_embeddings {self.config.max_position_embeddings}")
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {start + T} exceeds max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
         backend = resolve_backend(self.kernels, input_ids.device)
         attn_mask = None
-        if position_ids is None:
+        if kv_cache is not None:
+            if start + T > kv_cache.max_len:
+                raise ValueError(f"KVCache is full: {start} cached + {T} new tokens > max_len {kv_cache.max_len}")
+            if position_ids is not None:
+                raise ValueError("position_ids cannot be combined with a kv_cache")
+            backend = "torch"
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        elif position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         else:
             attn_mask = packed_causal_mask(position_ids)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         x = self.embed_tokens(input_ids)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, backend, attn_mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, backend, attn_mask)
+                x = layer(x, cos, sin, backend, attn_mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
         x = self.norm(x, backend)
         if targets is None:
             return self.lm_head(x)

@@ -1,0 +1,123 @@
+"""chat.py end to end on a tiny model directory: --prompt, piped stdin with history
+and /reset, completion mode, a LoRA adapter, an over-long prompt."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import chat
+from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
+from nanobumble.checkpoint import load_model_dir, save_model_dir
+from nanobumble.generation import GenerationConfig, generate, stream_text
+from nanobumble.lora import adapter_config_for, inject_lora, load_adapter, save_adapter
+from nanobumble.model import ModelConfig, Transformer, pad_vocab_size
+from nanobumble.tokenizer import Tokenizer, train_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = ("user: where do bees live?\nassistant: bees live in a hive and make honey from flowers.\n" * 5 +
+          "蜜蜂住在蜂巢里，用花酿蜜。\n") * 3
+MAX_NEW = 6
+GREEDY = ["--do_sample", "false", "--max_new_tokens", str(MAX_NEW)]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    tok_file = train_tokenizer([CORPUS], 400, str(root / "tokenizer.model"))
+    cfg = ModelConfig(vocab_size=pad_vocab_size(Tokenizer(tok_file).vocab_size), hidden_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, intermediate_size=96, max_position_embeddings=96)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(20)  # varied greedy answers from an untrained model
+    save_model_dir(str(root / "sft"), model, tok_file, "model_name_or_path: tiny\nstage: sft\n")
+    save_model_dir(str(root / "base"), model, tok_file, "model_name_or_path: tiny\n")
+    inject_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    save_adapter(str(root / "adapter"), model, adapter_config_for(model, str(root / "sft")))
+    return root
+
+
+def run_chat(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
+    # bytes, not text mode: text mode would turn a generated "\r" into "\n"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "chat.py"), *args], input=stdin.encode(), cwd=REPO,
+                            capture_output=True, timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    result.stdout, result.stderr = result.stdout.decode("utf-8"), result.stderr.decode("utf-8")
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def expected_answer(model_dir, messages=None, text=None, adapter=None) -> str:
+    model, _ = load_model_dir(str(model_dir))
+    if adapter:
+        load_adapter(model, str(adapter))
+    tokenizer = Tokenizer(os.path.join(model_dir, "tokenizer.model"))
+    if messages is not None:
+        ids, _ = render(messages, tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT, add_generation_prompt=True)
+    else:
+        ids = tokenizer.encode(text)
+    new = generate(model, ids, GenerationConfig(do_sample=False, max_new_tokens=MAX_NEW),
+                   vocab_size=tokenizer.vocab_size)
+    return "".join(stream_text(tokenizer, new))
+
+
+def test_one_shot_prompt_prints_only_the_answer(dirs):
+    result = run_chat(["--model_path", str(dirs / "sft"), "--prompt", "where do bees live?", *GREEDY])
+    answer = expected_answer(dirs / "sft", [{"role": "user", "content": "where do bees live?"}])
+    assert result.stdout == answer + "\n"
+    assert "mode: chat" in result.stderr and "tokens/s" in result.stderr
+
+
+def test_piped_prompts_keep_history_until_reset(dirs):
+    result = run_chat(["--model_path", str(dirs / "sft"), *GREEDY], stdin="hello bees\nand honey?\n/reset\nand honey?\n")
+    first = expected_answer(dirs / "sft", [{"role": "user", "content": "hello bees"}])
+    second = expected_answer(dirs / "sft", [{"role": "user", "content": "hello bees"},
+                                            {"role": "assistant", "content": first},
+                                            {"role": "user", "content": "and honey?"}])
+    fresh = expected_answer(dirs / "sft", [{"role": "user", "content": "and honey?"}])
+    assert result.stdout == f"{first}\n{second}\n{fresh}\n"
+    assert "history cleared" in result.stderr and result.stderr.count("tokens/s") == 3
+
+
+def test_base_model_defaults_to_completion(dirs):
+    result = run_chat(["--model_path", str(dirs / "base"), "--prompt", "bees live in", *GREEDY])
+    assert "mode: completion" in result.stderr
+    assert result.stdout == expected_answer(dirs / "base", text="bees live in") + "\n"
+
+
+def test_adapter_is_applied_on_top_of_the_model(dirs):
+    messages = [{"role": "user", "content": "where do bees live?"}]
+    result = run_chat(["--model_path", str(dirs / "sft"), "--adapter_path", str(dirs / "adapter"),
+                       "--prompt", "where do bees live?", *GREEDY])
+    with_adapter = expected_answer(dirs / "sft", messages, adapter=dirs / "adapter")
+    assert with_adapter != expected_answer(dirs / "sft", messages)  # the adapter changes the answer
+    assert result.stdout == with_adapter + "\n"
+
+
+def test_over_long_prompt_is_cut_from_the_left_with_a_warning(dirs):
+    long_prompt = "bees live in a hive " * 40  # far beyond the 96-token context
+    result = run_chat(["--model_path", str(dirs / "base"), "--prompt", long_prompt, *GREEDY])
+    assert "warning" in result.stderr and "cut" in result.stderr
+    tokenizer = Tokenizer(str(dirs / "base" / "tokenizer.model"))
+    kept = tokenizer.encode(long_prompt)[-(96 - MAX_NEW):]
+    model, _ = load_model_dir(str(dirs / "base"))
+    new = generate(model, kept, GenerationConfig(do_sample=False, max_new_tokens=MAX_NEW),
+                   vocab_size=tokenizer.vocab_size)
+    assert result.stdout == "".join(stream_text(tokenizer, new)) + "\n"
+
+
+def test_mode_rule_reads_stage_from_training_args(tmp_path):
+    (tmp_path / "m").mkdir()
+    assert chat.resolve_mode("auto", str(tmp_path / "m"), "")[0] == "completion"  # no training_args.yaml
+    (tmp_path / "m" / "training_args.yaml").write_text("stage: pretrain\n")
+    assert chat.resolve_mode("auto", str(tmp_path / "m"), "")[0] == "completion"
+    (tmp_path / "m" / "training_args.yaml").write_text("stage: dpo\n")
+    assert chat.resolve_mode("auto", str(tmp_path / "m"), "")[0] == "chat"
+    assert chat.resolve_mode("completion", str(tmp_path / "m"), "")[0] == "completion"
