@@ -30,29 +30,8 @@ from nanobumble.model import load_model_config
 from nanobumble.optim import build_optimizer, lr_at
 from nanobumble.sft_data import SFTDataset, load_conversations, tokenize_sft
 from nanobumble.tokenizer import Tokenizer
-from nanobumble.training import (Progress, check_finite, clip_gradients, resolve_resume, set_learning_rate,
-                                 total_steps)
-
-
-def check_base_model_dir(path: str) -> None:
-    """SFT and DPO start from a full model directory (what pretraining or SFT wrote)."""
-    if os.path.isfile(os.path.join(path, "adapter_config.json")) and \
-            not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise UserError(f"{path} holds a LoRA adapter, not a full model: fold it into its base first with "
-                        f"python -m nanobumble.merge_lora --base_model_path <base> --lora_model_path {path} "
-                        f"--save_path <merged>")
-    for name in ("config.json", "model.safetensors", "tokenizer.model"):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise UserError(f"model_name_or_path {path}: no {name} (expected a model directory written by "
-                            f"train_pretrain.py or train_sft.py)")
-
-
-def lora_settings(cfg) -> dict | None:
-    """Keyword arguments for lora.inject_lora, or None for full fine-tuning."""
-    if cfg.finetuning_type != "lora":
-        return None
-    return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-            "target_modules": cfg.lora_target_modules, "use_rslora": cfg.use_rslora, "seed": cfg.seed}
+from nanobumble.training import (Progress, check_base_model_dir, check_finite, clip_gradients, lora_settings,
+                                 resolve_resume, set_learning_rate, total_steps)
 
 
 def main(argv: list[str]) -> None:

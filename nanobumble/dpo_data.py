@@ -159,12 +159,16 @@ class PreferenceDataset:
         self.order = EpochOrder(self.num_pairs)
 
     def batch(self, seed: int, sample_indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        """{"input_ids": [2n, L], "labels": [2n, L]}: row i is pair i's chosen answer,
-        row n + i its rejected one; right-padded with pad_id inputs and -100 labels
-        to the longest row."""
+        """The pairs at these positions of the (seed)-shuffled stream of epochs."""
+        return self.batch_of_pairs([self.order(seed, index) for index in sample_indices])
+
+    def batch_of_pairs(self, pair_ids: Sequence[int]) -> dict[str, torch.Tensor]:
+        """{"input_ids": [2n, L], "labels": [2n, L], "pair_ids": [n]}: row i is pair i's
+        chosen answer, row n + i its rejected one; right-padded with pad_id inputs and
+        -100 labels to the longest row."""
         chosen, rejected = [], []
-        for index in sample_indices:
-            pair = self.pairs[self.order(seed, index)]
+        for pair_id in pair_ids:
+            pair = self.pairs[pair_id]
             chosen.append(sequence_targets(pair["prompt_ids"], pair["chosen_ids"]))
             rejected.append(sequence_targets(pair["prompt_ids"], pair["rejected_ids"]))
         rows = chosen + rejected
@@ -174,4 +178,4 @@ class PreferenceDataset:
         for i, (x, y) in enumerate(rows):
             input_ids[i, :len(x)] = torch.from_numpy(x)
             labels[i, :len(y)] = torch.from_numpy(y)
-        return {"input_ids": input_ids, "labels": labels}
+        return {"input_ids": input_ids, "labels": labels, "pair_ids": torch.tensor(list(pair_ids), dtype=torch.long)}

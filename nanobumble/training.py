@@ -82,10 +82,11 @@ class Progress:
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
 
-    def report(self, step: int, lr: float, grad_norm: float) -> tuple[dict, str]:
-        """Scalars to log (means since the last report) and the printed line; starts a new window."""
+    def report(self, step: int, lr: float, grad_norm: float, show: tuple[str, ...] | None = None) -> tuple[dict, str]:
+        """Scalars to log (means since the last report) and the printed line, which
+        shows the keys in `show` (default: all); starts a new window."""
         scalars = {key: total / self.steps for key, total in self.sums.items()}
-        shown = " | ".join(f"{key.removeprefix('train/')} {value:.4f}" for key, value in scalars.items())
+        shown = " | ".join(f"{key.removeprefix('train/')} {scalars[key]:.4f}" for key in (show or scalars))
         tokens_per_sec = self.tokens / max(self.seconds, 1e-9)
         scalars.update({"train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_sec": tokens_per_sec})
         line = f"step {step}/{self.total_steps} | {shown} | lr {lr:.2e} | grad norm {grad_norm:.3f} | {tokens_per_sec:,.0f} tok/s"
@@ -99,3 +100,24 @@ class Progress:
 
     def elapsed(self) -> str:
         return format_duration(time.time() - self.run_start)
+
+
+def check_base_model_dir(path: str) -> None:
+    """SFT and DPO start from a full model directory (what pretraining or SFT wrote)."""
+    if os.path.isfile(os.path.join(path, "adapter_config.json")) and \
+            not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise UserError(f"{path} holds a LoRA adapter, not a full model: fold it into its base first with "
+                        f"python -m nanobumble.merge_lora --base_model_path <base> --lora_model_path {path} "
+                        f"--save_path <merged>")
+    for name in ("config.json", "model.safetensors", "tokenizer.model"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise UserError(f"model_name_or_path {path}: no {name} (expected a model directory written by "
+                            f"train_pretrain.py or train_sft.py)")
+
+
+def lora_settings(cfg) -> dict | None:
+    """Keyword arguments for lora.inject_lora, or None for full fine-tuning."""
+    if cfg.finetuning_type != "lora":
+        return None
+    return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+            "target_modules": cfg.lora_target_modules, "use_rslora": cfg.use_rslora, "seed": cfg.seed}
