@@ -1,0 +1,113 @@
+"""train_sft.py end to end on small synthetic data."""
+
+import os
+
+import pytest
+import torch
+
+import train_sft
+from copy_task import greedy_accuracy, make_base, make_words, write_sft_data
+from nanobumble.checkpoint import list_checkpoints, load_model_dir
+from nanobumble.common import UserError
+from nanobumble.lora import load_adapter
+from nanobumble.metrics import MetricsLogger, read_metrics
+
+FAST = ["--system_prompt", "", "--cutoff_len", "48", "--train_micro_batch_size_per_gpu", "16",
+        "--use_tensorboard", "false", "--save_steps", "0", "--warmup_ratio", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    root = tmp_path_factory.mktemp("copy")
+    train_words = make_words(0, 3000)
+    seen = set(train_words)
+    held_out = [w for w in make_words(1, 400) if w not in seen][:40]
+    tokenizer = make_base(str(root), train_words)
+    write_sft_data(str(root / "train.jsonl"), train_words)
+    return {"root": root, "tokenizer": tokenizer, "held_out": held_out}
+
+
+@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
+def test_sft_teaches_the_task_on_held_out_prompts(task, tmp_path, finetuning_type):
+    root, tokenizer = task["root"], task["tokenizer"]
+    base, _ = load_model_dir(str(root / "base"))
+    assert greedy_accuracy(base, tokenizer, task["held_out"]) == 0.0
+
+    out = str(tmp_path / "sft")
+    args = FAST + ["--model_name_or_path", str(root / "base"), "--dataset_path", str(root / "train.jsonl"),
+                   "--output_dir", out, "--max_steps", "300", "--learning_rate", "3e-3", "--logging_steps", "100",
+                   "--finetuning_type", finetuning_type]
+    if finetuning_type == "lora":
+        args += ["--lora_target_modules", "all", "--lora_rank", "16", "--lora_alpha", "32", "--lora_dropout", "0"]
+    train_sft.main(args)
+
+    if finetuning_type == "lora":
+        assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "config.json",
+                                           "metrics.jsonl", "tokenizer.model", "training_args.yaml"]
+        model, _ = load_model_dir(str(root / "base"))
+        load_adapter(model, out)
+    else:
+        assert "model.safetensors" in os.listdir(out)
+        model, _ = load_model_dir(out)
+    assert greedy_accuracy(model, tokenizer, task["held_out"]) >= 0.7
+
+
+def test_sft_kill_and_resume_gives_the_uninterrupted_losses(task, tmp_path, monkeypatch):
+    root = task["root"]
+    common = FAST + ["--model_name_or_path", str(root / "base"), "--dataset_path", str(root / "train.jsonl"),
+                     "--max_steps", "6", "--save_steps", "3", "--logging_steps", "1", "--finetuning_type", "lora",
+                     "--packing", "true", "--lora_dropout", "0.1", "--save_total_limit", "0"]
+    train_sft.main(common + ["--output_dir", str(tmp_path / "straight")])
+    expected = read_metrics(str(tmp_path / "straight"))
+
+    killed = str(tmp_path / "killed")
+    original_log = MetricsLogger.log
+
+    def log_then_die(self, step, scalars):
+        original_log(self, step, scalars)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft.main(common + ["--output_dir", killed])
+    monkeypatch.setattr(MetricsLogger, "log", original_log)
+    assert [s for s, _ in list_checkpoints(killed)] == [3]
+    assert os.path.isfile(os.path.join(killed, "checkpoint-3", "adapter_model.safetensors"))
+
+    train_sft.main(common + ["--output_dir", killed, "--resume", "auto"])
+    resumed = read_metrics(killed)
+    assert [m["step"] for m in resumed] == [m["step"] for m in expected] == list(range(1, 7))
+    for a, b in zip(expected, resumed):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-6)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-5)
+
+
+def test_sft_refuses_an_adapter_or_missing_model(task, tmp_path):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="merge_lora"):
+        train_sft.main(FAST + ["--model_name_or_path", str(adapter), "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(UserError, match="no config.json"):
+        train_sft.main(FAST + ["--model_name_or_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_loss_weighs_every_trained_token_equally(task, tmp_path):
+    # Two micro-steps of 8 rows with different numbers of answer tokens must give
+    # the same first-step loss and gradient norm as one micro-step of 16 rows.
+    root = task["root"]
+    common = ["--model_name_or_path", str(root / "base"), "--dataset_path", str(root / "train.jsonl"),
+              "--system_prompt", "", "--cutoff_len", "32", "--use_tensorboard", "false", "--save_steps", "0",
+              "--max_steps", "1", "--logging_steps", "1"]
+    train_sft.main(common + ["--train_micro_batch_size_per_gpu", "16", "--output_dir", str(tmp_path / "one")])
+    train_sft.main(common + ["--train_micro_batch_size_per_gpu", "8", "--gradient_accumulation_steps", "2",
+                             "--output_dir", str(tmp_path / "two")])
+    one, two = read_metrics(str(tmp_path / "one"))[0], read_metrics(str(tmp_path / "two"))[0]
+    assert two["train/loss"] == pytest.approx(one["train/loss"], rel=1e-6)
+    assert two["train/grad_norm"] == pytest.approx(one["train/grad_norm"], rel=1e-5)
+    a, _ = load_model_dir(str(tmp_path / "one"))
+    b, _ = load_model_dir(str(tmp_path / "two"))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
