@@ -53,12 +53,15 @@ def write_dpo_data(path: str, words: list[str]) -> None:
 
 
 @torch.no_grad()
-def greedy_accuracy(model, tokenizer: Tokenizer, words: list[str]) -> float:
+def greedy_answers(model, tokenizer: Tokenizer, words: list[str]) -> list[str]:
     model.eval()
     cfg = GenerationConfig(max_new_tokens=10, do_sample=False, repetition_penalty=1.0)
-    correct = 0
+    answers = []
     for w in words:
         ids, _ = render(prompt(w), tokenizer, system_prompt="", add_generation_prompt=True)
-        answer = generate(model, ids, cfg, vocab_size=tokenizer.vocab_size)
-        correct += tokenizer.decode(answer) == w
-    return correct / len(words)
+        answers.append(tokenizer.decode(generate(model, ids, cfg, vocab_size=tokenizer.vocab_size)))
+    return answers
+
+
+def greedy_accuracy(model, tokenizer: Tokenizer, words: list[str]) -> float:
+    return sum(a == w for a, w in zip(greedy_answers(model, tokenizer, words), words)) / len(words)

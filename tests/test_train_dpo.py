@@ -1,0 +1,151 @@
+"""train_dpo.py end to end on the synthetic copy task (chosen = the copy,
+rejected = the word reversed)."""
+
+import math
+
+import pytest
+import torch
+
+import train_dpo
+import train_sft
+from copy_task import greedy_accuracy, make_base, make_words, write_dpo_data, write_sft_data
+from nanobumble.checkpoint import list_checkpoints, load_model_dir
+from nanobumble.dpo import batch_logps
+from nanobumble.dpo_data import PreferenceDataset, load_preference_pairs, tokenize_pairs
+from nanobumble.lora import disable_adapters, inject_lora, load_adapter
+from nanobumble.metrics import MetricsLogger, read_metrics
+
+FAST = ["--system_prompt", "", "--cutoff_len", "48", "--use_tensorboard", "false", "--save_steps", "0",
+        "--warmup_ratio", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """A base model briefly fine-tuned on the copy task: it copies some held-out
+    words right and gets others wrong, leaving room for preferences to help."""
+    root = tmp_path_factory.mktemp("dpo")
+    train_words = make_words(0, 3000)
+    seen = set(train_words)
+    held_out = [w for w in make_words(1, 400) if w not in seen and w != w[::-1]][:40]
+    tokenizer = make_base(str(root), train_words)
+    write_sft_data(str(root / "sft.jsonl"), train_words)
+    write_dpo_data(str(root / "dpo.jsonl"), make_words(2, 2000))
+    write_dpo_data(str(root / "held_out.jsonl"), held_out)
+    train_sft.main(FAST + ["--model_name_or_path", str(root / "base"), "--dataset_path", str(root / "sft.jsonl"),
+                           "--output_dir", str(root / "sft"), "--max_steps", "200", "--learning_rate", "3e-3",
+                           "--train_micro_batch_size_per_gpu", "16", "--logging_steps", "40"])
+    return {"root": root, "tokenizer": tokenizer, "held_out": held_out}
+
+
+def dpo_args(task, output_dir, *extra):
+    root = task["root"]
+    return FAST + ["--model_name_or_path", str(root / "sft"), "--dataset_path", str(root / "dpo.jsonl"),
+                   "--output_dir", str(output_dir), "--train_micro_batch_size_per_gpu", "8"] + list(extra)
+
+
+@pytest.mark.parametrize("finetuning_type", ["lora", "full"])
+def test_first_step_loss_is_ln2_with_zero_rewards(task, tmp_path, finetuning_type):
+    # Before the first update the policy is the reference: d = 0 for every pair.
+    train_dpo.main(dpo_args(task, tmp_path, "--max_steps", "1", "--logging_steps", "1",
+                            "--finetuning_type", finetuning_type))
+    first = read_metrics(str(tmp_path))[0]
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert first["rewards/rejected"] == pytest.approx(0, abs=1e-6)
+    assert first["rewards/accuracies"] == 0.0  # a tie is not a win
+
+
+def held_out_batch(task):
+    pairs = load_preference_pairs(str(task["root"] / "held_out.jsonl"), quiet=True)
+    tokenized, _ = tokenize_pairs(pairs, task["tokenizer"], 48, system_prompt="", quiet=True)
+    dataset = PreferenceDataset(tokenized)
+    return dataset.batch_of_pairs(range(dataset.num_pairs))
+
+
+def test_lora_reference_is_the_base_model(task):
+    # Adapters switched off give the log-probs of a separate frozen copy.
+    batch = held_out_batch(task)
+    policy, _ = load_model_dir(str(task["root"] / "sft"))
+    inject_lora(policy, rank=4, alpha=8, dropout=0.0, target_modules="all")
+    for name, param in policy.named_parameters():
+        if name.endswith("lora_B"):
+            param.data.normal_(0, 0.1)  # an adapter that changes the outputs
+    frozen, _ = load_model_dir(str(task["root"] / "sft"))
+    with torch.no_grad():
+        adapted = batch_logps(policy, batch["input_ids"], batch["labels"])[0]
+        with disable_adapters(policy):
+            switched_off = batch_logps(policy, batch["input_ids"], batch["labels"])[0]
+        reference = batch_logps(frozen, batch["input_ids"], batch["labels"])[0]
+    torch.testing.assert_close(switched_off, reference, rtol=0, atol=0)
+    assert not torch.allclose(adapted, reference)
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 1.0])
+def test_dpo_prefers_the_chosen_answers_on_held_out_pairs(task, tmp_path, sft_weight):
+    root, tokenizer, held_out = task["root"], task["tokenizer"], task["held_out"]
+    out = tmp_path / "dpo"
+    train_dpo.main(dpo_args(task, out, "--max_steps", "150", "--learning_rate", "5e-4", "--logging_steps", "50",
+                            "--lora_target_modules", "all", "--lora_rank", "16", "--lora_alpha", "32",
+                            "--lora_dropout", "0", "--sft_weight", str(sft_weight)))
+    reference, _ = load_model_dir(str(root / "sft"))
+    policy, _ = load_model_dir(str(root / "sft"))
+    load_adapter(policy, str(out))
+
+    batch = held_out_batch(task)
+    n = len(batch["pair_ids"])
+    with torch.no_grad():
+        ref = batch_logps(reference, batch["input_ids"], batch["labels"])[0]
+        pi = batch_logps(policy, batch["input_ids"], batch["labels"])[0]
+    chosen_change, rejected_change = pi[:n] - ref[:n], pi[n:] - ref[n:]
+    reward_accuracy = (chosen_change > rejected_change).float().mean().item()
+    assert reward_accuracy >= 0.75  # chance is 0.5
+    assert rejected_change.mean() < chosen_change.mean() - 1.0
+
+    if sft_weight > 0:
+        # Plain DPO may lower both answers' log-probs (only their gap matters to
+        # it); with the SFT term the chosen answers become likelier and greedy
+        # answers turn into them.
+        assert chosen_change.mean() > 0
+        before = greedy_accuracy(reference, tokenizer, held_out)
+        after = greedy_accuracy(policy, tokenizer, held_out)
+        assert after >= before + 0.1, (before, after)
+
+
+def test_precomputed_reference_gives_the_same_run(task, tmp_path):
+    # Full fine-tuning: a frozen copy scores each batch, or scores every pair once up front.
+    args = ["--max_steps", "3", "--logging_steps", "1", "--finetuning_type", "full", "--learning_rate", "1e-3"]
+    train_dpo.main(dpo_args(task, tmp_path / "live", *args))
+    train_dpo.main(dpo_args(task, tmp_path / "pre", *args, "--precompute_ref_log_probs", "true"))
+    live, pre = read_metrics(str(tmp_path / "live")), read_metrics(str(tmp_path / "pre"))
+    assert len(live) == len(pre) == 3
+    for a, b in zip(live, pre):
+        for key in ("train/loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "train/grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    assert live[-1]["rewards/margins"] != 0  # the policy did move away from the reference
+
+
+def test_dpo_kill_and_resume_gives_the_uninterrupted_metrics(task, tmp_path, monkeypatch):
+    args = ["--max_steps", "4", "--save_steps", "2", "--logging_steps", "1", "--save_total_limit", "0",
+            "--learning_rate", "1e-3"]
+    train_dpo.main(dpo_args(task, tmp_path / "straight", *args))
+    expected = read_metrics(str(tmp_path / "straight"))
+
+    killed = tmp_path / "killed"
+    original_log = MetricsLogger.log
+
+    def log_then_die(self, step, scalars):
+        original_log(self, step, scalars)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_dpo.main(dpo_args(task, killed, *args))
+    monkeypatch.setattr(MetricsLogger, "log", original_log)
+    assert [s for s, _ in list_checkpoints(str(killed))] == [2]
+    train_dpo.main(dpo_args(task, killed, *args, "--resume", "auto"))
+    resumed = read_metrics(str(killed))
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    for a, b in zip(expected, resumed):
+        for key in ("train/loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "train/grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
