@@ -91,3 +91,36 @@ def test_one_failing_rank_ends_the_job(tmp_path, cache_dir):
     assert result.returncode != 0
     assert "truncated shard (seen by rank 1 only)" in result.stdout + result.stderr
     assert time.time() - start < 200  # ended by the failure, not by the collective timeout
+
+
+@pytest.fixture(scope="module")
+def copy_task_dir(tmp_path_factory):
+    from copy_task import make_base, make_words, write_dpo_data, write_sft_data
+    root = tmp_path_factory.mktemp("copy")
+    make_base(str(root), make_words(0, 500))
+    write_sft_data(str(root / "sft.jsonl"), make_words(0, 500))
+    write_dpo_data(str(root / "dpo.jsonl"), make_words(1, 300))
+    return root
+
+
+@pytest.mark.parametrize("script,extra", [
+    ("train_sft.py", ["--finetuning_type", "lora", "--packing", "true", "--lora_dropout", "0",
+                      "--dataset_path", "sft.jsonl"]),
+    ("train_dpo.py", ["--finetuning_type", "full", "--dataset_path", "dpo.jsonl"]),
+])
+def test_sft_and_dpo_on_two_processes_match_one(tmp_path, copy_task_dir, script, extra):
+    extra = [str(copy_task_dir / a) if a.endswith(".jsonl") else a for a in extra]
+    common = ["--model_name_or_path", str(copy_task_dir / "base"), "--system_prompt", "", "--cutoff_len", "48",
+              "--max_steps", "4", "--logging_steps", "1", "--save_steps", "0", "--use_tensorboard", "false",
+              "--learning_rate", "1e-3", "--train_micro_batch_size_per_gpu", "4"] + extra
+    subprocess_args = lambda out: common + ["--output_dir", str(tmp_path / out)]
+    result = launch(1, subprocess_args("one") + ["--gradient_accumulation_steps", "2"], script=script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = launch(2, subprocess_args("two"), script=script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
+    assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4]
+    for a, b in zip(one, two):
+        for key in a:
+            if key not in ("step", "train/tokens_per_sec"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
