@@ -80,3 +80,17 @@ def test_training_args_yaml_reproduces_the_config(tmp_path):
     cfg = parse_config(["--learning_rate", "3e-4", "--strict", "true"], PretrainConfig)
     again = parse_config(["--yaml_config", write(tmp_path, config_to_yaml(cfg))], PretrainConfig)
     assert again == cfg
+
+
+def test_every_bundled_recipe_parses():
+    import glob
+    import os
+
+    from conftest import REPO_ROOT
+    from nanobumble.config import DPOConfig, SFTConfig
+    stage_config = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}
+    files = glob.glob(os.path.join(REPO_ROOT, "configs", "*", "*.yaml"))
+    assert len(files) >= 6
+    for path in files:
+        stage = os.path.basename(os.path.dirname(path))
+        parse_config(["--yaml_config", path], stage_config[stage])
