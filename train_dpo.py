@@ -26,15 +26,13 @@ import torch
 from nanobumble.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_model_dir, set_rng_state
 from nanobumble.common import UserError, autocast, resolve_precision, run_cli
 from nanobumble.config import DPOConfig, config_to_yaml, parse_config
-from nanobumble.distributed import all_reduce_sum, build_model, cleanup_distributed, print0, setup_distributed
+from nanobumble.distributed import all_reduce_sum, build_model, distributed_run, print0
 from nanobumble.dpo import batch_logps, dpo_batch_metrics, preference_loss
 from nanobumble.dpo_data import PreferenceDataset, load_preference_pairs, tokenize_pairs
 from nanobumble.lora import adapter_config_for, disable_adapters
 from nanobumble.metrics import MetricsLogger
-from nanobumble.model import load_model_config
 from nanobumble.optim import build_optimizer, lr_at
-from nanobumble.tokenizer import Tokenizer
-from nanobumble.training import (Progress, check_base_model_dir, check_finite, clip_gradients, lora_settings,
+from nanobumble.training import (Progress, check_finite, clip_gradients, lora_settings, open_starting_model,
                                  resolve_resume, set_learning_rate, total_steps)
 
 
@@ -57,11 +55,8 @@ def precompute_reference(reference, dataset: PreferenceDataset, cfg: DPOConfig, 
 
 
 def main(argv: list[str]) -> None:
-    info = setup_distributed()
-    try:
+    with distributed_run() as info:
         train(parse_config(argv, DPOConfig), info)
-    finally:
-        cleanup_distributed()
 
 
 def train(cfg: DPOConfig, info) -> None:
@@ -72,15 +67,7 @@ def train(cfg: DPOConfig, info) -> None:
     resume_dir = resolve_resume(cfg.resume, cfg.output_dir)
 
     # --- the starting model's shape and tokenizer ---
-    check_base_model_dir(cfg.model_name_or_path)
-    tokenizer = Tokenizer(os.path.join(cfg.model_name_or_path, "tokenizer.model"))
-    model_cfg = load_model_config(os.path.join(cfg.model_name_or_path, "config.json"))
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"{cfg.model_name_or_path}: tokenizer.model has {tokenizer.vocab_size} tokens but "
-                        f"config.json a vocabulary of {model_cfg.vocab_size}")
-    if cfg.cutoff_len > model_cfg.max_position_embeddings:
-        raise UserError(f"cutoff_len {cfg.cutoff_len} exceeds the model's max_position_embeddings "
-                        f"{model_cfg.max_position_embeddings}")
+    tokenizer, model_cfg = open_starting_model(cfg)
 
     # --- preference pairs -> prompt + chosen / rejected tokens ---
     quiet = not info.is_main

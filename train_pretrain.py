@@ -20,18 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from nanobumble.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_model_dir, set_rng_state
-from nanobumble.common import UserError, autocast, resolve_precision, run_cli
+from nanobumble.common import autocast, resolve_precision, run_cli
 from nanobumble.config import PretrainConfig, config_to_yaml, parse_config
 from nanobumble.data import TokenShards, ensure_shards, files_fingerprint, iter_text_records, list_data_files
-from nanobumble.distributed import (all_reduce_mean, all_reduce_sum, build_model, cleanup_distributed, local_bytes,
-                                    main_process_first, optimizer_state_bytes, print0, setup_distributed)
+from nanobumble.distributed import (all_reduce_mean, all_reduce_sum, build_model, distributed_run, local_bytes,
+                                    main_process_first, optimizer_state_bytes, print0)
 from nanobumble.metrics import MetricsLogger
 from nanobumble.mfu import peak_bf16_flops, training_flops_per_token
 from nanobumble.model import model_config_for
 from nanobumble.optim import build_optimizer, lr_at
 from nanobumble.tokenizer import Tokenizer, load_or_train_tokenizer
-from nanobumble.training import (Progress, check_finite, clip_gradients, resolve_resume, set_learning_rate,
-                                 total_steps)
+from nanobumble.training import (Progress, check_finite, check_model_fits, clip_gradients, resolve_resume,
+                                 set_learning_rate, total_steps)
 
 
 def find_tokenizer(cfg: PretrainConfig, resume_dir: str | None) -> Tokenizer:
@@ -75,11 +75,8 @@ def evaluate(model, val_data: TokenShards, cfg: PretrainConfig, token_bytes: tor
 
 
 def main(argv: list[str]) -> None:
-    info = setup_distributed()
-    try:
+    with distributed_run() as info:
         train(parse_config(argv, PretrainConfig), info)
-    finally:
-        cleanup_distributed()
 
 
 def train(cfg: PretrainConfig, info) -> None:
@@ -94,12 +91,7 @@ def train(cfg: PretrainConfig, info) -> None:
     # --- tokenizer and model shape (checked against each other before any data work) ---
     tokenizer = main_process_first(lambda: find_tokenizer(cfg, resume_dir))
     model_cfg = model_config_for(resume_dir or cfg.model_name_or_path, tokenizer.vocab_size)
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                        f"{model_cfg.vocab_size}: tokenizer and model do not belong together")
-    if cfg.cutoff_len > model_cfg.max_position_embeddings:
-        raise UserError(f"cutoff_len {cfg.cutoff_len} exceeds the model's max_position_embeddings "
-                        f"{model_cfg.max_position_embeddings}")
+    check_model_fits(model_cfg, tokenizer, cfg.cutoff_len)
 
     # --- token shards (prepared once, by rank 0) ---
     shard_dir = main_process_first(lambda: ensure_shards(cfg.dataset_path, tokenizer, cfg.cache_dir,

@@ -22,24 +22,18 @@ import torch
 from nanobumble.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_model_dir, set_rng_state
 from nanobumble.common import UserError, autocast, resolve_precision, run_cli
 from nanobumble.config import SFTConfig, config_to_yaml, parse_config
-from nanobumble.distributed import (all_reduce_sum, build_model, cleanup_distributed, print0,
-                                    setup_distributed)
+from nanobumble.distributed import all_reduce_sum, build_model, distributed_run, print0
 from nanobumble.lora import adapter_config_for
 from nanobumble.metrics import MetricsLogger
-from nanobumble.model import load_model_config
 from nanobumble.optim import build_optimizer, lr_at
 from nanobumble.sft_data import SFTDataset, load_conversations, tokenize_sft
-from nanobumble.tokenizer import Tokenizer
-from nanobumble.training import (Progress, check_base_model_dir, check_finite, clip_gradients, lora_settings,
+from nanobumble.training import (Progress, check_finite, clip_gradients, lora_settings, open_starting_model,
                                  resolve_resume, set_learning_rate, total_steps)
 
 
 def main(argv: list[str]) -> None:
-    info = setup_distributed()
-    try:
+    with distributed_run() as info:
         train(parse_config(argv, SFTConfig), info)
-    finally:
-        cleanup_distributed()
 
 
 def train(cfg: SFTConfig, info) -> None:
@@ -50,15 +44,7 @@ def train(cfg: SFTConfig, info) -> None:
     resume_dir = resolve_resume(cfg.resume, cfg.output_dir)
 
     # --- the base model's shape and tokenizer ---
-    check_base_model_dir(cfg.model_name_or_path)
-    tokenizer = Tokenizer(os.path.join(cfg.model_name_or_path, "tokenizer.model"))
-    model_cfg = load_model_config(os.path.join(cfg.model_name_or_path, "config.json"))
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"{cfg.model_name_or_path}: tokenizer.model has {tokenizer.vocab_size} tokens but "
-                        f"config.json a vocabulary of {model_cfg.vocab_size}")
-    if cfg.cutoff_len > model_cfg.max_position_embeddings:
-        raise UserError(f"cutoff_len {cfg.cutoff_len} exceeds the model's max_position_embeddings "
-                        f"{model_cfg.max_position_embeddings}")
+    tokenizer, model_cfg = open_starting_model(cfg)
 
     # --- conversations -> tokens + assistant masks -> rows ---
     quiet = not info.is_main

@@ -12,6 +12,7 @@ gathered just before it runs and freed after), then the root takes the rest
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -66,6 +67,19 @@ def setup_distributed() -> DistInfo:
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_run():
+    """setup_distributed() for the length of a script; on success every rank waits
+    for the others before tearing down (a gloo peer that leaves first can make
+    the other abort at exit). On an error nobody waits: torchrun stops the rest."""
+    info = setup_distributed()
+    try:
+        yield info
+        barrier()
+    finally:
+        cleanup_distributed()
 
 
 def print0(*args, **kwargs) -> None:

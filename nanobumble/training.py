@@ -121,3 +121,25 @@ def lora_settings(cfg) -> dict | None:
         return None
     return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
             "target_modules": cfg.lora_target_modules, "use_rslora": cfg.use_rslora, "seed": cfg.seed}
+
+
+def check_model_fits(model_cfg, tokenizer, cutoff_len: int) -> None:
+    """The tokenizer must fit the model's vocabulary, and a training row its positions."""
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
+                        f"{model_cfg.vocab_size}: tokenizer and model do not belong together")
+    if cutoff_len > model_cfg.max_position_embeddings:
+        raise UserError(f"cutoff_len {cutoff_len} exceeds the model's max_position_embeddings "
+                        f"{model_cfg.max_position_embeddings}")
+
+
+def open_starting_model(cfg):
+    """The tokenizer and shape of the model directory SFT or DPO starts from."""
+    from .model import load_model_config
+    from .tokenizer import Tokenizer
+
+    check_base_model_dir(cfg.model_name_or_path)
+    tokenizer = Tokenizer(os.path.join(cfg.model_name_or_path, "tokenizer.model"))
+    model_cfg = load_model_config(os.path.join(cfg.model_name_or_path, "config.json"))
+    check_model_fits(model_cfg, tokenizer, cfg.cutoff_len)
+    return tokenizer, model_cfg

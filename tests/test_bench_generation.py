@@ -1,6 +1,5 @@
 """Decode speed with and without the KV cache (pytest -m bench -s)."""
 
-import time
 
 import pytest
 import torch

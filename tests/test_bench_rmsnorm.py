@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from conftest import DEVICE, print_table
+from conftest import print_table
 from kernels.rmsnorm import _dw_programs, rms_norm, rms_norm_reference
 
 pytestmark = pytest.mark.bench

@@ -1,6 +1,5 @@
 """The pretraining script end to end, on the bundled data, at a few steps."""
 
-import hashlib
 import os
 import subprocess
 import sys
