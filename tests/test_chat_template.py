@@ -1,8 +1,9 @@
 import pytest
 
+from chat_helpers import small_tokenizer
 from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render, validate_messages
 from nanobumble.data import DataError
-from nanobumble.tokenizer import IM_END_ID, IM_START_ID, Tokenizer, train_tokenizer
+from nanobumble.tokenizer import IM_END_ID, IM_START_ID, Tokenizer
 
 TEXT = ("You are Bumblebee, a helpful AI assistant. system user assistant\n"
         "What is the capital of France? The capital of France is Paris.\n"
@@ -12,9 +13,7 @@ TEXT = ("You are Bumblebee, a helpful AI assistant. system user assistant\n"
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Tokenizer:
-    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
-    train_tokenizer(TEXT.split("\n"), 500, path)
-    return Tokenizer(path)
+    return small_tokenizer(tmp_path_factory, TEXT)
 
 
 def turn(tok, role, content):

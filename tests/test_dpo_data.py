@@ -4,10 +4,11 @@ import os
 import pytest
 import torch
 
+from chat_helpers import assistant, small_tokenizer, system, user
 from nanobumble.chat_template import render
 from nanobumble.data import DataError
 from nanobumble.dpo_data import PreferenceDataset, load_preference_pairs, tokenize_pairs
-from nanobumble.tokenizer import EOT_ID, IM_END_ID, IM_START_ID, Tokenizer, train_tokenizer
+from nanobumble.tokenizer import EOT_ID, IM_END_ID, IM_START_ID, Tokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = ("You are Bumblebee, a helpful AI assistant. system user assistant\n"
@@ -18,21 +19,7 @@ TEXT = ("You are Bumblebee, a helpful AI assistant. system user assistant\n"
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory) -> Tokenizer:
-    path = str(tmp_path_factory.mktemp("tok") / "tokenizer.model")
-    train_tokenizer(TEXT.split("\n"), 500, path)
-    return Tokenizer(path)
-
-
-def user(text):
-    return {"role": "user", "content": text}
-
-
-def assistant(text):
-    return {"role": "assistant", "content": text}
-
-
-def system(text):
-    return {"role": "system", "content": text}
+    return small_tokenizer(tmp_path_factory, TEXT)
 
 
 def pair(prompt, chosen, rejected):
