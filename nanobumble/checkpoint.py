@@ -56,17 +56,32 @@ def _copy_atomic(src: str, dst: str) -> None:
     os.replace(tmp, dst)
 
 
-def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Full weights on the CPU (sharded ones gathered: every rank must call this).
-    A tied LM head is the embedding, so it is stored once."""
+def gather_full_on_main(named_tensors) -> dict[str, torch.Tensor]:
+    """Each tensor whole and on the CPU, kept by rank 0 only; other ranks return {}.
+
+    A sharded (FSDP2 DTensor) tensor is all-gathered, which is a collective: every
+    rank must call this with the same names in the same order. Gathering one
+    tensor at a time, moving it to the CPU at once and dropping it on the other
+    ranks means a non-zero rank never holds more than its shards plus one full
+    tensor, and the GPU never more than one gathered tensor."""
+    main = _is_main()
     state = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue
-        if hasattr(tensor, "full_tensor"):  # an FSDP2 DTensor shard
+    for name, tensor in named_tensors:
+        if hasattr(tensor, "full_tensor"):
             tensor = tensor.full_tensor()
-        state[name] = tensor.detach().to("cpu").contiguous()
+        if main:
+            state[name] = tensor.detach().to("cpu").contiguous()
+        del tensor  # on other ranks: freed here, before the next gather
     return state
+
+
+def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Full weights on the CPU on rank 0, {} on other ranks (every rank must call
+    this: sharded tensors are gathered). A tied LM head is the embedding, so it is
+    stored once."""
+    tied = model.config.tie_word_embeddings
+    return gather_full_on_main((name, tensor) for name, tensor in model.state_dict().items()
+                               if not (tied and name == "lm_head.weight"))
 
 
 def save_model_dir(path: str, model: Transformer, tokenizer_file: str, training_args_yaml: str,

@@ -174,15 +174,10 @@ def disable_adapters(model: nn.Module):
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights only, as full CPU tensors (every rank must call this:
-    sharded tensors are gathered)."""
-    state = {}
-    for name, param in model.named_parameters():
-        if not is_lora_param(name):
-            continue
-        tensor = param.full_tensor() if hasattr(param, "full_tensor") else param
-        state[name] = tensor.detach().to("cpu").contiguous()
-    return state
+    """The adapter weights only, as full CPU tensors on rank 0, {} on other ranks
+    (every rank must call this: sharded tensors are gathered one at a time)."""
+    from .checkpoint import gather_full_on_main
+    return gather_full_on_main((name, param) for name, param in model.named_parameters() if is_lora_param(name))
 
 
 def adapter_config_for(model: nn.Module, base_model_name_or_path: str) -> dict:
@@ -248,9 +243,9 @@ def save_adapter(path: str, model: nn.Module, adapter_config: dict) -> None:
     """Write adapter_model.safetensors + adapter_config.json, each atomically.
     Every rank calls it (to gather shards); rank 0 writes."""
     config = validate_adapter_config(adapter_config, "adapter_config")
-    state = lora_state_dict(model)
-    if not state:
+    if not any(is_lora_param(name) for name, _ in model.named_parameters()):  # the same answer on every rank
         raise ValueError("the model has no LoRA adapters to save")
+    state = lora_state_dict(model)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     os.makedirs(path, exist_ok=True)
