@@ -73,7 +73,7 @@ POISON_OUTPUTS = False
 _CHUNK_BYTES = 256 * 2**20
 _MIN_CHUNK_ROWS = 256
 
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("mean", "sum")  # linear_cross_entropy also takes "none"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _cross_entropy_kernel(LOGITS, GRAD, TARGETS, LOSS, SCALE, stride_logits, stride_grad, n_cols,
+def _cross_entropy_kernel(LOGITS, GRAD, TARGETS, LOSS, SCALE, stride_scale, stride_logits, stride_grad, n_cols,
                           ignore_index, BLOCK: tl.constexpr, WRITE_GRAD: tl.constexpr,
                           ROUND_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # row * stride passes 2^31 at 32k tokens x 151,936
@@ -155,7 +155,7 @@ def _cross_entropy_kernel(LOGITS, GRAD, TARGETS, LOSS, SCALE, stride_logits, str
         if WRITE_GRAD:
             # pass 2: gradient (softmax - onehot) * scale. Each element is read before it is
             # written, by this program only, so GRAD may be LOGITS itself.
-            scale = tl.load(SCALE)
+            scale = tl.load(SCALE + row * stride_scale)  # one scale for all rows (stride 0), or one per row
             for start in range(0, n_cols, BLOCK):
                 cols = start + tl.arange(0, BLOCK)
                 mask = cols < n_cols
@@ -185,14 +185,14 @@ def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def _rows_triton(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
                  grad: torch.Tensor | None) -> torch.Tensor:
     """Per-row losses (fp32) of logits [n, V]; when grad is given, (softmax - onehot) * scale
-    is written into it (grad may be logits itself)."""
+    (scale: an fp32 scalar, or one fp32 value per row)    is written into it (grad may be logits itself)."""
     n_rows, n_cols = logits.shape
     loss_rows = _alloc((n_rows,), torch.float32, logits.device)
     if n_rows == 0:
         return loss_rows
     block, num_warps = _block_and_warps(n_cols)
     _cross_entropy_kernel[(n_rows,)](
-        logits, grad if grad is not None else logits, targets, loss_rows, scale,
+        logits, grad if grad is not None else logits, targets, loss_rows, scale, scale.stride(0) if scale.dim() else 0,
         logits.stride(0), grad.stride(0) if grad is not None else 0, n_cols, IGNORE_INDEX,
         BLOCK=block, WRITE_GRAD=grad is not None,
         ROUND_BF16=grad is not None and round_bf16_first(grad.dtype),
@@ -277,11 +277,15 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
 # linear_cross_entropy
 # ---------------------------------------------------------------------------------------------
 
-def default_chunk_size(n_rows: int, vocab_size: int) -> int:
-    """Rows per chunk: chunk_rows * V * 4 bytes within _CHUNK_BYTES (256 MiB), in multiples
-    of 64 rows, at least _MIN_CHUNK_ROWS, at most n_rows. At V = 151,936 that is 384 rows;
-    at V = 32,000 it is 2,048."""
-    rows = _CHUNK_BYTES // (4 * vocab_size) // 64 * 64
+def default_chunk_size(n_rows: int, vocab_size: int, dtype: torch.dtype = torch.float32,
+                       backend: str = "triton") -> int:
+    """Rows per chunk: the chunk's logits within _CHUNK_BYTES (256 MiB), counted at their
+    real size (2 bytes a value in bf16; the torch backend adds its fp32 working copy), in
+    multiples of 64 rows, at least _MIN_CHUNK_ROWS, at most n_rows. At V = 151,936 that is
+    832 rows in bf16 and 384 in fp32."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    bytes_per_value = itemsize + (4 if backend == "torch" and itemsize != 4 else 0)
+    rows = _CHUNK_BYTES // (bytes_per_value * vocab_size) // 64 * 64
     return max(1, min(n_rows, max(_MIN_CHUNK_ROWS, rows)))
 
 
@@ -364,6 +368,64 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
+class LinearCrossEntropyPerTokenFunction(torch.autograd.Function):
+    """Per-token losses [N] (fp32, 0 where ignored) and, as a second, non-differentiable
+    output, each token's logits averaged over the vocabulary (a monitoring number).
+
+    The gradient depends on how the caller weighs each token (DPO sums them per
+    sequence, then through a sigmoid), so it cannot be computed ahead in the forward
+    pass as for "mean"/"sum". Forward keeps only hidden and weight; backward
+    recomputes each chunk's logits, turns them into (softmax - onehot) * grad_output[r]
+    in place (row r's own scale) and multiplies out as the fused version does:
+    one extra [chunk x V] matmul per chunk, and still never the full logits."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        n_rows, vocab_size = hidden.shape[0], weight.shape[0]
+        one = torch.ones((), dtype=torch.float32, device=hidden.device)
+        losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+        mean_logits = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n_rows, chunk_size):
+                end = min(start + chunk_size, n_rows)
+                logits_c = hidden[start:end] @ weight.T
+                mean_logits[start:end] = logits_c.sum(-1, dtype=torch.float32) / vocab_size
+                if backend == "triton":
+                    losses[start:end] = _rows_triton(logits_c, targets[start:end], one, None)
+                else:  # overwrites logits_c, which is scratch
+                    losses[start:end] = _rows_torch(logits_c, targets[start:end], one, False)
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk_size, ctx.backend = chunk_size, backend
+        ctx.mark_non_differentiable(mean_logits)
+        return losses, mean_logits
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor, _grad_mean_logits: torch.Tensor):
+        hidden, weight, targets = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                end = min(start + ctx.chunk_size, hidden.shape[0])
+                hidden_c = hidden[start:end]
+                logits_c = hidden_c @ weight.T
+                # d(sum_r g_r loss_r)/d logits = (softmax - onehot) * g_r, scaled in fp32, rounded once
+                scale = grad_losses[start:end].float().contiguous()
+                if ctx.backend == "triton":
+                    _rows_triton(logits_c, targets[start:end], scale, logits_c)
+                else:
+                    _rows_torch(logits_c, targets[start:end], scale, True)
+                if need_hidden:
+                    torch.matmul(logits_c, weight, out=grad_hidden[start:end])
+                if need_weight:
+                    _add_matmul_fp32(grad_weight, logits_c.T, hidden_c)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          reduction: str = "mean", chunk_size: int | None = None,
                          backend: str = "triton") -> torch.Tensor:
@@ -375,7 +437,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     autocast both operands are cast to the autocast dtype, as F.linear would do;
     otherwise weight is cast to hidden's dtype if they differ. chunk_size None
     takes default_chunk_size. Returns an fp32 scalar."""
-    _check_reduction(reduction)
+    if reduction != "none":
+        _check_reduction(reduction)
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend must be 'triton' or 'torch', got {backend!r}")
     if backend == "triton":
@@ -392,8 +455,10 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         weight = weight.to(hidden.dtype)  # autograd carries the gradient back to weight's dtype
     hidden = hidden.contiguous()
     if chunk_size is None:
-        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0])
+        chunk_size = default_chunk_size(hidden.shape[0], weight.shape[0], hidden.dtype, backend)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if reduction == "none":
+        return LinearCrossEntropyPerTokenFunction.apply(hidden, weight, targets, chunk_size, backend)
     return LinearCrossEntropyFunction.apply(hidden, weight, targets, reduction, chunk_size, backend,
                                             torch.is_grad_enabled())

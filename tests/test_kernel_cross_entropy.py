@@ -273,8 +273,52 @@ def test_linear_cross_entropy_double_backward_raises():
         loss.backward()
 
 
-def test_default_chunk_size():
-    assert ce.default_chunk_size(8192, 151_936) == 384
+def test_default_chunk_size_counts_the_real_element_size():
+    assert ce.default_chunk_size(8192, 151_936) == 384  # fp32: 4 bytes a logit
+    assert ce.default_chunk_size(8192, 151_936, torch.bfloat16) == 832  # bf16: 2 bytes, twice the rows
+    assert ce.default_chunk_size(8192, 151_936, torch.bfloat16, "torch") == 256  # + the fp32 working copy
     assert ce.default_chunk_size(8192, 32_000) == 2048
     assert ce.default_chunk_size(100, 151_936) == 100
     assert ce.default_chunk_size(10**6, 10**7) == 256
+
+
+# --- reduction="none": per-token losses with a gradient for any weighting ---------------------------
+
+def per_token_reference(hidden, weight, targets):
+    """Materialised logits, per-token cross-entropy in fp32 (float64 stays float64), 0 where ignored."""
+    logits = hidden @ weight.T
+    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    losses = torch.nn.functional.cross_entropy(logits.to(compute), targets, reduction="none",
+                                               ignore_index=IGNORE_INDEX)
+    return losses, logits.to(compute).mean(-1)
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float32), ("torch", torch.bfloat16),
+                                           ("triton", torch.float32), ("triton", torch.bfloat16)])
+def test_linear_cross_entropy_per_token(backend, dtype):
+    torch.manual_seed(10)
+    n, width, vocab = (40, 24, 300) if backend == "triton" else (300, 64, 3001)
+    hidden0, weight0 = torch.randn(n, width, device=DEVICE), 0.2 * torch.randn(vocab, width, device=DEVICE)
+    targets = make_targets(n, vocab, "some")
+    weights = torch.randn(n, device=DEVICE)  # an arbitrary weighting of the tokens, as DPO's is
+    outs = {}
+    for name, fn, cast in [
+            ("out", lambda h, w: linear_cross_entropy(h, w, targets, "none", chunk_size=16, backend=backend), dtype),
+            ("ref", lambda h, w: per_token_reference(h, w, targets), dtype),
+            ("64", lambda h, w: per_token_reference(h, w, targets), torch.float64)]:
+        h, w = leaf(hidden0, cast), leaf(weight0, cast)
+        losses, mean_logits = fn(h, w)
+        (losses * weights.to(losses.dtype)).sum().backward()
+        outs[name] = (losses.detach(), mean_logits, h.grad, w.grad)
+    out, ref, ref64 = outs["out"], outs["ref"], outs["64"]
+    assert out[0].dtype == torch.float32 and out[0].shape == (n,)
+    assert torch.all(out[0][targets == IGNORE_INDEX] == 0)
+    for i, what in enumerate(["losses", "mean logits", "grad hidden", "grad weight"]):
+        assert out[i].dtype == ref[i].dtype, what
+        assert_close_2x(out[i], ref[i], ref64[i], what)
+
+
+def test_linear_cross_entropy_per_token_rejects_bad_targets():
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        linear_cross_entropy(torch.randn(3, 8), torch.randn(10, 8), torch.tensor([1, 10, 2]), "none",
+                             backend="torch")
