@@ -23,8 +23,9 @@ from nanobumble.checkpoint import load_checkpoint, rng_state, save_checkpoint, s
 from nanobumble.common import autocast, resolve_precision, run_cli
 from nanobumble.config import PretrainConfig, config_to_yaml, parse_config
 from nanobumble.data import TokenShards, ensure_shards, files_fingerprint, iter_text_records, list_data_files
-from nanobumble.distributed import (all_reduce_mean, all_reduce_sum, build_model, distributed_run, local_bytes,
-                                    main_process_first, optimizer_state_bytes, print0)
+from nanobumble.distributed import (all_reduce_mean, all_reduce_sum, autocast_dtype, build_model, distributed_run,
+                                    local_bytes, main_process_first, optimizer_state_bytes, precision_summary,
+                                    print0)
 from nanobumble.metrics import MetricsLogger
 from nanobumble.mfu import peak_bf16_flops, training_flops_per_token
 from nanobumble.model import model_config_for
@@ -63,8 +64,8 @@ def evaluate(model, val_data: TokenShards, cfg: PretrainConfig, token_bytes: tor
         weight = 1.0 if i < len(mine) else 0.0
         x, y = x.to(info.device), y.to(info.device)
         with autocast(info.device, dtype):
-            logits = model(x)
-        losses = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
+            losses, _ = model(x, y, reduction="none")  # per token, without the [tokens x vocab] logits
+        losses = losses.flatten().double()
         nbytes = token_bytes[y.flatten()]
         # Special tokens stand for no text: they count neither bytes nor bits.
         totals += weight * torch.stack([losses.sum(), torch.tensor(y.numel(), device=info.device),
@@ -108,12 +109,10 @@ def train(cfg: PretrainConfig, info) -> None:
         weights = os.path.join(cfg.model_name_or_path, "model.safetensors")
     model = build_model(model_cfg, info, cfg.seed, weights, dtype, cfg.enable_gradient_checkpointing, cfg.compile)
     model.kernels = cfg.kernels
-    # With FSDP's mixed precision (CUDA, several ranks) the shards are cast for
-    # compute; otherwise autocast does it.
-    compute_dtype = torch.float32 if info.sharded and device.type == "cuda" else dtype
+    compute_dtype = autocast_dtype(info, dtype)  # sharded: FSDP's policy casts the weights instead
     print0(f"model: {cfg.model_name_or_path}, {model.num_parameters() / 1e6:.2f}M parameters, "
            f"vocab {model_cfg.vocab_size}, {info.world_size} x {device.type}, "
-           f"compute {str(dtype).removeprefix('torch.')}")
+           f"{precision_summary(info, dtype)}")
 
     # --- optimizer and schedule ---
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))

@@ -5,8 +5,12 @@ ones, row i and row n+i answering the same prompt. `labels` are next-token
 targets (labels[b, t] is the token that logits[b, t] should predict), with -100
 on every position that is not a response token.
 
-    logits -> token_logps -> sequence_logps (optionally LD-DPO weighted)
-           -> preference_loss(policy vs. reference) -> dpo_batch_metrics
+    batch_logps: model -> per-token log-probs (minus the model's per-token loss,
+                 never the full [2n, T, V] logits) -> sequence_logps (optionally
+                 LD-DPO weighted)
+    -> preference_loss(policy vs. reference) -> dpo_batch_metrics
+
+token_logps and mean_logits do the same from logits already in hand.
 
 With h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)) and d = beta * h:
 
@@ -184,8 +188,12 @@ def batch_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.T
                 ld_alpha: float | None = None, position_ids: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One forward pass over a DPO batch: (sequence logps [2n], token logps [2n, T],
-    mask [2n, T], mean logits [2n]). Under torch.no_grad (the reference model) the
-    logits are freed on return; otherwise they live until backward, as with any loss."""
-    logits = model(input_ids, position_ids=position_ids)
-    logps, mask = token_logps(logits, labels)
-    return sequence_logps(logps, mask, ld_alpha), logps, mask, mean_logits(logits, mask)
+    mask [2n, T], mean logits [2n]). The token log-probs are minus the model's
+    per-token cross-entropy, computed a chunk of tokens at a time from the hidden
+    states: the [2n x T x V] logits are never materialised, in the forward pass or
+    in backward (token_logps above is the same math on given logits)."""
+    mask = labels != IGNORE_INDEX
+    losses, position_mean_logits = model(input_ids, labels, position_ids=position_ids, reduction="none")
+    logps = -losses  # log softmax(logits)[label]; 0 where the label is ignored
+    row_mean_logits = (position_mean_logits * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    return sequence_logps(logps, mask, ld_alpha), logps, mask, row_mean_logits.detach()

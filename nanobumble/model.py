@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kernels import resolve_backend
-from kernels.cross_entropy import cross_entropy_reference, linear_cross_entropy
+from kernels.cross_entropy import linear_cross_entropy
 from kernels.rmsnorm import rms_norm, rms_norm_reference
 from kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
 
@@ -132,10 +133,15 @@ class Attention(nn.Module):
         q, k = rope(q, k, cos, sin)
         if kv_cache is not None:
             return self._forward_cached(q, k, v, kv_cache, layer)
-        # SDPA wants [batch, heads, seq, head_dim]; enable_gqa lets each K/V head serve its group of query heads.
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           enable_gqa=self.num_heads != self.num_kv_heads)
+        # [batch, heads, seq, head_dim]; enable_gqa lets each K/V head serve its group of query heads.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        gqa = self.num_heads != self.num_kv_heads
+        if attn_mask is None:  # one document per row, no padding: the fast causal kernels
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif isinstance(attn_mask, torch.Tensor):  # dense boolean mask (CPU training)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
+        else:  # a flex_attention BlockMask: only the blocks that hold allowed pairs are computed
+            y = flex_attention_op(q.device)(q, k, v, block_mask=attn_mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def _forward_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
@@ -144,9 +150,10 @@ class Attention(nn.Module):
         start = kv_cache.length
         keys, values = kv_cache.update(layer, k.transpose(1, 2), v.transpose(1, 2))
         attn_mask = None  # one new token may look at every cached one
-        if T > 1:  # several new tokens (the prompt): causal, offset by what is already cached
+        if T > 1 and start > 0:  # several new tokens after cached ones: causal, offset by the cache
             attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=attn_mask,
+                                           is_causal=T > 1 and start == 0,  # the prompt, into an empty cache
                                            enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -215,14 +222,21 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())  # a tied weight is counted once
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, reduction: str = "mean",
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                reduction: str = "mean", kv_cache: KVCache | None = None):
         """Logits [batch, seq, vocab]; or, when targets are given, the cross-entropy
-        over the targets that are not -100 ("mean" or "sum").
+        over the targets that are not -100: "mean" or "sum" (a scalar), or "none"
+        (per-token losses [batch, seq], 0 where ignored, and each token's logits
+        averaged over the vocabulary, for monitoring). With targets the
+        [tokens x vocab] logits never exist whole: the LM head and the loss run a
+        chunk of tokens at a time.
 
         position_ids default to 0..seq-1 in every row. Given explicitly, they may
         restart at 0 inside a row (several documents packed into one row): each
         token then attends only to earlier tokens of its own document.
+        attention_mask [batch, seq] (1 = token, 0 = padding) keeps every token from
+        attending to padding; without position_ids the positions then count the
+        real tokens only, so a left-padded row sees what it would see unpadded.
 
         With a kv_cache (generation), input_ids continue the cached sequence: they
         sit at positions cache.length.. and attend to everything cached before
@@ -238,14 +252,17 @@ class Transformer(nn.Module):
         if kv_cache is not None:
             if start + T > kv_cache.max_len:
                 raise ValueError(f"KVCache is full: {start} cached + {T} new tokens > max_len {kv_cache.max_len}")
-            if position_ids is not None:
-                raise ValueError("position_ids cannot be combined with a kv_cache")
+            if position_ids is not None or attention_mask is not None:
+                raise ValueError("position_ids and attention_mask cannot be combined with a kv_cache")
             backend = "torch"
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
-        elif position_ids is None:
-            position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         else:
-            attn_mask = packed_causal_mask(position_ids)
+            if position_ids is None and attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            if position_ids is not None:
+                attn_mask = document_attention_mask(position_ids, attention_mask)
+            else:
+                position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta)
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
@@ -258,21 +275,78 @@ class Transformer(nn.Module):
         x = self.norm(x, backend)
         if targets is None:
             return self.lm_head(x)
-        if backend == "triton":
-            # Fused LM head + loss, a chunk of tokens at a time: the [tokens x vocab]
-            # logits (2.5 GB for 8k tokens at vocab 151,936 in fp16) never exist at once.
-            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), reduction)
-        return cross_entropy_reference(self.lm_head(x).flatten(0, 1), targets.flatten(), reduction)
+        # Fused LM head + loss, a chunk of tokens at a time: the [tokens x vocab]
+        # logits (2.5 GB for 8k tokens at vocab 151,936 in bf16) never exist at once.
+        out = linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets.flatten(), reduction,
+                                   backend=backend)
+        if reduction == "none":
+            losses, mean_logits = out
+            return losses.view(B, T), mean_logits.view(B, T)
+        return out
 
 
-def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """[batch, 1, seq, seq] boolean mask, True where attention is allowed: causal,
-    and within one document, a document starting wherever the position is 0."""
-    document = (position_ids == 0).cumsum(-1)  # [B, T]: 1, 1, 1, 2, 2, ...
-    same_document = document.unsqueeze(-1) == document.unsqueeze(-2)
-    T = position_ids.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
-    return (same_document & causal).unsqueeze(1)
+# --- who may attend to whom ---------------------------------------------------------------------
+
+def attention_rule(documents: torch.Tensor, valid: torch.Tensor | None):
+    """The one masking rule, as a flex_attention mask_mod (b, h, q, kv) -> allowed:
+    causal, within one document, and never onto padding, except that a padding
+    token sees itself: its output is ignored, but an empty row would make softmax NaN."""
+    def allowed(b, h, q, kv):
+        ok = (kv <= q) & (documents[b, q] == documents[b, kv])
+        if valid is not None:
+            ok = ok & (valid[b, kv] | (kv == q))
+        return ok
+    return allowed
+
+
+def flex_attention_available() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401  (torch >= 2.5)
+    except ImportError:
+        return False
+    return True
+
+
+def document_attention_mask(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    """The attention mask for rows whose documents start wherever position_ids is 0,
+    with optional padding (attention_mask 0). A flex_attention BlockMask where flex
+    attention can run this pass (CUDA; on CPU it has no backward, so only without
+    gradients); otherwise the same rule as a dense [batch, 1, seq, seq] boolean mask
+    for SDPA. On CUDA a dense mask would push SDPA onto its slow fp32 math path."""
+    B, T = position_ids.shape
+    documents = (position_ids == 0).cumsum(-1, dtype=torch.int32)  # [B, T]: 1, 1, 1, 2, 2, ...
+    valid = attention_mask.bool() if attention_mask is not None else None
+    rule = attention_rule(documents, valid)
+    device = position_ids.device
+    if flex_attention_available() and (device.type == "cuda" or not torch.is_grad_enabled()):
+        from torch.nn.attention.flex_attention import create_block_mask
+        # Compiled on CUDA: evaluated eagerly, the rule would build [B, T, T] index tensors.
+        return create_block_mask(rule, B, None, T, T, device=device, _compile=device.type == "cuda")
+    b = torch.arange(B, device=device)[:, None, None, None]
+    i = torch.arange(T, device=device)
+    return rule(b, 0, i[None, None, :, None], i[None, None, None, :])
+
+
+_compiled_flex = None
+
+
+def _eager_flex_attention(*args, **kwargs):
+    from torch.nn.attention.flex_attention import flex_attention
+    with warnings.catch_warnings():  # eager is intended here: tiny CPU shapes, no gradients
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        return flex_attention(*args, **kwargs)
+
+
+def flex_attention_op(device: torch.device):
+    """flex_attention, compiled on CUDA (eager it materialises every score, like the
+    math path); eager on CPU, where it only runs without gradients."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+    if device.type != "cuda":
+        return _eager_flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
 
 
 @torch.no_grad()

@@ -251,3 +251,42 @@ def test_tiny_transformer_as_its_own_reference_gives_ln2():
     torch.testing.assert_close(metrics["loss"], torch.tensor(n * LN2), rtol=0, atol=1e-6)
     assert metrics["rewards/accuracies"].item() == 0.0
     assert all(torch.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_batch_logps_equals_the_logits_path_values_and_gradients(kernels):
+    """batch_logps never builds the [2n, T, V] logits; it must give what token_logps
+    on the materialised logits gives (the way it was computed before), gradients included."""
+    torch.manual_seed(1)
+    cfg = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      intermediate_size=64, max_position_embeddings=32)
+    n, T = 2, 10
+    input_ids = torch.randint(0, 61, (2 * n, T))
+    labels = torch.full((2 * n, T), -100)
+    labels[:, :-1] = input_ids[:, 1:]
+    labels[:, :3] = -100
+    labels[0, 7:] = -100
+    weights = torch.randn(2 * n)  # any use of the sequence log-probs downstream
+
+    results = []
+    for path in ("chunked", "logits"):
+        model = Transformer(cfg)
+        model.kernels = kernels
+        for param in model.parameters():
+            param.data.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(2)))
+        if path == "chunked":
+            seq, logps, mask, row_logits = batch_logps(model, input_ids, labels, ld_alpha=0.6)
+        else:
+            logits = model(input_ids)
+            logps, mask = token_logps(logits, labels)
+            seq, row_logits = sequence_logps(logps, mask, 0.6), mean_logits(logits, mask)
+        (seq * weights).sum().backward()
+        results.append((seq.detach(), logps.detach(), mask, row_logits,
+                        {name: p.grad for name, p in model.named_parameters()}))
+    (seq_a, logps_a, mask_a, logits_a, grads_a), (seq_b, logps_b, mask_b, logits_b, grads_b) = results
+    assert torch.equal(mask_a, mask_b)
+    torch.testing.assert_close(logps_a, logps_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seq_a, seq_b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits_a, logits_b, rtol=1e-5, atol=1e-6)
+    for name in grads_b:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
