@@ -26,7 +26,8 @@ import torch
 from nanobumble.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_model_dir, set_rng_state
 from nanobumble.common import UserError, autocast, resolve_precision, run_cli
 from nanobumble.config import DPOConfig, config_to_yaml, parse_config
-from nanobumble.distributed import all_reduce_sum, build_model, distributed_run, print0
+from nanobumble.distributed import (all_reduce_sum, autocast_dtype, build_model, distributed_run,
+                                    precision_summary, print0)
 from nanobumble.dpo import batch_logps, dpo_batch_metrics, preference_loss
 from nanobumble.dpo_data import PreferenceDataset, load_preference_pairs, tokenize_pairs
 from nanobumble.lora import adapter_config_for, disable_adapters
@@ -83,7 +84,7 @@ def train(cfg: DPOConfig, info) -> None:
     model = build_model(model_cfg, info, cfg.seed, weights, dtype, cfg.enable_gradient_checkpointing,
                         cfg.compile, lora)
     model.kernels = cfg.kernels
-    compute_dtype = torch.float32 if info.sharded and device.type == "cuda" else dtype
+    compute_dtype = autocast_dtype(info, dtype)  # sharded: FSDP's policy casts the weights instead
     adapter_config = adapter_config_for(model, cfg.model_name_or_path) if lora else None
     ld_alpha = cfg.ld_alpha if cfg.ld_alpha != 1.0 else None
     reference_model = None
@@ -103,7 +104,8 @@ def train(cfg: DPOConfig, info) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"model: {cfg.model_name_or_path}, {model.num_parameters() / 1e6:.2f}M parameters, "
            f"{trainable / 1e6:.3f}M trainable ({cfg.finetuning_type}); reference: "
-           f"{'the same weights, adapters off' if lora else 'a frozen copy'}; loss {cfg.pref_loss}, beta {cfg.pref_beta}")
+           f"{'the same weights, adapters off' if lora else 'a frozen copy'}; loss {cfg.pref_loss}, beta {cfg.pref_beta}; "
+           f"{info.world_size} x {device.type}, {precision_summary(info, dtype)}")
 
     reference_table = None
     if cfg.precompute_ref_log_probs:

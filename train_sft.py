@@ -22,7 +22,8 @@ import torch
 from nanobumble.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_model_dir, set_rng_state
 from nanobumble.common import UserError, autocast, resolve_precision, run_cli
 from nanobumble.config import SFTConfig, config_to_yaml, parse_config
-from nanobumble.distributed import all_reduce_sum, build_model, distributed_run, print0
+from nanobumble.distributed import (all_reduce_sum, autocast_dtype, build_model, distributed_run,
+                                    precision_summary, print0)
 from nanobumble.lora import adapter_config_for
 from nanobumble.metrics import MetricsLogger
 from nanobumble.optim import build_optimizer, lr_at
@@ -59,11 +60,12 @@ def train(cfg: SFTConfig, info) -> None:
     model = build_model(model_cfg, info, cfg.seed, os.path.join(cfg.model_name_or_path, "model.safetensors"),
                         dtype, cfg.enable_gradient_checkpointing, cfg.compile, lora)
     model.kernels = cfg.kernels
-    compute_dtype = torch.float32 if info.sharded and device.type == "cuda" else dtype
+    compute_dtype = autocast_dtype(info, dtype)  # sharded: FSDP's policy casts the weights instead
     adapter_config = adapter_config_for(model, cfg.model_name_or_path) if lora else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"model: {cfg.model_name_or_path}, {model.num_parameters() / 1e6:.2f}M parameters, "
-           f"{trainable / 1e6:.3f}M trainable ({cfg.finetuning_type}), {info.world_size} x {device.type}")
+           f"{trainable / 1e6:.3f}M trainable ({cfg.finetuning_type}), {info.world_size} x {device.type}, "
+           f"{precision_summary(info, dtype)}")
 
     # --- optimizer and schedule ---
     optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))

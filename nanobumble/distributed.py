@@ -107,17 +107,40 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 
 def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | None) -> None:
-    """fully_shard every transformer block, then the root. On CUDA, param_dtype
-    bf16 casts the gathered parameters for compute while gradients are reduced
-    in fp32 and the optimizer keeps fp32 shards."""
+    """fully_shard every transformer block, then the root. With param_dtype bf16
+    (on CUDA and CPU alike) FSDP2's mixed precision casts the gathered parameters
+    for compute while gradients are reduced in fp32 and the optimizer keeps fp32
+    shards."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kwargs = {"mesh": info.mesh}
-    if param_dtype is not None and param_dtype != torch.float32:
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    mixed = param_dtype is not None and param_dtype != torch.float32
+
+    def policy(cast_inputs: bool) -> dict:
+        if not mixed:
+            return {}
+        return {"mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32,
+                                                  cast_forward_inputs=cast_inputs)}
+
+    # A block's inputs are left alone: the hidden states are bf16 already (the
+    # embedding's weights are), and the rotary cos/sin must stay fp32.
     for block in model.layers:
-        fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+        fully_shard(block, mesh=info.mesh, **policy(cast_inputs=False))
+    fully_shard(model, mesh=info.mesh, **policy(cast_inputs=True))
+
+
+def autocast_dtype(info: DistInfo, dtype: torch.dtype) -> torch.dtype:
+    """What autocast should cast to: nothing (fp32) in a sharded run, where FSDP's
+    mixed-precision policy already computes in `dtype`; `dtype` in a single process."""
+    return torch.float32 if info.sharded else dtype
+
+
+def precision_summary(info: DistInfo, dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "precision fp32"
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    if info.sharded:
+        return f"FSDP mixed precision: params {name}, reduce fp32"
+    return f"autocast {name} (fp32 weights and optimizer)"
 
 
 def local_bytes(tensors) -> int:
@@ -156,7 +179,7 @@ def build_model(model_cfg, info: DistInfo, seed: int, weights_file: str | None,
         for block in model.layers:
             block.compile()  # per block: compiles once, reused by all layers
     if info.sharded:
-        shard_model(model, info, param_dtype if info.device.type == "cuda" else None)
+        shard_model(model, info, param_dtype)
     model.to_empty(device=info.device)
     if model_cfg.tie_word_embeddings:  # to_empty can re-create parameters; tie again
         model.lm_head.weight = model.embed_tokens.weight
