@@ -110,4 +110,4 @@ def test_loss_weighs_every_trained_token_equally(task, tmp_path):
     a, _ = load_model_dir(str(tmp_path / "one"))
     b, _ = load_model_dir(str(tmp_path / "two"))
     for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # fp32 summation order; a weighting bug moves ~lr
