@@ -2,29 +2,47 @@
 
 from __future__ import annotations
 
+import re
+
 from .model import ModelConfig
 
-# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched
-# against torch.cuda.get_device_name(). Longer names first: "H100 PCIe" before "H100".
+# Dense (not 2:4 sparse) bf16 tensor-core peaks in FLOP/s, from the vendors' data
+# sheets, for torch.cuda.get_device_name(). A row matches when every one of its words
+# is a whole word of the device name (case-insensitive, "-" and "_" count as spaces:
+# "NVIDIA A100-SXM4-80GB" has the words nvidia, a100, sxm4, 80gb). Rows are tried in
+# order, the most specific first: "h100 nvl" before "h100", which is the SXM part
+# ("NVIDIA H100 80GB HBM3"). Whole words keep "GH200" from matching "h200", "L40S"
+# from matching "l4" and "H20" from matching anything.
 PEAK_BF16_FLOPS = [
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H800", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
+    ("gh200", 989e12),          # NVIDIA GH200 480GB: the H100/H200 SXM tensor cores
+    ("gb200", 2500e12),         # per Blackwell GPU of a GB200 superchip
+    ("h200 nvl", 835e12),       # NVIDIA H200 NVL: lower clocks and power than the SXM part
+    ("h200", 989e12),           # NVIDIA H200 (SXM)
+    ("h100 nvl", 835e12),       # NVIDIA H100 NVL
+    ("h100 pcie", 756e12),      # NVIDIA H100 PCIe
+    ("h100", 989e12),           # NVIDIA H100 80GB HBM3 (SXM)
+    ("h800 pcie", 756e12),
+    ("h800", 989e12),
+    ("b200", 2250e12),          # NVIDIA B200 (HGX)
+    ("a100", 312e12),           # SXM4 and PCIe alike
+    ("a800", 312e12),
+    ("l40s", 362e12),
+    ("l40", 181e12),
+    ("l4", 121e12),
+    ("rtx 4090", 165e12),       # GeForce RTX 4090, fp32 accumulation
 ]
 
 
+def _words(name: str) -> list[str]:
+    return re.split(r"[\s\-_]+", name.lower().strip())
+
+
 def peak_bf16_flops(device_name: str) -> float | None:
-    """None when the GPU is not in the table: better no MFU than a wrong one."""
+    """Dense bf16 peak of the GPU named device_name (as torch.cuda.get_device_name()
+    gives it), or None when it is not in the table: better no MFU than a wrong one."""
+    words = set(_words(device_name))
     for key, flops in PEAK_BF16_FLOPS:
-        if key.lower() in device_name.lower():
+        if all(word in words for word in key.split()):
             return flops
     return None
 
