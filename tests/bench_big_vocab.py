@@ -12,10 +12,8 @@ the seconds, and the numbers the test compares (losses, or the DPO loss and
 the embedding's gradient).
 """
 
-import gc
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -24,19 +22,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from nanobumble import dpo  # noqa: E402
 from nanobumble.model import ModelConfig, Transformer  # noqa: E402
+from host_memory import measure  # noqa: E402
 
 # Tiny except for the vocabulary, so the logits are nearly all the memory there is.
 CONFIG = ModelConfig(vocab_size=151936, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,
                      intermediate_size=128, max_position_embeddings=2048, tie_word_embeddings=True)
 BETA = 0.1
-
-
-def status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise KeyError(key)
 
 
 def validation(model, x, y, way):
@@ -79,14 +70,7 @@ def main(case: str, way: str, rows: int, seq: int, out: str) -> None:
         labels[:, seq // 4:-1] = ids[:, seq // 4 + 1:]  # next tokens; the first quarter is the prompt
         args = (ids, labels)
         fn = dpo_step
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current VmRSS
-    before = status_mib("VmRSS")
-    start = time.perf_counter()
-    values = fn(model, *args, way)
-    seconds = time.perf_counter() - start
-    peak = status_mib("VmHWM")
+    values, before, peak, seconds = measure(lambda: fn(model, *args, way))
     torch.save({"before_mib": before, "peak_mib": peak, "seconds": seconds, **values}, out)
 
 

@@ -9,19 +9,17 @@ writes OUT_DIR/{mode}-rank{r}.json. The peak is VmHWM, reset just before the
 save by writing 5 to /proc/self/clear_refs (Linux).
 """
 
-import gc
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
 
 from nanobumble import checkpoint  # noqa: E402
 from nanobumble.distributed import barrier, build_model, distributed_run  # noqa: E402
 from nanobumble.model import ModelConfig  # noqa: E402
+from host_memory import measure  # noqa: E402
 
 # About 123M parameters, 470 MiB in fp32; the largest tensor is the 125 MiB embedding.
 CONFIG = ModelConfig(vocab_size=32000, hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=4,
@@ -40,29 +38,15 @@ def old_model_state_dict(model):
     return state
 
 
-def status_mib(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise KeyError(key)
-
-
 def main(mode: str, out_dir: str) -> None:
     if mode == "old":
         checkpoint.model_state_dict = old_model_state_dict  # save_model_dir looks it up at call time
     tokenizer = os.path.join(out_dir, "tokenizer.model")
     with distributed_run() as info:
         model = build_model(CONFIG, info, seed=0, weights_file=None, param_dtype=None)
-        gc.collect()
         barrier()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current VmRSS
-        before = status_mib("VmRSS")
-        start = time.perf_counter()
-        checkpoint.save_model_dir(os.path.join(out_dir, mode), model, tokenizer, "bench: true\n")
-        seconds = time.perf_counter() - start
-        peak = status_mib("VmHWM")
+        _, before, peak, seconds = measure(
+            lambda: checkpoint.save_model_dir(os.path.join(out_dir, mode), model, tokenizer, "bench: true\n"))
         full_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # DTensor: global size
         with open(os.path.join(out_dir, f"{mode}-rank{info.rank}.json"), "w") as f:
             json.dump({"before_mib": before, "peak_mib": peak, "seconds": seconds, "model_mib": full_mib}, f)

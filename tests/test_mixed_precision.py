@@ -4,7 +4,6 @@ master shards) on gloo exactly as on NCCL, with the Triton kernels under the
 interpreter. A sharded bf16 run must run, say so, and match one process."""
 
 import json
-import os
 import socket
 
 import pytest
