@@ -195,10 +195,10 @@ def train(cfg: DPOConfig, info) -> None:
                 logger.log(step, scalars)
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             path = save_checkpoint(cfg.output_dir, step, model, optimizer, {"step": step, "rng": rng_state()},
-                                   tokenizer.model_file, training_args, cfg.save_total_limit, adapter_config)
+                                   tokenizer.model_bytes, training_args, cfg.save_total_limit, adapter_config)
             print0(f"saved {path}")
 
-    save_model_dir(cfg.output_dir, model, tokenizer.model_file, training_args, adapter_config)
+    save_model_dir(cfg.output_dir, model, tokenizer.model_bytes, training_args, adapter_config)
     if logger is not None:
         logger.close()
     what = "adapter" if lora else "model"

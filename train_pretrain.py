@@ -148,7 +148,7 @@ def train(cfg: PretrainConfig, info) -> None:
 
     def save(step: int) -> None:
         state = {"step": step, "rng": rng_state()}
-        path = save_checkpoint(cfg.output_dir, step, model, optimizer, state, tokenizer.model_file,
+        path = save_checkpoint(cfg.output_dir, step, model, optimizer, state, tokenizer.model_bytes,
                                training_args, cfg.save_total_limit)
         print0(f"saved {path}")
 
@@ -200,7 +200,7 @@ def train(cfg: PretrainConfig, info) -> None:
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             save(step)
 
-    save_model_dir(cfg.output_dir, model, tokenizer.model_file, training_args)
+    save_model_dir(cfg.output_dir, model, tokenizer.model_bytes, training_args)
     if logger is not None:
         logger.close()
     print0(f"done in {progress.elapsed()}; model directory: {cfg.output_dir}")

@@ -84,12 +84,14 @@ def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
                                if not (tied and name == "lm_head.weight"))
 
 
-def save_model_dir(path: str, model: Transformer, tokenizer_file: str, training_args_yaml: str,
+def save_model_dir(path: str, model: Transformer, tokenizer_file: str | bytes, training_args_yaml: str,
                    adapter_config: dict | None = None) -> None:
     """Write (or overwrite, file by file atomically) a model directory: the full
     weights, or for a LoRA run (adapter_config given) only the adapter, beside
-    config.json, tokenizer.model and training_args.yaml. Every rank calls it (to
-    gather shards); rank 0 writes."""
+    config.json, tokenizer.model and training_args.yaml. tokenizer_file is a
+    path to copy, or the tokenizer's bytes (Tokenizer.model_bytes: what a
+    training run passes, since the file it was loaded from may be a checkpoint
+    that rotation deletes). Every rank calls it (to gather shards); rank 0 writes."""
     if adapter_config is not None:
         from .lora import save_adapter
         save_adapter(path, model, adapter_config)
@@ -103,8 +105,14 @@ def save_model_dir(path: str, model: Transformer, tokenizer_file: str, training_
         save_file(state, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(path, "model.safetensors"))
     atomic_write_text(os.path.join(path, "config.json"), model_config_json(model.config))
-    if os.path.abspath(tokenizer_file) != os.path.abspath(os.path.join(path, "tokenizer.model")):
-        _copy_atomic(tokenizer_file, os.path.join(path, "tokenizer.model"))
+    tokenizer_path = os.path.join(path, "tokenizer.model")
+    if isinstance(tokenizer_file, bytes):
+        tmp = f"{tokenizer_path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(tokenizer_file)
+        os.replace(tmp, tokenizer_path)
+    elif os.path.abspath(tokenizer_file) != os.path.abspath(tokenizer_path):
+        _copy_atomic(tokenizer_file, tokenizer_path)
     atomic_write_text(os.path.join(path, "training_args.yaml"), training_args_yaml)
 
 
@@ -157,7 +165,7 @@ def latest_checkpoint(output_dir: str) -> str | None:
 
 
 def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, tokenizer_file: str, training_args_yaml: str,
+                    trainer_state: dict, tokenizer_file: str | bytes, training_args_yaml: str,
                     save_total_limit: int, adapter_config: dict | None = None) -> str:
     """Every rank calls this. Written under a temporary name, renamed by rank 0."""
     final = os.path.join(output_dir, f"checkpoint-{step}")

@@ -137,6 +137,7 @@ class Tokenizer:
         except RuntimeError as e:
             raise ValueError(f"{model_file} is not a sentencepiece model: {e}") from e
         self.model_file = model_file
+        self.model_bytes = model_bytes  # kept: the file may be a checkpoint that is later rotated away
         self.checksum = hashlib.sha256(model_bytes).hexdigest()
         self.vocab_size = self.sp.get_piece_size()
         self.eot_id = EOT_ID

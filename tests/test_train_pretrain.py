@@ -92,6 +92,33 @@ def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, cache_dir, mon
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_resume_survives_rotation_deleting_the_checkpoint_it_started_from(tmp_path, cache_dir, monkeypatch):
+    # The resumed run loaded its tokenizer from checkpoint-3; save_total_limit 2
+    # deletes checkpoint-3 at the save of step 5, and the saves after it (and the
+    # final model) must still have a tokenizer to write.
+    common = FAST + ["--max_steps", "7", "--save_steps", "1", "--save_total_limit", "2", "--eval_steps", "0",
+                     "--cache_dir", cache_dir, "--output_dir", str(tmp_path)]
+    original_log = MetricsLogger.log
+
+    def log_then_die(self, step, scalars):
+        original_log(self, step, scalars)
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(common + ["--logging_steps", "1"])
+    monkeypatch.setattr(MetricsLogger, "log", original_log)
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [1, 2]  # killed before checkpoint-3 was saved
+
+    run(common + ["--logging_steps", "1", "--resume", "auto"])
+    assert [s for s, _ in list_checkpoints(str(tmp_path))] == [6, 7]
+    for directory in [tmp_path, tmp_path / "checkpoint-6", tmp_path / "checkpoint-7"]:
+        assert (directory / "tokenizer.model").read_bytes() == (tmp_path / "checkpoint-7" / "tokenizer.model").read_bytes()
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp")]
+    load_model_dir(str(tmp_path))  # the final model is complete
+
+
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(tmp_path, cache_dir, monkeypatch):
     out = tmp_path / "nan"
     calls = {"n": 0}
