@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, fields
 from typing import Any
@@ -73,8 +74,23 @@ class TrainConfig:
                 raise ConfigError(f"key '{key}' must be at least 1, got {getattr(self, key)}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"key 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
+        # Ranges of the numeric keys: a NaN fails every comparison, so it is refused too.
+        _check_range(self, "learning_rate", lambda v: v > 0, "> 0")
+        _check_range(self, "weight_decay", lambda v: v >= 0, ">= 0")
+        _check_range(self, "min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
+        _check_range(self, "adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)")
+        _check_range(self, "adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)")
+        _check_range(self, "max_grad_norm", lambda v: v <= 0 or math.isfinite(v), "finite (<= 0: no clipping)")
+        _check_range(self, "num_epochs", lambda v: math.isfinite(v), "finite")
+        _check_range(self, "seed", lambda v: 0 <= v < 2**32, "in [0, 2^32)")
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise ConfigError("set max_steps > 0 or num_epochs > 0")
+
+
+def _check_range(config, key: str, ok, what: str) -> None:
+    value = getattr(config, key)
+    if not ok(value):
+        raise ConfigError(f"key '{key}' must be {what}, got {value}")
 
 
 def _check_choice(config, key: str, allowed: tuple[str, ...]) -> None:

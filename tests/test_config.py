@@ -53,6 +53,14 @@ def test_unknown_key_names_the_closest(tmp_path):
     (["--learning_rate", "fast"], "learning_rate"),
     (["--lr_scheduler_type", "exponential"], "lr_scheduler_type"),
     (["--cutoff_len", "0"], "cutoff_len"),
+    (["--learning_rate", "nan"], "learning_rate"),
+    (["--learning_rate", "-1e-3"], "learning_rate"),
+    (["--min_lr_ratio", "-5"], "min_lr_ratio"),
+    (["--adam_beta1", "1.5"], "adam_beta1"),
+    (["--adam_beta2", "nan"], "adam_beta2"),
+    (["--weight_decay", "-0.1"], "weight_decay"),
+    (["--max_grad_norm", "inf"], "max_grad_norm"),
+    (["--seed", "-1"], "seed"),
 ])
 def test_bad_values_name_the_key(argv, key):
     with pytest.raises(ConfigError, match=key):
