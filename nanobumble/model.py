@@ -320,14 +320,24 @@ def document_attention_mask(position_ids: torch.Tensor, attention_mask: torch.Te
     device = position_ids.device
     if flex_attention_available() and (device.type == "cuda" or not torch.is_grad_enabled()):
         from torch.nn.attention.flex_attention import create_block_mask
-        # Compiled on CUDA: evaluated eagerly, the rule would build [B, T, T] index tensors.
-        return create_block_mask(rule, B, None, T, T, device=device, _compile=device.type == "cuda")
+        # Compiled where flex attention is: evaluated eagerly, the rule builds [B, T, T] index tensors.
+        return create_block_mask(rule, B, None, T, T, device=device, _compile=compiles_flex(device))
     b = torch.arange(B, device=device)[:, None, None, None]
     i = torch.arange(T, device=device)
     return rule(b, 0, i[None, None, :, None], i[None, None, None, :])
 
 
 _compiled_flex = None
+
+# Where flex attention (and its block mask) is compiled. Eager flex materialises
+# every score, like SDPA's math path, so CUDA compiles it; on CPU eager is fine for
+# the small no-gradient passes it serves. A slow CPU test adds "cpu" to run the
+# compiled branch without a GPU.
+COMPILED_FLEX_DEVICES = ("cuda",)
+
+
+def compiles_flex(device: torch.device) -> bool:
+    return device.type in COMPILED_FLEX_DEVICES
 
 
 def _eager_flex_attention(*args, **kwargs):
@@ -338,11 +348,10 @@ def _eager_flex_attention(*args, **kwargs):
 
 
 def flex_attention_op(device: torch.device):
-    """flex_attention, compiled on CUDA (eager it materialises every score, like the
-    math path); eager on CPU, where it only runs without gradients."""
+    """flex_attention, compiled where compiles_flex(device) (CUDA), else eager."""
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
-    if device.type != "cuda":
+    if not compiles_flex(device):
         return _eager_flex_attention
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)

@@ -2,6 +2,7 @@
 (attention_mask), through flex_attention's BlockMask where it can run and through
 a dense SDPA mask where it cannot (CPU with gradients). Both come from one rule."""
 
+import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
@@ -111,3 +112,21 @@ def test_padding_left_or_right_leaves_real_tokens_as_if_unpadded():
     loss = model.train()(left, targets, attention_mask=torch.cat([zeros, ones], dim=1))
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_compiled_flex_branch_runs_on_cpu(monkeypatch):
+    """The branch CUDA takes (compiled block mask and compiled flex_attention), here on
+    CPU without gradients: the packed row still gives each document its own logits."""
+    import nanobumble.model as model_module
+
+    monkeypatch.setattr(model_module, "COMPILED_FLEX_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(model_module, "_compiled_flex", None)
+    model = tiny().eval()
+    docs = [torch.randint(0, V, (1, n)) for n in (7, 13)]
+    row, positions = pack(docs)
+    with torch.no_grad():
+        packed = model(row, position_ids=positions)
+        torch.testing.assert_close(packed[:, :7], model(docs[0]), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(packed[:, 7:], model(docs[1]), rtol=1e-4, atol=1e-4)
+    assert model_module._compiled_flex is not None  # the compiled op was the one used

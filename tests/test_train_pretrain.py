@@ -35,6 +35,21 @@ def run(argv):
         os.chdir(cwd)
 
 
+def run_until_killed(monkeypatch, argv, step: int) -> None:
+    """Run, and stop it dead (KeyboardInterrupt) right after `step` is logged."""
+    original_log = MetricsLogger.log
+
+    def log_then_die(self, logged_step, scalars):
+        original_log(self, logged_step, scalars)
+        if logged_step == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(MetricsLogger, "log", log_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(argv)
+    monkeypatch.setattr(MetricsLogger, "log", original_log)
+
+
 def test_no_argument_run_at_a_few_steps(tmp_path, cache_dir):
     out = tmp_path / "run"
     # The script's defaults, as a user runs it, only shortened and redirected.
@@ -65,17 +80,7 @@ def test_kill_and_resume_gives_the_uninterrupted_losses(tmp_path, cache_dir, mon
     expected = read_metrics(str(tmp_path / "straight"))
 
     killed = str(tmp_path / "killed")
-    original_log = MetricsLogger.log
-
-    def log_then_die(self, step, scalars):
-        original_log(self, step, scalars)
-        if step == 5:  # after checkpoint-3 and two more logged steps
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(MetricsLogger, "log", log_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(common + ["--output_dir", killed])
-    monkeypatch.setattr(MetricsLogger, "log", original_log)
+    run_until_killed(monkeypatch, common + ["--output_dir", killed], step=5)  # after checkpoint-3 and two more steps
     assert [s for s, _ in list_checkpoints(killed)] == [3]
     assert read_metrics(killed)[-1]["step"] == 5
 
@@ -98,17 +103,7 @@ def test_resume_survives_rotation_deleting_the_checkpoint_it_started_from(tmp_pa
     # final model) must still have a tokenizer to write.
     common = FAST + ["--max_steps", "7", "--save_steps", "1", "--save_total_limit", "2", "--eval_steps", "0",
                      "--cache_dir", cache_dir, "--output_dir", str(tmp_path)]
-    original_log = MetricsLogger.log
-
-    def log_then_die(self, step, scalars):
-        original_log(self, step, scalars)
-        if step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(MetricsLogger, "log", log_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run(common + ["--logging_steps", "1"])
-    monkeypatch.setattr(MetricsLogger, "log", original_log)
+    run_until_killed(monkeypatch, common + ["--logging_steps", "1"], step=3)
     assert [s for s, _ in list_checkpoints(str(tmp_path))] == [1, 2]  # killed before checkpoint-3 was saved
 
     run(common + ["--logging_steps", "1", "--resume", "auto"])
