@@ -23,18 +23,18 @@ from contextlib import nullcontext
 
 import torch
 
-from nanobumble.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_model_dir, set_rng_state
+from nanobumble.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
 from nanobumble.common import UserError, autocast, resolve_precision, run_cli
 from nanobumble.config import DPOConfig, config_to_yaml, parse_config
-from nanobumble.distributed import (all_reduce_sum, autocast_dtype, build_model, distributed_run,
+from nanobumble.distributed import (all_reduce_sum, autocast_dtype, build_model, distributed_run, main_process_first,
                                     precision_summary, print0)
 from nanobumble.dpo import batch_logps, dpo_batch_metrics, preference_loss
 from nanobumble.dpo_data import PreferenceDataset, load_preference_pairs, tokenize_pairs
 from nanobumble.lora import adapter_config_for, disable_adapters
 from nanobumble.metrics import MetricsLogger
 from nanobumble.optim import build_optimizer, lr_at
-from nanobumble.training import (Progress, check_finite, clip_gradients, lora_settings, open_starting_model,
-                                 resolve_resume, set_learning_rate, total_steps)
+from nanobumble.training import (Progress, check_finite, check_model_finite, clip_gradients, lora_settings,
+                                open_starting_model, resolve_resume, set_learning_rate, total_steps)
 
 
 @torch.no_grad()
@@ -56,8 +56,9 @@ def precompute_reference(reference, dataset: PreferenceDataset, cfg: DPOConfig, 
 
 
 def main(argv: list[str]) -> None:
-    with distributed_run() as info:
-        train(parse_config(argv, DPOConfig), info)
+    cfg = parse_config(argv, DPOConfig)
+    with distributed_run(cfg.collective_timeout_minutes) as info:
+        train(cfg, info)
 
 
 def train(cfg: DPOConfig, info) -> None:
@@ -65,7 +66,7 @@ def train(cfg: DPOConfig, info) -> None:
     dtype = resolve_precision(cfg.train_model_precision, device)
     torch.manual_seed(cfg.seed)
     print0(f"config:\n{config_to_yaml(cfg)}")
-    resume_dir = resolve_resume(cfg.resume, cfg.output_dir)
+    resume_dir = main_process_first(lambda: resolve_resume(cfg, info.world_size))
 
     # --- the starting model's shape and tokenizer ---
     tokenizer, model_cfg = open_starting_model(cfg)
@@ -121,11 +122,7 @@ def train(cfg: DPOConfig, info) -> None:
     warmup_steps = int(cfg.warmup_ratio * num_steps)
     print0(f"data: {dataset.num_pairs} pairs; {pairs_per_step} pairs per step; {num_steps} steps")
 
-    start_step = 0
-    if resume_dir:
-        state = load_checkpoint(resume_dir, model, optimizer)
-        set_rng_state(state["rng"])
-        start_step = state["step"]
+    start_step = load_checkpoint(resume_dir, model, optimizer) if resume_dir else 0
 
     training_args = config_to_yaml(cfg)
     logger = MetricsLogger(cfg.output_dir, cfg.use_tensorboard, resume_step=start_step) if info.is_main else None
@@ -194,10 +191,11 @@ def train(cfg: DPOConfig, info) -> None:
             if logger is not None:
                 logger.log(step, scalars)
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
-            path = save_checkpoint(cfg.output_dir, step, model, optimizer, {"step": step, "rng": rng_state()},
-                                   tokenizer.model_bytes, training_args, cfg.save_total_limit, adapter_config)
+            check_model_finite(model, step, cfg.output_dir, device, compute_dtype)
+            path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer.model_bytes, training_args, cfg.save_total_limit, adapter_config)
             print0(f"saved {path}")
 
+    check_model_finite(model, num_steps, cfg.output_dir, device, compute_dtype)
     save_model_dir(cfg.output_dir, model, tokenizer.model_bytes, training_args, adapter_config)
     if logger is not None:
         logger.close()

@@ -19,20 +19,19 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanobumble.checkpoint import load_checkpoint, rng_state, save_checkpoint, save_model_dir, set_rng_state
+from nanobumble.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
 from nanobumble.common import autocast, resolve_precision, run_cli
 from nanobumble.config import PretrainConfig, config_to_yaml, parse_config
 from nanobumble.data import TokenShards, ensure_shards, files_fingerprint, iter_text_records, list_data_files
 from nanobumble.distributed import (all_reduce_mean, all_reduce_sum, autocast_dtype, build_model, distributed_run,
-                                    local_bytes, main_process_first, optimizer_state_bytes, precision_summary,
-                                    print0)
+                                    local_bytes, main_process_first, optimizer_state_bytes, precision_summary, print0)
 from nanobumble.metrics import MetricsLogger
 from nanobumble.mfu import peak_bf16_flops, training_flops_per_token
 from nanobumble.model import model_config_for
 from nanobumble.optim import build_optimizer, lr_at
 from nanobumble.tokenizer import Tokenizer, load_or_train_tokenizer
-from nanobumble.training import (Progress, check_finite, check_model_fits, clip_gradients, resolve_resume,
-                                 set_learning_rate, total_steps)
+from nanobumble.training import (Progress, check_finite, check_model_finite, check_model_fits, clip_gradients,
+                                resolve_resume, set_learning_rate, total_steps)
 
 
 def find_tokenizer(cfg: PretrainConfig, resume_dir: str | None) -> Tokenizer:
@@ -76,8 +75,9 @@ def evaluate(model, val_data: TokenShards, cfg: PretrainConfig, token_bytes: tor
 
 
 def main(argv: list[str]) -> None:
-    with distributed_run() as info:
-        train(parse_config(argv, PretrainConfig), info)
+    cfg = parse_config(argv, PretrainConfig)
+    with distributed_run(cfg.collective_timeout_minutes) as info:
+        train(cfg, info)
 
 
 def train(cfg: PretrainConfig, info) -> None:
@@ -87,7 +87,7 @@ def train(cfg: PretrainConfig, info) -> None:
     print0(f"config:\n{config_to_yaml(cfg)}")
 
     # --- where do we start? ---
-    resume_dir = resolve_resume(cfg.resume, cfg.output_dir)
+    resume_dir = main_process_first(lambda: resolve_resume(cfg, info.world_size))
 
     # --- tokenizer and model shape (checked against each other before any data work) ---
     tokenizer = main_process_first(lambda: find_tokenizer(cfg, resume_dir))
@@ -127,11 +127,7 @@ def train(cfg: PretrainConfig, info) -> None:
            f"x {cfg.cutoff_len} = {tokens_per_step:,} tokens per step; "
            f"{num_steps} steps = {num_steps / steps_per_epoch:.2f} epochs")
 
-    start_step = 0
-    if resume_dir:
-        state = load_checkpoint(resume_dir, model, optimizer)
-        set_rng_state(state["rng"])
-        start_step = state["step"]
+    start_step = load_checkpoint(resume_dir, model, optimizer) if resume_dir else 0
 
     # --- logging (rank 0 writes) ---
     training_args = config_to_yaml(cfg)
@@ -147,9 +143,9 @@ def train(cfg: PretrainConfig, info) -> None:
             logger.log(step, scalars)
 
     def save(step: int) -> None:
-        state = {"step": step, "rng": rng_state()}
-        path = save_checkpoint(cfg.output_dir, step, model, optimizer, state, tokenizer.model_bytes,
-                               training_args, cfg.save_total_limit)
+        check_model_finite(model, step, cfg.output_dir, device, compute_dtype)
+        path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer.model_bytes, training_args,
+                               cfg.save_total_limit)
         print0(f"saved {path}")
 
     # --- the loop ---
@@ -200,6 +196,7 @@ def train(cfg: PretrainConfig, info) -> None:
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             save(step)
 
+    check_model_finite(model, num_steps, cfg.output_dir, device, compute_dtype)
     save_model_dir(cfg.output_dir, model, tokenizer.model_bytes, training_args)
     if logger is not None:
         logger.close()

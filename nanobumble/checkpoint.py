@@ -2,34 +2,46 @@
 
 A model directory (what model_name_or_path points at):
     config.json  model.safetensors  tokenizer.model  training_args.yaml
+(a LoRA run writes adapter_model.safetensors + adapter_config.json instead of
+model.safetensors).
 
-A checkpoint, output_dir/checkpoint-{step}/, is a model directory plus the
-trainer state needed to continue exactly: optimizer/ (the AdamW moments, saved
-by torch.distributed.checkpoint: each rank writes its own shard, and a later
-run with a different number of ranks reshards on load) and trainer_state.pt
-(step, RNG state). The data position is the step itself, because every batch
-is drawn from (seed, step, sample index).
+A checkpoint, output_dir/checkpoint-{step}/, is a model directory plus what is
+needed to continue exactly:
+    optimizer.safetensors  the AdamW moments and step counts, unsharded, one
+                           tensor per parameter ("<name>.exp_avg", ...); each
+                           rank of a later run reads its own rows, whatever the
+                           number of ranks
+    rng_state.safetensors  the random generators
+    trainer_state.json     step and world size
+The data position is the step itself: every batch is drawn from (seed, step,
+sample index).
 
-model.safetensors is always the consolidated model: sharded parameters are
-gathered and rank 0 writes the file. Every write goes to a temporary name first
-and is renamed into place, so a crash or a NaN can never leave a half-written
-checkpoint behind.
+Every file is safetensors, JSON, YAML or a sentencepiece model: nothing on a
+load path unpickles, so a checkpoint from someone else cannot run code. Sharded
+tensors are gathered one at a time and rank 0 writes them (tensor_files.py).
+Each file goes to a temporary name first and a checkpoint to a temporary
+directory, renamed when complete, so a crash never leaves a half-written one
+under the final name; `checkpoint_problem` still checks each before resuming.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-import warnings
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file, save_file
+import yaml
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from .model import ModelConfig, Transformer, copy_full_into, load_model_config, model_config_json
+from .common import UserError
+from .model import ModelConfig, Transformer, load_model_config, model_config_json
+from .tensor_files import DamagedFile, header_shapes, open_file, read_into, write_gathered
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+MODEL_FILES = ("config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors")
 
 
 def _is_main() -> bool:
@@ -40,30 +52,29 @@ def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
 
 def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _copy_atomic(src: str, dst: str) -> None:
-    tmp = f"{dst}.tmp-{os.getpid()}"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def gather_full_on_main(named_tensors) -> dict[str, torch.Tensor]:
     """Each tensor whole and on the CPU, kept by rank 0 only; other ranks return {}.
 
     A sharded (FSDP2 DTensor) tensor is all-gathered, which is a collective: every
-    rank must call this with the same names in the same order. Gathering one
-    tensor at a time, moving it to the CPU at once and dropping it on the other
-    ranks means a non-zero rank never holds more than its shards plus one full
-    tensor, and the GPU never more than one gathered tensor."""
+    rank must call this with the same names in the same order. A non-zero rank
+    never holds more than its shards plus one full tensor."""
     main = _is_main()
     state = {}
     for name, tensor in named_tensors:
@@ -75,13 +86,45 @@ def gather_full_on_main(named_tensors) -> dict[str, torch.Tensor]:
     return state
 
 
-def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
-    """Full weights on the CPU on rank 0, {} on other ranks (every rank must call
-    this: sharded tensors are gathered). A tied LM head is the embedding, so it is
-    stored once."""
+def _weights(model: Transformer) -> list[tuple[str, torch.Tensor]]:
+    """What model.safetensors holds. A tied LM head is the embedding: stored once."""
     tied = model.config.tie_word_embeddings
-    return gather_full_on_main((name, tensor) for name, tensor in model.state_dict().items()
-                               if not (tied and name == "lm_head.weight"))
+    return [(name, tensor) for name, tensor in model.state_dict().items() if not (tied and name == "lm_head.weight")]
+
+
+def model_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    """Full weights on the CPU on rank 0, {} on other ranks (every rank must call this)."""
+    return gather_full_on_main(_weights(model))
+
+
+def holds_model(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, name)) for name in MODEL_FILES)
+
+
+def check_output_dir(path: str, overwrite: bool, flag: str = "output_dir") -> None:
+    """A directory we are about to write a model into: refuse a file, an unwritable
+    place, or (unless overwrite) a finished model that would be replaced."""
+    if holds_model(path) and not overwrite:
+        raise UserError(f"{flag} {path} already holds a model; pick another directory, "
+                        f"or pass --overwrite_output_dir true to replace it")
+    check_writable(path, flag)
+
+
+def check_writable(path: str, flag: str) -> None:
+    """Fail early, naming the key, when path (or, before it exists, the directory
+    that will hold it) cannot be written to: not hours later at the first save."""
+    existing = os.path.abspath(path)
+    while not os.path.isdir(existing):
+        if os.path.exists(existing):
+            raise UserError(f"{flag} {path}: {existing} is a file, not a directory")
+        existing = os.path.dirname(existing)
+    probe = os.path.join(existing, f".write-test-{os.getpid()}")
+    try:
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not writable ({existing}: {e.strerror})") from None
 
 
 def save_model_dir(path: str, model: Transformer, tokenizer_file: str | bytes, training_args_yaml: str,
@@ -92,52 +135,60 @@ def save_model_dir(path: str, model: Transformer, tokenizer_file: str | bytes, t
     path to copy, or the tokenizer's bytes (Tokenizer.model_bytes: what a
     training run passes, since the file it was loaded from may be a checkpoint
     that rotation deletes). Every rank calls it (to gather shards); rank 0 writes."""
+    if _is_main():
+        os.makedirs(path, exist_ok=True)
+    _barrier()
     if adapter_config is not None:
         from .lora import save_adapter
         save_adapter(path, model, adapter_config)
     else:
-        state = model_state_dict(model)
+        write_gathered(os.path.join(path, "model.safetensors"), _weights(model))
     if not _is_main():
         return
-    os.makedirs(path, exist_ok=True)
-    if adapter_config is None:
-        tmp = os.path.join(path, f"model.safetensors.tmp-{os.getpid()}")
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(path, "model.safetensors"))
     atomic_write_text(os.path.join(path, "config.json"), model_config_json(model.config))
     tokenizer_path = os.path.join(path, "tokenizer.model")
     if isinstance(tokenizer_file, bytes):
-        tmp = f"{tokenizer_path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(tokenizer_file)
-        os.replace(tmp, tokenizer_path)
+        atomic_write_bytes(tokenizer_path, tokenizer_file)
     elif os.path.abspath(tokenizer_file) != os.path.abspath(tokenizer_path):
-        _copy_atomic(tokenizer_file, tokenizer_path)
+        with open(tokenizer_file, "rb") as f:
+            atomic_write_bytes(tokenizer_path, f.read())
     atomic_write_text(os.path.join(path, "training_args.yaml"), training_args_yaml)
+
+
+def expected_weight_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
+    from .lora import is_lora_param
+
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if not is_lora_param(name)}
+    return shapes
+
+
+def check_weight_names(weights_file: str, stored: dict, expected: dict) -> None:
+    missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        raise DamagedFile(f"{weights_file}: weights do not match config.json "
+                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    for name, shape in stored.items():
+        if shape != expected[name]:
+            raise DamagedFile(f"{weights_file}: tensor {name} has shape {shape}, config.json says {expected[name]}")
 
 
 @torch.no_grad()
 def load_model_weights(model: Transformer, weights_file: str) -> None:
-    """Load a full safetensors file into a model, sharded or not (each rank keeps
-    its slice). LoRA adapter parameters, if injected, are not in the file."""
+    """Load a full safetensors file into a model, sharded or not: each rank reads
+    only its own rows. LoRA adapter parameters, if injected, are not in the file.
+    A file that does not match the model raises DamagedFile naming it."""
     from .lora import is_lora_param
 
-    state = load_file(weights_file)
-    # a tied weight is listed once, as embed_tokens.weight
+    if not os.path.isfile(weights_file):
+        raise DamagedFile(f"{weights_file}: not found")
     params = {name: p for name, p in model.named_parameters() if not is_lora_param(name)}
-    expected = {name: tuple(p.shape) for name, p in params.items()}
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{weights_file}: weights do not match config.json "
-                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != expected[name]:
-            raise ValueError(f"{weights_file}: tensor {name} has shape {tuple(tensor.shape)}, "
-                             f"config.json says {expected[name]}")
-    for name, tensor in state.items():
-        copy_full_into(params[name], tensor.to(params[name].dtype))
+    with open_file(weights_file) as f:
+        stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        if model.config.tie_word_embeddings:  # a tied weight is listed once, as embed_tokens.weight
+            stored.pop("lm_head.weight", None)
+        check_weight_names(weights_file, stored, expected_weight_shapes(model))
+        for name in stored:
+            read_into(f, name, params[name], weights_file)
 
 
 def load_model_dir(path: str) -> tuple[Transformer, ModelConfig]:
@@ -148,7 +199,8 @@ def load_model_dir(path: str) -> tuple[Transformer, ModelConfig]:
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
-    """Complete checkpoints, oldest first. Incomplete ones never carry the final name."""
+    """Checkpoint directories by name, oldest first (see checkpoint_problem for
+    whether one is intact)."""
     if not os.path.isdir(output_dir):
         return []
     found = []
@@ -160,13 +212,25 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
-    found = list_checkpoints(output_dir)
-    return found[-1][1] if found else None
+    """The newest intact checkpoint."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        if checkpoint_problem(path) is None:
+            return path
+    return None
+
+
+def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    """The optimizer's state dict keyed by parameter name (its tensors sharded like
+    the parameters), and its tensors as ("<parameter>.<key>", tensor) in a fixed order."""
+    state = get_optimizer_state_dict(model, optimizer)
+    named = [(f"{param}.{key}", value) for param in sorted(state["state"])
+             for key, value in sorted(state["state"][param].items())]
+    return state, named
 
 
 def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, tokenizer_file: str | bytes, training_args_yaml: str,
-                    save_total_limit: int, adapter_config: dict | None = None) -> str:
+                    tokenizer_file: str | bytes, training_args_yaml: str, save_total_limit: int,
+                    adapter_config: dict | None = None) -> str:
     """Every rank calls this. Written under a temporary name, renamed by rank 0."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
@@ -174,15 +238,22 @@ def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: t
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     _barrier()
-    save_model_dir(tmp, model, tokenizer_file, training_args_yaml, adapter_config)
-    with warnings.catch_warnings():  # a single process saving alone is intended
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(get_optimizer_state_dict(model, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"),
-                 no_dist=not dist.is_initialized())
+    try:
+        save_model_dir(tmp, model, tokenizer_file, training_args_yaml, adapter_config)
+        write_gathered(os.path.join(tmp, "optimizer.safetensors"), _optimizer_tensors(model, optimizer)[1])
+        if _is_main():
+            write_gathered(os.path.join(tmp, "rng_state.safetensors"), list(rng_state().items()))
+            world_size = dist.get_world_size() if dist.is_initialized() else 1
+            atomic_write_text(os.path.join(tmp, "trainer_state.json"),
+                              json.dumps({"step": step, "world_size": world_size}) + "\n")
+    except BaseException:
+        if _is_main():  # a full disk: free what the half-written checkpoint took
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if _is_main():
-        torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
         if os.path.exists(final):  # a resumed run saving the same step again
-            old = f"{final}.old-{os.getpid()}"
+            old = os.path.join(output_dir, f".old-checkpoint-{step}")
+            shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
             os.rename(tmp, final)
             shutil.rmtree(old)
@@ -195,30 +266,94 @@ def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: t
     return final
 
 
-def load_checkpoint(path: str, model: Transformer, optimizer: torch.optim.Optimizer) -> dict:
-    """Restore weights (or, for a LoRA run, the adapter) and the optimizer in place,
-    resharding to this run's ranks; return the trainer state."""
-    if os.path.isfile(os.path.join(path, "adapter_model.safetensors")):
-        from .lora import load_adapter
-        load_adapter(model, path)
-    else:
-        load_model_weights(model, os.path.join(path, "model.safetensors"))
-    state = get_optimizer_state_dict(model, optimizer)  # the target layout; filled in by the load
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=os.path.join(path, "optimizer"), no_dist=not dist.is_initialized())
-    set_optimizer_state_dict(model, optimizer, state)
-    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def read_trainer_state(path: str) -> dict:
+    state_file = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state_file):
+        old = " (written by an older nanobumble, trainer_state.pt)" \
+            if os.path.exists(os.path.join(path, "trainer_state.pt")) else ""
+        raise DamagedFile(f"{state_file}: not found{old}")
+    try:
+        with open(state_file, encoding="utf-8") as f:
+            state = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DamagedFile(f"{state_file}: not valid JSON ({e})") from None
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) and state[k] >= 0
+                                              for k in ("step", "world_size")):
+        raise DamagedFile(f"{state_file}: expected {{\"step\": <int>, \"world_size\": <int>}}")
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def checkpoint_problem(path: str) -> str | None:
+    """What is wrong with a checkpoint directory, or None when it is intact: every
+    file present and readable, the weights matching config.json, the optimizer
+    state matching the weights. Reads headers only."""
+    from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
+
+    try:
+        state = read_trainer_state(path)
+        match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+        if match and int(match.group(1)) != state["step"]:
+            return f"trainer_state.json says step {state['step']}"
+        for name in ("tokenizer.model", "training_args.yaml", "rng_state.safetensors", "optimizer.safetensors"):
+            if not os.path.isfile(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) == 0:
+                return f"{os.path.join(path, name)}: missing or empty"
+        with open(os.path.join(path, "training_args.yaml"), encoding="utf-8") as f:
+            if not isinstance(yaml.safe_load(f), dict):
+                return "training_args.yaml is not a mapping"
+        header_shapes(os.path.join(path, "rng_state.safetensors"))
+        with torch.device("meta"):
+            model = Transformer(load_model_config(os.path.join(path, "config.json")))
+        if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+            read_adapter_config(path)
+            trained = header_shapes(os.path.join(path, ADAPTER_WEIGHTS))
+        else:
+            weights_file = os.path.join(path, "model.safetensors")
+            trained = header_shapes(weights_file)
+            trained.pop("lm_head.weight", None) if model.config.tie_word_embeddings else None
+            check_weight_names(weights_file, trained, expected_weight_shapes(model))
+        moments = {name.removesuffix(".exp_avg"): shape
+                   for name, shape in header_shapes(os.path.join(path, "optimizer.safetensors")).items()
+                   if name.endswith(".exp_avg")}
+        if moments != trained:
+            return "optimizer.safetensors does not match the weights"
+    except (DamagedFile, UserError, ValueError, TypeError, OSError, yaml.YAMLError) as e:
+        return str(e)
+    return None
+
+
+def load_checkpoint(path: str, model: Transformer, optimizer: torch.optim.Optimizer) -> int:
+    """Restore weights (or, for a LoRA run, the adapter), the optimizer (each rank
+    reading its own rows) and the random generators; return the step."""
+    from .lora import ADAPTER_WEIGHTS, load_adapter
+
+    if os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS)):
+        load_adapter(model, path)
+    else:
+        load_model_weights(model, os.path.join(path, "model.safetensors"))
+    state, named = _optimizer_tensors(model, optimizer)  # the target layout, filled in below
+    optimizer_file = os.path.join(path, "optimizer.safetensors")
+    with open_file(optimizer_file) as f:
+        missing = sorted({name for name, _ in named} - set(f.keys()))
+        if missing:
+            raise DamagedFile(f"{optimizer_file}: no state for {missing[:3]} (a checkpoint of another model "
+                              f"or finetuning_type?)")
+        for name, tensor in named:
+            read_into(f, name, tensor, optimizer_file)
+    set_optimizer_state_dict(model, optimizer, state)
+    with open_file(os.path.join(path, "rng_state.safetensors")) as f:
+        set_rng_state({name: f.get_tensor(name) for name in f.keys()})
+    return read_trainer_state(path)["step"]
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = [state[f"cuda.{i}"] for i in range(len(state)) if f"cuda.{i}" in state]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import sys
 import traceback
 from typing import Callable
@@ -10,6 +12,10 @@ from typing import Callable
 import torch
 
 from .config import ConfigError
+
+
+# OSErrors that are about the machine, not the program: one line, exit 2.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
 
 
 class UserError(Exception):
@@ -44,6 +50,15 @@ def run_cli(main: Callable[[list[str]], None]) -> None:
         main(sys.argv[1:])
     except (ConfigError, DataError, UserError) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno not in ENVIRONMENT_ERRNOS:
+            traceback.print_exc()
+            sys.exit(1)
+        # A full disk or a read-only place: the cause is outside the program. Every
+        # file is written under a temporary name first, so nothing existing was harmed.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or os.strerror(e.errno)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -60,7 +60,10 @@ class TrainConfig:
     save_total_limit: int = 2  # newest checkpoints kept; <= 0 keeps all
     use_tensorboard: bool = True
     seed: int = 42
-    resume: str = ""  # "" = fresh run, "auto" = newest checkpoint in output_dir, or a checkpoint dir
+    resume: str = ""  # "" = fresh run, "auto" = newest intact checkpoint in output_dir, or a checkpoint dir
+    allow_schedule_change: bool = False  # resume with another learning_rate, scheduler, warmup or length
+    overwrite_output_dir: bool = False  # a fresh run may replace the model and checkpoints in output_dir
+    collective_timeout_minutes: float = 10.0  # ranks give up on a rank that stops answering after this long
 
     def __post_init__(self):
         if self.stage != type(self).stage:
@@ -83,6 +86,7 @@ class TrainConfig:
         _check_range(self, "max_grad_norm", lambda v: v <= 0 or math.isfinite(v), "finite (<= 0: no clipping)")
         _check_range(self, "num_epochs", lambda v: math.isfinite(v), "finite")
         _check_range(self, "seed", lambda v: 0 <= v < 2**32, "in [0, 2^32)")
+        _check_range(self, "collective_timeout_minutes", lambda v: 0 < v < math.inf, "> 0 and finite")
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise ConfigError("set max_steps > 0 or num_epochs > 0")
 

@@ -39,8 +39,18 @@ class DistInfo:
         return self.world_size > 1
 
 
-def setup_distributed() -> DistInfo:
-    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE, or run as a single process."""
+# Ranks wait this long for each other while rank 0 prepares data once (training a
+# tokenizer, writing token shards): hours on GBs of text, so not the collective
+# timeout, which is meant to catch a rank that hangs while training.
+PREPARATION_TIMEOUT = datetime.timedelta(hours=24)
+_preparation_group = None
+
+
+def setup_distributed(timeout_minutes: float = 10.0) -> DistInfo:
+    """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE, or run as a single process.
+    A collective that waits longer than timeout_minutes for a rank (a hung or
+    stopped process) fails and ends the run."""
+    global _preparation_group
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -58,23 +68,26 @@ def setup_distributed() -> DistInfo:
     from torch.distributed.device_mesh import init_device_mesh
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
                             device_id=device if device.type == "cuda" else None)
+    _preparation_group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
     mesh = init_device_mesh(device.type, (world_size,))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, mesh=mesh)
 
 
 def cleanup_distributed() -> None:
+    global _preparation_group
+    _preparation_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 @contextlib.contextmanager
-def distributed_run():
+def distributed_run(timeout_minutes: float = 10.0):
     """setup_distributed() for the length of a script; on success every rank waits
     for the others before tearing down (a gloo peer that leaves first can make
     the other abort at exit). On an error nobody waits: torchrun stops the rest."""
-    info = setup_distributed()
+    info = setup_distributed(timeout_minutes)
     try:
         yield info
         barrier()
@@ -194,11 +207,16 @@ def build_model(model_cfg, info: DistInfo, seed: int, weights_file: str | None,
 
 def main_process_first(fn):
     """Run fn on rank 0 first (e.g. training a tokenizer, writing shards), then on
-    the other ranks, which then find its results in the cache."""
+    the other ranks, which then find its results in the cache. The others wait
+    under PREPARATION_TIMEOUT, not the collective timeout."""
+    def wait() -> None:
+        if dist.is_initialized():
+            dist.barrier(group=_preparation_group)
+
     if int(os.environ.get("RANK", "0")) == 0:
         result = fn()
-        barrier()
+        wait()
     else:
-        barrier()
+        wait()
         result = fn()
     return result

@@ -34,11 +34,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from .common import UserError
 from .model import copy_full_into
+from .tensor_files import open_file, read_into, write_gathered
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -245,13 +244,13 @@ def save_adapter(path: str, model: nn.Module, adapter_config: dict) -> None:
     config = validate_adapter_config(adapter_config, "adapter_config")
     if not any(is_lora_param(name) for name, _ in model.named_parameters()):  # the same answer on every rank
         raise ValueError("the model has no LoRA adapters to save")
-    state = lora_state_dict(model)
-    if dist.is_initialized() and dist.get_rank() != 0:
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if main:
+        os.makedirs(path, exist_ok=True)
+    write_gathered(os.path.join(path, ADAPTER_WEIGHTS),
+                   [(name, param) for name, param in model.named_parameters() if is_lora_param(name)])
+    if not main:
         return
-    os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, f"{ADAPTER_WEIGHTS}.tmp-{os.getpid()}")
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(path, ADAPTER_WEIGHTS))
     tmp = os.path.join(path, f"{ADAPTER_CONFIG}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)
@@ -275,22 +274,21 @@ def load_adapter(model: nn.Module, path: str, seed: int = 0) -> dict:
     elif any(layer.scaling != lora_scaling(config["r"], config["lora_alpha"], config["use_rslora"])
              for layer in existing):
         raise UserError(f"{path}: the model's adapters have a different scaling than {ADAPTER_CONFIG} describes")
-    try:
-        state = load_file(weights_file)
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{weights_file}: cannot read ({e})") from None
     params = {name: p for name, p in model.named_parameters() if is_lora_param(name)}
-    missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    if missing or unexpected:
-        raise UserError(f"{weights_file}: adapter does not match the model and {ADAPTER_CONFIG} "
-                        f"(missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
-                        f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''})")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(params[name].shape):
-            raise UserError(f"{weights_file}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
-                            f"{tuple(params[name].shape)} (r={config['r']} in {ADAPTER_CONFIG})")
-    for name, tensor in state.items():
-        copy_full_into(params[name], tensor.to(params[name].dtype))
+    with open_file(weights_file) as f:
+        stored = set(f.keys())
+        missing, unexpected = sorted(set(params) - stored), sorted(stored - set(params))
+        if missing or unexpected:
+            raise UserError(f"{weights_file}: adapter does not match the model and {ADAPTER_CONFIG} "
+                            f"(missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
+                            f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''})")
+        for name in sorted(stored):
+            shape = tuple(f.get_slice(name).get_shape())
+            if shape != tuple(params[name].shape):
+                raise UserError(f"{weights_file}: tensor {name} has shape {shape}, the model expects "
+                                f"{tuple(params[name].shape)} (r={config['r']} in {ADAPTER_CONFIG})")
+        for name in sorted(stored):
+            read_into(f, name, params[name], weights_file)
     return config
 
 

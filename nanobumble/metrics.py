@@ -21,11 +21,22 @@ class MetricsLogger:
             self.writer = SummaryWriter(log_dir=output_dir, purge_step=resume_step + 1 if resume_step else None)
 
     def _drop_after(self, step: int) -> None:
-        """A run killed after its last checkpoint logged steps that will be redone."""
+        """A run killed after its last checkpoint logged steps that will be redone,
+        and may have died in the middle of a line: such a line is dropped too."""
         if not os.path.exists(self.path):
             return
-        with open(self.path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        kept = []
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    record = json.loads(line)
+                    logged = record["step"]
+                except (json.JSONDecodeError, TypeError, KeyError):
+                    if line.strip():
+                        print(f"warning: {self.path} line {number} is damaged; dropped")
+                    continue
+                if isinstance(logged, int) and logged <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
         tmp = self.path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             f.writelines(kept)

@@ -5,31 +5,112 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 
 import torch
+import yaml
 
-from .checkpoint import latest_checkpoint, list_checkpoints
-from .common import UserError, format_duration
-from .distributed import print0
+from .checkpoint import check_output_dir, checkpoint_problem, latest_checkpoint, list_checkpoints, read_trainer_state
+from .common import UserError, autocast, format_duration
+from .config import config_to_dict
+from .distributed import all_reduce_sum, print0
 
 
-def resolve_resume(resume: str, output_dir: str) -> str | None:
-    """The checkpoint to continue from, or None for a fresh run. A fresh run
-    never starts in a directory that already holds checkpoints."""
-    if not resume:
-        if list_checkpoints(output_dir):
+def resolve_resume(cfg, world_size: int) -> str | None:
+    """The checkpoint to continue from, or None for a fresh run. Rank 0 runs this
+    first (main_process_first): it alone moves or removes anything.
+
+    A fresh run never replaces a finished model or checkpoints unless
+    overwrite_output_dir. --resume auto takes the newest intact checkpoint: a
+    damaged one (a crash mid-copy, a full disk, a hand edit) is moved aside to
+    damaged-checkpoint-N with a warning. A resumed run must be the same run:
+    see check_resume_settings."""
+    output_dir = cfg.output_dir
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not cfg.resume:
+        old = list_checkpoints(output_dir)
+        if old and not cfg.overwrite_output_dir:
             raise UserError(f"output_dir {output_dir} already holds checkpoints; continue it with --resume auto, "
-                            f"or pick another --output_dir (nothing there is overwritten)")
+                            f"pick another --output_dir, or pass --overwrite_output_dir true to start over")
+        check_output_dir(output_dir, cfg.overwrite_output_dir)
+        if old and main:
+            print0(f"overwrite_output_dir: removing {len(old)} old checkpoint(s) in {output_dir}")
+            for _, path in old:
+                shutil.rmtree(path)
         return None
-    if resume == "auto":
-        found = latest_checkpoint(output_dir)
+    check_output_dir(output_dir, overwrite=True)  # a resumed run replaces its own final model
+    if cfg.resume == "auto":
+        found = None
+        for _, path in reversed(list_checkpoints(output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                found = path
+                break
+            aside = os.path.join(output_dir, "damaged-" + os.path.basename(path))
+            if main:
+                shutil.rmtree(aside, ignore_errors=True)
+                os.rename(path, aside)
+                print0(f"warning: {path} is damaged ({problem}); moved it to {aside}")
         print0(f"resuming from {found}" if found else f"resume=auto: no checkpoint in {output_dir}, starting fresh")
-        return found
-    if not os.path.isfile(os.path.join(resume, "trainer_state.pt")):
-        raise UserError(f"resume: {resume} is not a checkpoint directory (no trainer_state.pt)")
-    print0(f"resuming from {resume}")
-    return resume
+    else:
+        found = cfg.resume
+        if not os.path.isdir(found):
+            raise UserError(f"resume: {found} is not a directory")
+        problem = checkpoint_problem(found)
+        if problem:
+            raise UserError(f"resume: {found} is not an intact checkpoint ({problem})")
+        print0(f"resuming from {found}")
+    if found:
+        check_resume_settings(cfg, world_size, found)
+    return found
+
+
+# Keys that may change between a run and its resumption without changing what
+# is trained: cadence, where things go, and how fast the same math runs.
+RESUME_SAFE_KEYS = ("logging_steps", "eval_steps", "eval_batches", "save_steps", "save_total_limit",
+                    "use_tensorboard", "resume", "output_dir", "overwrite_output_dir", "allow_schedule_change",
+                    "collective_timeout_minutes", "cache_dir", "compile", "kernels", "enable_gradient_checkpointing")
+# The learning-rate schedule: changed only when asked (allow_schedule_change).
+RESUME_SCHEDULE_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "min_lr_ratio", "max_steps",
+                        "num_epochs")
+# How the global batch is split: free, as long as the global batch stays the same.
+RESUME_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def check_resume_settings(cfg, world_size: int, checkpoint: str) -> None:
+    """Refuse a resumption that would not continue the same run (naming the key and
+    both values); print the changes that are allowed."""
+    args_file = os.path.join(checkpoint, "training_args.yaml")
+    with open(args_file, encoding="utf-8") as f:
+        before = yaml.safe_load(f)
+    now = config_to_dict(cfg)
+    old_world = read_trainer_state(checkpoint)["world_size"]
+
+    def rows(settings: dict, world: int) -> tuple[int, str]:
+        micro, accum = settings["train_micro_batch_size_per_gpu"], settings["gradient_accumulation_steps"]
+        return micro * accum * world, f"{micro} x {accum} x {world} ranks"
+
+    if all(key in before for key in RESUME_BATCH_KEYS):
+        (old_rows, old_split), (new_rows, new_split) = rows(before, old_world), rows(now, world_size)
+        if old_rows != new_rows:
+            raise UserError(f"resume: the global batch (train_micro_batch_size_per_gpu x gradient_accumulation_steps "
+                            f"x world size) was {old_split} = {old_rows} rows in {checkpoint}, now {new_split} = "
+                            f"{new_rows}; keep it to continue the same run")
+        if old_split != new_split:
+            print0(f"resume: global batch {new_rows} rows split as {new_split} (was {old_split})")
+    for key, value in now.items():
+        if key not in before or before[key] == value or key in RESUME_BATCH_KEYS:
+            continue
+        change = f"key '{key}' was {before[key]!r} in {args_file}, now {value!r}"
+        if key in RESUME_SAFE_KEYS or (key in RESUME_SCHEDULE_KEYS and cfg.allow_schedule_change):
+            print0(f"resume: {change}")
+        elif key in RESUME_SCHEDULE_KEYS:
+            raise UserError(f"resume: {change}; this changes the learning-rate schedule: pass "
+                            f"--allow_schedule_change true if that is intended")
+        else:
+            raise UserError(f"resume: {change}; resuming with it changed would not continue the same run "
+                            f"(use the original value, or start a new output_dir)")
 
 
 def total_steps(max_steps: int, num_epochs: float, steps_per_epoch: float) -> int:
@@ -55,6 +136,31 @@ def check_finite(step: int, loss: float, grad_norm: float, output_dir: str) -> N
         last = latest_checkpoint(output_dir)
         raise UserError(f"loss {loss} / grad norm {grad_norm} at step {step}: stopping before the "
                         f"update; the last good checkpoint is {last or 'none (nothing saved yet)'}")
+
+
+@torch.no_grad()
+def check_model_finite(model, step: int, output_dir: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Before a checkpoint or the final model is written: every weight finite, and
+    a forward pass through them too (a diverged update can leave huge but finite
+    weights that give NaN logits). Every rank calls this (the forward pass is a
+    collective when the model is sharded)."""
+    bad = torch.zeros((), device=device)
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        bad += (~torch.isfinite(local)).sum()
+    length = min(model.config.vocab_size, model.config.max_position_embeddings + 1, 33)
+    probe = torch.arange(length, device=device)[None]
+    was_training = model.training
+    model.eval()  # no dropout: the probe draws no random numbers
+    with autocast(device, dtype):
+        loss = model(probe[:, :-1], probe[:, 1:])
+    model.train(was_training)
+    bad += ~torch.isfinite(loss.float())
+    if all_reduce_sum(bad).item() > 0:
+        last = latest_checkpoint(output_dir)
+        raise UserError(f"step {step}: the weights are no longer usable (non-finite values or a non-finite "
+                        f"forward pass; learning_rate too high?); nothing is saved; the last good checkpoint is "
+                        f"{last or 'none (nothing saved yet)'}")
 
 
 class Progress:

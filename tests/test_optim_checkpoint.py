@@ -5,6 +5,7 @@ import torch
 
 from nanobumble.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, load_model_dir,
                                    save_checkpoint, save_model_dir)
+from nanobumble.common import UserError
 from nanobumble.metrics import MetricsLogger, read_metrics
 from nanobumble.model import ModelConfig, Transformer
 from nanobumble.optim import build_optimizer, lr_at
@@ -63,7 +64,7 @@ def test_mismatched_weights_are_refused(tmp_path):
     save_model_dir(str(tmp_path / "m"), model, str(tok), "")
     cfg_file = tmp_path / "m" / "config.json"
     cfg_file.write_text(cfg_file.read_text().replace('"intermediate_size": 48', '"intermediate_size": 50'))
-    with pytest.raises(ValueError, match=r"proj.weight has shape .* config.json says"):
+    with pytest.raises(UserError, match=r"proj.weight has shape .* config.json says"):
         load_model_dir(str(tmp_path / "m"))
 
 
@@ -76,7 +77,7 @@ def test_checkpoint_save_load_and_rotation(tmp_path):
     tok.write_bytes(b"x")
     out = str(tmp_path / "run")
     for step in (10, 20, 30):
-        save_checkpoint(out, step, model, opt, {"step": step}, str(tok), "", save_total_limit=2)
+        save_checkpoint(out, step, model, opt, str(tok), "seed: 1\n", save_total_limit=2)
     assert [s for s, _ in list_checkpoints(out)] == [20, 30]
     assert latest_checkpoint(out).endswith("checkpoint-30")
     assert not [n for n in os.listdir(out) if n.startswith(".tmp")]
@@ -85,11 +86,14 @@ def test_checkpoint_save_load_and_rotation(tmp_path):
     fresh_opt = build_optimizer(fresh, 1e-3, 0.1, (0.9, 0.95))
     for p in fresh.parameters():
         p.data.zero_()
-    state = load_checkpoint(latest_checkpoint(out), fresh, fresh_opt)
-    assert state["step"] == 30
+    assert load_checkpoint(latest_checkpoint(out), fresh, fresh_opt) == 30
     for a, b in zip(model.parameters(), fresh.parameters()):
         assert torch.equal(a, b)
-    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], fresh_opt.state_dict()["state"][0]["exp_avg"])
+    saved, loaded = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
+    assert len(saved) == len(loaded) == len(list(model.parameters()))
+    for index in saved:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(saved[index][key], loaded[index][key]), (index, key)
 
 
 def test_metrics_resume_drops_steps_after_the_checkpoint(tmp_path):
