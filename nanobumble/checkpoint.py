@@ -287,7 +287,9 @@ def checkpoint_problem(path: str) -> str | None:
     """What is wrong with a checkpoint directory, or None when it is intact: every
     file present and readable, the weights matching config.json, the optimizer
     state matching the weights. Reads headers only."""
+    from .data import DataError
     from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
+    from .tokenizer import Tokenizer
 
     try:
         state = read_trainer_state(path)
@@ -301,6 +303,7 @@ def checkpoint_problem(path: str) -> str | None:
             if not isinstance(yaml.safe_load(f), dict):
                 return "training_args.yaml is not a mapping"
         header_shapes(os.path.join(path, "rng_state.safetensors"))
+        Tokenizer(os.path.join(path, "tokenizer.model"))
         with torch.device("meta"):
             model = Transformer(load_model_config(os.path.join(path, "config.json")))
         if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
@@ -316,7 +319,7 @@ def checkpoint_problem(path: str) -> str | None:
                    if name.endswith(".exp_avg")}
         if moments != trained:
             return "optimizer.safetensors does not match the weights"
-    except (DamagedFile, UserError, ValueError, TypeError, OSError, yaml.YAMLError) as e:
+    except (DamagedFile, UserError, DataError, ValueError, TypeError, OSError, RuntimeError, yaml.YAMLError) as e:
         return str(e)
     return None
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 
@@ -43,7 +42,7 @@ import torch
 from safetensors.torch import save_file
 
 from .chat_template import DEFAULT_SYSTEM_PROMPT
-from .checkpoint import atomic_write_text, load_model_dir, model_state_dict
+from .checkpoint import atomic_write_bytes, atomic_write_text, check_output_dir, load_model_dir, model_state_dict
 from .common import UserError, run_cli
 from .config import ConfigError, parse_config
 from .generation import GenerationConfig
@@ -59,6 +58,7 @@ class ExportConfig:
     model_path: str = ""  # a nanobumble model directory (config.json + model.safetensors + tokenizer.model)
     save_path: str = ""  # the Hugging Face directory to write
     dtype: str = "fp32"  # fp32 (exact) | bf16 | fp16
+    overwrite_output_dir: bool = False  # replace a model already in save_path
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -190,7 +190,7 @@ def write_json(path: str, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def export_hf(model_path: str, save_path: str, dtype: torch.dtype = torch.float32) -> None:
+def export_hf(model_path: str, save_path: str, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> None:
     for name in ("config.json", "model.safetensors", "tokenizer.model"):
         if not os.path.isfile(os.path.join(model_path, name)):
             hint = " (a LoRA adapter directory? merge it into a full model first)" \
@@ -198,6 +198,7 @@ def export_hf(model_path: str, save_path: str, dtype: torch.dtype = torch.float3
             raise UserError(f"model_path {model_path}: missing {name}{hint}")
     if os.path.abspath(model_path) == os.path.abspath(save_path):
         raise UserError("save_path must differ from model_path (the file formats share names)")
+    check_output_dir(save_path, overwrite, "save_path")
     model, cfg = load_model_dir(model_path)
     state = hf_state_dict(model_state_dict(model), cfg, dtype)
     os.makedirs(save_path, exist_ok=True)
@@ -209,7 +210,8 @@ def export_hf(model_path: str, save_path: str, dtype: torch.dtype = torch.float3
     tokenizer = Tokenizer(os.path.join(model_path, "tokenizer.model"))
     write_json(os.path.join(save_path, "tokenizer.json"), hf_tokenizer_json(tokenizer))
     write_json(os.path.join(save_path, "tokenizer_config.json"), hf_tokenizer_config())
-    shutil.copyfile(os.path.join(model_path, "tokenizer.model"), os.path.join(save_path, "tokenizer.model"))
+    with open(os.path.join(model_path, "tokenizer.model"), "rb") as f:
+        atomic_write_bytes(os.path.join(save_path, "tokenizer.model"), f.read())
     print(f"exported {model_path} -> {save_path} (Qwen2ForCausalLM, {HF_DTYPE_NAMES[dtype]}, "
           f"{model.num_parameters() / 1e6:.1f}M parameters)", file=sys.stderr)
 
@@ -218,7 +220,7 @@ def main(argv: list[str]) -> None:
     cfg = parse_config(argv, ExportConfig)
     if not cfg.model_path or not cfg.save_path:
         raise ConfigError("give both --model_path and --save_path")
-    export_hf(cfg.model_path, cfg.save_path, DTYPES[cfg.dtype])
+    export_hf(cfg.model_path, cfg.save_path, DTYPES[cfg.dtype], cfg.overwrite_output_dir)
 
 
 if __name__ == "__main__":

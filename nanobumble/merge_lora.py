@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from .checkpoint import load_model_dir, save_model_dir
+from .checkpoint import check_output_dir, load_model_dir, save_model_dir
 from .common import UserError, run_cli
 from .lora import ADAPTER_CONFIG, load_adapter, merge_lora
 
@@ -32,6 +32,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--lora_model_path", required=True, help="directory with adapter_model.safetensors "
                                                                  "and adapter_config.json")
     parser.add_argument("--save_path", required=True, help="where to write the merged model directory")
+    parser.add_argument("--overwrite_output_dir", default="false", choices=["true", "false"],
+                        help="replace a model already in save_path")
     args = parser.parse_args(argv)
 
     for flag, path, needed in (("--base_model_path", args.base_model_path, "config.json"),
@@ -40,14 +42,16 @@ def main(argv: list[str]) -> None:
             raise UserError(f"{flag} {path}: no such directory")
         if not os.path.isfile(os.path.join(path, needed)):
             raise UserError(f"{flag} {path}: has no {needed}")
+    for flag, path in (("--base_model_path", args.base_model_path), ("--lora_model_path", args.lora_model_path)):
+        if os.path.abspath(args.save_path) == os.path.abspath(path):
+            raise UserError(f"--save_path is {flag}: the merge would replace its own input (and a second run "
+                            f"would merge the adapter twice); pick another directory")
+    check_output_dir(args.save_path, args.overwrite_output_dir == "true", "--save_path")
     tokenizer_file = _first_existing("tokenizer.model", args.lora_model_path, args.base_model_path)
     if tokenizer_file is None:
         raise UserError(f"neither {args.lora_model_path} nor {args.base_model_path} has a tokenizer.model")
 
-    try:
-        model, _ = load_model_dir(args.base_model_path)
-    except (ValueError, OSError) as e:  # a malformed config.json or model.safetensors
-        raise UserError(f"{args.base_model_path}: cannot load the base model ({e})") from None
+    model, _ = load_model_dir(args.base_model_path)
     config = load_adapter(model, args.lora_model_path)
     merge_lora(model)
 

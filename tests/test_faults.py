@@ -1,0 +1,369 @@
+"""Faults and untrusted input around checkpoints and model directories: planted
+pickle payloads, damaged checkpoints, changed settings on resume, finished models
+that must not be overwritten, diverged weights, full and read-only disks."""
+
+import errno
+import io
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from nanobumble import tensor_files
+from nanobumble.checkpoint import checkpoint_problem, list_checkpoints, load_model_dir, save_model_dir
+from nanobumble.common import UserError
+from nanobumble.config import PretrainConfig, SFTConfig
+from nanobumble.export_hf import export_hf
+from nanobumble.lora import adapter_config_for, inject_lora, save_adapter
+from nanobumble.merge_lora import main as merge_main
+from nanobumble.metrics import read_metrics
+from nanobumble.model import ModelConfig, Transformer
+from nanobumble.training import check_resume_settings
+
+from conftest import REPO_ROOT
+from test_train_pretrain import FAST, cli, run
+
+STEPS = FAST + ["--max_steps", "3", "--save_steps", "1", "--save_total_limit", "0", "--logging_steps", "1",
+                "--eval_steps", "0"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory, cache_dir):
+    """checkpoint-1..3, the final model and metrics of a 3-step run."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    run(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out)])
+    return out
+
+
+def copy_run(base_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    return out
+
+
+def losses(out):
+    return {m["step"]: m["train/loss"] for m in read_metrics(str(out)) if "train/loss" in m}
+
+
+# --- nothing executed ------------------------------------------------------------------------------------------
+
+class Payload:
+    """Unpickling this creates a directory: proof that code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def payload_bytes(marker: str, torch_format: bool) -> bytes:
+    if not torch_format:
+        return pickle.dumps(Payload(marker))
+    buffer = io.BytesIO()
+    torch.save(Payload(marker), buffer)  # a torch zip file whose data.pkl carries the payload
+    return buffer.getvalue()
+
+
+CHECKPOINT_FILES = ["config.json", "model.safetensors", "optimizer.safetensors", "rng_state.safetensors",
+                    "tokenizer.model", "trainer_state.json", "training_args.yaml"]
+
+
+def test_checkpoint_files_are_safetensors_json_yaml_and_the_tokenizer(base_run):
+    checkpoint = base_run / "checkpoint-3"
+    assert sorted(os.listdir(checkpoint)) == CHECKPOINT_FILES
+    for name in CHECKPOINT_FILES:
+        head = (checkpoint / name).read_bytes()[:2]
+        assert head[:1] != b"\x80" and head != b"PK", f"{name} looks like a pickle or a torch zip"
+
+
+@pytest.mark.parametrize("planted", CHECKPOINT_FILES)
+def test_a_planted_pickle_never_runs_on_resume(base_run, tmp_path, cache_dir, capsys, planted):
+    out = copy_run(base_run, tmp_path)
+    markers = []
+    checkpoint = out / "checkpoint-3"
+    for i, name in enumerate([planted, "trainer_state.pt", "optimizer/.metadata", "optimizer/__0_0.distcp"]):
+        markers.append(str(tmp_path / f"ran-{i}"))
+        (checkpoint / name).parent.mkdir(exist_ok=True)
+        (checkpoint / name).write_bytes(payload_bytes(markers[-1], torch_format=i % 2 == 1))
+    run(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out), "--resume", "auto"])
+    assert not any(os.path.exists(m) for m in markers), "a planted pickle ran"
+    printed = capsys.readouterr().out
+    assert f"{checkpoint} is damaged" in printed and f"resuming from {out / 'checkpoint-2'}" in printed
+    assert losses(out)[3] == pytest.approx(losses(base_run)[3], rel=1e-6)
+
+
+# --- a damaged newest checkpoint ------------------------------------------------------------------------------
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+DAMAGE = {
+    "truncated weights": lambda c: truncate(c / "model.safetensors"),
+    "wrong config.json": lambda c: (c / "config.json").write_text(
+        (c / "config.json").read_text().replace('"intermediate_size": ', '"intermediate_size": 1')),
+    "no trainer state": lambda c: (c / "trainer_state.json").unlink(),
+    "no optimizer": lambda c: (c / "optimizer.safetensors").unlink(),
+    "truncated optimizer": lambda c: truncate(c / "optimizer.safetensors", 0.9),
+    "empty tokenizer": lambda c: (c / "tokenizer.model").write_bytes(b""),
+    "garbage trainer state": lambda c: (c / "trainer_state.json").write_text('{"step": "three"}'),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_resume_auto_skips_a_damaged_newest_checkpoint(base_run, tmp_path, cache_dir, capsys, damage):
+    out = copy_run(base_run, tmp_path)
+    DAMAGE[damage](out / "checkpoint-3")
+    assert checkpoint_problem(str(out / "checkpoint-3")) is not None
+    # the run was killed in the middle of logging step 3: a torn last line
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 3, "train/lo')
+    run(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out), "--resume", "auto"])
+    printed = capsys.readouterr().out
+    assert f"warning: {out / 'checkpoint-3'} is damaged" in printed
+    assert (out / "damaged-checkpoint-3").is_dir()  # moved aside, not deleted
+    assert [s for s, _ in list_checkpoints(str(out))] == [1, 2, 3]
+    assert losses(out) == pytest.approx(losses(base_run), rel=1e-6)
+    assert checkpoint_problem(str(out / "checkpoint-3")) is None
+
+
+def test_an_empty_newer_checkpoint_directory_is_skipped(base_run, tmp_path, cache_dir, capsys):
+    out = copy_run(base_run, tmp_path)
+    (out / "checkpoint-99").mkdir()
+    run(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out), "--resume", "auto"])
+    printed = capsys.readouterr().out
+    assert "checkpoint-99 is damaged" in printed and f"resuming from {out / 'checkpoint-3'}" in printed
+
+
+def test_resuming_a_named_damaged_checkpoint_is_one_line_and_exit_2(base_run, tmp_path, cache_dir):
+    out = copy_run(base_run, tmp_path)
+    truncate(out / "checkpoint-2" / "optimizer.safetensors")
+    result = cli(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out), "--resume",
+                          str(out / "checkpoint-2")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "checkpoint-2" in result.stderr and "optimizer.safetensors" in result.stderr
+
+
+# --- resume refuses a different run ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change,key", [(["--cutoff_len", "32"], "cutoff_len"), (["--seed", "7"], "seed"),
+                                        (["--max_grad_norm", "0.5"], "max_grad_norm"),
+                                        (["--learning_rate", "2e-3"], "allow_schedule_change"),
+                                        (["--max_steps", "5"], "allow_schedule_change"),
+                                        (["--train_micro_batch_size_per_gpu", "2"], "global batch")])
+def test_resume_refuses_changed_settings(base_run, tmp_path, cache_dir, change, key):
+    out = copy_run(base_run, tmp_path)
+    with pytest.raises(UserError, match=key):
+        run(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out), "--resume", "auto"] + change)
+
+
+def test_resume_allows_cadence_schedule_when_asked_and_the_same_global_batch(base_run, tmp_path, cache_dir, capsys):
+    out = copy_run(base_run, tmp_path)
+    run(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out), "--resume", "auto", "--logging_steps", "3",
+                 "--train_micro_batch_size_per_gpu", "2", "--gradient_accumulation_steps", "2",
+                 "--learning_rate", "2e-3", "--allow_schedule_change", "true"])
+    printed = capsys.readouterr().out
+    assert "key 'logging_steps' was 1" in printed and "key 'learning_rate' was 0.001" in printed
+    assert "global batch 4 rows split as 2 x 2 x 1 ranks (was 4 x 1 x 1 ranks)" in printed
+
+
+def test_the_refusal_names_the_key_and_both_values(tmp_path):
+    checkpoint = tmp_path / "checkpoint-5"
+    checkpoint.mkdir()
+    before = SFTConfig(finetuning_type="full")
+    (checkpoint / "training_args.yaml").write_text(yaml.safe_dump(before.__dict__))
+    (checkpoint / "trainer_state.json").write_text('{"step": 5, "world_size": 2}')
+    with pytest.raises(UserError, match=r"key 'finetuning_type' was 'full' in .*training_args.yaml, now 'lora'"):
+        check_resume_settings(SFTConfig(finetuning_type="lora"), 2, str(checkpoint))
+    with pytest.raises(UserError, match=r"was 8 x 1 x 2 ranks = 16 rows .* now 8 x 1 x 1 ranks = 8"):
+        check_resume_settings(SFTConfig(finetuning_type="full"), 1, str(checkpoint))
+    check_resume_settings(SFTConfig(finetuning_type="full", gradient_accumulation_steps=2), 1, str(checkpoint))
+    with pytest.raises(UserError, match="stage"):
+        check_resume_settings(PretrainConfig(), 2, str(checkpoint))
+
+
+# --- a finished model is not overwritten ----------------------------------------------------------------------
+
+def test_a_fresh_run_does_not_replace_a_finished_model(base_run, tmp_path, cache_dir):
+    out = copy_run(base_run, tmp_path)
+    for _, path in list_checkpoints(str(out)):
+        shutil.rmtree(path)
+    weights, metrics = (out / "model.safetensors").read_bytes(), (out / "metrics.jsonl").read_bytes()
+    result = cli(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out)])
+    assert result.returncode == 2 and "already holds a model" in result.stderr and str(out) in result.stderr
+    assert "--overwrite_output_dir" in result.stderr
+    assert (out / "model.safetensors").read_bytes() == weights and (out / "metrics.jsonl").read_bytes() == metrics
+
+    run(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out), "--overwrite_output_dir", "true",
+                 "--max_steps", "1", "--save_steps", "0", "--seed", "3"])
+    assert (out / "model.safetensors").read_bytes() != weights
+    assert {m["step"] for m in read_metrics(str(out))} == {1}  # a fresh log
+
+
+def test_a_fresh_run_with_overwrite_removes_old_checkpoints(base_run, tmp_path, cache_dir):
+    out = copy_run(base_run, tmp_path)
+    run(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out), "--overwrite_output_dir", "true",
+                 "--max_steps", "1", "--save_steps", "0"])
+    assert list_checkpoints(str(out)) == []  # a later --resume auto cannot pick up the old run
+
+
+def tiny_model_dir(path, tokenizer_file, seed=0):
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(vocab_size=320, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                    intermediate_size=64, max_position_embeddings=64))
+    save_model_dir(str(path), model, str(tokenizer_file), "{}\n")
+    return model
+
+
+def test_merge_and_export_refuse_to_overwrite(base_run, tmp_path):
+    tokenizer = base_run / "tokenizer.model"
+    base = tiny_model_dir(tmp_path / "base", tokenizer)
+    inject_lora(base, 2, 4.0, 0.0, "q_proj", False, seed=1)
+    with torch.no_grad():
+        for name, param in base.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_()
+    save_adapter(str(tmp_path / "adapter"), base, adapter_config_for(base, str(tmp_path / "base")))
+    base_weights = (tmp_path / "base" / "model.safetensors").read_bytes()
+    merge = ["--base_model_path", str(tmp_path / "base"), "--lora_model_path", str(tmp_path / "adapter")]
+
+    with pytest.raises(UserError, match="--save_path is --base_model_path"):
+        merge_main(merge + ["--save_path", str(tmp_path / "base"), "--overwrite_output_dir", "true"])
+    assert (tmp_path / "base" / "model.safetensors").read_bytes() == base_weights
+
+    tiny_model_dir(tmp_path / "other", tokenizer, seed=5)
+    other = (tmp_path / "other" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="already holds a model"):
+        merge_main(merge + ["--save_path", str(tmp_path / "other")])
+    assert (tmp_path / "other" / "model.safetensors").read_bytes() == other
+    merge_main(merge + ["--save_path", str(tmp_path / "other"), "--overwrite_output_dir", "true"])
+    assert (tmp_path / "other" / "model.safetensors").read_bytes() != other
+
+    export_hf(str(tmp_path / "base"), str(tmp_path / "hf"))
+    exported = (tmp_path / "hf" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="save_path .* already holds a model"):
+        export_hf(str(tmp_path / "other"), str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() == exported
+    export_hf(str(tmp_path / "other"), str(tmp_path / "hf"), overwrite=True)
+    assert (tmp_path / "hf" / "model.safetensors").read_bytes() != exported
+
+
+# --- diverged weights are never saved -------------------------------------------------------------------------
+
+def test_diverged_weights_are_not_written(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    result = cli(FAST + ["--cache_dir", cache_dir, "--output_dir", str(out), "--learning_rate", "1e30",
+                         "--max_steps", "1", "--eval_steps", "0"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "step 1: the weights are no longer usable" in result.stderr
+    assert not (out / "model.safetensors").exists()
+
+    with pytest.raises(UserError, match=r"step 1: .* last good checkpoint is none"):
+        run(FAST + ["--cache_dir", cache_dir, "--output_dir", str(tmp_path / "saves"), "--learning_rate", "1e30",
+                    "--max_steps", "3", "--save_steps", "1", "--eval_steps", "0"])
+    assert list_checkpoints(str(tmp_path / "saves")) == []
+
+
+# --- the file system: not a directory, read-only, full ---------------------------------------------------------
+
+def test_output_dir_that_is_a_file(tmp_path, cache_dir):
+    (tmp_path / "file").write_text("x")
+    result = cli(FAST + ["--cache_dir", cache_dir, "--output_dir", str(tmp_path / "file" / "run")])
+    assert result.returncode == 2 and "output_dir" in result.stderr and "is a file" in result.stderr
+
+
+def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(base_run, tmp_path, cache_dir, monkeypatch, capsys):
+    out = copy_run(base_run, tmp_path)
+    shutil.rmtree(out / "checkpoint-3")
+    before = {name: (out / "checkpoint-2" / name).read_bytes() for name in CHECKPOINT_FILES}
+    real_write = tensor_files.write_gathered
+
+    def disk_fills_up(path, named_tensors, metadata=None):
+        if path.endswith("optimizer.safetensors"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        real_write(path, named_tensors, metadata)
+
+    import nanobumble.checkpoint
+    monkeypatch.setattr(nanobumble.checkpoint, "write_gathered", disk_fills_up)
+    monkeypatch.setattr(sys, "argv", ["train_pretrain.py"] + STEPS + [
+        "--cache_dir", cache_dir, "--output_dir", str(out), "--resume", "auto"])
+    from nanobumble.common import run_cli
+    import train_pretrain
+    cwd = os.getcwd()
+    os.chdir(REPO_ROOT)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run_cli(train_pretrain.main)
+    finally:
+        os.chdir(cwd)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "optimizer.safetensors" in err and "Traceback" not in err
+    assert sorted(os.listdir(out / "checkpoint-2")) == CHECKPOINT_FILES
+    assert {name: (out / "checkpoint-2" / name).read_bytes() for name in CHECKPOINT_FILES} == before
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp")]  # the half checkpoint is gone
+
+
+def private_mounts_work() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs none /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+def in_private_mount(mount_dir, options: str, script: str) -> subprocess.CompletedProcess:
+    """Run a shell script with a fresh tmpfs (mount options given) at mount_dir,
+    seen only by this process tree: a real full or read-only file system."""
+    command = f"mount -t tmpfs -o {options} none {mount_dir} && {script}"
+    return subprocess.run(["unshare", "-rm", "sh", "-c", command], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+needs_mounts = pytest.mark.skipif(not private_mounts_work(), reason="needs unshare with user and mount namespaces")
+
+
+@needs_mounts
+def test_read_only_output_and_cache_dirs(tmp_path, cache_dir):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    train = f"{sys.executable} train_pretrain.py " + " ".join(FAST)
+    result = in_private_mount(mount, "ro", f"{train} --cache_dir {cache_dir} --output_dir {mount}/run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"output_dir {mount}/run is not writable" in result.stderr and "Read-only" in result.stderr
+
+    result = in_private_mount(mount, "ro", f"{train} --cache_dir {mount}/cache --output_dir {tmp_path}/run")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{mount}/cache" in result.stderr and "Read-only" in result.stderr
+
+
+@needs_mounts
+def test_a_real_full_disk_keeps_the_last_checkpoint(base_run, tmp_path, cache_dir):
+    src = copy_run(base_run, tmp_path)
+    shutil.rmtree(src / "checkpoint-3")
+    used = sum(f.stat().st_size for f in src.rglob("*") if f.is_file())
+    mount, kept = tmp_path / "disk", tmp_path / "kept"
+    mount.mkdir()
+    args = " ".join(STEPS + ["--cache_dir", cache_dir, "--output_dir", f"{mount}/run", "--resume", "auto"])
+    # room for what is there plus a little: the next checkpoint cannot fit
+    result = in_private_mount(mount, f"size={used + (1 << 20)}",
+                              f"cp -a {src} {mount}/run && {sys.executable} train_pretrain.py {args}; "
+                              f"status=$?; cp -a {mount}/run {kept}; exit $status")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "No space left on device" in result.stderr and "Traceback" not in result.stderr
+    assert "enforce fail" not in result.stderr
+    assert checkpoint_problem(str(kept / "checkpoint-2")) is None
+    assert not (kept / "checkpoint-3").exists()
+    assert not [name for name in os.listdir(kept) if name.startswith(".tmp")]
+    load_model_dir(str(kept / "checkpoint-2"))
