@@ -28,6 +28,7 @@ to stderr, so `python chat.py --prompt ... > answer.txt` holds only the answer.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -70,6 +71,13 @@ class ChatConfig:
             raise ConfigError(f"key 'mode' must be one of auto, chat, completion, got {self.mode!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"key 'precision' must be one of auto, bf16, fp32, got {self.precision!r}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"key 'device' must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for key in ("prompt", "system_prompt"):
+            try:
+                getattr(self, key).encode("utf-8")
+            except UnicodeEncodeError:  # bytes that were not UTF-8 come from the command line as lone surrogates
+                raise ConfigError(f"key '{key}' is not UTF-8 text") from None
         if self.max_new_tokens < 1:
             raise ConfigError(f"key 'max_new_tokens' must be at least 1, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -115,6 +123,8 @@ def resolve_device(name: str) -> torch.device:
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name}: CUDA is not available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {name}: there are only {torch.cuda.device_count()} CUDA devices")
     return device
 
 
@@ -146,18 +156,26 @@ def read_messages(prompt: str) -> Iterator[str]:
         yield prompt
         return
     if not sys.stdin.isatty():
-        for line in sys.stdin:
+        for number, raw in enumerate(sys.stdin.buffer, start=1):  # bytes: a bad line is named, not guessed at
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"stdin line {number} is not UTF-8 text ({e.reason} at byte {e.start})") from None
             if line.strip():
                 yield line.rstrip("\r\n")
         return
     while True:
         try:
             line = input("\n>>> ")
+            line.encode("utf-8")  # bytes that were not UTF-8 may come through as lone surrogates
         except EOFError:
             print()
             return
         except KeyboardInterrupt:  # at the prompt: a fresh line, like the Python REPL
             print()
+            continue
+        except UnicodeError:  # not decodable, or not encodable for the tokenizer
+            log("[that line is not UTF-8 text; ignored]")
             continue
         if line.strip():
             yield line

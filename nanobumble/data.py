@@ -83,24 +83,61 @@ def _record_text(record: object) -> str:
     return record["text"]
 
 
+def _first_character(f) -> str:
+    """The first character of a text file that is not whitespace ("" if there is none)."""
+    while chunk := f.read(4096):
+        chunk = chunk.lstrip()
+        if chunk:
+            return chunk[0]
+    return ""
+
+
+def _lone_surrogate(value: object) -> str | None:
+    """The first lone surrogate (e.g. from the JSON escape "\\ud800") in a record's
+    strings, or None. Such a string is not Unicode text: it cannot be encoded as UTF-8,
+    so sentencepiece and every file writer would fail on it later."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return e.object[e.start]
+        return None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        return next((found for found in map(_lone_surrogate, value) if found), None)
+    return None
+
+
+def _checked(record: object) -> object:
+    """The record, or a ValueError when one of its strings is not valid Unicode."""
+    surrogate = _lone_surrogate(record)
+    if surrogate:
+        return ValueError(f"invalid Unicode: lone surrogate \\u{ord(surrogate):04x}")
+    return record
+
+
 def _iter_file_records(path: str) -> Iterator[tuple[str, object]]:
-    """Yield (location, record or ValueError) for every record of one file."""
+    """Yield (location, record or ValueError) for every record of one file.
+
+    The format is decided by the first character that is not whitespace: "[" is
+    one JSON array, anything else JSON Lines."""
     with open(path, encoding="utf-8-sig") as f:  # -sig: accept a leading byte order mark
-        head = f.read(4096).lstrip()
+        first = _first_character(f)
         f.seek(0)
-        if head.startswith("["):
+        if first == "[":
             try:
                 records = json.load(f)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: not valid JSON: {e}") from e
             for i, record in enumerate(records):
-                yield f"{path}:record {i}", record
+                yield f"{path}:record {i}", _checked(record)
             return
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{line_number}", json.loads(line)
+                yield f"{path}:{line_number}", _checked(json.loads(line))
             except json.JSONDecodeError as e:
                 yield f"{path}:{line_number}", ValueError(f"malformed JSON: {e}")
 

@@ -68,7 +68,9 @@ def _messages(record: dict, where: str) -> dict:
 
 
 def _detect_pair_format(record: object, where: str) -> Callable:
-    if isinstance(record, dict) and "chosen" in record and "rejected" in record:
+    # "chosen" or "rejected" marks preference data; a record missing the other one
+    # is then skipped as a bad record (by _response), not taken for an unknown shape.
+    if isinstance(record, dict) and ("chosen" in record or "rejected" in record):
         if "conversations" in record:
             return _sharegpt
         if "messages" in record:

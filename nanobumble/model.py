@@ -27,6 +27,7 @@ from kernels import resolve_backend
 from kernels.cross_entropy import linear_cross_entropy
 from kernels.rmsnorm import rms_norm, rms_norm_reference
 from kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
+from .config import ConfigError
 
 
 @dataclass
@@ -44,12 +45,24 @@ class ModelConfig:
     tie_word_embeddings: bool = True
 
     def __post_init__(self):
+        """Refuse a shape no model can have, naming the key (a ConfigError is a ValueError)."""
+        for field in dataclasses.fields(self):  # field.type is the annotation as a string ("int", ...)
+            value = getattr(self, field.name)
+            if field.type == "bool" and not isinstance(value, bool):
+                raise ConfigError(f"model key '{field.name}' must be true or false, got {value!r}")
+            # bool is an int to Python, but never a size
+            if field.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"model key '{field.name}' must be a positive integer, got {value!r}")
+            if field.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                          or not 0 < value < math.inf):
+                raise ConfigError(f"model key '{field.name}' must be a positive number, got {value!r}")
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
+            raise ConfigError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
         if (self.hidden_size // self.num_heads) % 2:
-            raise ValueError("head dimension must be even for rotary embeddings")
+            raise ConfigError(f"head dimension hidden_size / num_heads = {self.hidden_size // self.num_heads} "
+                              "must be even for rotary embeddings")
 
     @property
     def head_dim(self) -> int:
@@ -379,20 +392,31 @@ def model_config_for(name_or_path: str, vocab_size: int) -> ModelConfig:
         return ModelConfig(vocab_size=pad_vocab_size(vocab_size), **PRESETS[name_or_path])
     config_file = os.path.join(name_or_path, "config.json")
     if not os.path.isfile(config_file):
-        raise FileNotFoundError(
-            f"model_name_or_path '{name_or_path}' is neither a preset ({', '.join(PRESETS)}) "
+        raise ConfigError(
+            f"key 'model_name_or_path': '{name_or_path}' is neither a preset ({', '.join(PRESETS)}) "
             f"nor a model directory with config.json")
     return load_model_config(config_file)
 
 
 def load_model_config(config_file: str) -> ModelConfig:
-    with open(config_file, encoding="utf-8") as f:
-        data = json.load(f)
+    """A model directory's config.json; anything wrong with it is a ConfigError naming the file."""
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"{config_file}: cannot read: {e.strerror}") from None
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise ConfigError(f"{config_file}: not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_file}: expected a JSON object of model keys, got {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{config_file}: unknown model keys {unknown}")
-    return ModelConfig(**data)
+        raise ConfigError(f"{config_file}: unknown model keys {unknown} (known: {', '.join(sorted(known))})")
+    try:
+        return ModelConfig(**data)
+    except ConfigError as e:
+        raise ConfigError(f"{config_file}: {e}") from None
 
 
 def model_config_json(cfg: ModelConfig) -> str:

@@ -110,7 +110,7 @@ def read_records(dataset_path: str | list[str], detect: Callable[[object, str], 
         try:
             for where, record in _iter_file_records(path):
                 try:
-                    if isinstance(record, ValueError):  # a malformed JSON line
+                    if isinstance(record, ValueError):  # malformed JSON or invalid Unicode
                         raise DataError(f"{where}: {record}")
                     if convert is None:
                         convert = detect(record, where)

@@ -18,6 +18,11 @@ so that characters never seen in training become their UTF-8 bytes).
 Sentencepiece stores spaces as U+2581 '▁', so a literal '▁' in the text would
 come back as a space; `encode` therefore writes that one character as its
 three byte tokens.
+
+The characters that make up 99.95% of the training text each get a token of
+their own. When they do not fit in vocab_size (a Chinese corpus with thousands
+of rare characters), training is run again with only the most frequent
+characters, and the rarer ones are written as their UTF-8 bytes.
 """
 
 import hashlib
@@ -25,6 +30,7 @@ import io
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -38,19 +44,24 @@ SPECIAL_TOKENS = {"<|endoftext|>": EOT_ID, "<|im_start|>": IM_START_ID, "<|im_en
 SPECIAL_IDS = frozenset(SPECIAL_TOKENS.values())
 
 SPACE_PIECE = "\u2581"  # how sentencepiece writes a space inside a piece
+FIXED_PIECES = 1 + len(SPECIAL_TOKENS) + 256  # <unk>, the specials and the 256 byte-fallback tokens
+MIN_VOCAB_SIZE = FIXED_PIECES + 16  # and room for at least a few characters of the text
 MAX_LINE_CHARS = 8192  # longer lines are cut into pieces of this size for training
 MAX_TRAINING_LINES = 5_000_000  # sentencepiece samples this many lines at most
 TRAIN_THREADS = 8  # fixed, not os.cpu_count(): the count is stored in the model file
 
 
-def _training_lines(texts: Iterable[str], errors: list[Exception]) -> Iterator[str]:
-    """Cut documents into lines (newlines become byte tokens, never pieces).
+def _training_lines(texts: Iterable[str], errors: list[Exception], left_out: dict[int, str]) -> Iterator[str]:
+    """Cut documents into lines (newlines become byte tokens, never pieces). The
+    characters in left_out end a line too, so they never enter the vocabulary.
 
     An exception raised while reading texts is kept in `errors`: sentencepiece
     would otherwise turn it into a generic RuntimeError.
     """
     try:
         for text in texts:
+            if left_out:
+                text = text.translate(left_out)
             for line in text.split("\n"):
                 for start in range(0, len(line), MAX_LINE_CHARS):
                     yield line[start:start + MAX_LINE_CHARS]
@@ -59,20 +70,72 @@ def _training_lines(texts: Iterable[str], errors: list[Exception]) -> Iterator[s
         raise
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str) -> str:
-    """Train a BPE tokenizer on an iterable of documents and write it to model_path.
+class _TooManyCharacters(Exception):
+    """Sentencepiece refused: the characters of the text do not fit in vocab_size."""
+
+
+def train_tokenizer(texts: Iterable[str] | Callable[[], Iterable[str]], vocab_size: int, model_path: str) -> str:
+    """Train a BPE tokenizer on documents and write it to model_path.
+
+    texts: the documents, or a function returning them. They are read again when
+    their characters do not fit in vocab_size: then only the most frequent ones
+    get a token (as many as half the tokens left after the fixed ones; the other
+    half are for longer pieces), and the rarer ones fall back to bytes.
+    (Sentencepiece's own character_coverage cannot go below 0.98, which leaves
+    too many characters when a text has a long tail of rare ones.)
 
     The same input gives the same model file. When the text is too small to
     fill vocab_size, the model simply comes out smaller (the real size is printed).
     """
+    from nanobumble.config import ConfigError  # imported here: config.py imports this module (via data.py)
+
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ConfigError(f"vocab_size={vocab_size} is too small: a tokenizer needs at least {MIN_VOCAB_SIZE} "
+                          f"tokens ({FIXED_PIECES} fixed ones: <unk>, {len(SPECIAL_TOKENS)} specials and 256 "
+                          "bytes, then the characters of the text)")
+    too_small = ConfigError(f"vocab_size={vocab_size} is too small for the characters of this text")
+    read_texts = texts if callable(texts) else lambda: texts
     start = time.time()
+    try:
+        model = _train_model(read_texts(), vocab_size, left_out={})
+    except _TooManyCharacters:
+        if not callable(texts) and iter(texts) is texts:  # a one-shot iterator: nothing left to read again
+            raise too_small from None
+        char_counts: Counter = Counter()
+        for text in read_texts():
+            char_counts.update(text)
+        char_counts.pop("\n", None)  # a newline ends a training line; it is not one of its characters
+        frequent = char_counts.most_common((vocab_size - FIXED_PIECES) // 2)
+        coverage = sum(count for _, count in frequent) / sum(char_counts.values())
+        # The space stays whatever its count: as a byte token it would decode to '▁', not to a space.
+        rare = char_counts.keys() - {char for char, _ in frequent} - {" "}
+        print(f"tokenizer: the text's {len(char_counts):,} distinct characters do not fit in "
+              f"vocab_size={vocab_size}; character coverage {coverage:.2%}: the {len(frequent):,} most "
+              f"frequent get tokens, the {len(rare):,} rarer ones are written as UTF-8 bytes")
+        try:
+            model = _train_model(read_texts(), vocab_size, left_out=dict.fromkeys(map(ord, rare), "\n"))
+        except _TooManyCharacters:
+            raise too_small from None
+
+    _write_atomic(model_path, model)
+    real_size = spm.SentencePieceProcessor(model_file=model_path).get_piece_size()
+    print(f"tokenizer: trained vocab_size={real_size} (asked {vocab_size}) "
+          f"in {time.time() - start:.1f}s -> {model_path}")
+    return model_path
+
+
+def _train_model(texts: Iterable[str], vocab_size: int, left_out: dict[int, str]) -> bytes:
+    """One sentencepiece training run (see _training_lines); the model file's bytes."""
+    from nanobumble.config import ConfigError  # imported here: config.py imports this module (via data.py)
+    from nanobumble.data import DataError
+
     specials = sorted(SPECIAL_TOKENS, key=SPECIAL_TOKENS.get)
     model = io.BytesIO()
     reading_errors: list[Exception] = []
     spm.set_random_generator_seed(0)  # line sampling on large corpora is reproducible
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_lines(texts, reading_errors),
+            sentence_iterator=_training_lines(texts, reading_errors, left_out),
             model_writer=model,
             model_type="bpe",
             vocab_size=vocab_size,
@@ -96,16 +159,11 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, model_path: str) -> s
         if reading_errors:
             raise reading_errors[0] from None
         if "sentences_.empty()" in str(e):
-            raise ValueError("cannot train a tokenizer: the training text is empty") from e
+            raise DataError("cannot train a tokenizer: the training text is empty") from None
         if "required_chars" in str(e):
-            raise ValueError(f"vocab_size={vocab_size} is too small for this text: {e}") from e
-        raise
-
-    _write_atomic(model_path, model.getvalue())
-    real_size = spm.SentencePieceProcessor(model_file=model_path).get_piece_size()
-    print(f"tokenizer: trained vocab_size={real_size} (asked {vocab_size}) "
-          f"in {time.time() - start:.1f}s -> {model_path}")
-    return model_path
+            raise _TooManyCharacters() from None
+        raise ConfigError(f"cannot train a tokenizer with vocab_size={vocab_size}: {e}") from None
+    return model.getvalue()
 
 
 def _write_atomic(path: str, data: bytes) -> None:
@@ -128,14 +186,20 @@ class Tokenizer:
     """A loaded nanobumble sentencepiece model."""
 
     def __init__(self, model_file: str):
+        """Load model_file; a missing, unreadable or foreign file is a DataError naming it."""
+        from nanobumble.data import DataError  # imported here: data.py imports this module
+
         if not os.path.isfile(model_file):
-            raise FileNotFoundError(f"tokenizer model not found: {model_file}")
-        with open(model_file, "rb") as f:
-            model_bytes = f.read()
+            raise DataError(f"tokenizer model not found: {model_file}")
+        try:
+            with open(model_file, "rb") as f:
+                model_bytes = f.read()
+        except OSError as e:
+            raise DataError(f"{model_file}: cannot read: {e}") from None
         try:
             self.sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-        except RuntimeError as e:
-            raise ValueError(f"{model_file} is not a sentencepiece model: {e}") from e
+        except RuntimeError:
+            raise DataError(f"{model_file} is not a sentencepiece model") from None
         self.model_file = model_file
         self.model_bytes = model_bytes  # kept: the file may be a checkpoint that is later rotated away
         self.checksum = hashlib.sha256(model_bytes).hexdigest()
@@ -143,21 +207,23 @@ class Tokenizer:
         self.eot_id = EOT_ID
         self.im_start_id = IM_START_ID
         self.im_end_id = IM_END_ID
-        self._check_fixed_ids()
+        problem = self._fixed_ids_problem()
+        if problem:
+            raise DataError(f"{model_file} is not a nanobumble tokenizer: {problem}")
         # A literal '▁' is encoded as its UTF-8 bytes so that it decodes to itself.
         self._space_piece_ids = [self._byte_id(b) for b in SPACE_PIECE.encode("utf-8")]
 
-    def _check_fixed_ids(self) -> None:
+    def _fixed_ids_problem(self) -> str | None:
+        """What is missing from the ids every nanobumble tokenizer has, or None."""
         expected = {"<unk>": UNK_ID, **SPECIAL_TOKENS}
         for piece, token_id in expected.items():
             found = self.sp.id_to_piece(token_id) if token_id < self.vocab_size else None
-            is_special = token_id == UNK_ID or self.sp.is_control(token_id)
+            is_special = token_id < self.vocab_size and (token_id == UNK_ID or self.sp.is_control(token_id))
             if found != piece or not is_special:
-                raise ValueError(
-                    f"{self.model_file} is not a nanobumble tokenizer: expected {piece!r} "
-                    f"at id {token_id}, found {found!r}")
+                return f"expected {piece!r} at id {token_id}, found {found!r}"
         if self.sp.piece_to_id("<0x00>") == UNK_ID:
-            raise ValueError(f"{self.model_file} is not a nanobumble tokenizer: no byte fallback tokens")
+            return "no byte fallback tokens"
+        return None
 
     def _byte_id(self, value: int) -> int:
         return self.sp.piece_to_id(f"<0x{value:02X}>")
@@ -232,5 +298,5 @@ def load_or_train_tokenizer(
     if os.path.isfile(model_path):
         print(f"tokenizer: reusing cached {model_path}")
     else:
-        train_tokenizer(texts_fn(), vocab_size, model_path)
+        train_tokenizer(texts_fn, vocab_size, model_path)  # the function: it may need to read twice
     return Tokenizer(model_path)

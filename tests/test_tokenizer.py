@@ -2,6 +2,7 @@ import os
 
 import pytest
 
+from nanobumble.data import DataError
 from nanobumble.tokenizer import (
     EOT_ID, IM_END_ID, IM_START_ID, SPECIAL_TOKENS, Tokenizer, load_or_train_tokenizer, train_tokenizer,
 )
@@ -105,14 +106,14 @@ def test_training_is_deterministic(tok, tmp_path):
 
 
 def test_missing_model_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer model not found"):
+    with pytest.raises(DataError, match="tokenizer model not found"):
         Tokenizer(str(tmp_path / "nope.model"))
 
 
 def test_not_a_model_file(tmp_path):
     path = tmp_path / "garbage.model"
     path.write_bytes(b"this is not a sentencepiece model")
-    with pytest.raises(ValueError, match="not a sentencepiece model"):
+    with pytest.raises(DataError, match="garbage.model is not a sentencepiece model"):
         Tokenizer(str(path))
 
 
@@ -123,12 +124,12 @@ def test_foreign_model_rejected(tmp_path):
     # Sentencepiece defaults: <unk>=0, <s>=1, </s>=2, no chat specials.
     spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus()), model_prefix=prefix,
                                    vocab_size=300, hard_vocab_limit=False, minloglevel=2)
-    with pytest.raises(ValueError, match="not a nanobumble tokenizer"):
+    with pytest.raises(DataError, match="foreign.model is not a nanobumble tokenizer"):
         Tokenizer(prefix + ".model")
 
 
 def test_empty_training_text(tmp_path):
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(DataError, match="empty"):
         train_tokenizer([], 500, str(tmp_path / "t.model"))
 
 
