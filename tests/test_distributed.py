@@ -21,12 +21,13 @@ def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
 
 
-def launch(nproc, argv, script="train_pretrain.py", timeout=300):
+def launch(nproc, argv, script="train_pretrain.py", timeout=300, env=None):
     if nproc == 1:
         cmd = [sys.executable, script]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-    result = subprocess.run(cmd + argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(cmd + argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, **(env or {})})
     return result
 
 
@@ -91,6 +92,29 @@ def test_one_failing_rank_ends_the_job(tmp_path, cache_dir):
     assert result.returncode != 0
     assert "truncated shard (seen by rank 1 only)" in result.stdout + result.stderr
     assert time.time() - start < 200  # ended by the failure, not by the collective timeout
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_job_after_the_collective_timeout(tmp_path, cache_dir):
+    start = time.time()
+    result = launch(2, FAST + ["--max_steps", "50", "--cache_dir", cache_dir, "--output_dir", str(tmp_path),
+                               "--collective_timeout_minutes", "0.2"],
+                    script="tests/stall_rank.py", timeout=400, env={"STALL": "stop"})
+    took = time.time() - start
+    assert result.returncode != 0 and "step 50/50" not in result.stdout
+    # 12 s of timeout, then torchrun stops the job (it waits up to 30 s for a stopped process to end)
+    assert took < 150, (took, result.stderr[-3000:])
+    print(f"stopped rank: job ended after {took:.0f} s")
+
+
+@pytest.mark.slow
+def test_data_preparation_may_take_longer_than_the_collective_timeout(tmp_path, cache_dir):
+    start = time.time()
+    result = launch(2, FAST + ["--max_steps", "2", "--cache_dir", cache_dir, "--output_dir", str(tmp_path),
+                               "--collective_timeout_minutes", "0.1"],
+                    script="tests/stall_rank.py", env={"STALL": "prepare"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert time.time() - start > 20 and "step 2/2" in result.stdout
 
 
 @pytest.fixture(scope="module")
