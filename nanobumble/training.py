@@ -40,6 +40,10 @@ def resolve_resume(cfg, world_size: int) -> str | None:
                 shutil.rmtree(path)
         return None
     check_output_dir(output_dir, overwrite=True)  # a resumed run replaces its own final model
+    if main and os.path.isdir(output_dir):  # what a save killed half-way left behind
+        for name in os.listdir(output_dir):
+            if name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
     if cfg.resume == "auto":
         found = None
         for _, path in reversed(list_checkpoints(output_dir)):

@@ -367,3 +367,44 @@ def test_a_real_full_disk_keeps_the_last_checkpoint(base_run, tmp_path, cache_di
     assert not (kept / "checkpoint-3").exists()
     assert not [name for name in os.listdir(kept) if name.startswith(".tmp")]
     load_model_dir(str(kept / "checkpoint-2"))
+
+
+# --- kill -9 at random moments --------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_twenty_random_kills_then_resume_equal_an_uninterrupted_run(tmp_path, cache_dir):
+    import random
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    args = FAST + ["--max_steps", "150", "--save_steps", "1", "--save_total_limit", "2", "--logging_steps", "1",
+                   "--eval_steps", "10", "--cache_dir", cache_dir]
+    straight = tmp_path / "straight"
+    run(args + ["--output_dir", str(straight)])
+
+    killed = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = 0
+    while kills < 20:
+        process = subprocess.Popen([sys.executable, "train_pretrain.py"] + args + [
+            "--output_dir", str(killed), "--resume", "auto"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:  # training has begun (or resumed): now kill at a random moment
+            if line.startswith("step "):
+                break
+        time.sleep(rng.uniform(0.0, 1.0))
+        if process.poll() is not None:
+            break  # the run finished first
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        kills += 1
+    assert kills == 20, f"the run finished after {kills} kills: give it more steps"
+    result = cli(args + ["--output_dir", str(killed), "--resume", "auto"])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    assert losses(killed) == losses(straight)  # every step's loss, bit for bit
+    expected, got = load_file(str(straight / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert not [name for name in os.listdir(killed) if name.startswith((".tmp", ".old", "damaged"))]
