@@ -260,6 +260,42 @@ def test_merge_and_export_refuse_to_overwrite(base_run, tmp_path):
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() != exported
 
 
+TOOLS = {
+    "sft": ["train_sft.py", "--model_name_or_path", "{model}", "--output_dir", "{tmp}/sft", "--max_steps", "1"],
+    "dpo": ["train_dpo.py", "--model_name_or_path", "{model}", "--output_dir", "{tmp}/dpo", "--max_steps", "1"],
+    "chat": ["chat.py", "--model_path", "{model}", "--prompt", "hello"],
+    "merge": ["-m", "nanobumble.merge_lora", "--base_model_path", "{model}", "--lora_model_path", "{tmp}/adapter",
+              "--save_path", "{tmp}/merged"],
+    "export": ["-m", "nanobumble.export_hf", "--model_path", "{model}", "--save_path", "{tmp}/hf"],
+}
+
+
+@pytest.mark.parametrize("tool,damage", [("sft", "truncated"), ("dpo", "wrong shape"), ("chat", "truncated"),
+                                         ("merge", "wrong shape"), ("export", "truncated")])
+def test_damaged_weights_are_one_line_in_every_tool(base_run, tmp_path, tool, damage):
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.model", "training_args.yaml"):
+        shutil.copy(base_run / name, model / name)
+    if damage == "truncated":
+        truncate(model / "model.safetensors")
+    else:
+        state = load_file(str(model / "model.safetensors"))
+        state["norm.weight"] = torch.ones(state["norm.weight"].shape[0] + 1)
+        save_file(state, str(model / "model.safetensors"))
+    if tool == "merge":
+        adapted = Transformer(load_model_dir(str(base_run))[1])
+        inject_lora(adapted, 2, 4.0, 0.0, "q_proj", False, seed=1)
+        save_adapter(str(tmp_path / "adapter"), adapted, adapter_config_for(adapted, str(model)))
+    argv = [arg.format(model=model, tmp=tmp_path) for arg in TOOLS[tool]]
+    result = subprocess.run([sys.executable] + argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"{model / 'model.safetensors'}" in result.stderr
+    assert ("norm.weight" in result.stderr) if damage == "wrong shape" else ("not a readable" in result.stderr)
+
+
 # --- diverged weights are never saved -------------------------------------------------------------------------
 
 def test_diverged_weights_are_not_written(tmp_path, cache_dir):
