@@ -9,6 +9,7 @@ from nanobumble.common import UserError
 from nanobumble.metrics import MetricsLogger, read_metrics
 from nanobumble.model import ModelConfig, Transformer
 from nanobumble.optim import build_optimizer, lr_at
+from nanobumble.tokenizer import train_tokenizer
 
 
 def small_model():
@@ -73,8 +74,8 @@ def test_checkpoint_save_load_and_rotation(tmp_path):
     opt = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
     model(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8))).backward()
     opt.step()
-    tok = tmp_path / "tok.model"
-    tok.write_bytes(b"x")
+    tok = tmp_path / "tok.model"  # a real tokenizer: a checkpoint with a garbage one is damaged
+    train_tokenizer(["the bees fly from flower to flower and make honey in the hive"] * 20, 300, str(tok))
     out = str(tmp_path / "run")
     for step in (10, 20, 30):
         save_checkpoint(out, step, model, opt, str(tok), "seed: 1\n", save_total_limit=2)
