@@ -1,12 +1,13 @@
-"""Peak host memory of each rank while saving a sharded model (used by
-tests/test_bench_save.py):
+"""Peak host memory of each rank while saving a checkpoint of a sharded model
+(weights and AdamW state; used by tests/test_bench_save.py):
 
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/bench_save.py {old,new} OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/bench_save.py {gathered,streamed} OUT_DIR
 
-"new" is checkpoint.save_model_dir as it is; "old" is the same with the gather
-it replaced (every rank gathers every tensor and keeps them all). Each rank
-writes OUT_DIR/{mode}-rank{r}.json. The peak is VmHWM, reset just before the
-save by writing 5 to /proc/self/clear_refs (Linux).
+"streamed" is checkpoint.save_checkpoint as it is: each tensor is gathered, rank 0
+appends it to the file and drops it. "gathered" is the simple way it replaces:
+rank 0 collects the whole model and optimizer state, then writes each file.
+Each rank writes OUT_DIR/{mode}-rank{r}.json. The peak is VmHWM, reset just
+before the save by writing 5 to /proc/self/clear_refs (Linux).
 """
 
 import json
@@ -15,38 +16,47 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from nanobumble import checkpoint  # noqa: E402
 from nanobumble.distributed import barrier, build_model, distributed_run  # noqa: E402
 from nanobumble.model import ModelConfig  # noqa: E402
+from nanobumble.optim import build_optimizer  # noqa: E402
 from host_memory import measure  # noqa: E402
 
-# About 123M parameters, 470 MiB in fp32; the largest tensor is the 125 MiB embedding.
+# About 123M parameters, 470 MiB in fp32 (and twice that of AdamW moments); the
+# largest tensor is the 125 MiB embedding.
 CONFIG = ModelConfig(vocab_size=32000, hidden_size=1024, num_layers=8, num_heads=16, num_kv_heads=4,
                      intermediate_size=2816)
 
 
-def old_model_state_dict(model):
-    """The gather before this change: every rank keeps a full CPU copy of everything."""
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        state[name] = tensor.detach().to("cpu").contiguous()
-    return state
+def gathered_save(path, model, optimizer) -> None:
+    """Rank 0 holds everything at once, then writes."""
+    weights = checkpoint.gather_full_on_main(checkpoint._weights(model))
+    moments = checkpoint.gather_full_on_main(checkpoint._optimizer_tensors(model, optimizer)[1])
+    if checkpoint._is_main():
+        os.makedirs(path, exist_ok=True)
+        save_file(weights, os.path.join(path, "model.safetensors"))
+        save_file(moments, os.path.join(path, "optimizer.safetensors"))
 
 
 def main(mode: str, out_dir: str) -> None:
-    if mode == "old":
-        checkpoint.model_state_dict = old_model_state_dict  # save_model_dir looks it up at call time
-    tokenizer = os.path.join(out_dir, "tokenizer.model")
+    tokenizer = open(os.path.join(out_dir, "tokenizer.model"), "rb").read()
     with distributed_run() as info:
         model = build_model(CONFIG, info, seed=0, weights_file=None, param_dtype=None)
+        optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
+        for param in model.parameters():  # one step makes the AdamW moments exist
+            param.grad = torch.zeros_like(param)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         barrier()
-        _, before, peak, seconds = measure(
-            lambda: checkpoint.save_model_dir(os.path.join(out_dir, mode), model, tokenizer, "bench: true\n"))
+        if mode == "streamed":
+            save = lambda: checkpoint.save_checkpoint(os.path.join(out_dir, mode), 1, model, optimizer, tokenizer,
+                                                      "bench: true\n", save_total_limit=0)
+        else:
+            save = lambda: gathered_save(os.path.join(out_dir, mode), model, optimizer)
+        _, before, peak, seconds = measure(save)
         full_mib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20  # DTensor: global size
         with open(os.path.join(out_dir, f"{mode}-rank{info.rank}.json"), "w") as f:
             json.dump({"before_mib": before, "peak_mib": peak, "seconds": seconds, "model_mib": full_mib}, f)
