@@ -26,6 +26,7 @@ import torch
 from nanobumble.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
 from nanobumble.common import UserError, autocast, resolve_precision, run_cli
 from nanobumble.config import DPOConfig, config_to_yaml, parse_config
+from nanobumble.data import files_signature
 from nanobumble.distributed import (all_reduce_sum, autocast_dtype, build_model, distributed_run, main_process_first,
                                     precision_summary, print0)
 from nanobumble.dpo import batch_logps, dpo_batch_metrics, preference_loss
@@ -78,6 +79,7 @@ def train(cfg: DPOConfig, info) -> None:
     if not tokenized:
         raise UserError(f"{cfg.dataset_path}: no usable preference pair left")
     dataset = PreferenceDataset(tokenized)
+    data_signature = files_signature(cfg.dataset_path)  # recorded in checkpoints: resume checks it
 
     # --- policy, and the reference it is measured against ---
     weights = os.path.join(cfg.model_name_or_path, "model.safetensors")
@@ -192,7 +194,8 @@ def train(cfg: DPOConfig, info) -> None:
                 logger.log(step, scalars)
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             check_model_finite(model, step, cfg.output_dir, device, compute_dtype)
-            path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer.model_bytes, training_args, cfg.save_total_limit, adapter_config)
+            path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer.model_bytes, training_args,
+                                   cfg.save_total_limit, adapter_config, data_signature=data_signature)
             print0(f"saved {path}")
 
     check_model_finite(model, num_steps, cfg.output_dir, device, compute_dtype)

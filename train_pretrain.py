@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from nanobumble.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
 from nanobumble.common import autocast, resolve_precision, run_cli
 from nanobumble.config import PretrainConfig, config_to_yaml, parse_config
-from nanobumble.data import TokenShards, ensure_shards, files_fingerprint, iter_text_records, list_data_files
+from nanobumble.data import (TokenShards, ensure_shards, files_fingerprint, files_signature, iter_text_records,
+                             list_data_files)
 from nanobumble.distributed import (all_reduce_mean, all_reduce_sum, autocast_dtype, build_model, distributed_run,
                                     local_bytes, main_process_first, optimizer_state_bytes, precision_summary, print0)
 from nanobumble.metrics import MetricsLogger
@@ -98,6 +99,7 @@ def train(cfg: PretrainConfig, info) -> None:
     shard_dir = main_process_first(lambda: ensure_shards(cfg.dataset_path, tokenizer, cfg.cache_dir,
                                                          val_ratio=cfg.val_ratio, strict=cfg.strict))
     train_data = TokenShards(shard_dir, "train")
+    data_signature = files_signature(cfg.dataset_path)  # recorded in checkpoints: resume checks it
     val_data = TokenShards(shard_dir, "val")
     if val_data.num_tokens < cfg.cutoff_len + 1:
         print0(f"note: validation split has {val_data.num_tokens} tokens, fewer than cutoff_len+1; validation is off")
@@ -145,7 +147,7 @@ def train(cfg: PretrainConfig, info) -> None:
     def save(step: int) -> None:
         check_model_finite(model, step, cfg.output_dir, device, compute_dtype)
         path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer.model_bytes, training_args,
-                               cfg.save_total_limit)
+                               cfg.save_total_limit, data_signature=data_signature)
         print0(f"saved {path}")
 
     # --- the loop ---

@@ -22,6 +22,7 @@ import torch
 from nanobumble.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
 from nanobumble.common import UserError, autocast, resolve_precision, run_cli
 from nanobumble.config import SFTConfig, config_to_yaml, parse_config
+from nanobumble.data import files_signature
 from nanobumble.distributed import (all_reduce_sum, autocast_dtype, build_model, distributed_run, main_process_first,
                                     precision_summary, print0)
 from nanobumble.lora import adapter_config_for
@@ -55,6 +56,7 @@ def train(cfg: SFTConfig, info) -> None:
     if not samples:
         raise UserError(f"{cfg.dataset_path}: no conversation has a trainable token left")
     dataset = SFTDataset(samples, cfg.cutoff_len, packing=cfg.packing)
+    data_signature = files_signature(cfg.dataset_path)  # recorded in checkpoints: resume checks it
 
     # --- model: the base weights, plus adapters for LoRA ---
     lora = lora_settings(cfg)
@@ -129,7 +131,8 @@ def train(cfg: SFTConfig, info) -> None:
                 logger.log(step, scalars)
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             check_model_finite(model, step, cfg.output_dir, device, compute_dtype)
-            path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer.model_bytes, training_args, cfg.save_total_limit, adapter_config)
+            path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer.model_bytes, training_args,
+                                   cfg.save_total_limit, adapter_config, data_signature=data_signature)
             print0(f"saved {path}")
 
     check_model_finite(model, num_steps, cfg.output_dir, device, compute_dtype)

@@ -465,6 +465,17 @@ def files_fingerprint(files: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
+def files_signature(dataset_path: str | list[str]) -> str:
+    """sha256 hex of each data file's name and size: what a resumed run checks to
+    know it reads the same data. Unlike files_fingerprint it ignores where the
+    files lie and when they were written (copied or checked out again, they are
+    still the same data)."""
+    digest = hashlib.sha256()
+    for path in list_data_files(dataset_path):
+        digest.update(f"{os.path.basename(path)}\0{os.path.getsize(path)}\0".encode())
+    return digest.hexdigest()
+
+
 def ensure_shards(
     dataset_path: str | list[str],
     tokenizer: Tokenizer,

@@ -14,6 +14,7 @@ import yaml
 from .checkpoint import check_output_dir, checkpoint_problem, latest_checkpoint, list_checkpoints, read_trainer_state
 from .common import UserError, autocast, format_duration
 from .config import config_to_dict
+from .data import files_signature
 from .distributed import all_reduce_sum, print0
 
 
@@ -89,7 +90,8 @@ def check_resume_settings(cfg, world_size: int, checkpoint: str) -> None:
     with open(args_file, encoding="utf-8") as f:
         before = yaml.safe_load(f)
     now = config_to_dict(cfg)
-    old_world = read_trainer_state(checkpoint)["world_size"]
+    state = read_trainer_state(checkpoint)
+    old_world = state["world_size"]
 
     def rows(settings: dict, world: int) -> tuple[int, str]:
         micro, accum = settings["train_micro_batch_size_per_gpu"], settings["gradient_accumulation_steps"]
@@ -103,6 +105,9 @@ def check_resume_settings(cfg, world_size: int, checkpoint: str) -> None:
                             f"{new_rows}; keep it to continue the same run")
         if old_split != new_split:
             print0(f"resume: global batch {new_rows} rows split as {new_split} (was {old_split})")
+    if state.get("data") and state["data"] != files_signature(cfg.dataset_path):
+        raise UserError(f"resume: the data files of dataset_path {cfg.dataset_path} are not those {checkpoint} "
+                        f"was trained on (files added, removed or changed in size)")
     for key, value in now.items():
         if key not in before or before[key] == value or key in RESUME_BATCH_KEYS:
             continue
