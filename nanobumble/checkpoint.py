@@ -156,10 +156,10 @@ def save_model_dir(path: str, model: Transformer, tokenizer_file: str | bytes, t
 
 
 def expected_weight_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
+    """What model.safetensors must hold for this model (adapters are stored apart)."""
     from .lora import is_lora_param
 
-    shapes = {name: tuple(p.shape) for name, p in model.named_parameters() if not is_lora_param(name)}
-    return shapes
+    return {name: tuple(p.shape) for name, p in model.named_parameters() if not is_lora_param(name)}
 
 
 def check_weight_names(weights_file: str, stored: dict, expected: dict) -> None:
@@ -313,7 +313,8 @@ def checkpoint_problem(path: str) -> str | None:
         else:
             weights_file = os.path.join(path, "model.safetensors")
             trained = header_shapes(weights_file)
-            trained.pop("lm_head.weight", None) if model.config.tie_word_embeddings else None
+            if model.config.tie_word_embeddings:
+                trained.pop("lm_head.weight", None)
             check_weight_names(weights_file, trained, expected_weight_shapes(model))
         moments = {name.removesuffix(".exp_avg"): shape
                    for name, shape in header_shapes(os.path.join(path, "optimizer.safetensors")).items()
