@@ -61,6 +61,8 @@ def test_unknown_key_names_the_closest(tmp_path):
     (["--weight_decay", "-0.1"], "weight_decay"),
     (["--max_grad_norm", "inf"], "max_grad_norm"),
     (["--seed", "-1"], "seed"),
+    (["--collective_timeout_minutes", "0"], "collective_timeout_minutes"),
+    (["--collective_timeout_minutes", "inf"], "collective_timeout_minutes"),
 ])
 def test_bad_values_name_the_key(argv, key):
     with pytest.raises(ConfigError, match=key):
