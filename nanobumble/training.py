@@ -57,6 +57,8 @@ def resolve_resume(cfg, world_size: int) -> str | None:
                 shutil.rmtree(aside, ignore_errors=True)
                 os.rename(path, aside)
                 print0(f"warning: {path} is damaged ({problem}); moved it to {aside}")
+        if found is None:  # then it is a fresh run, and must not replace a finished model either
+            check_output_dir(output_dir, cfg.overwrite_output_dir)
         print0(f"resuming from {found}" if found else f"resume=auto: no checkpoint in {output_dir}, starting fresh")
     else:
         found = cfg.resume

@@ -223,6 +223,8 @@ def test_a_fresh_run_does_not_replace_a_finished_model(base_run, tmp_path, cache
     assert result.returncode == 2 and "already holds a model" in result.stderr and str(out) in result.stderr
     assert "--overwrite_output_dir" in result.stderr
     assert (out / "model.safetensors").read_bytes() == weights and (out / "metrics.jsonl").read_bytes() == metrics
+    with pytest.raises(UserError, match="already holds a model"):  # nothing to resume: a fresh run too
+        run(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out), "--resume", "auto"])
 
     run(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out), "--overwrite_output_dir", "true",
                  "--max_steps", "1", "--save_steps", "0", "--seed", "3"])
