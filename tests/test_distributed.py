@@ -140,14 +140,23 @@ def test_sft_and_dpo_on_two_processes_match_one(tmp_path, copy_task_dir, script,
     subprocess_args = lambda out: common + ["--output_dir", str(tmp_path / out)]
     result = launch(1, subprocess_args("one") + ["--gradient_accumulation_steps", "2"], script=script)
     assert result.returncode == 0, result.stderr[-3000:]
-    result = launch(2, subprocess_args("two"), script=script)
+    result = launch(2, subprocess_args("two") + ["--save_steps", "2"], script=script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the 2-process checkpoint (LoRA adapter or full weights, with their AdamW state) continued by 1 process
+    result = launch(1, subprocess_args("resumed") + ["--gradient_accumulation_steps", "2", "--save_steps", "2",
+                                                     "--resume", str(tmp_path / "two" / "checkpoint-2")],
+                    script=script)
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
+    resumed = read_metrics(str(tmp_path / "resumed"))
     assert [m["step"] for m in one] == [m["step"] for m in two] == [1, 2, 3, 4]
-    for a, b in zip(one, two):
+    assert [m["step"] for m in resumed] == [3, 4]
+    for a, b, c in zip(one, two, [None, None] + resumed):
         for key in a:
             if key not in ("step", "train/tokens_per_sec"):
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+                if c is not None:
+                    assert c[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), ("resumed", a["step"], key)
 
 
 def test_compile_and_activation_checkpointing_change_nothing(tmp_path, cache_dir):
