@@ -289,7 +289,7 @@ def checkpoint_problem(path: str) -> str | None:
     file present and readable, the weights matching config.json, the optimizer
     state matching the weights. Reads headers only."""
     from .data import DataError
-    from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
+    from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_param_name, read_adapter_config
     from .tokenizer import Tokenizer
 
     try:
@@ -309,7 +309,8 @@ def checkpoint_problem(path: str) -> str | None:
             model = Transformer(load_model_config(os.path.join(path, "config.json")))
         if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
             read_adapter_config(path)
-            trained = header_shapes(os.path.join(path, ADAPTER_WEIGHTS))
+            trained = {adapter_param_name(key): shape
+                       for key, shape in header_shapes(os.path.join(path, ADAPTER_WEIGHTS)).items()}
         else:
             weights_file = os.path.join(path, "model.safetensors")
             trained = header_shapes(weights_file)

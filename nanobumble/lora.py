@@ -45,6 +45,28 @@ ALL_MODULES = ATTENTION_MODULES + MLP_MODULES
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_CONFIG_KEYS = ("base_model_name_or_path", "r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora")
+# An adapter directory is written as PEFT writes one, so that PeftModel.from_pretrained
+# loads it onto the exported (Hugging Face) base: tensor names are the Hugging Face
+# module names under PEFT's wrapper, and adapter_config.json carries PEFT's keys.
+PEFT_PREFIX = "base_model.model.model."
+PEFT_CONFIG = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "bias": "none", "use_dora": False,
+               "fan_in_fan_out": False, "modules_to_save": None, "inference_mode": True}
+# PEFT keys that do not change what a loaded adapter computes (bookkeeping, or
+# how training would have initialised it); any other key must be off/empty.
+PEFT_IGNORED_KEYS = ("peft_type", "task_type", "peft_version", "inference_mode", "init_lora_weights", "revision",
+                     "auto_mapping", "megatron_core", "megatron_config", "qalora_group_size", "layers_pattern",
+                     "eva_config", "corda_config", "lora_ga_config")
+
+
+def peft_key(name: str) -> str:
+    """layers.0.self_attn.q_proj.lora_A -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"""
+    return f"{PEFT_PREFIX}{name}.weight"
+
+
+def adapter_param_name(key: str) -> str:
+    """A tensor name in adapter_model.safetensors (PEFT's, or the bare parameter
+    name older nanobumble adapters used) -> the parameter's name here."""
+    return key.removeprefix(PEFT_PREFIX).removesuffix(".weight")
 
 
 def lora_scaling(rank: int, alpha: float, use_rslora: bool = False) -> float:
@@ -192,12 +214,21 @@ def adapter_config_for(model: nn.Module, base_model_name_or_path: str) -> dict:
 
 
 def validate_adapter_config(config: dict, source: str) -> dict:
-    """Check every key and value; `source` names the file in the error."""
+    """Check every key and value; `source` names the file in the error. PEFT's
+    keys are accepted when they leave the math as nanobumble does it (no DoRA, no
+    trained biases, no extra saved modules, one rank and alpha for all layers...)."""
     if not isinstance(config, dict):
         raise UserError(f"{source}: expected a JSON object")
-    unknown = sorted(set(config) - set(ADAPTER_CONFIG_KEYS))
-    if unknown:
-        raise UserError(f"{source}: unknown key(s) {unknown}; valid: {', '.join(ADAPTER_CONFIG_KEYS)}")
+    if config.get("peft_type", "LORA") != "LORA" or config.get("task_type") not in (None, "CAUSAL_LM"):
+        raise UserError(f"{source}: peft_type {config.get('peft_type')!r} / task_type {config.get('task_type')!r}: "
+                        f"only LORA adapters for CAUSAL_LM are supported")
+    for key, value in config.items():
+        if key in ADAPTER_CONFIG_KEYS or key in PEFT_IGNORED_KEYS:
+            continue
+        if not (value in (None, False, "none") or value == [] or value == {}):
+            raise UserError(f"{source}: {key}={value!r} is not supported (nanobumble's LoRA implements "
+                            f"{', '.join(ADAPTER_CONFIG_KEYS[1:])} only; an unknown key or an option that "
+                            f"changes the math)")
     missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in config]
     if missing:
         raise UserError(f"{source}: missing key(s) {missing}")
@@ -248,12 +279,12 @@ def save_adapter(path: str, model: nn.Module, adapter_config: dict) -> None:
     if main:
         os.makedirs(path, exist_ok=True)
     write_gathered(os.path.join(path, ADAPTER_WEIGHTS),
-                   [(name, param) for name, param in model.named_parameters() if is_lora_param(name)])
+                   [(peft_key(name), param) for name, param in model.named_parameters() if is_lora_param(name)])
     if not main:
         return
     tmp = os.path.join(path, f"{ADAPTER_CONFIG}.tmp-{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
+        json.dump({**PEFT_CONFIG, **config}, f, indent=2)
         f.write("\n")
     os.replace(tmp, os.path.join(path, ADAPTER_CONFIG))
 
@@ -276,19 +307,20 @@ def load_adapter(model: nn.Module, path: str, seed: int = 0) -> dict:
         raise UserError(f"{path}: the model's adapters have a different scaling than {ADAPTER_CONFIG} describes")
     params = {name: p for name, p in model.named_parameters() if is_lora_param(name)}
     with open_file(weights_file) as f:
-        stored = set(f.keys())
+        keys = {adapter_param_name(key): key for key in f.keys()}
+        stored = set(keys)
         missing, unexpected = sorted(set(params) - stored), sorted(stored - set(params))
         if missing or unexpected:
             raise UserError(f"{weights_file}: adapter does not match the model and {ADAPTER_CONFIG} "
                             f"(missing {missing[:4]}{' ...' if len(missing) > 4 else ''}, "
                             f"unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''})")
         for name in sorted(stored):
-            shape = tuple(f.get_slice(name).get_shape())
+            shape = tuple(f.get_slice(keys[name]).get_shape())
             if shape != tuple(params[name].shape):
                 raise UserError(f"{weights_file}: tensor {name} has shape {shape}, the model expects "
                                 f"{tuple(params[name].shape)} (r={config['r']} in {ADAPTER_CONFIG})")
         for name in sorted(stored):
-            read_into(f, name, params[name], weights_file)
+            read_into(f, keys[name], params[name], weights_file)
     return config
 
 

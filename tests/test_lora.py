@@ -12,8 +12,9 @@ from safetensors.torch import load_file, save_file
 
 from nanobumble.checkpoint import load_model_dir, save_model_dir
 from nanobumble.common import UserError
-from nanobumble.lora import (LoRALinear, adapter_config_for, disable_adapters, init_lora_weights, inject_lora,
-                             load_adapter, lora_state_dict, merge_lora, read_adapter_config, save_adapter)
+from nanobumble.lora import (PEFT_CONFIG, LoRALinear, adapter_config_for, disable_adapters, init_lora_weights,
+                             inject_lora, load_adapter, lora_state_dict, merge_lora, read_adapter_config,
+                             save_adapter)
 from nanobumble.model import ModelConfig, Transformer
 
 CFG = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
@@ -152,10 +153,12 @@ def test_save_load_round_trip(tmp_path):
     save_adapter(str(tmp_path), model, adapter_config(model))
     assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
     state = load_file(str(tmp_path / "adapter_model.safetensors"))
-    assert set(state) == set(lora_state_dict(model)) and len(state) == 2 * 4 * 2
+    # PEFT's names: the Hugging Face module path under PEFT's wrapper
+    assert set(state) == {f"base_model.model.model.{name}.weight" for name in lora_state_dict(model)}
+    assert len(state) == 2 * 4 * 2
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config == adapter_config(model)
-    assert adapter_config_for(model, "base") == config  # the helper scripts use to describe their adapters
+    assert config == {**PEFT_CONFIG, **adapter_config(model)}
+    assert adapter_config_for(model, "base") == adapter_config(model)  # what the scripts use to describe theirs
 
     fresh = tiny_model()
     loaded = load_adapter(fresh, str(tmp_path), seed=5)
@@ -178,7 +181,7 @@ def test_load_errors_name_the_file(tmp_path):
 
     config_file.write_text(json.dumps(config))
     state = load_file(weights_file)
-    del state["layers.1.self_attn.v_proj.lora_B"]
+    del state["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
     save_file(state, weights_file)
     with pytest.raises(UserError, match=r"adapter_model.safetensors.*missing.*layers.1.self_attn.v_proj.lora_B"):
         load_adapter(tiny_model(), str(tmp_path))
