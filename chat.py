@@ -43,7 +43,7 @@ from nanobumble.common import UserError, resolve_precision, run_cli
 from nanobumble.config import ConfigError, parse_config
 from nanobumble.generation import GenerationConfig, TextStreamer, fit_to_context, generate_stream
 from nanobumble.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config
-from nanobumble.tokenizer import EOT_ID, IM_END_ID, Tokenizer
+from nanobumble.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
 
 CHAT_STAGES = ("sft", "dpo")
 
@@ -139,15 +139,16 @@ def load_model(cfg: ChatConfig, device: torch.device, dtype: torch.dtype):
         adapter_path = model_path
         model_path = read_adapter_config(model_path)["base_model_name_or_path"]
         log(f"{cfg.model_path} holds a LoRA adapter; base model: {model_path}")
-    for name in ("config.json", "model.safetensors", "tokenizer.model"):
-        if not os.path.isfile(os.path.join(model_path, name)):
-            raise UserError(f"model_path {model_path}: missing {name}")
+    if not os.path.isfile(os.path.join(model_path, "config.json")):
+        raise UserError(f"model_path {model_path}: missing config.json")
+    if not has_tokenizer(model_path):
+        raise UserError(f"model_path {model_path}: missing tokenizer.model (or a Hugging Face tokenizer.json)")
     model, _ = load_model_dir(model_path)
     if adapter_path:
         adapter = load_adapter(model, adapter_path)
         log(f"adapter: {adapter_path} (r={adapter['r']}, {', '.join(adapter['target_modules'])})")
     model.to(device=device, dtype=dtype).eval()
-    return model, Tokenizer(os.path.join(model_path, "tokenizer.model")), model_path, adapter_path
+    return model, load_tokenizer(model_path), model_path, adapter_path
 
 
 def read_messages(prompt: str) -> Iterator[str]:
@@ -190,7 +191,7 @@ def answer(model, tokenizer: Tokenizer, prompt_ids: list[int], gen: GenerationCo
     streamer = TextStreamer(tokenizer)
     pieces: list[str] = []
     stats: dict = {}
-    tokens = generate_stream(model, prompt_ids, gen, stop_ids=(IM_END_ID, EOT_ID), stats=stats,
+    tokens = generate_stream(model, prompt_ids, gen, stop_ids=(tokenizer.im_end_id, tokenizer.eot_id), stats=stats,
                              vocab_size=tokenizer.vocab_size)
     try:
         for token_id in tokens:

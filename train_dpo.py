@@ -17,7 +17,6 @@ exists; with full fine-tuning it is a frozen copy, sharded like the policy.
 from __future__ import annotations
 
 import math
-import os
 import time
 from contextlib import nullcontext
 
@@ -82,7 +81,7 @@ def train(cfg: DPOConfig, info) -> None:
     data_signature = files_signature(cfg.dataset_path)  # recorded in checkpoints: resume checks it
 
     # --- policy, and the reference it is measured against ---
-    weights = os.path.join(cfg.model_name_or_path, "model.safetensors")
+    weights = cfg.model_name_or_path
     lora = lora_settings(cfg)
     model = build_model(model_cfg, info, cfg.seed, weights, dtype, cfg.enable_gradient_checkpointing,
                         cfg.compile, lora)
@@ -161,7 +160,8 @@ def train(cfg: DPOConfig, info) -> None:
                 policy, logps, mask, mean_logits = batch_logps(model, input_ids, labels, ld_alpha)
             losses, chosen_rewards, rejected_rewards = preference_loss(
                 policy[:micro_batch], policy[micro_batch:], ref_chosen, ref_rejected,
-                cfg.pref_beta, cfg.pref_loss, cfg.label_smoothing)
+                cfg.pref_beta, cfg.pref_loss, cfg.label_smoothing,
+                chosen_lengths=mask[:micro_batch].sum(-1), rejected_lengths=mask[micro_batch:].sum(-1))
             # Means over the global batch: pairs, and chosen tokens for the SFT term.
             # FSDP averages gradients over ranks, hence the factor world_size.
             objective = losses.sum() / pairs_per_step
@@ -194,12 +194,12 @@ def train(cfg: DPOConfig, info) -> None:
                 logger.log(step, scalars)
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             check_model_finite(model, step, cfg.output_dir, device, compute_dtype)
-            path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer.model_bytes, training_args,
+            path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer, training_args,
                                    cfg.save_total_limit, adapter_config, data_signature=data_signature)
             print0(f"saved {path}")
 
     check_model_finite(model, num_steps, cfg.output_dir, device, compute_dtype)
-    save_model_dir(cfg.output_dir, model, tokenizer.model_bytes, training_args, adapter_config)
+    save_model_dir(cfg.output_dir, model, tokenizer, training_args, adapter_config)
     if logger is not None:
         logger.close()
     what = "adapter" if lora else "model"

@@ -30,7 +30,7 @@ from nanobumble.metrics import MetricsLogger
 from nanobumble.mfu import peak_bf16_flops, training_flops_per_token
 from nanobumble.model import model_config_for
 from nanobumble.optim import build_optimizer, lr_at
-from nanobumble.tokenizer import Tokenizer, load_or_train_tokenizer
+from nanobumble.tokenizer import Tokenizer, has_tokenizer, load_or_train_tokenizer, load_tokenizer
 from nanobumble.training import (Progress, check_finite, check_model_finite, check_model_fits, clip_gradients,
                                 resolve_resume, set_learning_rate, total_steps)
 
@@ -39,10 +39,10 @@ def find_tokenizer(cfg: PretrainConfig, resume_dir: str | None) -> Tokenizer:
     """The tokenizer travels with the model: a checkpoint's or model directory's
     tokenizer.model wins; otherwise tokenizer_path; otherwise train one on the data."""
     for directory in (resume_dir, cfg.model_name_or_path, cfg.dataset_path):
-        if directory and os.path.isfile(os.path.join(directory, "tokenizer.model")):
+        if directory and os.path.isdir(directory) and has_tokenizer(directory):
             if cfg.tokenizer_path and directory != cfg.dataset_path:
-                print0(f"note: using {directory}/tokenizer.model (the model's own), not tokenizer_path")
-            return Tokenizer(os.path.join(directory, "tokenizer.model"))
+                print0(f"note: using the tokenizer of {directory} (the model's own), not tokenizer_path")
+            return load_tokenizer(directory)
     files = list_data_files(cfg.dataset_path)
     return load_or_train_tokenizer(cfg.tokenizer_path, lambda: iter_text_records(files, strict=cfg.strict),
                                    cfg.vocab_size, cfg.cache_dir, files_fingerprint(files)[:16])
@@ -108,7 +108,7 @@ def train(cfg: PretrainConfig, info) -> None:
     # --- model: built on the meta device, sharded over the ranks, then filled ---
     weights = None
     if os.path.isdir(cfg.model_name_or_path) and not resume_dir:
-        weights = os.path.join(cfg.model_name_or_path, "model.safetensors")
+        weights = cfg.model_name_or_path
     model = build_model(model_cfg, info, cfg.seed, weights, dtype, cfg.enable_gradient_checkpointing, cfg.compile)
     model.kernels = cfg.kernels
     compute_dtype = autocast_dtype(info, dtype)  # sharded: FSDP's policy casts the weights instead
@@ -146,7 +146,7 @@ def train(cfg: PretrainConfig, info) -> None:
 
     def save(step: int) -> None:
         check_model_finite(model, step, cfg.output_dir, device, compute_dtype)
-        path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer.model_bytes, training_args,
+        path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer, training_args,
                                cfg.save_total_limit, data_signature=data_signature)
         print0(f"saved {path}")
 
@@ -199,7 +199,7 @@ def train(cfg: PretrainConfig, info) -> None:
             save(step)
 
     check_model_finite(model, num_steps, cfg.output_dir, device, compute_dtype)
-    save_model_dir(cfg.output_dir, model, tokenizer.model_bytes, training_args)
+    save_model_dir(cfg.output_dir, model, tokenizer, training_args)
     if logger is not None:
         logger.close()
     print0(f"done in {progress.elapsed()}; model directory: {cfg.output_dir}")

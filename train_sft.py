@@ -14,7 +14,6 @@ optimizer -> resume -> loop -> final model (or adapter) directory.
 
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -60,7 +59,7 @@ def train(cfg: SFTConfig, info) -> None:
 
     # --- model: the base weights, plus adapters for LoRA ---
     lora = lora_settings(cfg)
-    model = build_model(model_cfg, info, cfg.seed, os.path.join(cfg.model_name_or_path, "model.safetensors"),
+    model = build_model(model_cfg, info, cfg.seed, cfg.model_name_or_path,
                         dtype, cfg.enable_gradient_checkpointing, cfg.compile, lora)
     model.kernels = cfg.kernels
     compute_dtype = autocast_dtype(info, dtype)  # sharded: FSDP's policy casts the weights instead
@@ -131,12 +130,12 @@ def train(cfg: SFTConfig, info) -> None:
                 logger.log(step, scalars)
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             check_model_finite(model, step, cfg.output_dir, device, compute_dtype)
-            path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer.model_bytes, training_args,
+            path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer, training_args,
                                    cfg.save_total_limit, adapter_config, data_signature=data_signature)
             print0(f"saved {path}")
 
     check_model_finite(model, num_steps, cfg.output_dir, device, compute_dtype)
-    save_model_dir(cfg.output_dir, model, tokenizer.model_bytes, training_args, adapter_config)
+    save_model_dir(cfg.output_dir, model, tokenizer, training_args, adapter_config)
     if logger is not None:
         logger.close()
     what = "adapter" if lora else "model"

@@ -16,12 +16,21 @@ merges a header piece with the first piece of the content.
 The mask is True on the tokens an assistant "says": its content and its
 closing <|im_end|> (so the model learns to stop). Headers, the newline after
 <|im_end|>, and system/user turns are context only.
+
+A model imported from Hugging Face brings its own chat template (Jinja, in
+tokenizer_config.json). Its conversations are rendered with that template, so
+the training tokens are exactly what transformers' apply_chat_template gives,
+its default system prompt included; the mask marks each assistant turn's text
+as the template writes it (found by rendering the conversation up to that turn
+with and without the answer), without the whitespace after it.
 """
 
 from __future__ import annotations
 
+import json
+
 from nanobumble.data import DataError
-from nanobumble.tokenizer import IM_END_ID, IM_START_ID, Tokenizer
+from nanobumble.tokenizer import Tokenizer
 
 DEFAULT_SYSTEM_PROMPT = "You are Bumblebee, a helpful AI assistant."
 ROLES = ("system", "user", "assistant")
@@ -29,8 +38,8 @@ ROLES = ("system", "user", "assistant")
 
 def render_turn(role: str, content: str, tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
     """One turn: <|im_start|> role\\n content <|im_end|> \\n, with its training mask."""
-    header = [IM_START_ID] + tokenizer.encode(f"{role}\n")
-    body = tokenizer.encode(content) + [IM_END_ID]
+    header = [tokenizer.im_start_id] + tokenizer.encode(f"{role}\n")
+    body = tokenizer.encode(content) + [tokenizer.im_end_id]
     newline = tokenizer.encode("\n")
     trained = role == "assistant"
     return header + body + newline, [False] * len(header) + [trained] * len(body) + [False] * len(newline)
@@ -38,7 +47,7 @@ def render_turn(role: str, content: str, tokenizer: Tokenizer) -> tuple[list[int
 
 def generation_prompt(tokenizer: Tokenizer) -> list[int]:
     """The header that asks the model to answer: <|im_start|> assistant\\n."""
-    return [IM_START_ID] + tokenizer.encode("assistant\n")
+    return [tokenizer.im_start_id] + tokenizer.encode("assistant\n")
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
@@ -55,8 +64,13 @@ def render(messages: list[dict], tokenizer: Tokenizer, system_prompt: str | None
     messages: [{"role": "system" | "user" | "assistant", "content": str}, ...].
     A system message in the data is always kept; otherwise system_prompt (when
     not None or "") becomes the first turn. add_generation_prompt appends the
-    assistant header for the model to continue (used when chatting).
+    assistant header for the model to continue (used when chatting). With a
+    model's own template, DEFAULT_SYSTEM_PROMPT means the template's default.
     """
+    if tokenizer.chat_template:
+        if system_prompt == DEFAULT_SYSTEM_PROMPT:
+            system_prompt = None
+        return render_with_template(with_system_prompt(messages, system_prompt), tokenizer, add_generation_prompt)
     ids: list[int] = []
     mask: list[bool] = []
     for message in with_system_prompt(messages, system_prompt):
@@ -67,6 +81,39 @@ def render(messages: list[dict], tokenizer: Tokenizer, system_prompt: str | None
         header = generation_prompt(tokenizer)
         ids += header
         mask += [False] * len(header)
+    return ids, mask
+
+
+def _template_text(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    """A Jinja chat template rendered the way transformers renders it."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise DataError(f"the model's chat template refused the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            tools=None, documents=None)
+
+
+def render_with_template(messages: list[dict], tokenizer, add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
+    """render() for a tokenizer that carries its model's chat template."""
+    text = _template_text(tokenizer.chat_template, messages, add_generation_prompt)
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    answers = []  # character spans of the assistant turns
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = _template_text(tokenizer.chat_template, messages[:i], add_generation_prompt=True)
+        through = _template_text(tokenizer.chat_template, messages[:i + 1], add_generation_prompt=False)
+        if not (text.startswith(through) and through.startswith(before)):
+            raise DataError("the model's chat template does not render a conversation turn by turn; "
+                            "cannot tell the assistant's tokens from the rest")
+        answers.append((len(before), len(through.rstrip())))
+    mask = [any(start <= a and b <= end and a < b for start, end in answers) for a, b in offsets]
     return ids, mask
 
 

@@ -127,14 +127,14 @@ def check_writable(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path} is not writable ({existing}: {e.strerror})") from None
 
 
-def save_model_dir(path: str, model: Transformer, tokenizer_file: str | bytes, training_args_yaml: str,
+def save_model_dir(path: str, model: Transformer, tokenizer, training_args_yaml: str,
                    adapter_config: dict | None = None) -> None:
     """Write (or overwrite, file by file atomically) a model directory: the full
     weights, or for a LoRA run (adapter_config given) only the adapter, beside
-    config.json, tokenizer.model and training_args.yaml. tokenizer_file is a
-    path to copy, or the tokenizer's bytes (Tokenizer.model_bytes: what a
-    training run passes, since the file it was loaded from may be a checkpoint
-    that rotation deletes). Every rank calls it (to gather shards); rank 0 writes."""
+    config.json, the tokenizer's files and training_args.yaml. tokenizer is a
+    loaded tokenizer (its files are kept in memory: the directory it came from
+    may be a checkpoint that rotation deletes) or the path of a tokenizer.model.
+    Every rank calls it (to gather shards); rank 0 writes."""
     if _is_main():
         os.makedirs(path, exist_ok=True)
     _barrier()
@@ -146,12 +146,13 @@ def save_model_dir(path: str, model: Transformer, tokenizer_file: str | bytes, t
     if not _is_main():
         return
     atomic_write_text(os.path.join(path, "config.json"), model_config_json(model.config))
-    tokenizer_path = os.path.join(path, "tokenizer.model")
-    if isinstance(tokenizer_file, bytes):
-        atomic_write_bytes(tokenizer_path, tokenizer_file)
-    elif os.path.abspath(tokenizer_file) != os.path.abspath(tokenizer_path):
-        with open(tokenizer_file, "rb") as f:
-            atomic_write_bytes(tokenizer_path, f.read())
+    if isinstance(tokenizer, str):
+        with open(tokenizer, "rb") as f:
+            tokenizer_files = {"tokenizer.model": f.read()}
+    else:
+        tokenizer_files = tokenizer.files
+    for name, data in tokenizer_files.items():
+        atomic_write_bytes(os.path.join(path, name), data)
     atomic_write_text(os.path.join(path, "training_args.yaml"), training_args_yaml)
 
 
@@ -173,28 +174,37 @@ def check_weight_names(weights_file: str, stored: dict, expected: dict) -> None:
 
 
 @torch.no_grad()
-def load_model_weights(model: Transformer, weights_file: str) -> None:
-    """Load a full safetensors file into a model, sharded or not: each rank reads
-    only its own rows. LoRA adapter parameters, if injected, are not in the file.
-    A file that does not match the model raises DamagedFile naming it."""
+def load_model_weights(model: Transformer, directory: str) -> None:
+    """Load the full weights of a model directory (model.safetensors, or the shards
+    of a Hugging Face model) into a model, sharded or not: each rank reads only
+    its own rows. LoRA adapter parameters, if injected, are not in the files. A
+    file that does not match the model raises DamagedFile naming it."""
+    from .import_hf import weight_files, weight_name
     from .lora import is_lora_param
 
-    if not os.path.isfile(weights_file):
-        raise DamagedFile(f"{weights_file}: not found")
     params = {name: p for name, p in model.named_parameters() if not is_lora_param(name)}
-    with open_file(weights_file) as f:
-        stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        if model.config.tie_word_embeddings:  # a tied weight is listed once, as embed_tokens.weight
-            stored.pop("lm_head.weight", None)
-        check_weight_names(weights_file, stored, expected_weight_shapes(model))
-        for name in stored:
-            read_into(f, name, params[name], weights_file)
+    files = weight_files(directory)
+    where: dict[str, tuple[str, str]] = {}  # our name -> (file, the name inside it)
+    stored: dict[str, tuple[int, ...]] = {}
+    for path in files:
+        with open_file(path) as f:
+            for key in f.keys():
+                where[weight_name(key)] = (path, key)
+                stored[weight_name(key)] = tuple(f.get_slice(key).get_shape())
+    if model.config.tie_word_embeddings:  # a tied weight is listed once, as embed_tokens.weight
+        stored.pop("lm_head.weight", None)
+    check_weight_names(files[0] if len(files) == 1 else directory, stored, expected_weight_shapes(model))
+    for path in files:
+        with open_file(path) as f:
+            for name in stored:
+                if where[name][0] == path:
+                    read_into(f, where[name][1], params[name], path)
 
 
 def load_model_dir(path: str) -> tuple[Transformer, ModelConfig]:
     cfg = load_model_config(os.path.join(path, "config.json"))
     model = Transformer(cfg)
-    load_model_weights(model, os.path.join(path, "model.safetensors"))
+    load_model_weights(model, path)
     return model, cfg
 
 
@@ -229,7 +239,7 @@ def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> 
 
 
 def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
-                    tokenizer_file: str | bytes, training_args_yaml: str, save_total_limit: int,
+                    tokenizer, training_args_yaml: str, save_total_limit: int,
                     adapter_config: dict | None = None, data_signature: str = "") -> str:
     """Every rank calls this. Written under a temporary name, renamed by rank 0.
     data_signature (data.files_signature) lets a resumed run check its data."""
@@ -240,7 +250,7 @@ def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: t
         os.makedirs(tmp)
     _barrier()
     try:
-        save_model_dir(tmp, model, tokenizer_file, training_args_yaml, adapter_config)
+        save_model_dir(tmp, model, tokenizer, training_args_yaml, adapter_config)
         write_gathered(os.path.join(tmp, "optimizer.safetensors"), _optimizer_tensors(model, optimizer)[1])
         if _is_main():
             write_gathered(os.path.join(tmp, "rng_state.safetensors"), list(rng_state().items()))
@@ -290,21 +300,21 @@ def checkpoint_problem(path: str) -> str | None:
     state matching the weights. Reads headers only."""
     from .data import DataError
     from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_param_name, read_adapter_config
-    from .tokenizer import Tokenizer
+    from .tokenizer import load_tokenizer
 
     try:
         state = read_trainer_state(path)
         match = CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
         if match and int(match.group(1)) != state["step"]:
             return f"trainer_state.json says step {state['step']}"
-        for name in ("tokenizer.model", "training_args.yaml", "rng_state.safetensors", "optimizer.safetensors"):
+        for name in ("training_args.yaml", "rng_state.safetensors", "optimizer.safetensors"):
             if not os.path.isfile(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) == 0:
                 return f"{os.path.join(path, name)}: missing or empty"
         with open(os.path.join(path, "training_args.yaml"), encoding="utf-8") as f:
             if not isinstance(yaml.safe_load(f), dict):
                 return "training_args.yaml is not a mapping"
         header_shapes(os.path.join(path, "rng_state.safetensors"))
-        Tokenizer(os.path.join(path, "tokenizer.model"))
+        load_tokenizer(path)
         with torch.device("meta"):
             model = Transformer(load_model_config(os.path.join(path, "config.json")))
         if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
@@ -335,7 +345,7 @@ def load_checkpoint(path: str, model: Transformer, optimizer: torch.optim.Optimi
     if os.path.isfile(os.path.join(path, ADAPTER_WEIGHTS)):
         load_adapter(model, path)
     else:
-        load_model_weights(model, os.path.join(path, "model.safetensors"))
+        load_model_weights(model, path)
     state, named = _optimizer_tensors(model, optimizer)  # the target layout, filled in below
     optimizer_file = os.path.join(path, "optimizer.safetensors")
     with open_file(optimizer_file) as f:

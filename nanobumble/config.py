@@ -164,7 +164,7 @@ class DPOConfig(FinetuneConfig):
     train_micro_batch_size_per_gpu: int = 4  # pairs: each forward runs 2x this many rows
     pref_beta: float = 0.1  # strength of the pull toward the reference model
     pref_loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
-    label_smoothing: float = 0.0  # conservative DPO: assumed share of flipped preference labels
+    label_smoothing: float = 0.0  # conservative DPO (sigmoid only): assumed share of flipped preference labels
     ld_alpha: float = 1.0  # LD-DPO: weight of response tokens past the shorter response (1 = plain DPO)
     sft_weight: float = 0.0  # adds sft_weight x the NLL of the chosen responses
     precompute_ref_log_probs: bool = False  # reference log-probs once before training, then drop the reference
@@ -176,6 +176,9 @@ class DPOConfig(FinetuneConfig):
             raise ConfigError(f"key 'pref_beta' must be > 0, got {self.pref_beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"key 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.pref_loss != "sigmoid":  # cDPO smooths the sigmoid loss; others ignore it
+            raise ConfigError(f"key 'label_smoothing' ({self.label_smoothing}) is conservative DPO, for "
+                              f"pref_loss 'sigmoid' only; key 'pref_loss' {self.pref_loss!r} would ignore it")
         if not 0.0 <= self.ld_alpha <= 1.0:
             raise ConfigError(f"key 'ld_alpha' must be in [0, 1], got {self.ld_alpha}")
 

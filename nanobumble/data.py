@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from nanobumble.tokenizer import EOT_ID, Tokenizer
+from nanobumble.tokenizer import Tokenizer, load_tokenizer
 
 MAGIC = int.from_bytes(b"nbsh", "little")  # reads "nbsh" in a hex dump
 VERSION = 1
@@ -293,7 +293,7 @@ _worker_tokenizer: Tokenizer | None = None
 
 def _init_worker(model_file: str) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model_file)
+    _worker_tokenizer = load_tokenizer(model_file)
 
 
 def _tokenize_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -301,7 +301,7 @@ def _tokenize_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     assert _worker_tokenizer is not None
     encoded = _worker_tokenizer.encode_batch(texts)
     for ids in encoded:
-        ids.append(EOT_ID)
+        ids.append(_worker_tokenizer.eot_id)
     lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
     tokens = np.array(list(itertools.chain.from_iterable(encoded)), dtype=np.int32)
     return tokens, lengths

@@ -170,13 +170,14 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                        if isinstance(v, torch.Tensor) and v.dim() > 0)
 
 
-def build_model(model_cfg, info: DistInfo, seed: int, weights_file: str | None,
+def build_model(model_cfg, info: DistInfo, seed: int, weights_from: str | None,
                 param_dtype: torch.dtype | None, gradient_checkpointing: bool = False, compile: bool = False,
                 lora: dict | None = None):
     """Create the model on the meta device (no memory), shard it when there are
     several ranks, then allocate only this rank's shards on its device and fill
-    them: from weights_file, or with the seeded initialisation. So a 1.5B model
-    never exists whole on one rank before it is sharded. `lora` (keyword
+    them: from the weights of the model directory weights_from, or with the
+    seeded initialisation. So a 1.5B model never exists whole on one rank
+    before it is sharded. `lora` (keyword
     arguments of lora.inject_lora) adds adapters before sharding and freezes
     the rest."""
     from .checkpoint import load_model_weights
@@ -196,8 +197,8 @@ def build_model(model_cfg, info: DistInfo, seed: int, weights_file: str | None,
     model.to_empty(device=info.device)
     if model_cfg.tie_word_embeddings:  # to_empty can re-create parameters; tie again
         model.lm_head.weight = model.embed_tokens.weight
-    if weights_file:
-        load_model_weights(model, weights_file)
+    if weights_from:
+        load_model_weights(model, weights_from)
     else:
         model.init_weights(seed)
     if lora is not None:

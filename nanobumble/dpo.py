@@ -12,11 +12,17 @@ on every position that is not a response token.
 
 token_logps and mean_logits do the same from logits already in hand.
 
-With h = (log pi(y_c) - log ref(y_c)) - (log pi(y_r) - log ref(y_r)) and d = beta * h:
+With the log-ratios r_c = log pi(y_c) - log ref(y_c), r_r = log pi(y_r) - log ref(y_r)
+(sums over the response tokens), h = r_c - r_r and d = beta * h:
 
     sigmoid  -logsigmoid(d) (1 - eps) - logsigmoid(-d) eps     (DPO; eps = label smoothing, cDPO)
-    ipo      (h - 1 / (2 beta))^2                               (IPO)
+    ipo      (r_c / |y_c| - r_r / |y_r| - 1 / (2 beta))^2      (IPO, per-token log-ratios)
     hinge    relu(1 - d)                                        (SLiC)
+
+IPO's target 1/(2 beta) is met by log-ratios averaged over each answer's tokens
+(|y| = its response token count), as TRL and LLaMA-Factory define it: on sums the
+loss and its gradient would grow with the answer's length, and a beta from a
+published IPO recipe would mean something else here.
 """
 
 from __future__ import annotations
@@ -124,18 +130,29 @@ def sequence_logps(logps: torch.Tensor, mask: torch.Tensor, ld_alpha: float | No
 
 def preference_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor,
                     ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
-                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    label_smoothing: float = 0.0, chosen_lengths: torch.Tensor | None = None,
+                    rejected_lengths: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(losses [n], chosen_rewards [n], rejected_rewards [n]) from sequence log-probs of
-    the policy and the reference model. Rewards are beta * (policy - reference), detached."""
+    the policy and the reference model. Rewards are beta * (policy - reference), detached.
+
+    chosen_lengths, rejected_lengths [n]: response tokens of each answer (mask.sum(-1)
+    of the chosen and of the rejected rows). Only IPO uses them, and it requires them."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {loss_type!r}")
+    if label_smoothing and loss_type != "sigmoid":  # it would be silently ignored
+        raise ValueError(f"label_smoothing applies to loss_type 'sigmoid' only, got {loss_type!r}")
     chosen_ratio = pi_chosen - ref_chosen
     rejected_ratio = pi_rejected - ref_rejected
     d = beta * (chosen_ratio - rejected_ratio)
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(d) * (1 - label_smoothing) - F.logsigmoid(-d) * label_smoothing
     elif loss_type == "ipo":
-        losses = (d / beta - 1 / (2 * beta)) ** 2
+        if chosen_lengths is None or rejected_lengths is None:
+            raise ValueError("loss_type 'ipo' needs chosen_lengths and rejected_lengths (response tokens per answer)")
+        # clamp: an answer cut to nothing has a log-ratio of 0, and 0 / 1 keeps it 0
+        h = chosen_ratio / chosen_lengths.clamp(min=1) - rejected_ratio / rejected_lengths.clamp(min=1)
+        losses = (h - 1 / (2 * beta)) ** 2
     else:  # hinge
         losses = torch.relu(1 - d)
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()

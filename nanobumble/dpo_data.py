@@ -25,7 +25,7 @@ from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, generation_prompt, r
 from nanobumble.data import DataError
 from nanobumble.sft_data import (IGNORE_INDEX, EpochOrder, alpaca_prompt, describe_keys, openai_messages,
                                  read_records, sharegpt_messages)
-from nanobumble.tokenizer import EOT_ID, IM_END_ID, Tokenizer
+from nanobumble.tokenizer import EOT_ID, Tokenizer
 
 # ---------------------------------------------------------------------------
 # Loading
@@ -114,8 +114,8 @@ def tokenize_pairs(pairs: Sequence[dict], tokenizer: Tokenizer, cutoff_len: int,
     out = []
     for pair in pairs:
         prompt, _ = render(pair["prompt"], tokenizer, system_prompt, add_generation_prompt=True)
-        chosen = tokenizer.encode(pair["chosen"]) + [IM_END_ID]
-        rejected = tokenizer.encode(pair["rejected"]) + [IM_END_ID]
+        chosen = tokenizer.encode(pair["chosen"]) + [tokenizer.im_end_id]
+        rejected = tokenizer.encode(pair["rejected"]) + [tokenizer.im_end_id]
         longest = max(len(chosen), len(rejected))
         if len(prompt) + longest > limit:
             stats["truncated"] += 1

@@ -8,11 +8,15 @@ renaming plus the files transformers expects:
 
     config.json              Qwen2Config keys (model_type "qwen2")
     model.safetensors        model.embed_tokens.weight, model.layers.N...,
-                             model.norm.weight, lm_head.weight (when not tied)
+                             model.norm.weight, lm_head.weight (when not tied); above
+                             max_shard_size instead model-00001-of-0000N.safetensors ...
+                             and model.safetensors.index.json (which file holds each tensor)
     generation_config.json   the sampling defaults, stopping at <|im_end|> / <|endoftext|>
     tokenizer.json           the sentencepiece BPE as a `tokenizers` BPE (the same ids)
     tokenizer_config.json    special tokens, no BOS/EOS added, the ChatML chat template
+                             with the system prompt the model was trained with
     tokenizer.model          the sentencepiece model, unchanged
+    README.md                a short model card: training stages, data, final metrics
 
 Then, with transformers installed:
 
@@ -29,28 +33,42 @@ read as a space.
 
 A model without q/k/v biases (qkv_bias: false) is exported with zero biases,
 since Qwen2 always has them. A LoRA run must be merged into a full model first.
+
+The chat template inserts the system prompt from the model's training_args.yaml
+(none for `system_prompt: ""`; the default for a pretrained model, which has no
+such key), so apply_chat_template renders the tokens the model was trained on.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from .chat_template import DEFAULT_SYSTEM_PROMPT
-from .checkpoint import atomic_write_bytes, atomic_write_text, check_output_dir, load_model_dir, model_state_dict
+from .checkpoint import (atomic_write_bytes, atomic_write_text, check_output_dir, load_model_dir, model_state_dict,
+                         read_trainer_state)
 from .common import UserError, run_cli
 from .config import ConfigError, parse_config
 from .generation import GenerationConfig
 from .model import ModelConfig
-from .tokenizer import EOT_ID, IM_END_ID, SPACE_PIECE, SPECIAL_TOKENS, UNK_ID, Tokenizer
+from .tensor_files import DamagedFile
+from .tokenizer import SPACE_PIECE, SPECIAL_TOKENS, UNK_ID, Tokenizer, has_tokenizer, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+GIB = 2**30
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"  # transformers' names, numbered from 1
+SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
 @dataclass
@@ -58,14 +76,17 @@ class ExportConfig:
     model_path: str = ""  # a nanobumble model directory (config.json + model.safetensors + tokenizer.model)
     save_path: str = ""  # the Hugging Face directory to write
     dtype: str = "fp32"  # fp32 (exact) | bf16 | fp16
+    max_shard_size_gb: float = 5.0  # larger weights are split into shards of at most this many GiB
     overwrite_output_dir: bool = False  # replace a model already in save_path
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ConfigError(f"key 'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if not 0 < self.max_shard_size_gb < math.inf:
+            raise ConfigError(f"key 'max_shard_size_gb' must be > 0 and finite, got {self.max_shard_size_gb}")
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, tokenizer) -> dict:
     return {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
@@ -87,16 +108,17 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
         "use_cache": True,
-        "bos_token_id": EOT_ID,
-        "eos_token_id": EOT_ID,
-        "pad_token_id": EOT_ID,
+        "bos_token_id": tokenizer.eot_id,
+        "eos_token_id": tokenizer.eot_id,
+        "pad_token_id": tokenizer.eot_id,
         "torch_dtype": HF_DTYPE_NAMES[dtype],
     }
 
 
-def hf_generation_config() -> dict:
+def hf_generation_config(tokenizer) -> dict:
     gen = GenerationConfig()
-    return {"bos_token_id": EOT_ID, "eos_token_id": [IM_END_ID, EOT_ID], "pad_token_id": EOT_ID,
+    return {"bos_token_id": tokenizer.eot_id, "eos_token_id": [tokenizer.im_end_id, tokenizer.eot_id],
+            "pad_token_id": tokenizer.eot_id,
             "do_sample": gen.do_sample, "temperature": gen.temperature, "top_k": gen.top_k, "top_p": gen.top_p,
             "repetition_penalty": gen.repetition_penalty}
 
@@ -113,12 +135,19 @@ def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch
     return out
 
 
-def chat_template() -> str:
-    """ChatML as nanobumble's chat_template.render lays it out, in Jinja."""
-    return (
-        "{%- if not messages or messages[0]['role'] != 'system' %}"
-        "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT.replace("'", "\\'") + "<|im_end|>\\n' }}"
-        "{%- endif %}"
+def chat_template(system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """ChatML as nanobumble's chat_template.render lays it out, in Jinja: system_prompt
+    becomes the first turn of a conversation that has no system message ("" adds none)."""
+    template = ""
+    if system_prompt:
+        # A JSON string is also a valid Jinja string literal with the same value (Jinja
+        # unescapes \n, \", \\ and \uXXXX as JSON does), whatever quotes, backslashes or
+        # braces the prompt holds.
+        system_turn = json.dumps(f"<|im_start|>system\n{system_prompt}<|im_end|>\n", ensure_ascii=False)
+        template += ("{%- if not messages or messages[0]['role'] != 'system' %}"
+                     "{{- " + system_turn + " }}"
+                     "{%- endif %}")
+    return template + (
         "{%- for message in messages %}"
         "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
         "{%- endfor %}"
@@ -165,7 +194,7 @@ def hf_tokenizer_json(tokenizer: Tokenizer) -> dict:
     }
 
 
-def hf_tokenizer_config() -> dict:
+def hf_tokenizer_config(system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> dict:
     """Settings around tokenizer.json: nothing added around the ids (no BOS/EOS),
     the special tokens by name, and the chat template."""
     added = {str(token_id): {"content": piece, "special": True, "normalized": False, "lstrip": False,
@@ -182,7 +211,7 @@ def hf_tokenizer_config() -> dict:
         "pad_token": "<|endoftext|>",
         "added_tokens_decoder": added,
         "model_max_length": None,
-        "chat_template": chat_template(),
+        "chat_template": chat_template(system_prompt),
     }
 
 
@@ -190,37 +219,246 @@ def write_json(path: str, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def export_hf(model_path: str, save_path: str, dtype: torch.dtype = torch.float32, overwrite: bool = False) -> None:
-    for name in ("config.json", "model.safetensors", "tokenizer.model"):
+# --- weights, in one file or in shards ----------------------------------------------------------------
+
+def plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """The tensors in order, a new shard whenever the next one would overflow the current
+    one (a tensor larger than max_bytes gets a shard of its own, as in transformers)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def write_weights(save_path: str, state: dict[str, torch.Tensor], max_bytes: int) -> list[str]:
+    """model.safetensors, or shards plus the index when the weights exceed max_bytes.
+    Returns the weight file names.
+
+    Every file is written under a temporary name first. Then the weight files of an
+    earlier export go (all but those about to be replaced), the new files are renamed
+    into place, and the index comes last. Removing first matters: transformers loads a
+    model.safetensors in preference to an index, and an old index names old shards; so a
+    crash in between leaves an export that fails to load, never a silent mix."""
+    shards = plan_shards(state, max_bytes)
+    names = [WEIGHTS_NAME] if len(shards) == 1 else \
+        [SHARD_NAME.format(i, len(shards)) for i in range(1, len(shards) + 1)]
+    temporary = []
+    try:
+        for name, shard in zip(names, shards):
+            temporary.append(os.path.join(save_path, f"{name}.tmp-{os.getpid()}"))
+            save_file(shard, temporary[-1], metadata={"format": "pt"})
+    except BaseException:
+        for path in temporary:
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    for old in os.listdir(save_path):
+        stale_weights = (old == WEIGHTS_NAME or SHARD_RE.match(old)) and old not in names
+        if old == INDEX_NAME or stale_weights:
+            os.remove(os.path.join(save_path, old))
+    for name, tmp in zip(names, temporary):
+        os.replace(tmp, os.path.join(save_path, name))
+    if len(names) > 1:  # transformers' index format
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        weight_map = {tensor: name for name, shard in zip(names, shards) for tensor in shard}
+        write_json(os.path.join(save_path, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return names
+
+
+# --- what the model directory says about its training ---------------------------------------------------
+
+def read_training_args(model_dir: str) -> dict:
+    """training_args.yaml as a dict; {} when the directory has none."""
+    path = os.path.join(model_dir, "training_args.yaml")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            args = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise UserError(f"{path}: expected a mapping of keys, got {type(args).__name__}")
+    return args
+
+
+def trained_system_prompt(args: dict) -> str:
+    """The system prompt SFT/DPO rendered conversations with (config.FinetuneConfig's key);
+    a pretrained model never saw one, so it keeps the default."""
+    if "system_prompt" not in args:
+        return DEFAULT_SYSTEM_PROMPT
+    return "" if args["system_prompt"] is None else str(args["system_prompt"])
+
+
+def training_lineage(model_dir: str, args: dict, max_stages: int = 10) -> list[dict]:
+    """training_args of this model, then of the model it started from (model_name_or_path),
+    and so on while those directories are still here: newest first."""
+    lineage, seen = [args], {os.path.abspath(model_dir)}
+    while len(lineage) < max_stages:
+        parent = str(lineage[-1].get("model_name_or_path") or "")
+        if not os.path.isdir(parent) or os.path.abspath(parent) in seen:
+            break
+        seen.add(os.path.abspath(parent))
+        try:
+            parent_args = read_training_args(parent)
+        except UserError:
+            break  # a damaged ancestor only shortens the model card
+        if not parent_args:
+            break
+        lineage.append(parent_args)
+    return lineage
+
+
+def data_summary(dataset_path: str) -> str:
+    """The dataset path, with its size when it is still readable from here."""
+    from .data import DataError, list_data_files, read_meta  # data.py is heavy: only for the card
+
+    if not dataset_path:
+        return ""
+    text = f"`{dataset_path}`"
+    try:
+        if os.path.isfile(os.path.join(dataset_path, "meta.json")):  # prepared token shards
+            meta = read_meta(dataset_path)
+            return text + f" ({meta['train_tokens']:,} training tokens)"
+        files = list_data_files(dataset_path)
+        size = sum(os.path.getsize(path) for path in files)
+        size_text = f"{size / 1e6:,.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+        return text + f" ({len(files)} file{'s' * (len(files) != 1)}, {size_text})"
+    except (DataError, OSError, KeyError, TypeError, ValueError):
+        return text
+
+
+HOUSEKEEPING_METRICS = ("train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu")
+
+
+def final_metrics(model_dir: str, args: dict) -> tuple[str, dict[str, tuple[int, float]]]:
+    """(where they came from, {metric: (step, last value)}) from metrics.jsonl. A merged
+    LoRA run keeps its metrics in the adapter directory, and a checkpoint in its run's
+    directory (output_dir): used when that directory's training_args.yaml is the model's
+    own, i.e. the same run, and for a checkpoint only up to its step."""
+    last_step = math.inf
+    if os.path.isfile(os.path.join(model_dir, "trainer_state.json")):  # a checkpoint
+        try:
+            last_step = read_trainer_state(model_dir)["step"]
+        except (DamagedFile, KeyError):
+            return "", {}
+    path = os.path.join(model_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        run_dir = str(args.get("output_dir") or "")
+        same_run = run_dir and os.path.isdir(run_dir) and os.path.isfile(os.path.join(run_dir, "metrics.jsonl"))
+        try:
+            same_run = same_run and read_training_args(run_dir) == args
+        except UserError:
+            same_run = False
+        if not same_run:
+            return "", {}
+        path = os.path.join(run_dir, "metrics.jsonl")
+    last: dict[str, tuple[int, float]] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                step = record["step"]
+            except (json.JSONDecodeError, TypeError, KeyError):
+                continue  # a damaged line (a killed run) does not stop the export
+            if not isinstance(step, int) or step > last_step:
+                continue
+            for key, value in record.items():
+                if key != "step" and key not in HOUSEKEEPING_METRICS and isinstance(value, (int, float)):
+                    last[key] = (step, float(value))
+    return path, last
+
+
+def stage_summary(args: dict) -> str:
+    stage = str(args.get("stage") or "unknown")
+    details = [str(args[key]) for key in ("finetuning_type",) if key in args]
+    if stage == "dpo" and "pref_loss" in args:
+        details.append(f"{args['pref_loss']}, beta {args.get('pref_beta')}")
+    steps = args.get("max_steps")
+    if isinstance(steps, (int, float)) and steps > 0:  # max_steps overrides num_epochs
+        details.append(f"{steps} steps")
+    elif "num_epochs" in args:
+        details.append(f"{args['num_epochs']} epochs")
+    return stage + (f" ({', '.join(details)})" if details else "")
+
+
+def model_card(model_path: str, args: dict, cfg: ModelConfig, num_parameters: int, dtype: torch.dtype,
+               system_prompt: str) -> str:
+    """README.md of the export: what the model is, how it was trained, how it ended."""
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [nanobumble, qwen2]", "---",
+             f"# {os.path.basename(os.path.normpath(model_path))}", "",
+             f"Qwen2ForCausalLM exported by nanobumble from `{model_path}`: {num_parameters / 1e6:.1f}M parameters, "
+             f"{HF_DTYPE_NAMES[dtype]}, {cfg.num_layers} layers, vocabulary {cfg.vocab_size}, "
+             f"context {cfg.max_position_embeddings} tokens.", ""]
+    lineage = training_lineage(model_path, args) if args else []
+    if lineage:
+        lines += ["## Training", "", "| stage | started from | data |", "|---|---|---|"]
+        for stage_args in reversed(lineage):  # oldest first
+            lines.append(f"| {stage_summary(stage_args)} | `{stage_args.get('model_name_or_path', '')}` | "
+                         f"{data_summary(str(stage_args.get('dataset_path') or ''))} |")
+        lines.append("")
+    else:
+        lines += ["No training_args.yaml: the training history is unknown.", ""]
+    lines += [f"Chat template system prompt: {json.dumps(system_prompt, ensure_ascii=False)}"
+              if system_prompt else "Chat template: no system prompt is added.", ""]
+    source, metrics = final_metrics(model_path, args)
+    if metrics:
+        lines += ["## Final metrics", "", f"Last logged values, from `{source}`:", "",
+                  "| metric | value | step |", "|---|---|---|"]
+        lines += [f"| {key} | {value:.4g} | {step} |" for key, (step, value) in metrics.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def export_hf(model_path: str, save_path: str, dtype: torch.dtype = torch.float32, overwrite: bool = False,
+              max_shard_size: int = 5 * GIB) -> None:
+    for name in ("config.json", "model.safetensors"):
         if not os.path.isfile(os.path.join(model_path, name)):
             hint = " (a LoRA adapter directory? merge it into a full model first)" \
                 if os.path.isfile(os.path.join(model_path, "adapter_config.json")) else ""
             raise UserError(f"model_path {model_path}: missing {name}{hint}")
+    if not has_tokenizer(model_path):
+        raise UserError(f"model_path {model_path}: missing tokenizer.model (or a Hugging Face tokenizer.json)")
     if os.path.abspath(model_path) == os.path.abspath(save_path):
         raise UserError("save_path must differ from model_path (the file formats share names)")
     check_output_dir(save_path, overwrite, "save_path")
+    args = read_training_args(model_path)
+    system_prompt = trained_system_prompt(args)
     model, cfg = load_model_dir(model_path)
     state = hf_state_dict(model_state_dict(model), cfg, dtype)
     os.makedirs(save_path, exist_ok=True)
-    tmp = os.path.join(save_path, f"model.safetensors.tmp-{os.getpid()}")
-    save_file(state, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(save_path, "model.safetensors"))
-    write_json(os.path.join(save_path, "config.json"), hf_config(cfg, dtype))
-    write_json(os.path.join(save_path, "generation_config.json"), hf_generation_config())
-    tokenizer = Tokenizer(os.path.join(model_path, "tokenizer.model"))
-    write_json(os.path.join(save_path, "tokenizer.json"), hf_tokenizer_json(tokenizer))
-    write_json(os.path.join(save_path, "tokenizer_config.json"), hf_tokenizer_config())
-    with open(os.path.join(model_path, "tokenizer.model"), "rb") as f:
-        atomic_write_bytes(os.path.join(save_path, "tokenizer.model"), f.read())
+    weight_files = write_weights(save_path, state, max_shard_size)
+    tokenizer = load_tokenizer(model_path)
+    write_json(os.path.join(save_path, "config.json"), hf_config(cfg, dtype, tokenizer))
+    write_json(os.path.join(save_path, "generation_config.json"), hf_generation_config(tokenizer))
+    if "tokenizer.model" in tokenizer.files:
+        write_json(os.path.join(save_path, "tokenizer.json"), hf_tokenizer_json(tokenizer))
+        write_json(os.path.join(save_path, "tokenizer_config.json"), hf_tokenizer_config(system_prompt))
+    # A model imported from Hugging Face keeps its own tokenizer files, chat template included
+    # (it was trained with that template); nanobumble's keeps its sentencepiece model beside.
+    for name, data in tokenizer.files.items():
+        atomic_write_bytes(os.path.join(save_path, name), data)
+    atomic_write_text(os.path.join(save_path, "README.md"),
+                      model_card(model_path, args, cfg, model.num_parameters(), dtype, system_prompt))
+    shards = f", {len(weight_files)} shards" if len(weight_files) > 1 else ""
     print(f"exported {model_path} -> {save_path} (Qwen2ForCausalLM, {HF_DTYPE_NAMES[dtype]}, "
-          f"{model.num_parameters() / 1e6:.1f}M parameters)", file=sys.stderr)
+          f"{model.num_parameters() / 1e6:.1f}M parameters{shards})", file=sys.stderr)
 
 
 def main(argv: list[str]) -> None:
     cfg = parse_config(argv, ExportConfig)
     if not cfg.model_path or not cfg.save_path:
         raise ConfigError("give both --model_path and --save_path")
-    export_hf(cfg.model_path, cfg.save_path, DTYPES[cfg.dtype], cfg.overwrite_output_dir)
+    export_hf(cfg.model_path, cfg.save_path, DTYPES[cfg.dtype], cfg.overwrite_output_dir,
+              max_shard_size=int(cfg.max_shard_size_gb * GIB))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import os
 from .checkpoint import check_output_dir, load_model_dir, save_model_dir
 from .common import UserError, run_cli
 from .lora import ADAPTER_CONFIG, load_adapter, merge_lora
+from .tokenizer import has_tokenizer, load_tokenizer
 
 
 def _first_existing(name: str, *directories: str) -> str | None:
@@ -47,9 +48,10 @@ def main(argv: list[str]) -> None:
             raise UserError(f"--save_path is {flag}: the merge would replace its own input (and a second run "
                             f"would merge the adapter twice); pick another directory")
     check_output_dir(args.save_path, args.overwrite_output_dir == "true", "--save_path")
-    tokenizer_file = _first_existing("tokenizer.model", args.lora_model_path, args.base_model_path)
-    if tokenizer_file is None:
-        raise UserError(f"neither {args.lora_model_path} nor {args.base_model_path} has a tokenizer.model")
+    tokenizer_dir = next((d for d in (args.lora_model_path, args.base_model_path) if has_tokenizer(d)), None)
+    if tokenizer_dir is None:
+        raise UserError(f"neither {args.lora_model_path} nor {args.base_model_path} has a tokenizer")
+    tokenizer = load_tokenizer(tokenizer_dir)
 
     model, _ = load_model_dir(args.base_model_path)
     config = load_adapter(model, args.lora_model_path)
@@ -61,7 +63,7 @@ def main(argv: list[str]) -> None:
             training_args_yaml = f.read()
     else:
         training_args_yaml = "{}\n"
-    save_model_dir(args.save_path, model, tokenizer_file, training_args_yaml)
+    save_model_dir(args.save_path, model, tokenizer, training_args_yaml)
 
     trained_on = config["base_model_name_or_path"]
     print(f"merged {args.lora_model_path} (r={config['r']}, lora_alpha={config['lora_alpha']}, "
@@ -70,7 +72,7 @@ def main(argv: list[str]) -> None:
     if trained_on and os.path.abspath(trained_on) != os.path.abspath(args.base_model_path):
         print(f"note: the adapter was trained on {trained_on}")
     print(f"wrote {args.save_path}: config.json, model.safetensors ({model.num_parameters():,} parameters), "
-          f"tokenizer.model (from {os.path.dirname(tokenizer_file)}), training_args.yaml"
+          f"{', '.join(tokenizer.files)} (from {tokenizer_dir}), training_args.yaml"
           f"{' (from ' + args.lora_model_path + ')' if args_file else ' (empty)'}")
 
 

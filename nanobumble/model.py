@@ -409,6 +409,9 @@ def load_model_config(config_file: str) -> ModelConfig:
         raise ConfigError(f"{config_file}: not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{config_file}: expected a JSON object of model keys, got {type(data).__name__}")
+    from .import_hf import is_hf_config, model_config_from_hf  # a Hugging Face model directory
+    if is_hf_config(data):
+        return model_config_from_hf(data, config_file)
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(data) - known)
     if unknown:

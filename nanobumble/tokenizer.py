@@ -201,7 +201,10 @@ class Tokenizer:
         except RuntimeError:
             raise DataError(f"{model_file} is not a sentencepiece model") from None
         self.model_file = model_file
-        self.model_bytes = model_bytes  # kept: the file may be a checkpoint that is later rotated away
+        # What a model directory keeps (save_model_dir); in memory, since the file may
+        # be in a checkpoint that rotation later deletes.
+        self.files = {"tokenizer.model": model_bytes}
+        self.chat_template = None  # nanobumble's ChatML renderer (chat_template.py)
         self.checksum = hashlib.sha256(model_bytes).hexdigest()
         self.vocab_size = self.sp.get_piece_size()
         self.eot_id = EOT_ID
@@ -280,6 +283,27 @@ class Tokenizer:
         return f"Tokenizer({self.model_file!r}, vocab_size={self.vocab_size})"
 
 
+def load_tokenizer(path: str):
+    """The tokenizer of a model directory, or of a tokenizer file: tokenizer.model
+    (nanobumble's sentencepiece) or tokenizer.json (a Hugging Face model's, see
+    hf_tokenizer.py). Both give the same interface."""
+    from nanobumble.data import DataError  # imported here: data.py imports this module
+
+    if os.path.isdir(path):
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if os.path.isfile(os.path.join(path, name)):
+                return load_tokenizer(os.path.join(path, name))
+        raise DataError(f"{path}: no tokenizer.model or tokenizer.json")
+    if os.path.basename(path) == "tokenizer.json":
+        from nanobumble.hf_tokenizer import HFTokenizer
+        return HFTokenizer(os.path.dirname(path) or ".")
+    return Tokenizer(path)
+
+
+def has_tokenizer(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, name)) for name in ("tokenizer.model", "tokenizer.json"))
+
+
 def load_or_train_tokenizer(
     tokenizer_path: str | None,
     texts_fn: Callable[[], Iterable[str]],
@@ -290,9 +314,7 @@ def load_or_train_tokenizer(
     """Load tokenizer_path (a .model file or a directory holding tokenizer.model),
     or, when it is empty, train on texts_fn() once and keep the result in cache_dir."""
     if tokenizer_path:
-        if os.path.isdir(tokenizer_path):
-            tokenizer_path = os.path.join(tokenizer_path, "tokenizer.model")
-        return Tokenizer(tokenizer_path)
+        return load_tokenizer(tokenizer_path)
 
     model_path = os.path.join(cache_dir, f"tokenizer-{cache_key}-{vocab_size}.model")
     if os.path.isfile(model_path):

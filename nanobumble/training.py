@@ -16,6 +16,7 @@ from .common import UserError, autocast, format_duration
 from .config import config_to_dict
 from .data import files_signature
 from .distributed import all_reduce_sum, print0
+from .tokenizer import has_tokenizer
 
 
 def resolve_resume(cfg, world_size: int) -> str | None:
@@ -226,10 +227,14 @@ def check_base_model_dir(path: str) -> None:
         raise UserError(f"{path} holds a LoRA adapter, not a full model: fold it into its base first with "
                         f"python -m nanobumble.merge_lora --base_model_path <base> --lora_model_path {path} "
                         f"--save_path <merged>")
-    for name in ("config.json", "model.safetensors", "tokenizer.model"):
-        if not os.path.isfile(os.path.join(path, name)):
-            raise UserError(f"model_name_or_path {path}: no {name} (expected a model directory written by "
-                            f"train_pretrain.py or train_sft.py)")
+    expected = "(expected a model directory written by train_pretrain.py or train_sft.py, or a Qwen2 one)"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"model_name_or_path {path}: no config.json {expected}")
+    if not any(os.path.isfile(os.path.join(path, name))
+               for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise UserError(f"model_name_or_path {path}: no model.safetensors {expected}")
+    if not has_tokenizer(path):
+        raise UserError(f"model_name_or_path {path}: no tokenizer.model or tokenizer.json {expected}")
 
 
 def lora_settings(cfg) -> dict | None:
@@ -253,10 +258,10 @@ def check_model_fits(model_cfg, tokenizer, cutoff_len: int) -> None:
 def open_starting_model(cfg):
     """The tokenizer and shape of the model directory SFT or DPO starts from."""
     from .model import load_model_config
-    from .tokenizer import Tokenizer
+    from .tokenizer import load_tokenizer
 
     check_base_model_dir(cfg.model_name_or_path)
-    tokenizer = Tokenizer(os.path.join(cfg.model_name_or_path, "tokenizer.model"))
+    tokenizer = load_tokenizer(cfg.model_name_or_path)
     model_cfg = load_model_config(os.path.join(cfg.model_name_or_path, "config.json"))
     check_model_fits(model_cfg, tokenizer, cfg.cutoff_len)
     return tokenizer, model_cfg

@@ -44,7 +44,7 @@ def gathered_save(path, model, optimizer) -> None:
 def main(mode: str, out_dir: str) -> None:
     tokenizer = open(os.path.join(out_dir, "tokenizer.model"), "rb").read()
     with distributed_run() as info:
-        model = build_model(CONFIG, info, seed=0, weights_file=None, param_dtype=None)
+        model = build_model(CONFIG, info, seed=0, weights_from=None, param_dtype=None)
         optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
         for param in model.parameters():  # one step makes the AdamW moments exist
             param.grad = torch.zeros_like(param)

@@ -53,15 +53,17 @@ def write_dpo_data(path: str, words: list[str]) -> None:
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer: Tokenizer, words: list[str]) -> list[str]:
+def greedy_answers(model, tokenizer: Tokenizer, words: list[str], system_prompt: str = "") -> list[str]:
     model.eval()
     cfg = GenerationConfig(max_new_tokens=10, do_sample=False, repetition_penalty=1.0)
     answers = []
     for w in words:
-        ids, _ = render(prompt(w), tokenizer, system_prompt="", add_generation_prompt=True)
-        answers.append(tokenizer.decode(generate(model, ids, cfg, vocab_size=tokenizer.vocab_size)))
+        ids, _ = render(prompt(w), tokenizer, system_prompt=system_prompt, add_generation_prompt=True)
+        answers.append(tokenizer.decode(generate(model, ids, cfg, vocab_size=tokenizer.vocab_size,
+                                                 stop_ids=(tokenizer.im_end_id, tokenizer.eot_id))))
     return answers
 
 
-def greedy_accuracy(model, tokenizer: Tokenizer, words: list[str]) -> float:
-    return sum(a == w for a, w in zip(greedy_answers(model, tokenizer, words), words)) / len(words)
+def greedy_accuracy(model, tokenizer: Tokenizer, words: list[str], system_prompt: str = "") -> float:
+    answers = greedy_answers(model, tokenizer, words, system_prompt)
+    return sum(a == w for a, w in zip(answers, words)) / len(words)

@@ -32,11 +32,11 @@ LORA = dict(rank=4, alpha=8.0, dropout=0.0, target_modules="all", seed=3)
 def main(out_dir: str) -> None:
     tokenizer = os.path.join(out_dir, "tokenizer.model")
     with distributed_run() as info:
-        model = build_model(CONFIG, info, seed=7, weights_file=None, param_dtype=None)
+        model = build_model(CONFIG, info, seed=7, weights_from=None, param_dtype=None)
         save_model_dir(os.path.join(out_dir, "full"), model, tokenizer, "seed: 7\n")
         kept = {"model": len(model_state_dict(model))}
 
-        lora_model = build_model(LORA_CONFIG, info, seed=7, weights_file=None, param_dtype=None, lora=LORA)
+        lora_model = build_model(LORA_CONFIG, info, seed=7, weights_from=None, param_dtype=None, lora=LORA)
         with torch.no_grad():  # B starts at zero; seeded values make the saved adapter say something
             for name, param in lora_model.named_parameters():
                 if name.endswith(".lora_B"):

@@ -20,14 +20,16 @@ def log_sigmoid64(x: float) -> float:
     return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
 
 
-def expected_loss(loss_type: str, pc: float, pr: float, rc: float, rr: float, beta: float, eps: float) -> float:
-    """The loss of one pair written out in Python floats (float64)."""
+def expected_loss(loss_type: str, pc: float, pr: float, rc: float, rr: float, beta: float, eps: float,
+                  len_c: int = 1, len_r: int = 1) -> float:
+    """The loss of one pair written out in Python floats (float64). len_c, len_r: the
+    answers' response token counts, over which IPO averages the log-ratios (TRL's IPO)."""
     h = (pc - rc) - (pr - rr)
     d = beta * h
     if loss_type == "sigmoid":
         return -log_sigmoid64(d) * (1 - eps) - log_sigmoid64(-d) * eps
     if loss_type == "ipo":
-        return (h - 1 / (2 * beta)) ** 2
+        return ((pc - rc) / len_c - (pr - rr) / len_r - 1 / (2 * beta)) ** 2
     return max(0.0, 1 - d)
 
 
@@ -48,15 +50,18 @@ def test_policy_equal_to_reference_gives_ln2_and_zero_rewards():
 def test_loss_variants_match_float64_hand_computation(loss_type, eps):
     beta = 0.2
     pc, pr, rc, rr = random_logps(16, seed=1)
-    losses, chosen_rewards, rejected_rewards = preference_loss(pc, pr, rc, rr, beta, loss_type, eps)
-    want = [expected_loss(loss_type, *map(float, row), beta, eps) for row in zip(pc, pr, rc, rr)]
+    len_c, len_r = torch.randint(1, 40, (2, 16), generator=torch.Generator().manual_seed(2))
+    losses, chosen_rewards, rejected_rewards = preference_loss(pc, pr, rc, rr, beta, loss_type, eps, len_c, len_r)
+    want = [expected_loss(loss_type, *map(float, row), beta, eps, int(lc), int(lr))
+            for *row, lc, lr in zip(pc, pr, rc, rr, len_c, len_r)]
     torch.testing.assert_close(losses, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(chosen_rewards, torch.tensor([beta * (float(a) - float(b)) for a, b in zip(pc, rc)],
                                                             dtype=torch.float64))
     torch.testing.assert_close(rejected_rewards, torch.tensor([beta * (float(a) - float(b)) for a, b in zip(pr, rr)],
                                                               dtype=torch.float64))
     # the float32 path agrees with the float64 one
-    losses32, _, _ = preference_loss(pc.float(), pr.float(), rc.float(), rr.float(), beta, loss_type, eps)
+    losses32, _, _ = preference_loss(pc.float(), pr.float(), rc.float(), rr.float(), beta, loss_type, eps,
+                                     len_c, len_r)
     torch.testing.assert_close(losses32.double(), losses, rtol=1e-4, atol=1e-4)
 
 
@@ -67,7 +72,8 @@ def test_gradient_raises_chosen_and_lowers_rejected(loss_type, eps):
     # policy near the reference: |h| < 2, so the hinge (d < 1) and IPO (h < 1/(2 beta) = 5) are active
     pi_c = (ref_c + torch.tensor([0.5, -1.0, 0.0])).requires_grad_()
     pi_r = (ref_r + torch.tensor([-0.5, 0.7, 0.0])).requires_grad_()
-    losses, chosen_rewards, rejected_rewards = preference_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type, eps)
+    losses, chosen_rewards, rejected_rewards = preference_loss(pi_c, pi_r, ref_c, ref_r, beta, loss_type, eps,
+                                                               torch.tensor([12, 20, 5]), torch.tensor([14, 17, 6]))
     assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
     losses.sum().backward()
     assert (pi_c.grad < 0).all(), pi_c.grad
@@ -78,6 +84,102 @@ def test_hinge_is_zero_past_the_margin():
     losses, _, _ = preference_loss(torch.tensor([0.0]), torch.tensor([-20.0]), torch.tensor([0.0]),
                                    torch.tensor([0.0]), beta=0.1, loss_type="hinge")  # d = 2
     assert losses.item() == 0.0
+
+
+# A 4-pair toy batch with the answer lengths of issue 12's: 5/2/8/4 (chosen) and 3/7/8/1
+# (rejected) tokens. The issue does not list its log-probs; these are made up.
+TOY_LENGTHS = torch.tensor([5, 2, 8, 4]), torch.tensor([3, 7, 8, 1])
+TOY_LOGPS = (torch.tensor([-7.2, -2.9, -11.5, -5.1], dtype=torch.float64),   # policy, chosen
+             torch.tensor([-5.6, -10.2, -12.4, -2.3], dtype=torch.float64),  # policy, rejected
+             torch.tensor([-7.9, -3.1, -11.0, -6.0], dtype=torch.float64),   # reference, chosen
+             torch.tensor([-5.0, -10.9, -12.0, -1.7], dtype=torch.float64))  # reference, rejected
+
+
+def test_ipo_averages_the_log_ratios_per_token():
+    """IPO's 1/(2 beta) target applies to per-token log-ratios: the same pair with every
+    answer k times longer (k times the summed log-ratio) has the same loss."""
+    pc, pr, rc, rr = TOY_LOGPS
+    len_c, len_r = TOY_LENGTHS
+    losses, _, _ = preference_loss(pc, pr, rc, rr, 0.1, "ipo", chosen_lengths=len_c, rejected_lengths=len_r)
+    longer, _, _ = preference_loss(5 * pc, 5 * pr, 5 * rc, 5 * rr, 0.1, "ipo",
+                                   chosen_lengths=5 * len_c, rejected_lengths=5 * len_r)
+    torch.testing.assert_close(longer, losses, rtol=1e-12, atol=1e-12)
+    # an answer cut to no tokens (log-ratio 0) counts as 0, not 0/0
+    empty, _, _ = preference_loss(pc[:1], pr[:1], pc[:1], rr[:1], 0.1, "ipo", chosen_lengths=torch.tensor([0]),
+                                  rejected_lengths=len_r[:1])
+    assert empty.item() == pytest.approx((0 - (pr[0] - rr[0]).item() / 3 - 5) ** 2, rel=1e-12)
+    with pytest.raises(ValueError, match="ipo.*chosen_lengths and rejected_lengths"):
+        preference_loss(pc, pr, rc, rr, 0.1, "ipo")
+
+
+def trl_dpo_loss(trl, loss_type: str, beta: float, pc, pr, rc, rr, len_c, len_r) -> torch.Tensor:
+    """The loss TRL's DPOTrainer._compute_loss computes (mean over pairs) from the same
+    sequence log-probs. A bare DPOTrainer with only the attributes that method reads;
+    the "model" returns per-token log-probs that sum to the given sequence log-probs
+    over each answer's completion_mask, and the reference log-probs are passed as
+    precomputed ones."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    n, lengths = len(pc), torch.cat([len_c, len_r])
+    T = int(lengths.max()) + 2
+    completion_mask = torch.zeros(2 * n, T, dtype=torch.long)
+    for row, k in enumerate(lengths.tolist()):
+        completion_mask[row, 1:1 + k] = 1  # one prompt token, then the answer
+    sequence = torch.cat([pc, pr])
+    per_token = torch.where(completion_mask[:, 1:].bool(), (sequence / lengths)[:, None], 0.0)
+
+    class Policy(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, labels, use_cache, fused_lm_head):
+            zeros = torch.zeros_like(per_token)
+            return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+
+    trainer = trl.DPOTrainer.__new__(trl.DPOTrainer)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x, gather_for_metrics=lambda x: x)
+    vars(trainer).update(
+        model=Policy(), accelerator=accelerator, beta=beta, loss_types=[loss_type], loss_weights=[1.0],
+        label_smoothing=0.0, f_divergence_type="reverse_kl", ld_alpha=None, precompute_ref_logps=True,
+        use_weighting=False, aux_loss_enabled=False, _tp_size=1, _total_train_tokens=0,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
+    inputs = {"input_ids": torch.zeros(2 * n, T, dtype=torch.long), "attention_mask": torch.ones(2 * n, T),
+              "completion_mask": completion_mask, "ref_chosen_logps": rc, "ref_rejected_logps": rr}
+    return trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+
+
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid", "hinge"])
+def test_losses_match_trl_on_the_toy_batch(loss_type):
+    trl = pytest.importorskip("trl")
+    len_c, len_r = TOY_LENGTHS
+    for beta in (0.1, 0.5):
+        ours, _, _ = preference_loss(*TOY_LOGPS, beta, loss_type, chosen_lengths=len_c, rejected_lengths=len_r)
+        theirs = trl_dpo_loss(trl, loss_type, beta, *TOY_LOGPS, len_c, len_r)
+        torch.testing.assert_close(ours.mean(), theirs, rtol=1e-12, atol=1e-12)
+
+
+def test_ipo_on_the_toy_batch_by_hand():
+    """The same numbers without TRL: float64 formula, and what summed log-ratios gave before."""
+    pc, pr, rc, rr = (t.tolist() for t in TOY_LOGPS)
+    len_c, len_r = (t.tolist() for t in TOY_LENGTHS)
+    per_token = [((a - b) / m - (c - d) / k - 5.0) ** 2 for a, c, b, d, m, k in zip(pc, pr, rc, rr, len_c, len_r)]
+    summed = [((a - b) - (c - d) - 5.0) ** 2 for a, c, b, d in zip(pc, pr, rc, rr)]
+    ours, _, _ = preference_loss(*TOY_LOGPS, 0.1, "ipo", chosen_lengths=TOY_LENGTHS[0],
+                                 rejected_lengths=TOY_LENGTHS[1])
+    assert ours.mean().item() == pytest.approx(sum(per_token) / 4, rel=1e-12)
+    assert sum(per_token) / 4 == pytest.approx(22.318, abs=1e-3)
+    assert sum(summed) / 4 == pytest.approx(20.550, abs=1e-3)  # the summed form: not TRL's
+
+
+def test_label_smoothing_is_refused_where_it_would_be_ignored():
+    from nanobumble.config import ConfigError, DPOConfig, parse_config
+
+    for loss_type in ("ipo", "hinge"):
+        with pytest.raises(ConfigError, match="label_smoothing.*pref_loss.*" + loss_type):
+            parse_config(["--pref_loss", loss_type, "--label_smoothing", "0.1"], DPOConfig)
+        parse_config(["--pref_loss", loss_type, "--label_smoothing", "0"], DPOConfig)  # 0 is fine
+        x = torch.zeros(2)
+        with pytest.raises(ValueError, match="label_smoothing.*sigmoid"):
+            preference_loss(x, x, x, x, 0.1, loss_type, 0.1, torch.ones(2), torch.ones(2))
+    assert parse_config(["--label_smoothing", "0.1"], DPOConfig).label_smoothing == 0.1  # sigmoid: cDPO
 
 
 def test_unknown_loss_type_lists_the_valid_ones():

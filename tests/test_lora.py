@@ -16,6 +16,7 @@ from nanobumble.lora import (PEFT_CONFIG, LoRALinear, adapter_config_for, disabl
                              inject_lora, load_adapter, lora_state_dict, merge_lora, read_adapter_config,
                              save_adapter)
 from nanobumble.model import ModelConfig, Transformer
+from nanobumble.tokenizer import train_tokenizer
 
 CFG = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
            max_position_embeddings=32)
@@ -272,7 +273,7 @@ def test_deterministic_init_and_meta_device():
 def test_merge_cli_end_to_end(tmp_path):
     base_dir, lora_dir, out_dir = tmp_path / "base", tmp_path / "lora", tmp_path / "merged"
     tok = tmp_path / "tok.model"
-    tok.write_bytes(b"not really a sentencepiece model")
+    train_tokenizer(["bees make honey in the hive, flower after flower"] * 20, 300, str(tok))
     model = tiny_model()
     save_model_dir(str(base_dir), model, str(tok), "stage: sft\n")
     inject_lora(model, rank=4, alpha=8, dropout=0.0, target_modules="q_proj,up_proj", use_rslora=True)
