@@ -27,6 +27,7 @@ with and without the answer), without the whitespace after it.
 
 from __future__ import annotations
 
+import functools
 import json
 
 from nanobumble.data import DataError
@@ -84,8 +85,9 @@ def render(messages: list[dict], tokenizer: Tokenizer, system_prompt: str | None
     return ids, mask
 
 
-def _template_text(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
-    """A Jinja chat template rendered the way transformers renders it."""
+@functools.lru_cache(maxsize=4)
+def _compiled_template(template: str):
+    """A Jinja chat template compiled the way transformers compiles it (once per template)."""
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -95,8 +97,12 @@ def _template_text(template: str, messages: list[dict], add_generation_prompt: b
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, indent=indent, ensure_ascii=False)
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            tools=None, documents=None)
+    return env.from_string(template)
+
+
+def _template_text(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    return _compiled_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                               tools=None, documents=None)
 
 
 def render_with_template(messages: list[dict], tokenizer, add_generation_prompt: bool) -> tuple[list[int], list[bool]]:
