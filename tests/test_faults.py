@@ -447,10 +447,15 @@ def test_twenty_random_kills_then_resume_equal_an_uninterrupted_run(tmp_path, ca
         process = subprocess.Popen([sys.executable, "train_pretrain.py"] + args + [
             "--output_dir", str(killed), "--resume", "auto"], cwd=REPO_ROOT, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
-        for line in process.stdout:  # training has begun (or resumed): now kill at a random moment
-            if line.startswith("step "):
+        # Let it log 1 to 4 steps (each followed by a save), then kill it a random moment
+        # later: in a training step or in the middle of writing a checkpoint. Counting
+        # steps, not seconds, keeps 20 kills inside the run however fast the machine is.
+        logged, wanted = 0, rng.randint(1, 4)
+        for line in process.stdout:
+            logged += line.startswith("step ")
+            if logged == wanted:
                 break
-        time.sleep(rng.uniform(0.0, 1.0))
+        time.sleep(rng.uniform(0.0, 0.5))
         if process.poll() is not None:
             break  # the run finished first
         process.send_signal(signal.SIGKILL)
