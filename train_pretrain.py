@@ -121,13 +121,17 @@ def train(cfg: PretrainConfig, info) -> None:
     micro_batch = cfg.train_micro_batch_size_per_gpu
     batch_rows = micro_batch * cfg.gradient_accumulation_steps * info.world_size
     tokens_per_step = batch_rows * cfg.cutoff_len
-    steps_per_epoch = max(1, train_data.num_tokens // tokens_per_step)
+    windows = train_data.num_windows(cfg.cutoff_len)  # one epoch: every window once, shuffled
+    steps_per_epoch = windows / batch_rows
     num_steps = total_steps(cfg.max_steps, cfg.num_epochs, steps_per_epoch)
     warmup_steps = int(cfg.warmup_ratio * num_steps)
     print0(f"data: {train_data.num_tokens:,} training tokens; global batch {batch_rows} rows "
            f"({micro_batch} per micro-step x {cfg.gradient_accumulation_steps} accumulation x {info.world_size} ranks) "
            f"x {cfg.cutoff_len} = {tokens_per_step:,} tokens per step; "
-           f"{num_steps} steps = {num_steps / steps_per_epoch:.2f} epochs")
+           f"{num_steps} steps = {num_steps / steps_per_epoch:.2f} epochs of {windows:,} windows")
+    if windows % batch_rows:
+        print0(f"data: an epoch is not a whole number of steps ({steps_per_epoch:.2f}): the step that "
+               f"crosses into the next epoch takes its last rows from it, newly shuffled")
 
     start_step = load_checkpoint(resume_dir, model, optimizer) if resume_dir else 0
 
@@ -159,11 +163,12 @@ def train(cfg: PretrainConfig, info) -> None:
 
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.gradient_accumulation_steps):
-            # Global sample indices: the batch depends only on (seed, step), not on
-            # the number of ranks, and a resumed run draws the batches the
-            # uninterrupted run would have drawn. Each rank takes its own slice.
-            first = (micro * info.world_size + info.rank) * micro_batch
-            x, y = train_data.sample_batch(cfg.seed, step, range(first, first + micro_batch), cfg.cutoff_len)
+            # Draw numbers over the whole run: step s takes draws (s-1)*batch_rows
+            # onward, so a batch depends on (seed, step) only, not on the number of
+            # ranks, and a resumed run draws the batches the uninterrupted run would
+            # have drawn. Each rank takes its own slice.
+            first = (step - 1) * batch_rows + (micro * info.world_size + info.rank) * micro_batch
+            x, y = train_data.batch(cfg.seed, range(first, first + micro_batch), cfg.cutoff_len)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if info.sharded:  # reduce gradients across ranks only after the last micro-step
                 model.set_requires_gradient_sync(micro == cfg.gradient_accumulation_steps - 1)

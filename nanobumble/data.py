@@ -11,9 +11,11 @@ JSON array. `prepare_shards` tokenizes it once into binary shards:
 A shard directory holds train_000000.bin, ..., val_000000.bin, ..., the
 tokenizer.model that made them, and meta.json describing the lot.
 
-`TokenShards.sample_batch` draws each training window from (seed, step,
-sample index) alone, so a batch does not depend on how many processes share
-it, and a resumed run draws exactly the batches it would have drawn.
+`TokenShards.batch` gives the training windows of a run in epochs: each epoch
+visits every window once, in an order shuffled by (seed, epoch). A window is
+named by its draw number in the run alone, so a batch does not depend on how
+many processes share it, and a resumed run draws exactly the batches it would
+have drawn.
 """
 
 import hashlib
@@ -539,6 +541,7 @@ class TokenShards:
         self.vocab_size: int = self.meta["vocab_size"]
         self.shards = [read_shard(os.path.join(shard_dir, name)) for name in self.meta[f"{split}_shards"]]
         self.num_tokens = sum(len(s) for s in self.shards)
+        self._orders: dict[tuple[int, int, int], np.ndarray] = {}
         if self.num_tokens != self.meta[f"{split}_tokens"]:
             raise DataError(f"{shard_dir}: {split} shards hold {self.num_tokens} tokens "
                             f"but meta.json says {self.meta[f'{split}_tokens']}")
@@ -550,26 +553,47 @@ class TokenShards:
                 f"{self.shard_dir} has no shard with {cutoff_len + 1} tokens "
                 f"({self.num_tokens} tokens in all); use a smaller cutoff_len or more data")
 
-    def sample_batch(self, seed: int, step: int, sample_indices: Sequence[int], cutoff_len: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs x and targets y (x shifted by one), each [len(sample_indices), cutoff_len].
+    def _windows_per_shard(self, cutoff_len: int) -> np.ndarray:
+        # Windows of cutoff_len + 1 tokens at offsets 0, L, 2L, ...: consecutive ones share
+        # one token (the last target of one is the first input of the next), so every token
+        # but a shard's first is a target exactly once per epoch.
+        return np.array([(len(s) - 1) // cutoff_len if len(s) > cutoff_len else 0 for s in self.shards],
+                        dtype=np.int64)
 
-        Sample `idx` at `step` is a uniformly drawn window of cutoff_len + 1
-        consecutive tokens inside one shard, chosen from (seed, step, idx) alone.
+    def num_windows(self, cutoff_len: int) -> int:
+        """Windows in one epoch."""
+        return int(self._windows_per_shard(cutoff_len).sum())
+
+    def _epoch_order(self, seed: int, epoch: int, total: int) -> np.ndarray:
+        """The shuffled order of the windows in an epoch (kept for the two latest
+        epochs: one step may take rows from two)."""
+        key = (seed, epoch, total)
+        if key not in self._orders:
+            self._orders = {k: v for k, v in self._orders.items() if k[2] == total and k[1] == epoch - 1}
+            self._orders[key] = np.random.default_rng([seed, epoch]).permutation(total)
+        return self._orders[key]
+
+    def batch(self, seed: int, draws: Sequence[int], cutoff_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs x and targets y (x shifted by one), each [len(draws), cutoff_len].
+
+        Draw d (0, 1, 2, ... over the whole run) is window d % N of epoch d // N,
+        N being the windows in an epoch, taken in the epoch's shuffled order. A
+        step whose rows run past the end of an epoch takes the rest from the
+        next one: nothing is dropped or repeated within an epoch.
         """
         self._check_fits(cutoff_len)
-        # Window starts per shard; a start position s is valid when s + cutoff_len < len(shard).
-        starts = np.array([max(len(s) - cutoff_len, 0) for s in self.shards], dtype=np.int64)
-        first_start = np.cumsum(starts) - starts  # global number of the first start in each shard
-        total = int(starts.sum())
-        batch = np.empty((len(sample_indices), cutoff_len + 1), dtype=np.int64)
-        for row, idx in enumerate(sample_indices):
-            position = int(np.random.default_rng([seed, step, idx]).integers(total))
-            shard = int(np.searchsorted(first_start, position, side="right")) - 1
-            offset = position - int(first_start[shard])
-            batch[row] = self.shards[shard][offset:offset + cutoff_len + 1]
-        batch_t = torch.from_numpy(batch)
-        return batch_t[:, :-1].contiguous(), batch_t[:, 1:].contiguous()
+        counts = self._windows_per_shard(cutoff_len)
+        first = np.cumsum(counts) - counts  # the number of each shard's first window
+        total = int(counts.sum())
+        rows = np.empty((len(draws), cutoff_len + 1), dtype=np.int64)
+        for row, draw in enumerate(draws):
+            epoch, position = divmod(int(draw), total)
+            window = int(self._epoch_order(seed, epoch, total)[position])
+            shard = int(np.searchsorted(first, window, side="right")) - 1
+            offset = (window - int(first[shard])) * cutoff_len
+            rows[row] = self.shards[shard][offset:offset + cutoff_len + 1]
+        batch = torch.from_numpy(rows)
+        return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
     def val_batches(self, cutoff_len: int, batch_size: int, max_batches: int | None = None
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

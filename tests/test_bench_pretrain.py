@@ -46,7 +46,7 @@ def time_training(model_name, vocab_size, data, batch, seq, device, steps, warmu
     for step in range(warmup + steps):
         t0 = time.perf_counter()
         if data is not None:
-            x, y = data.sample_batch(0, step, range(batch), seq)
+            x, y = data.batch(0, range(step * batch, (step + 1) * batch), seq)
         else:
             x = torch.randint(0, cfg.vocab_size, (batch, seq))
             y = torch.randint(0, cfg.vocab_size, (batch, seq))

@@ -289,36 +289,53 @@ def test_prepare_cli(tmp_path, docs, capsys):
 # Sampling batches
 
 
-def test_sample_batch_deterministic(shard_dir):
+def test_batches_are_deterministic(shard_dir):
     shards = TokenShards(shard_dir)
-    x, y = shards.sample_batch(seed=1, step=5, sample_indices=range(8), cutoff_len=64)
+    x, y = shards.batch(seed=1, draws=range(8), cutoff_len=64)
     assert x.shape == y.shape == (8, 64) and x.dtype == torch.long
-    x2, y2 = shards.sample_batch(seed=1, step=5, sample_indices=range(8), cutoff_len=64)
+    x2, y2 = shards.batch(seed=1, draws=range(8), cutoff_len=64)
     assert torch.equal(x, x2) and torch.equal(y, y2)
-    x3, _ = shards.sample_batch(seed=1, step=6, sample_indices=range(8), cutoff_len=64)
+    x3, _ = shards.batch(seed=1, draws=range(8, 16), cutoff_len=64)
     assert not torch.equal(x, x3)
-    x4, _ = shards.sample_batch(seed=2, step=5, sample_indices=range(8), cutoff_len=64)
+    x4, _ = shards.batch(seed=2, draws=range(8), cutoff_len=64)
     assert not torch.equal(x, x4)
     assert torch.equal(x[:, 1:], y[:, :-1])
 
 
-def test_sample_is_independent_of_batch_layout(shard_dir):
+def test_a_window_depends_on_its_draw_alone(shard_dir):
     shards = TokenShards(shard_dir)
-    x_all, y_all = shards.sample_batch(3, 7, [4, 5, 6, 7], cutoff_len=32)
-    x_one, y_one = shards.sample_batch(3, 7, [6], cutoff_len=32)
+    x_all, y_all = shards.batch(3, [4, 5, 6, 7], cutoff_len=32)
+    x_one, y_one = TokenShards(shard_dir).batch(3, [6], cutoff_len=32)  # a fresh reader: a resumed run
     assert torch.equal(x_all[2:3], x_one) and torch.equal(y_all[2:3], y_one)
 
 
-def test_windows_stay_inside_one_shard(shard_dir):
+def all_windows(shards, cutoff_len):
+    """Every non-overlapping window of cutoff_len + 1 tokens, shard by shard."""
+    return [tuple(np.asarray(s[offset:offset + cutoff_len + 1]).tolist())
+            for s in shards.shards for offset in range(0, len(s) - cutoff_len, cutoff_len)
+            if offset + cutoff_len + 1 <= len(s)]
+
+
+def test_an_epoch_visits_every_window_exactly_once(shard_dir):
     shards = TokenShards(shard_dir)
-    assert len(shards.shards) > 1 and shards.num_tokens > 0
-    cutoff_len = 100
-    windows = [np.lib.stride_tricks.sliding_window_view(np.asarray(s), cutoff_len + 1) for s in shards.shards]
-    for step in range(20):
-        x, y = shards.sample_batch(0, step, range(4), cutoff_len)
-        rows = torch.cat([x, y[:, -1:]], dim=1).numpy()
-        for row in rows:
-            assert any((w == row).all(axis=1).any() for w in windows)
+    cutoff_len = 50
+    n = shards.num_windows(cutoff_len)
+    expected = sorted(all_windows(shards, cutoff_len))
+    assert len(expected) == n > 10 and len(shards.shards) > 1
+
+    def rows(draws):
+        x, y = shards.batch(7, draws, cutoff_len)
+        return [tuple(row) for row in torch.cat([x, y[:, -1:]], dim=1).tolist()]
+
+    first, second = rows(range(n)), rows(range(n, 2 * n))
+    assert sorted(first) == expected and sorted(second) == expected  # each window once per epoch
+    assert first != second  # a new order every epoch
+    # every token but a shard's first is a target once per epoch (up to a shard's short tail)
+    targets = sum(len(r) - 1 for r in first)
+    assert shards.num_tokens - len(shards.shards) - cutoff_len * len(shards.shards) <= targets
+    # a batch that runs over the end of the epoch continues into the next one
+    across = rows(range(n - 3, n + 2))
+    assert across == first[-3:] + second[:2]
 
 
 def test_val_batches(shard_dir):
@@ -337,6 +354,6 @@ def test_val_batches(shard_dir):
 def test_dataset_too_small(shard_dir):
     shards = TokenShards(shard_dir, split="val")
     with pytest.raises(DataError, match="dataset too small for cutoff_len=100000"):
-        shards.sample_batch(0, 0, [0], cutoff_len=100_000)
+        shards.batch(0, [0], cutoff_len=100_000)
     with pytest.raises(DataError, match="dataset too small"):
         next(shards.val_batches(cutoff_len=100_000, batch_size=1, max_batches=1))
