@@ -45,7 +45,9 @@ def find_tokenizer(cfg: PretrainConfig, resume_dir: str | None) -> Tokenizer:
             return load_tokenizer(directory)
     files = list_data_files(cfg.dataset_path)
     return load_or_train_tokenizer(cfg.tokenizer_path, lambda: iter_text_records(files, strict=cfg.strict),
-                                   cfg.vocab_size, cfg.cache_dir, files_fingerprint(files)[:16])
+                                   cfg.vocab_size, cfg.cache_dir, files_fingerprint(files)[:16],
+                                   corpus_bytes=sum(os.path.getsize(f) for f in files),
+                                   sample_mb=cfg.tokenizer_sample_mb)
 
 
 @torch.no_grad()

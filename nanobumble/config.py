@@ -110,6 +110,7 @@ class PretrainConfig(TrainConfig):
     num_epochs: float = 6.0
     tokenizer_path: str = ""  # sentencepiece .model or a model directory; "" = train one on the data
     vocab_size: int = 4096  # size of a tokenizer trained on the data
+    tokenizer_sample_mb: float = 200.0  # a new tokenizer learns from this much of the text (bounds its memory)
     cache_dir: str = "cache"  # trained tokenizers and token shards, keyed by their inputs
     val_ratio: float = 0.01  # share of documents held out for validation
     eval_steps: int = 100  # validate every N steps (<= 0: only at the end)
@@ -121,6 +122,7 @@ class PretrainConfig(TrainConfig):
             raise ConfigError("keys 'vocab_size' and 'eval_batches' must be at least 1")
         if not 0.0 <= self.val_ratio < 1.0:
             raise ConfigError(f"key 'val_ratio' must be in [0, 1), got {self.val_ratio}")
+        _check_range(self, "tokenizer_sample_mb", lambda v: 0 < v < math.inf, "> 0 and finite")
 
 
 @dataclass

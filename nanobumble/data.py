@@ -85,6 +85,11 @@ def _record_text(record: object) -> str:
     return record["text"]
 
 
+# JSON Lines are streamed record by record; a JSON array is parsed whole, so it is
+# refused above this size (memory stays bounded whatever the corpus).
+MAX_JSON_ARRAY_BYTES = 256 * 2**20
+
+
 def _first_character(f) -> str:
     """The first character of a text file that is not whitespace ("" if there is none)."""
     while chunk := f.read(4096):
@@ -128,6 +133,12 @@ def _iter_file_records(path: str) -> Iterator[tuple[str, object]]:
         first = _first_character(f)
         f.seek(0)
         if first == "[":
+            size = os.path.getsize(path)
+            if size > MAX_JSON_ARRAY_BYTES:
+                raise DataError(f"{path}: a JSON array is read into memory whole, and this one is "
+                                f"{size / 2**20:,.0f} MB (the limit is {MAX_JSON_ARRAY_BYTES / 2**20:,.0f} MB): "
+                                f"convert it to JSON Lines, one record per line, e.g. "
+                                f"jq -c '.[]' {path} > {os.path.splitext(path)[0]}.jsonl")
             try:
                 records = json.load(f)
             except json.JSONDecodeError as e:

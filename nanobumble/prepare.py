@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer_path", default="",
                         help="tokenizer.model, or a directory holding one; trained on the data if not given")
     parser.add_argument("--vocab_size", type=int, default=8000, help="vocabulary size when training a tokenizer")
+    parser.add_argument("--tokenizer_sample_mb", type=float, default=200.0,
+                        help="a new tokenizer learns from a seeded sample of this many MB of the text")
     parser.add_argument("--val_ratio", type=float, default=0.01, help="fraction of documents kept for validation")
     parser.add_argument("--num_workers", type=int, default=None, help="tokenizer processes (default: all CPUs)")
     parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard file")
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = load_or_train_tokenizer(
                 args.tokenizer_path, lambda: iter_text_records(files, strict=args.strict, quiet=True),
-                args.vocab_size, cache_dir=tmp, cache_key="prepare")
+                args.vocab_size, cache_dir=tmp, cache_key="prepare",
+                corpus_bytes=sum(os.path.getsize(f) for f in files), sample_mb=args.tokenizer_sample_mb)
             meta = prepare_shards(files, tokenizer, args.output_dir, val_ratio=args.val_ratio,
                                   shard_tokens=args.shard_tokens, num_workers=args.num_workers,
                                   strict=args.strict)

@@ -28,6 +28,7 @@ characters, and the rarer ones are written as their UTF-8 bytes.
 import hashlib
 import io
 import os
+import random
 import tempfile
 import time
 from collections import Counter
@@ -304,21 +305,50 @@ def has_tokenizer(directory: str) -> bool:
     return any(os.path.isfile(os.path.join(directory, name)) for name in ("tokenizer.model", "tokenizer.json"))
 
 
+def sample_texts(texts: Iterable[str], corpus_bytes: int, sample_bytes: int, seed: int = 0) -> Iterator[str]:
+    """A seeded sample of about sample_bytes of the documents, and never more: each
+    document is kept with probability sample_bytes / corpus_bytes (all of them
+    when the corpus is smaller). Sentencepiece holds its training text in memory
+    (about 20x its size at vocab 32K), so this bounds the memory of tokenizer
+    training whatever the size of the corpus."""
+    keep = min(1.0, sample_bytes / max(corpus_bytes, 1))
+    rng = random.Random(seed)
+    taken = 0
+    for text in texts:
+        if keep < 1.0 and rng.random() >= keep:
+            continue
+        taken += len(text.encode("utf-8"))
+        if taken > sample_bytes:
+            return
+        yield text
+
+
 def load_or_train_tokenizer(
     tokenizer_path: str | None,
     texts_fn: Callable[[], Iterable[str]],
     vocab_size: int,
     cache_dir: str,
     cache_key: str,
+    corpus_bytes: int = 0,
+    sample_mb: float = 0.0,
 ) -> Tokenizer:
     """Load tokenizer_path (a .model file or a directory holding tokenizer.model),
-    or, when it is empty, train on texts_fn() once and keep the result in cache_dir."""
+    or, when it is empty, train on texts_fn() once and keep the result in cache_dir.
+    sample_mb > 0: train on a sample of that many MB of a corpus_bytes corpus."""
     if tokenizer_path:
         return load_tokenizer(tokenizer_path)
 
-    model_path = os.path.join(cache_dir, f"tokenizer-{cache_key}-{vocab_size}.model")
+    sample_bytes = int(sample_mb * 2**20)
+    sampled = 0 < sample_bytes < corpus_bytes
+    suffix = f"-sample{sample_mb:g}mb" if sampled else ""
+    model_path = os.path.join(cache_dir, f"tokenizer-{cache_key}-{vocab_size}{suffix}.model")
     if os.path.isfile(model_path):
         print(f"tokenizer: reusing cached {model_path}")
+        return Tokenizer(model_path)
+    if sampled:
+        print(f"tokenizer: training on a seeded sample of about {sample_mb:g} MB of the {corpus_bytes / 2**20:,.0f} MB "
+              f"corpus (tokenizer_sample_mb)")
+        train_tokenizer(lambda: sample_texts(texts_fn(), corpus_bytes, sample_bytes), vocab_size, model_path)
     else:
         train_tokenizer(texts_fn, vocab_size, model_path)  # the function: it may need to read twice
     return Tokenizer(model_path)

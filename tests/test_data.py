@@ -357,3 +357,14 @@ def test_dataset_too_small(shard_dir):
         shards.batch(0, [0], cutoff_len=100_000)
     with pytest.raises(DataError, match="dataset too small"):
         next(shards.val_batches(cutoff_len=100_000, batch_size=1, max_batches=1))
+
+
+def test_a_big_json_array_is_refused_with_the_command_to_convert_it(tmp_path, monkeypatch):
+    import nanobumble.data as data_module
+
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps([{"text": f"document {i}"} for i in range(50)]))
+    assert len(list(iter_text_records([str(path)]))) == 50  # under the limit: read
+    monkeypatch.setattr(data_module, "MAX_JSON_ARRAY_BYTES", 100)
+    with pytest.raises(DataError, match=r"big.json: a JSON array .* convert it to JSON Lines.*jq -c"):
+        list(iter_text_records([str(path)]))

@@ -156,3 +156,36 @@ def test_load_or_train_caches(tok, tmp_path):
     directory = os.path.dirname(tok.model_file)
     assert load_or_train_tokenizer(directory, texts, 1000, str(tmp_path), "x").checksum == tok.checksum
     assert len(calls) == 1
+
+
+def test_tokenizer_training_takes_a_bounded_seeded_sample(tmp_path, monkeypatch, capsys):
+    import random as _random
+
+    from nanobumble import tokenizer as tokenizer_module
+
+    rng = _random.Random(0)
+    docs = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(50, 500))) for _ in range(3000)]
+    corpus_bytes = sum(len(d.encode()) for d in docs)
+    budget = corpus_bytes // 10
+    sample = list(tokenizer_module.sample_texts(iter(docs), corpus_bytes, budget))
+    taken = sum(len(d.encode()) for d in sample)
+    assert 0.7 * budget < taken <= budget  # about the budget, never more
+    assert sample == list(tokenizer_module.sample_texts(iter(docs), corpus_bytes, budget))  # seeded
+    assert list(tokenizer_module.sample_texts(iter(docs), corpus_bytes, 2 * corpus_bytes)) == docs
+
+    # A corpus larger than tokenizer_sample_mb: sentencepiece sees the sample only.
+    seen = []
+    real_train = tokenizer_module.train_tokenizer
+
+    def spy(texts, vocab_size, model_path):
+        read = list(texts() if callable(texts) else texts)
+        seen.append(sum(len(t.encode()) for t in read))
+        return real_train(read, vocab_size, model_path)
+
+    monkeypatch.setattr(tokenizer_module, "train_tokenizer", spy)
+    sample_mb = budget / 2**20
+    tok = tokenizer_module.load_or_train_tokenizer("", lambda: iter(docs), 300, str(tmp_path), "key",
+                                                   corpus_bytes=corpus_bytes, sample_mb=sample_mb)
+    assert seen and seen[0] <= budget + 1 and tok.vocab_size > 260
+    assert "training on a seeded sample" in capsys.readouterr().out
+    assert any("sample" in name for name in os.listdir(tmp_path))  # the sample size is part of the cache key
