@@ -110,7 +110,7 @@ class PretrainConfig(TrainConfig):
     num_epochs: float = 6.0
     tokenizer_path: str = ""  # sentencepiece .model or a model directory; "" = train one on the data
     vocab_size: int = 4096  # size of a tokenizer trained on the data
-    tokenizer_sample_mb: float = 200.0  # a new tokenizer learns from this much of the text (bounds its memory)
+    tokenizer_sample_mb: float = 80.0  # a new tokenizer learns from this much of the text (bounds its memory)
     cache_dir: str = "cache"  # trained tokenizers and token shards, keyed by their inputs
     val_ratio: float = 0.01  # share of documents held out for validation
     eval_steps: int = 100  # validate every N steps (<= 0: only at the end)

@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tokenizer_path", default="",
                         help="tokenizer.model, or a directory holding one; trained on the data if not given")
     parser.add_argument("--vocab_size", type=int, default=8000, help="vocabulary size when training a tokenizer")
-    parser.add_argument("--tokenizer_sample_mb", type=float, default=200.0,
+    parser.add_argument("--tokenizer_sample_mb", type=float, default=80.0,
                         help="a new tokenizer learns from a seeded sample of this many MB of the text")
     parser.add_argument("--val_ratio", type=float, default=0.01, help="fraction of documents kept for validation")
     parser.add_argument("--num_workers", type=int, default=None, help="tokenizer processes (default: all CPUs)")
