@@ -38,12 +38,12 @@ import torch
 import yaml
 
 from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
-from nanobumble.checkpoint import load_model_dir
+from nanobumble.checkpoint import check_model_dir, load_model_dir
 from nanobumble.common import UserError, resolve_precision, run_cli
 from nanobumble.config import ConfigError, parse_config
 from nanobumble.generation import GenerationConfig, TextStreamer, fit_to_context, generate_stream
 from nanobumble.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config
-from nanobumble.tokenizer import Tokenizer, has_tokenizer, load_tokenizer
+from nanobumble.tokenizer import Tokenizer, load_tokenizer
 
 CHAT_STAGES = ("sft", "dpo")
 
@@ -139,10 +139,7 @@ def load_model(cfg: ChatConfig, device: torch.device, dtype: torch.dtype):
         adapter_path = model_path
         model_path = read_adapter_config(model_path)["base_model_name_or_path"]
         log(f"{cfg.model_path} holds a LoRA adapter; base model: {model_path}")
-    if not os.path.isfile(os.path.join(model_path, "config.json")):
-        raise UserError(f"model_path {model_path}: missing config.json")
-    if not has_tokenizer(model_path):
-        raise UserError(f"model_path {model_path}: missing tokenizer.model (or a Hugging Face tokenizer.json)")
+    check_model_dir(model_path, "model_path")
     model, _ = load_model_dir(model_path)
     if adapter_path:
         adapter = load_adapter(model, adapter_path)

@@ -127,6 +127,26 @@ def check_writable(path: str, flag: str) -> None:
         raise UserError(f"{flag} {path} is not writable ({existing}: {e.strerror})") from None
 
 
+def check_model_dir(path: str, key: str) -> None:
+    """A full model directory to start from or load (what pretraining or SFT
+    wrote, or a Hugging Face Qwen2 one); key names the setting in the error."""
+    from .tokenizer import has_tokenizer
+
+    if os.path.isfile(os.path.join(path, "adapter_config.json")) and \
+            not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise UserError(f"{key} {path} holds a LoRA adapter, not a full model: fold it into its base first with "
+                        f"python -m nanobumble.merge_lora --base_model_path <base> --lora_model_path {path} "
+                        f"--save_path <merged>")
+    expected = "(expected a model directory written by train_pretrain.py or train_sft.py, or a Qwen2 one)"
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{key} {path}: no config.json {expected}")
+    if not any(os.path.isfile(os.path.join(path, name))
+               for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise UserError(f"{key} {path}: no model.safetensors {expected}")
+    if not has_tokenizer(path):
+        raise UserError(f"{key} {path}: no tokenizer.model or tokenizer.json {expected}")
+
+
 def save_model_dir(path: str, model: Transformer, tokenizer, training_args_yaml: str,
                    adapter_config: dict | None = None) -> None:
     """Write (or overwrite, file by file atomically) a model directory: the full

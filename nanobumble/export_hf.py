@@ -53,14 +53,14 @@ import yaml
 from safetensors.torch import save_file
 
 from .chat_template import DEFAULT_SYSTEM_PROMPT
-from .checkpoint import (atomic_write_bytes, atomic_write_text, check_output_dir, load_model_dir, model_state_dict,
-                         read_trainer_state)
+from .checkpoint import (atomic_write_bytes, atomic_write_text, check_model_dir, check_output_dir, load_model_dir,
+                         model_state_dict, read_trainer_state)
 from .common import UserError, run_cli
 from .config import ConfigError, parse_config
 from .generation import GenerationConfig
 from .model import ModelConfig
 from .tensor_files import DamagedFile
-from .tokenizer import SPACE_PIECE, SPECIAL_TOKENS, UNK_ID, Tokenizer, has_tokenizer, load_tokenizer
+from .tokenizer import SPACE_PIECE, SPECIAL_TOKENS, UNK_ID, Tokenizer, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -420,13 +420,7 @@ def model_card(model_path: str, args: dict, cfg: ModelConfig, num_parameters: in
 
 def export_hf(model_path: str, save_path: str, dtype: torch.dtype = torch.float32, overwrite: bool = False,
               max_shard_size: int = 5 * GIB) -> None:
-    for name in ("config.json", "model.safetensors"):
-        if not os.path.isfile(os.path.join(model_path, name)):
-            hint = " (a LoRA adapter directory? merge it into a full model first)" \
-                if os.path.isfile(os.path.join(model_path, "adapter_config.json")) else ""
-            raise UserError(f"model_path {model_path}: missing {name}{hint}")
-    if not has_tokenizer(model_path):
-        raise UserError(f"model_path {model_path}: missing tokenizer.model (or a Hugging Face tokenizer.json)")
+    check_model_dir(model_path, "model_path")
     if os.path.abspath(model_path) == os.path.abspath(save_path):
         raise UserError("save_path must differ from model_path (the file formats share names)")
     check_output_dir(save_path, overwrite, "save_path")

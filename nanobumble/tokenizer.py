@@ -29,7 +29,6 @@ import hashlib
 import io
 import os
 import random
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -118,7 +117,10 @@ def train_tokenizer(texts: Iterable[str] | Callable[[], Iterable[str]], vocab_si
         except _TooManyCharacters:
             raise too_small from None
 
-    _write_atomic(model_path, model)
+    from nanobumble.checkpoint import atomic_write_bytes  # imported here: checkpoint.py is heavy
+
+    os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
+    atomic_write_bytes(model_path, model)
     real_size = spm.SentencePieceProcessor(model_file=model_path).get_piece_size()
     print(f"tokenizer: trained vocab_size={real_size} (asked {vocab_size}) "
           f"in {time.time() - start:.1f}s -> {model_path}")
@@ -165,22 +167,6 @@ def _train_model(texts: Iterable[str], vocab_size: int, left_out: dict[int, str]
             raise _TooManyCharacters() from None
         raise ConfigError(f"cannot train a tokenizer with vocab_size={vocab_size}: {e}") from None
     return model.getvalue()
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    """Write to a temp file in the same directory, then rename: never a half file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".model")
-    os.chmod(tmp_path, 0o644)  # mkstemp makes the file private
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
 
 
 class Tokenizer:

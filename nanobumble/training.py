@@ -11,12 +11,12 @@ import time
 import torch
 import yaml
 
-from .checkpoint import check_output_dir, checkpoint_problem, latest_checkpoint, list_checkpoints, read_trainer_state
+from .checkpoint import (check_model_dir, check_output_dir, checkpoint_problem, latest_checkpoint, list_checkpoints,
+                         read_trainer_state)
 from .common import UserError, autocast, format_duration
 from .config import config_to_dict
 from .data import files_signature
 from .distributed import all_reduce_sum, print0
-from .tokenizer import has_tokenizer
 
 
 def resolve_resume(cfg, world_size: int) -> str | None:
@@ -220,23 +220,6 @@ class Progress:
         return format_duration(time.time() - self.run_start)
 
 
-def check_base_model_dir(path: str) -> None:
-    """SFT and DPO start from a full model directory (what pretraining or SFT wrote)."""
-    if os.path.isfile(os.path.join(path, "adapter_config.json")) and \
-            not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise UserError(f"{path} holds a LoRA adapter, not a full model: fold it into its base first with "
-                        f"python -m nanobumble.merge_lora --base_model_path <base> --lora_model_path {path} "
-                        f"--save_path <merged>")
-    expected = "(expected a model directory written by train_pretrain.py or train_sft.py, or a Qwen2 one)"
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"model_name_or_path {path}: no config.json {expected}")
-    if not any(os.path.isfile(os.path.join(path, name))
-               for name in ("model.safetensors", "model.safetensors.index.json")):
-        raise UserError(f"model_name_or_path {path}: no model.safetensors {expected}")
-    if not has_tokenizer(path):
-        raise UserError(f"model_name_or_path {path}: no tokenizer.model or tokenizer.json {expected}")
-
-
 def lora_settings(cfg) -> dict | None:
     """Keyword arguments for lora.inject_lora, or None for full fine-tuning."""
     if cfg.finetuning_type != "lora":
@@ -260,7 +243,7 @@ def open_starting_model(cfg):
     from .model import load_model_config
     from .tokenizer import load_tokenizer
 
-    check_base_model_dir(cfg.model_name_or_path)
+    check_model_dir(cfg.model_name_or_path, "model_name_or_path")
     tokenizer = load_tokenizer(cfg.model_name_or_path)
     model_cfg = load_model_config(os.path.join(cfg.model_name_or_path, "config.json"))
     check_model_fits(model_cfg, tokenizer, cfg.cutoff_len)

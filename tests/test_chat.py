@@ -121,3 +121,15 @@ def test_mode_rule_reads_stage_from_training_args(tmp_path):
     (tmp_path / "m" / "training_args.yaml").write_text("stage: dpo\n")
     assert chat.resolve_mode("auto", str(tmp_path / "m"), "")[0] == "chat"
     assert chat.resolve_mode("completion", str(tmp_path / "m"), "")[0] == "completion"
+
+
+def test_a_cuda_device_beyond_the_count_is_refused(monkeypatch):
+    # The CUDA branch of resolve_device, reached on a CPU machine with one stand-in GPU.
+    import chat
+    from nanobumble.common import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert chat.resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(UserError, match="device cuda:3: there are only 1 CUDA devices"):
+        chat.resolve_device("cuda:3")

@@ -106,3 +106,24 @@ def test_metrics_resume_drops_steps_after_the_checkpoint(tmp_path):
     assert [m["step"] for m in read_metrics(str(tmp_path))] == [1, 2]
     MetricsLogger(str(tmp_path), use_tensorboard=False).close()  # a fresh run starts a fresh log
     assert not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_cuda_rng_states_round_trip_through_the_checkpoint_file(tmp_path, monkeypatch):
+    # The CUDA branch of rng_state / set_rng_state, reached on a CPU machine with
+    # two stand-in GPUs: what is saved per device comes back to the same device.
+    from nanobumble.checkpoint import rng_state, set_rng_state
+    from nanobumble.tensor_files import open_file, write_gathered
+
+    gpu_states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: gpu_states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    cpu_state = torch.get_rng_state()
+    write_gathered(str(tmp_path / "rng_state.safetensors"), list(rng_state().items()))
+    torch.rand(5)  # moves the CPU generator on
+    with open_file(str(tmp_path / "rng_state.safetensors")) as f:
+        set_rng_state({name: f.get_tensor(name) for name in f.keys()})
+    assert torch.equal(torch.get_rng_state(), cpu_state)
+    assert len(restored) == 2 and all(torch.equal(a, b) for a, b in zip(restored, gpu_states))
