@@ -29,10 +29,11 @@ from nanobumble.data import files_signature
 from nanobumble.distributed import (all_reduce_sum, autocast_dtype, build_model, distributed_run, main_process_first,
                                     precision_summary, print0)
 from nanobumble.dpo import batch_logps, dpo_batch_metrics, preference_loss
-from nanobumble.dpo_data import PreferenceDataset, load_preference_pairs, tokenize_pairs
+from nanobumble.dpo_data import PreferenceDataset
 from nanobumble.lora import adapter_config_for, disable_adapters
 from nanobumble.metrics import MetricsLogger
 from nanobumble.optim import build_optimizer, lr_at
+from nanobumble.token_cache import tokenized_pairs
 from nanobumble.training import (Progress, check_finite, check_model_finite, clip_gradients, lora_settings,
                                 open_starting_model, resolve_resume, set_learning_rate, total_steps)
 
@@ -71,10 +72,10 @@ def train(cfg: DPOConfig, info) -> None:
     # --- the starting model's shape and tokenizer ---
     tokenizer, model_cfg = open_starting_model(cfg)
 
-    # --- preference pairs -> prompt + chosen / rejected tokens ---
-    quiet = not info.is_main
-    pairs = load_preference_pairs(cfg.dataset_path, strict=cfg.strict, quiet=quiet)
-    tokenized, _ = tokenize_pairs(pairs, tokenizer, cfg.cutoff_len, cfg.system_prompt, quiet=quiet)
+    # --- preference pairs -> prompt + chosen / rejected tokens (tokenized once, cached) ---
+    tokenized, _ = main_process_first(lambda: tokenized_pairs(
+        cfg.dataset_path, tokenizer, cfg.cutoff_len, cfg.system_prompt, cfg.cache_dir, cfg.strict,
+        cfg.preprocessing_num_workers or None, quiet=not info.is_main))
     if not tokenized:
         raise UserError(f"{cfg.dataset_path}: no usable preference pair left")
     dataset = PreferenceDataset(tokenized)

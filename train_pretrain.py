@@ -99,7 +99,8 @@ def train(cfg: PretrainConfig, info) -> None:
 
     # --- token shards (prepared once, by rank 0) ---
     shard_dir = main_process_first(lambda: ensure_shards(cfg.dataset_path, tokenizer, cfg.cache_dir,
-                                                         val_ratio=cfg.val_ratio, strict=cfg.strict))
+                                                         val_ratio=cfg.val_ratio, strict=cfg.strict,
+                                                         num_workers=cfg.preprocessing_num_workers or None))
     train_data = TokenShards(shard_dir, "train")
     data_signature = files_signature(cfg.dataset_path)  # recorded in checkpoints: resume checks it
     val_data = TokenShards(shard_dir, "val")

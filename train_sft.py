@@ -27,7 +27,8 @@ from nanobumble.distributed import (all_reduce_sum, autocast_dtype, build_model,
 from nanobumble.lora import adapter_config_for
 from nanobumble.metrics import MetricsLogger
 from nanobumble.optim import build_optimizer, lr_at
-from nanobumble.sft_data import SFTDataset, load_conversations, tokenize_sft
+from nanobumble.sft_data import SFTDataset
+from nanobumble.token_cache import tokenized_sft
 from nanobumble.training import (Progress, check_finite, check_model_finite, clip_gradients, lora_settings,
                                 open_starting_model, resolve_resume, set_learning_rate, total_steps)
 
@@ -48,10 +49,10 @@ def train(cfg: SFTConfig, info) -> None:
     # --- the base model's shape and tokenizer ---
     tokenizer, model_cfg = open_starting_model(cfg)
 
-    # --- conversations -> tokens + assistant masks -> rows ---
-    quiet = not info.is_main
-    conversations = load_conversations(cfg.dataset_path, strict=cfg.strict, quiet=quiet)
-    samples, _ = tokenize_sft(conversations, tokenizer, cfg.cutoff_len, cfg.system_prompt, quiet=quiet)
+    # --- conversations -> tokens + assistant masks (tokenized once, cached) -> rows ---
+    samples, _ = main_process_first(lambda: tokenized_sft(
+        cfg.dataset_path, tokenizer, cfg.cutoff_len, cfg.system_prompt, cfg.cache_dir, cfg.strict,
+        cfg.preprocessing_num_workers or None, quiet=not info.is_main))
     if not samples:
         raise UserError(f"{cfg.dataset_path}: no conversation has a trainable token left")
     dataset = SFTDataset(samples, cfg.cutoff_len, packing=cfg.packing)

@@ -35,6 +35,8 @@ from nanobumble.tokenizer import Tokenizer
 
 DEFAULT_SYSTEM_PROMPT = "You are Bumblebee, a helpful AI assistant."
 ROLES = ("system", "user", "assistant")
+# Names the output of render_turn in the SFT/DPO token cache keys: change it when that output changes.
+CHATML_RENDERER = "nanobumble ChatML, version 1"
 
 
 def render_turn(role: str, content: str, tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:

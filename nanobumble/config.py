@@ -35,6 +35,8 @@ class TrainConfig:
     dataset_path: str = ""  # JSON/JSONL files, a directory of them, or a comma-separated list
     output_dir: str = ""
     strict: bool = False  # stop at the first malformed record instead of skipping it
+    cache_dir: str = "cache"  # tokenized data (and trained tokenizers), keyed by their inputs
+    preprocessing_num_workers: int = 0  # processes that tokenize the data once (0: all CPUs)
     cutoff_len: int = 256  # tokens per training sequence
     # --- schedule ---
     num_epochs: float = 1.0  # passes over the training data (used when max_steps <= 0)
@@ -72,6 +74,9 @@ class TrainConfig:
         _check_choice(self, "lr_scheduler_type", ("cosine", "linear", "constant"))
         _check_choice(self, "train_model_precision", ("auto", "bf16", "fp32"))
         _check_choice(self, "kernels", ("auto", "triton", "torch"))
+        if self.preprocessing_num_workers < 0:
+            raise ConfigError(f"key 'preprocessing_num_workers' must be >= 0 (0: all CPUs), "
+                              f"got {self.preprocessing_num_workers}")
         for key in ("cutoff_len", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be at least 1, got {getattr(self, key)}")
@@ -111,7 +116,6 @@ class PretrainConfig(TrainConfig):
     tokenizer_path: str = ""  # sentencepiece .model or a model directory; "" = train one on the data
     vocab_size: int = 4096  # size of a tokenizer trained on the data
     tokenizer_sample_mb: float = 80.0  # a new tokenizer learns from this much of the text (bounds its memory)
-    cache_dir: str = "cache"  # trained tokenizers and token shards, keyed by their inputs
     val_ratio: float = 0.01  # share of documents held out for validation
     eval_steps: int = 100  # validate every N steps (<= 0: only at the end)
     eval_batches: int = 20  # validation batches per evaluation

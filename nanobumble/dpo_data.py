@@ -81,14 +81,18 @@ def _detect_pair_format(record: object, where: str) -> Callable:
                     "chosen and rejected with conversations (ShareGPT), instruction (Alpaca) or messages")
 
 
-def load_preference_pairs(dataset_path: str | list[str], strict: bool = False, quiet: bool = False) -> list[dict]:
+def load_preference_pairs(dataset_path: str | list[str], strict: bool = False, quiet: bool = False,
+                          stats: dict | None = None) -> list[dict]:
     """Every pair in dataset_path (a file, a directory, or a comma-separated list) as
-    {"prompt": messages ending with a user turn, "chosen": str, "rejected": str, "where": "file:line"}."""
-    pairs, stats = read_records(dataset_path, _detect_pair_format, strict, quiet, "preference pairs")
+    {"prompt": messages ending with a user turn, "chosen": str, "rejected": str, "where": "file:line"}.
+    stats, when given, receives the counts of files, formats and skipped records."""
+    pairs, found = read_records(dataset_path, _detect_pair_format, strict, quiet, "preference pairs")
+    if stats is not None:
+        stats.update(found)
     if not quiet:
-        formats = ", ".join(f"{name} {count}" for name, count in stats["formats"].items())
-        print(f"dpo data: {len(pairs)} preference pairs from {stats['files']} files ({formats}), "
-              f"{stats['skipped']} bad records skipped")
+        formats = ", ".join(f"{name} {count}" for name, count in found["formats"].items())
+        print(f"dpo data: {len(pairs)} preference pairs from {found['files']} files ({formats}), "
+              f"{found['skipped']} bad records skipped")
     return pairs
 
 
@@ -132,15 +136,19 @@ def tokenize_pairs(pairs: Sequence[dict], tokenizer: Tokenizer, cutoff_len: int,
         out.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
         stats["pairs"] += 1
     if not quiet:
-        print(f"dpo data: {stats['pairs']} pairs from {stats['loaded']}, {stats['truncated']} truncated to "
-              f"cutoff_len={cutoff_len}, dropped {stats['dropped_empty']} with an empty response and "
-              f"{stats['dropped_identical']} with identical chosen and rejected")
+        print(pairs_summary(stats, cutoff_len))
     return out, stats
+
+
+def pairs_summary(stats: dict, cutoff_len: int) -> str:
+    return (f"dpo data: {stats['pairs']} pairs from {stats['loaded']}, {stats['truncated']} truncated to "
+            f"cutoff_len={cutoff_len}, dropped {stats['dropped_empty']} with an empty response and "
+            f"{stats['dropped_identical']} with identical chosen and rejected")
 
 
 def sequence_targets(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Inputs (prompt + response)[:-1] and targets [1:], -100 except on response tokens."""
-    ids = np.asarray(list(prompt_ids) + list(response_ids), dtype=np.int64)
+    ids = np.concatenate([np.asarray(prompt_ids, dtype=np.int64), np.asarray(response_ids, dtype=np.int64)])
     y = ids[1:].copy()
     y[:len(prompt_ids) - 1] = IGNORE_INDEX  # targets before the first response token
     return ids[:-1], y

@@ -182,14 +182,18 @@ def _detect_sft_format(record: object, where: str) -> Callable:
                     "(instruction, input, output), ShareGPT (conversations) or messages (role, content)")
 
 
-def load_conversations(dataset_path: str | list[str], strict: bool = False, quiet: bool = False) -> list[dict]:
+def load_conversations(dataset_path: str | list[str], strict: bool = False, quiet: bool = False,
+                       stats: dict | None = None) -> list[dict]:
     """Every conversation in dataset_path (a file, a directory, or a comma-separated
-    list) as {"messages": [{"role", "content"}, ...], "where": "file:line"}."""
-    conversations, stats = read_records(dataset_path, _detect_sft_format, strict, quiet, "conversations")
+    list) as {"messages": [{"role", "content"}, ...], "where": "file:line"}.
+    stats, when given, receives the counts of files, formats and skipped records."""
+    conversations, found = read_records(dataset_path, _detect_sft_format, strict, quiet, "conversations")
+    if stats is not None:
+        stats.update(found)
     if not quiet:
-        formats = ", ".join(f"{name} {count}" for name, count in stats["formats"].items())
-        print(f"sft data: {len(conversations)} conversations from {stats['files']} files ({formats}), "
-              f"{stats['skipped']} bad records skipped")
+        formats = ", ".join(f"{name} {count}" for name, count in found["formats"].items())
+        print(f"sft data: {len(conversations)} conversations from {found['files']} files ({formats}), "
+              f"{found['skipped']} bad records skipped")
     return conversations
 
 
@@ -235,11 +239,15 @@ def tokenize_sft(conversations: Sequence[dict], tokenizer: Tokenizer, cutoff_len
         stats["tokens"] += len(ids)
         stats["target_tokens"] += trained
     if not quiet:
-        print(f"sft data: {stats['samples']} samples from {stats['loaded']} conversations, "
-              f"{stats['truncated']} truncated to cutoff_len={cutoff_len}, "
-              f"{stats['dropped']} dropped (no trained token left), "
-              f"{stats['tokens']:,} tokens of which {stats['target_tokens']:,} trained")
+        print(sft_summary(stats, cutoff_len))
     return samples, stats
+
+
+def sft_summary(stats: dict, cutoff_len: int) -> str:
+    return (f"sft data: {stats['samples']} samples from {stats['loaded']} conversations, "
+            f"{stats['truncated']} truncated to cutoff_len={cutoff_len}, "
+            f"{stats['dropped']} dropped (no trained token left), "
+            f"{stats['tokens']:,} tokens of which {stats['target_tokens']:,} trained")
 
 
 def sample_targets(ids: Sequence[int], mask: Sequence[bool]) -> tuple[np.ndarray, np.ndarray]:
