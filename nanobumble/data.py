@@ -213,28 +213,60 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
+class _ShardFile:
+    """One shard written as its tokens arrive: header and tokens go to a temporary
+    file in the same directory, the token count is filled in and the file renamed
+    at finish(), so a shard is complete or absent and memory stays at one piece."""
+
+    def __init__(self, path: str, vocab_size: int):
+        self.path, self.vocab_size = path, vocab_size
+        self.dtype = token_dtype(vocab_size)
+        self.count = 0
+        fd, self.tmp_path = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-",
+                                             suffix=".bin")
+        os.chmod(self.tmp_path, 0o644)  # mkstemp makes the file private; shards are ordinary files
+        self.file = os.fdopen(fd, "wb")
+        self.file.write(self._header())
+
+    def _header(self) -> bytes:
+        header = np.zeros(HEADER_INTS, dtype="<i4")
+        header[:4] = [MAGIC, VERSION, self.dtype.itemsize, self.count]
+        return header.tobytes()
+
+    def append(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens)
+        if self.count + len(tokens) >= 2**31:
+            raise ValueError(f"{self.path}: too many tokens for one shard ({self.count + len(tokens)})")
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"{self.path}: token ids outside [0, {self.vocab_size})")
+        self.file.write(tokens.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        self.count += len(tokens)
+
+    def finish(self) -> None:
+        try:
+            self.file.seek(0)
+            self.file.write(self._header())
+            self.file.close()
+            os.replace(self.tmp_path, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        self.file.close()
+        if os.path.exists(self.tmp_path):
+            os.remove(self.tmp_path)
+
+
 def write_shard(path: str, tokens: np.ndarray, vocab_size: int) -> None:
-    """Write one shard atomically (temp file in the same directory, then rename)."""
-    dtype = token_dtype(vocab_size)
-    tokens = np.asarray(tokens)
-    if len(tokens) >= 2**31:
-        raise ValueError(f"{path}: too many tokens for one shard ({len(tokens)})")
-    if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        raise ValueError(f"{path}: token ids outside [0, {vocab_size})")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:4] = [MAGIC, VERSION, dtype.itemsize, len(tokens)]
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".bin")
-    os.chmod(tmp_path, 0o644)  # mkstemp makes the file private; shards are ordinary files
+    """Write one shard from an array, atomically."""
+    shard = _ShardFile(path, vocab_size)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes())
-        os.replace(tmp_path, path)
+        shard.append(tokens)
     except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+        shard.abort()
         raise
+    shard.finish()
 
 
 def read_shard(path: str) -> np.ndarray:
@@ -265,37 +297,32 @@ def read_shard(path: str) -> np.ndarray:
 
 
 class _ShardWriter:
-    """Collects tokens and writes {prefix}_000000.bin, ... of shard_tokens tokens each."""
+    """Streams tokens into {prefix}_000000.bin, ... of shard_tokens tokens each."""
 
     def __init__(self, out_dir: str, prefix: str, vocab_size: int, shard_tokens: int):
         self.out_dir, self.prefix = out_dir, prefix
         self.vocab_size, self.shard_tokens = vocab_size, shard_tokens
-        self.pending: list[np.ndarray] = []
-        self.pending_tokens = 0
+        self.current: _ShardFile | None = None
         self.total_tokens = 0
         self.shards: list[str] = []
 
     def add(self, tokens: np.ndarray) -> None:
-        if len(tokens) == 0:
-            return
-        self.pending.append(tokens)
-        self.pending_tokens += len(tokens)
-        self.total_tokens += len(tokens)
-        while self.pending_tokens >= self.shard_tokens:
-            joined = np.concatenate(self.pending)
-            self._write(joined[:self.shard_tokens])
-            self.pending = [joined[self.shard_tokens:]]
-            self.pending_tokens = len(self.pending[0])
+        while len(tokens):
+            if self.current is None:
+                name = f"{self.prefix}_{len(self.shards):06d}.bin"
+                self.current = _ShardFile(os.path.join(self.out_dir, name), self.vocab_size)
+                self.shards.append(name)
+            room = self.shard_tokens - self.current.count
+            part, tokens = tokens[:room], tokens[room:]
+            self.current.append(part)
+            self.total_tokens += len(part)
+            if self.current.count == self.shard_tokens:
+                self.close()
 
     def close(self) -> None:
-        if self.pending_tokens:
-            self._write(np.concatenate(self.pending))
-        self.pending, self.pending_tokens = [], 0
-
-    def _write(self, tokens: np.ndarray) -> None:
-        name = f"{self.prefix}_{len(self.shards):06d}.bin"
-        write_shard(os.path.join(self.out_dir, name), tokens, self.vocab_size)
-        self.shards.append(name)
+        if self.current is not None:
+            self.current.finish()
+            self.current = None
 
 
 # ---------------------------------------------------------------------------

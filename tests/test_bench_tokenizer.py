@@ -25,7 +25,8 @@ SAMPLES_MB = (10, 50, 200)
 VOCABS = (32_000, 64_000, 151_936)
 
 
-def write_corpus(path: str, megabytes: float, seed: int) -> None:
+def write_corpus(path: str, megabytes: float, seed: int, jsonl: bool = False) -> None:
+    """About `megabytes` of generated text, one document per line (as {"text": ...} lines when jsonl)."""
     with open(os.path.join(REPO_ROOT, "datasets", "pretrain", "zh.jsonl"), encoding="utf-8") as f:
         text = "".join(json.loads(line)["text"] for line in f if line.strip())
     words = collections.Counter(text[i:i + n] for n in (2, 3, 4) for i in range(len(text) - n)
@@ -38,6 +39,8 @@ def write_corpus(path: str, megabytes: float, seed: int) -> None:
         while written < target:
             picks = rng.choice(len(vocabulary), size=(2000, 100), p=probabilities)  # 2000 documents
             lines = ["".join(vocabulary[i] for i in row) + "。" for row in picks]
+            if jsonl:
+                lines = [json.dumps({"text": line}, ensure_ascii=False) for line in lines]
             chunk = "\n".join(lines) + "\n"
             f.write(chunk)
             written += len(chunk.encode("utf-8"))
