@@ -33,6 +33,7 @@ from nanobumble.dpo_data import PreferenceDataset
 from nanobumble.lora import adapter_config_for, disable_adapters
 from nanobumble.metrics import MetricsLogger
 from nanobumble.optim import build_optimizer, lr_at
+from nanobumble.plot import plot_run
 from nanobumble.token_cache import tokenized_pairs
 from nanobumble.training import (Progress, check_finite, check_model_finite, clip_gradients, lora_settings,
                                 open_starting_model, resolve_resume, set_learning_rate, total_steps)
@@ -203,6 +204,8 @@ def train(cfg: DPOConfig, info) -> None:
     save_model_dir(cfg.output_dir, model, tokenizer, training_args, adapter_config)
     if logger is not None:
         logger.close()
+        if cfg.plot:
+            plot_run(cfg.output_dir)  # output_dir/plots/*.png
     what = "adapter" if lora else "model"
     print0(f"done in {progress.elapsed()}; {what} directory: {cfg.output_dir}")
 

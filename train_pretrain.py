@@ -30,6 +30,7 @@ from nanobumble.metrics import MetricsLogger
 from nanobumble.mfu import peak_bf16_flops, training_flops_per_token
 from nanobumble.model import model_config_for
 from nanobumble.optim import build_optimizer, lr_at
+from nanobumble.plot import plot_run
 from nanobumble.tokenizer import Tokenizer, has_tokenizer, load_or_train_tokenizer, load_tokenizer
 from nanobumble.training import (Progress, check_finite, check_model_finite, check_model_fits, clip_gradients,
                                 resolve_resume, set_learning_rate, total_steps)
@@ -210,6 +211,8 @@ def train(cfg: PretrainConfig, info) -> None:
     save_model_dir(cfg.output_dir, model, tokenizer, training_args)
     if logger is not None:
         logger.close()
+        if cfg.plot:
+            plot_run(cfg.output_dir)  # output_dir/plots/*.png
     print0(f"done in {progress.elapsed()}; model directory: {cfg.output_dir}")
 
 

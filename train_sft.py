@@ -27,6 +27,7 @@ from nanobumble.distributed import (all_reduce_sum, autocast_dtype, build_model,
 from nanobumble.lora import adapter_config_for
 from nanobumble.metrics import MetricsLogger
 from nanobumble.optim import build_optimizer, lr_at
+from nanobumble.plot import plot_run
 from nanobumble.sft_data import SFTDataset
 from nanobumble.token_cache import tokenized_sft
 from nanobumble.training import (Progress, check_finite, check_model_finite, clip_gradients, lora_settings,
@@ -139,6 +140,8 @@ def train(cfg: SFTConfig, info) -> None:
     save_model_dir(cfg.output_dir, model, tokenizer, training_args, adapter_config)
     if logger is not None:
         logger.close()
+        if cfg.plot:
+            plot_run(cfg.output_dir)  # output_dir/plots/*.png
     what = "adapter" if lora else "model"
     print0(f"done in {progress.elapsed()}; {what} directory: {cfg.output_dir}")
 

@@ -61,6 +61,7 @@ class TrainConfig:
     save_steps: int = 100  # <= 0: only the final model
     save_total_limit: int = 2  # newest checkpoints kept; <= 0 keeps all
     use_tensorboard: bool = True
+    plot: bool = True  # draw the curves of metrics.jsonl into output_dir/plots/ at the end (needs matplotlib)
     seed: int = 42
     resume: str = ""  # "" = fresh run, "auto" = newest intact checkpoint in output_dir, or a checkpoint dir
     allow_schedule_change: bool = False  # resume with another learning_rate, scheduler, warmup or length

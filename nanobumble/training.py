@@ -77,7 +77,7 @@ def resolve_resume(cfg, world_size: int) -> str | None:
 # Keys that may change between a run and its resumption without changing what
 # is trained: cadence, where things go, and how fast the same math runs.
 RESUME_SAFE_KEYS = ("logging_steps", "eval_steps", "eval_batches", "save_steps", "save_total_limit",
-                    "use_tensorboard", "resume", "output_dir", "overwrite_output_dir", "allow_schedule_change",
+                    "use_tensorboard", "plot", "resume", "output_dir", "overwrite_output_dir", "allow_schedule_change",
                     "collective_timeout_minutes", "cache_dir", "preprocessing_num_workers", "compile", "kernels", "enable_gradient_checkpointing")
 # The learning-rate schedule: changed only when asked (allow_schedule_change).
 RESUME_SCHEDULE_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "min_lr_ratio", "max_steps",

@@ -13,7 +13,7 @@ from conftest import REPO_ROOT
 from nanobumble.metrics import read_metrics
 
 FAST = ["--cutoff_len", "64", "--train_micro_batch_size_per_gpu", "4", "--logging_steps", "1",
-        "--eval_batches", "2", "--use_tensorboard", "false", "--save_total_limit", "0"]
+        "--eval_batches", "2", "--use_tensorboard", "false", "--plot", "false", "--save_total_limit", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def copy_task_dir(tmp_path_factory):
 def test_sft_and_dpo_on_two_processes_match_one(tmp_path, copy_task_dir, script, extra):
     extra = [str(copy_task_dir / a) if a.endswith(".jsonl") else a for a in extra]
     common = ["--model_name_or_path", str(copy_task_dir / "base"), "--system_prompt", "", "--cutoff_len", "48",
-              "--max_steps", "4", "--logging_steps", "1", "--save_steps", "0", "--use_tensorboard", "false",
+              "--max_steps", "4", "--logging_steps", "1", "--save_steps", "0", "--use_tensorboard", "false", "--plot", "false",
               "--learning_rate", "1e-3", "--train_micro_batch_size_per_gpu", "4"] + extra
     subprocess_args = lambda out: common + ["--output_dir", str(tmp_path / out)]
     result = launch(1, subprocess_args("one") + ["--gradient_accumulation_steps", "2"], script=script)

@@ -115,7 +115,7 @@ def run_in_repo(main, argv):
         os.chdir(cwd)
 
 
-COMMON = ["--cutoff_len", "128", "--use_tensorboard", "false", "--logging_steps", "1", "--save_steps", "0",
+COMMON = ["--cutoff_len", "128", "--use_tensorboard", "false", "--plot", "false", "--logging_steps", "1", "--save_steps", "0",
           "--train_micro_batch_size_per_gpu", "4"]
 
 
@@ -177,7 +177,7 @@ def test_lora_sft_on_a_qwen2_model_learns_the_copy_task(tmp_path):
     write_sft_data(str(tmp_path / "train.jsonl"), words)
     # A short system prompt of our own: the template's default is 70 letter tokens long here.
     train_sft.main(["--system_prompt", "Copy.", "--cutoff_len", "48", "--train_micro_batch_size_per_gpu", "16",
-                    "--use_tensorboard", "false", "--save_steps", "0", "--warmup_ratio", "0.1",
+                    "--use_tensorboard", "false", "--plot", "false", "--save_steps", "0", "--warmup_ratio", "0.1",
                     "--model_name_or_path", base, "--dataset_path", str(tmp_path / "train.jsonl"),
                     "--output_dir", str(tmp_path / "sft"), "--max_steps", "300", "--learning_rate", "3e-3",
                     "--logging_steps", "100", "--finetuning_type", "lora", "--lora_target_modules", "all",

@@ -107,7 +107,7 @@ def test_pretraining_bf16_two_ranks_match_one_with_triton_and_torch_kernels(tmp_
     argv = ["--model_name_or_path", str(small_task / "base"), "--dataset_path", str(small_task / "text.jsonl"),
             "--cache_dir", str(tmp_path / "cache"), "--cutoff_len", "16", "--train_micro_batch_size_per_gpu", "2",
             "--max_steps", "3", "--logging_steps", "1", "--eval_steps", "0", "--eval_batches", "1",
-            "--save_steps", "0", "--use_tensorboard", "false", "--learning_rate", "1e-2"]
+            "--save_steps", "0", "--use_tensorboard", "false", "--plot", "false", "--learning_rate", "1e-2"]
     runs = {(n, k): bf16_run(n, "train_pretrain.py", argv + ["--kernels", k], str(tmp_path / f"{n}{k}"))
             for k in ("triton", "torch") for n in (1, 2)}
     for kernels in ("triton", "torch"):  # bf16 policy vs autocast: bf16 tolerance
@@ -118,7 +118,7 @@ def test_pretraining_bf16_two_ranks_match_one_with_triton_and_torch_kernels(tmp_
 
 
 SFT_DPO_ARGS = ["--system_prompt", "", "--cutoff_len", "32", "--max_steps", "3", "--logging_steps", "1",
-                "--save_steps", "0", "--use_tensorboard", "false", "--learning_rate", "1e-2", "--kernels", "triton"]
+                "--save_steps", "0", "--use_tensorboard", "false", "--plot", "false", "--learning_rate", "1e-2", "--kernels", "triton"]
 
 
 def test_lora_sft_with_packing_bf16_two_ranks_match_one(tmp_path, small_task):

@@ -15,7 +15,7 @@ from nanobumble.dpo_data import PreferenceDataset, load_preference_pairs, tokeni
 from nanobumble.lora import disable_adapters, inject_lora, load_adapter
 from nanobumble.metrics import MetricsLogger, read_metrics
 
-FAST = ["--system_prompt", "", "--cutoff_len", "48", "--use_tensorboard", "false", "--save_steps", "0",
+FAST = ["--system_prompt", "", "--cutoff_len", "48", "--use_tensorboard", "false", "--plot", "false", "--save_steps", "0",
         "--warmup_ratio", "0.1"]
 
 

@@ -18,7 +18,7 @@ from conftest import REPO_ROOT
 
 # Small and fast: the tiny preset on short sequences.
 FAST = ["--cutoff_len", "64", "--train_micro_batch_size_per_gpu", "4", "--logging_steps", "2",
-        "--eval_batches", "2", "--use_tensorboard", "false"]
+        "--eval_batches", "2", "--use_tensorboard", "false", "--plot", "false"]
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +60,10 @@ def test_no_argument_run_at_a_few_steps(tmp_path, cache_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step 30/30" in result.stdout and "eta" in result.stdout and "tok/s" in result.stdout
     assert sorted(n for n in os.listdir(out) if not n.startswith("events")) == [
-        "checkpoint-15", "checkpoint-30", "config.json", "metrics.jsonl", "model.safetensors",
+        "checkpoint-15", "checkpoint-30", "config.json", "metrics.jsonl", "model.safetensors", "plots",
         "tokenizer.model", "training_args.yaml"]
+    assert sorted(os.listdir(out / "plots")) == ["grad_norm.png", "loss.png", "lr.png", "throughput.png", "val.png"]
+    assert "wrote" in result.stdout and "plots/loss.png" in result.stdout
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(out))
     metrics = read_metrics(str(out))
     losses = [m["train/loss"] for m in metrics if "train/loss" in m]

@@ -13,7 +13,7 @@ from nanobumble.lora import load_adapter
 from nanobumble.metrics import MetricsLogger, read_metrics
 
 FAST = ["--system_prompt", "", "--cutoff_len", "48", "--train_micro_batch_size_per_gpu", "16",
-        "--use_tensorboard", "false", "--save_steps", "0", "--warmup_ratio", "0.1"]
+        "--use_tensorboard", "false", "--plot", "false", "--save_steps", "0", "--warmup_ratio", "0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_loss_weighs_every_trained_token_equally(task, tmp_path):
     # the same first-step loss and gradient norm as one micro-step of 16 rows.
     root = task["root"]
     common = ["--model_name_or_path", str(root / "base"), "--dataset_path", str(root / "train.jsonl"),
-              "--system_prompt", "", "--cutoff_len", "32", "--use_tensorboard", "false", "--save_steps", "0",
+              "--system_prompt", "", "--cutoff_len", "32", "--use_tensorboard", "false", "--plot", "false", "--save_steps", "0",
               "--max_steps", "1", "--logging_steps", "1"]
     train_sft.main(common + ["--train_micro_batch_size_per_gpu", "16", "--output_dir", str(tmp_path / "one")])
     train_sft.main(common + ["--train_micro_batch_size_per_gpu", "8", "--gradient_accumulation_steps", "2",
