@@ -27,25 +27,17 @@ to stderr, so `python chat.py --prompt ... > answer.txt` holds only the answer.
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
-import yaml
-
 from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
-from nanobumble.checkpoint import check_model_dir, load_model_dir
 from nanobumble.common import UserError, resolve_precision, run_cli
 from nanobumble.config import ConfigError, parse_config
 from nanobumble.generation import GenerationConfig, TextStreamer, fit_to_context, generate_stream
-from nanobumble.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config
-from nanobumble.tokenizer import Tokenizer, load_tokenizer
-
-CHAT_STAGES = ("sft", "dpo")
+from nanobumble.inference import check_sampling_keys, load_model, log, resolve_device, resolve_mode
+from nanobumble.tokenizer import Tokenizer
 
 
 @dataclass
@@ -69,83 +61,11 @@ class ChatConfig:
     def __post_init__(self):
         if self.mode not in ("auto", "chat", "completion"):
             raise ConfigError(f"key 'mode' must be one of auto, chat, completion, got {self.mode!r}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ConfigError(f"key 'precision' must be one of auto, bf16, fp32, got {self.precision!r}")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ConfigError(f"key 'device' must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        for key in ("prompt", "system_prompt"):
-            try:
-                getattr(self, key).encode("utf-8")
-            except UnicodeEncodeError:  # bytes that were not UTF-8 come from the command line as lone surrogates
-                raise ConfigError(f"key '{key}' is not UTF-8 text") from None
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"key 'max_new_tokens' must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"key 'temperature' must be >= 0, got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"key 'top_p' must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise ConfigError(f"key 'repetition_penalty' must be > 0, got {self.repetition_penalty}")
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def read_stage(directory: str) -> str | None:
-    """The `stage` key of directory/training_args.yaml, if there is one."""
-    path = os.path.join(directory, "training_args.yaml")
-    if not directory or not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
         try:
-            args = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML: {e}") from None
-    return str(args.get("stage")) if isinstance(args, dict) and args.get("stage") else None
-
-
-def resolve_mode(mode: str, model_path: str, adapter_path: str) -> tuple[str, str]:
-    """(mode, why). auto: chat if the adapter's or the model's training_args.yaml
-    has stage sft or dpo, else completion."""
-    if mode != "auto":
-        return mode, "--mode"
-    for directory in (adapter_path, model_path):
-        stage = read_stage(directory)
-        if stage in CHAT_STAGES:
-            return "chat", f"{os.path.join(directory, 'training_args.yaml')} has stage: {stage}"
-    return "completion", "no training_args.yaml with stage: sft or dpo"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name}: CUDA is not available")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"device {name}: there are only {torch.cuda.device_count()} CUDA devices")
-    return device
-
-
-def load_model(cfg: ChatConfig, device: torch.device, dtype: torch.dtype):
-    """The model (plus its adapter) and tokenizer. A LoRA run's output directory
-    (adapter files, no model.safetensors) loads its base model from adapter_config.json."""
-    model_path, adapter_path = cfg.model_path, cfg.adapter_path
-    if not os.path.isdir(model_path):
-        raise UserError(f"model_path {model_path}: no such directory")
-    if not os.path.isfile(os.path.join(model_path, "model.safetensors")) and not adapter_path \
-            and os.path.isfile(os.path.join(model_path, ADAPTER_CONFIG)):
-        adapter_path = model_path
-        model_path = read_adapter_config(model_path)["base_model_name_or_path"]
-        log(f"{cfg.model_path} holds a LoRA adapter; base model: {model_path}")
-    check_model_dir(model_path, "model_path")
-    model, _ = load_model_dir(model_path)
-    if adapter_path:
-        adapter = load_adapter(model, adapter_path)
-        log(f"adapter: {adapter_path} (r={adapter['r']}, {', '.join(adapter['target_modules'])})")
-    model.to(device=device, dtype=dtype).eval()
-    return model, load_tokenizer(model_path), model_path, adapter_path
+            self.prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that were not UTF-8 come from the command line as lone surrogates
+            raise ConfigError("key 'prompt' is not UTF-8 text") from None
+        check_sampling_keys(self)
 
 
 def read_messages(prompt: str) -> Iterator[str]:
@@ -216,7 +136,7 @@ def main(argv: list[str]) -> None:
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     start = time.time()
-    model, tokenizer, model_path, adapter_path = load_model(cfg, device, dtype)
+    model, tokenizer, model_path, adapter_path = load_model(cfg.model_path, cfg.adapter_path, device, dtype)
     mode, why = resolve_mode(cfg.mode, model_path, adapter_path)
     log(f"model: {model_path} ({model.num_parameters() / 1e6:.1f}M parameters, context "
         f"{model.config.max_position_embeddings}) on {device} {str(dtype).removeprefix('torch.')}, "

@@ -1,0 +1,438 @@
+"""python -m nanobumble.serve on a tiny model: the official openai client (streaming
+and not), answers equal to chat.py's greedy ones, usage counts, stop strings and
+seeds, OpenAI-shaped errors, concurrent clients, a client that hangs up, Ctrl-C,
+and the web page driven in a headless Chromium."""
+
+import contextlib
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from nanobumble import serve
+from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
+from nanobumble.checkpoint import load_model_dir, save_model_dir
+from nanobumble.common import UserError
+from nanobumble.generation import GenerationConfig, generate, stream_text
+from nanobumble.lora import adapter_config_for, inject_lora, load_adapter, save_adapter
+from nanobumble.model import ModelConfig, Transformer, pad_vocab_size
+from nanobumble.tokenizer import EOT_ID, IM_END_ID, Tokenizer, train_tokenizer
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = ("user: where do bees live?\nassistant: bees live in a hive and make honey from flowers.\n" * 5 +
+          "蜜蜂住在蜂巢里，用花酿蜜。\n") * 3
+MAX_NEW = 8  # the server's max_new_tokens: the answer length when a request leaves max_tokens out
+CONTEXT = 128
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    tok_file = train_tokenizer([CORPUS], 400, str(root / "tokenizer.model"))
+    cfg = ModelConfig(vocab_size=pad_vocab_size(Tokenizer(tok_file).vocab_size), hidden_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, intermediate_size=96, max_position_embeddings=CONTEXT)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(20)  # varied greedy answers from an untrained model
+    save_model_dir(str(root / "bee-sft"), model, tok_file, "model_name_or_path: tiny\nstage: sft\n")
+    inject_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    save_adapter(str(root / "adapter"), model, adapter_config_for(model, str(root / "bee-sft")))
+    return root / "bee-sft"
+
+
+class Reference:
+    """What chat.py computes for the same model: the functions it calls, in this process."""
+
+    def __init__(self, model_dir, adapter=None):
+        self.model, _ = load_model_dir(str(model_dir))
+        if adapter:
+            load_adapter(self.model, str(adapter))
+        self.tokenizer = Tokenizer(str(model_dir / "tokenizer.model"))
+
+    def prompt(self, messages=None, text=None) -> list[int]:
+        if messages is not None:
+            return render(messages, self.tokenizer, system_prompt=DEFAULT_SYSTEM_PROMPT, add_generation_prompt=True)[0]
+        return self.tokenizer.encode(text)
+
+    def answer(self, messages=None, text=None, **settings) -> tuple[str, list[int], list[int]]:
+        """(text, prompt ids, new ids); greedy with chat.py's defaults unless settings say otherwise."""
+        prompt = self.prompt(messages, text)
+        gen = GenerationConfig(**{"do_sample": False, "max_new_tokens": MAX_NEW, **settings})
+        new = generate(self.model, prompt, gen, vocab_size=self.tokenizer.vocab_size)
+        return "".join(stream_text(self.tokenizer, new)), prompt, new
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    return Reference(model_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model_dir, **keys):
+    """The server in a background thread of this process (uvicorn installs no signal handlers there)."""
+    cfg = serve.ServeConfig(model_path=str(model_dir), port=free_port(), max_new_tokens=MAX_NEW, device="cpu",
+                            **keys)
+    uvicorn_server = serve.create_server(cfg)
+    thread = threading.Thread(target=uvicorn_server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uvicorn_server.started:
+        assert thread.is_alive() and time.time() < deadline, "the server did not start"
+        time.sleep(0.02)
+    uvicorn_server.port = cfg.port
+    uvicorn_server.engine = uvicorn_server.config.app.state.engine
+    yield uvicorn_server
+    uvicorn_server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with running_server(model_dir) as uvicorn_server:
+        yield uvicorn_server
+
+
+def openai_client(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def client(server):
+    return openai_client(server)
+
+
+def post(server, path: str, body, method: str = "POST") -> tuple[int, dict]:
+    """A raw request (bytes or a JSON-able body): status and parsed JSON answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    status, answer = response.status, json.loads(response.read())
+    connection.close()
+    return status, answer
+
+
+def finish_reason(new_ids) -> str:
+    return "length" if len(new_ids) == MAX_NEW else "stop"
+
+
+def test_models_lists_the_model_directory_name(client):
+    assert [m.id for m in client.models.list().data] == ["bee-sft"]
+    assert client.models.retrieve("bee-sft").id == "bee-sft"
+
+
+def test_greedy_chat_answer_and_usage_equal_chat_py(client, reference):
+    messages = [user("where do bees live?")]
+    reply = client.chat.completions.create(model="bee-sft", messages=messages, temperature=0)
+    text, prompt, new = reference.answer(messages)
+    assert reply.choices[0].message.content == text and reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason == finish_reason(new)
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == \
+        (len(prompt), len(new), len(prompt) + len(new))
+
+
+def test_streamed_chat_with_system_prompt_and_history(client, reference):
+    messages = [{"role": "system", "content": "You are a bee."}, user("hello bees"),
+                {"role": "assistant", "content": "bzz"}, user("and honey?")]
+    stream = client.chat.completions.create(model="bee-sft", messages=messages, temperature=0, max_tokens=5,
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text, prompt, new = reference.answer(messages, max_new_tokens=5)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ("length" if len(new) == 5 else "stop")
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == len(new)
+    assert chunks[-1].usage.prompt_tokens == len(prompt)
+
+
+def test_completions_continue_the_text(client, reference):
+    text, prompt, new = reference.answer(text="bees live in")
+    reply = client.completions.create(model="bee-sft", prompt="bees live in", temperature=0)
+    assert reply.choices[0].text == text
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt), len(new))
+    stream = client.completions.create(model="bee-sft", prompt="bees live in", temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == text
+
+
+def test_a_seed_makes_sampling_reproducible(client, reference):
+    messages = [user("tell me about honey")]
+    answers = [client.chat.completions.create(model="bee-sft", messages=messages, temperature=1.0, seed=7)
+               .choices[0].message.content for _ in range(2)]
+    # chat.py's sampling defaults for what the request leaves out (top_p 0.8, top_k 20, penalty 1.1)
+    expected, _, _ = reference.answer(messages, do_sample=True, temperature=1.0, seed=7)
+    assert answers == [expected, expected]
+
+
+def test_stop_strings_cut_the_answer(client, reference):
+    messages = [user("where do bees live?")]
+    full, _, _ = reference.answer(messages)
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert len(stop) == 2, f"the tiny model's answer is too short to test: {full!r}"
+    cut = full[:full.find(stop)]
+    reply = client.chat.completions.create(model="bee-sft", messages=messages, temperature=0, stop=[stop, "zzz"])
+    assert reply.choices[0].message.content == cut and reply.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(model="bee-sft", messages=messages, temperature=0, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == cut
+
+
+def test_stop_strings_hold_back_what_may_begin_one():
+    cutter = serve.StopStrings(["abc"])
+    assert cutter.push("xa") == "x"  # "a" may begin "abc"
+    assert cutter.push("b") == ""
+    assert cutter.push("x") == "abx"  # it did not
+    assert cutter.push("ab") == ""
+    assert cutter.push("cdef") == "" and cutter.stopped
+    assert serve.StopStrings(["abc"]).push("zab", last=True) == "zab"  # the end: nothing more can come
+
+
+def test_errors_have_openai_shape_and_status(server, client, model_dir):
+    def check(status, body, expected_status, param=None, code=None):
+        assert status == expected_status, body
+        assert set(body["error"]) == {"message", "type", "param", "code"} and body["error"]["message"]
+        assert (body["error"]["param"], body["error"]["code"]) == (param, code), body
+
+    check(*post(server, "/v1/chat/completions", b"{not json"), 400, code="invalid_json")
+    check(*post(server, "/v1/chat/completions", [1, 2]), 400, code="invalid_json")
+    check(*post(server, "/v1/chat/completions", {"model": "gpt-4", "messages": [user("hi")]}), 404, "model",
+          "model_not_found")
+    good = {"model": "bee-sft", "messages": [user("hi")]}
+    for bad, param, code in [({"temperature": 5}, "temperature", "invalid_value"),
+                             ({"temperature": "hot"}, "temperature", "invalid_type"),
+                             ({"max_tokens": 0}, "max_tokens", "invalid_value"),
+                             ({"top_p": 1.5}, "top_p", "invalid_value"),
+                             ({"n": 2}, "n", "invalid_value"),
+                             ({"stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
+                             ({"messages": []}, "messages", "invalid_value"),
+                             ({"messages": [user("a"), user("b")]}, "messages", "invalid_value"),
+                             ({"model": None}, "model", "invalid_value")]:
+        check(*post(server, "/v1/chat/completions", {**good, **bad}), 400, param, code)
+    check(*post(server, "/v1/completions", {"model": "bee-sft", "prompt": ["a", "b"]}), 400, "prompt",
+          "invalid_value")
+    check(*post(server, "/v1/nowhere", good), 404)
+    check(*post(server, "/v1/models", good), 405)
+
+    # a prompt that leaves no room for max_tokens is refused, not cut
+    long_chat = [user("bees live in a hive " * 40)]
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="bee-sft", messages=long_chat)
+    assert error.value.status_code == 400 and error.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as error:  # fits alone, not with the answer
+        client.completions.create(model="bee-sft", prompt="bees " * 20, max_tokens=CONTEXT)
+    assert error.value.code == "context_length_exceeded" and f"{CONTEXT} tokens" in str(error.value)
+    with pytest.raises(openai.NotFoundError) as error:
+        client.chat.completions.create(model="bee", messages=[user("hi")])
+    assert error.value.code == "model_not_found"
+
+
+def test_an_adapter_is_applied_on_top_of_the_model(model_dir):
+    messages = [user("where do bees live?")]
+    with running_server(model_dir, adapter_path=str(model_dir.parent / "adapter")) as server:
+        reply = openai_client(server).chat.completions.create(model="bee-sft", messages=messages, temperature=0)
+    with_adapter = Reference(model_dir, adapter=model_dir.parent / "adapter").answer(messages)[0]
+    assert with_adapter != Reference(model_dir).answer(messages)[0]  # the adapter changes the answer
+    assert reply.choices[0].message.content == with_adapter
+
+
+def test_concurrent_clients_each_get_their_own_answer(server, reference):
+    questions = ["where do bees live?", "hello bees", "what is honey?", "蜜蜂住在哪里？"]
+    expected = [reference.answer([user(q)])[0] for q in questions]
+    answers = [None] * len(questions)
+
+    def ask(i):  # a client of its own per thread; half of them stream
+        client = openai_client(server)
+        for _ in range(3):
+            if i % 2:
+                stream = client.chat.completions.create(model="bee-sft", messages=[user(questions[i])],
+                                                        temperature=0, stream=True)
+                answer = "".join(c.choices[0].delta.content or "" for c in stream)
+            else:
+                answer = client.chat.completions.create(model="bee-sft", messages=[user(questions[i])],
+                                                        temperature=0).choices[0].message.content
+            assert answers[i] in (None, answer)
+            answers[i] = answer
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert answers == expected
+
+
+def slow_down(monkeypatch, seconds: float) -> list:
+    """Every forward pass takes `seconds` longer and the model never ends its turn: long
+    answers to interrupt. Returns the list that gets one entry per forward pass."""
+    forward = Transformer.forward
+    calls = []
+
+    def slow_forward(self, *args, **kwargs):
+        time.sleep(seconds)
+        calls.append(time.time())
+        logits = forward(self, *args, **kwargs)
+        logits[..., [IM_END_ID, EOT_ID]] = float("-inf")
+        return logits
+
+    monkeypatch.setattr(Transformer, "forward", slow_forward)
+    return calls
+
+
+@pytest.fixture
+def slow_model(monkeypatch):
+    return slow_down(monkeypatch, 0.05)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_hangs_up_frees_the_model(server, slow_model, stream):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                       body=json.dumps({"model": "bee-sft", "prompt": "bees", "max_tokens": 100, "stream": stream}))
+    if stream:
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.readline().startswith(b"data: ")  # the request is in (its 100 tokens take 5 s)
+    else:
+        time.sleep(0.3)  # the answer is under way
+        assert slow_model
+    connection.close()  # hang up
+    start = time.time()
+    status, body = post(server, "/v1/completions", {"model": "bee-sft", "prompt": "honey", "max_tokens": 2})
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+    assert time.time() - start < 2.0, "the next request waited for the abandoned answer"
+    calls = len(slow_model)
+    time.sleep(0.3)
+    assert len(slow_model) == calls  # nothing generates any more
+    assert not server.engine.lock.locked()
+
+
+def test_ctrl_c_stops_a_running_answer_and_the_server(model_dir):
+    """A server process (with the slow model) interrupted in the middle of an answer exits promptly."""
+    port = free_port()
+    script = ("import sys, time, torch\n"
+              "from nanobumble import serve\n"
+              "from nanobumble.model import Transformer\n"
+              "forward = Transformer.forward\n"
+              "def slow_forward(self, *args, **kwargs):\n"
+              "    time.sleep(0.05)\n"
+              "    logits = forward(self, *args, **kwargs)\n"
+              "    logits[..., [1, 3]] = float('-inf')\n"
+              "    return logits\n"
+              "Transformer.forward = slow_forward\n"
+              "sys.argv[1:] = " + repr(["--model_path", str(model_dir), "--port", str(port), "--device", "cpu"]) + "\n"
+              "serve.run_cli(serve.main)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                connection.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                                   body=json.dumps({"model": "bee-sft", "prompt": "bees", "max_tokens": 100,
+                                                    "stream": True}))
+                response = connection.getresponse()
+                break
+            except ConnectionRefusedError:
+                assert process.poll() is None and time.time() < deadline, process.stdout.read().decode()
+                time.sleep(0.1)
+        assert response.readline().startswith(b"data: ")  # under way: 100 tokens would take 5 s
+        start = time.time()
+        process.send_signal(signal.SIGINT)
+        output = process.communicate(timeout=30)[0].decode()
+        assert time.time() - start < 4, output  # not the 5 s the answer had left
+        assert process.returncode == 130 and "interrupted" in output and "Traceback" not in output, output
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_without_fastapi_one_line_says_what_to_install(monkeypatch, model_dir, capsys):
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ImportError
+    with pytest.raises(UserError, match="pip install fastapi uvicorn"):
+        serve.create_server(serve.ServeConfig(model_path=str(model_dir)))
+    monkeypatch.setattr(sys, "argv", ["serve", "--model_path", str(model_dir)])
+    with pytest.raises(SystemExit) as exit_:
+        serve.run_cli(serve.main)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: serving needs FastAPI and uvicorn: pip install fastapi uvicorn"]
+
+
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                    reason=f"Chromium not installed ({CHROMIUM}, {CHROMEDRIVER}): "
+                           f"apt-get install -y chromium chromium-driver")
+def test_web_chat_in_headless_chromium(server, reference, tmp_path, monkeypatch):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1000,720"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    try:
+        browser.get(f"http://127.0.0.1:{server.port}/?temperature=0")  # greedy
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: b.find_element(By.ID, "model").text == "bee-sft")
+        browser.find_element(By.ID, "system").send_keys("You are a bee.")
+        conversation = [{"role": "system", "content": "You are a bee."}]
+        for turn, question in enumerate(["where do bees live?", "and honey?"]):
+            browser.find_element(By.ID, "message").send_keys(question)
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".message.assistant")) == turn + 1
+                       and b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+            conversation.append(user(question))
+            expected = reference.answer(conversation)[0]
+            shown = browser.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1].get_attribute("textContent")
+            assert shown == expected
+            conversation.append({"role": "assistant", "content": expected})
+        screenshot = tmp_path / "web_chat.png"
+        browser.save_screenshot(str(screenshot))
+        shutil.copy(screenshot, "/tmp/web_chat.png")
+        print(f"screenshot: {screenshot} (and /tmp/web_chat.png)")
+
+        # Stop: the answer ends where it was, and the model is free again.
+        calls = slow_down(monkeypatch, 0.2)  # 8 tokens: 1.6 s
+        browser.find_element(By.ID, "message").send_keys("tell me more")
+        browser.find_element(By.ID, "send").click()
+        bubbles = lambda: browser.find_elements(By.CSS_SELECTOR, ".message.assistant")
+        wait.until(lambda b: len(bubbles()) == 3 and bubbles()[-1].get_attribute("textContent"))
+        browser.find_element(By.ID, "stop").click()
+        wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+        deadline = time.time() + 1
+        while server.engine.lock.locked():
+            assert time.time() < deadline, "the stopped answer still holds the model"
+            time.sleep(0.02)
+        assert len(calls) < MAX_NEW  # a whole answer: MAX_NEW forward passes (the prompt, then a token each)
+    finally:
+        browser.quit()
