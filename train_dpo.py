@@ -16,7 +16,6 @@ exists; with full fine-tuning it is a frozen copy, sharded like the policy.
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 
@@ -25,36 +24,67 @@ import torch
 from nanobumble.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
 from nanobumble.common import UserError, autocast, resolve_precision, run_cli
 from nanobumble.config import DPOConfig, config_to_yaml, parse_config
-from nanobumble.data import files_signature
+from nanobumble.data import files_signature, split_held_out
 from nanobumble.distributed import (all_reduce_sum, autocast_dtype, build_model, distributed_run, main_process_first,
                                     precision_summary, print0)
-from nanobumble.dpo import batch_logps, dpo_batch_metrics, preference_loss
+from nanobumble.dpo import batch_logps, displacement_warning, dpo_batch_metrics, preference_loss
 from nanobumble.dpo_data import PreferenceDataset
+from nanobumble.evaluate import evaluate_tasks, load_tasks
 from nanobumble.lora import adapter_config_for, disable_adapters
 from nanobumble.metrics import MetricsLogger
 from nanobumble.optim import build_optimizer, lr_at
 from nanobumble.plot import plot_run
 from nanobumble.token_cache import tokenized_pairs
 from nanobumble.training import (Progress, check_finite, check_model_finite, clip_gradients, lora_settings,
-                                open_starting_model, resolve_resume, set_learning_rate, total_steps)
+                                is_eval_step, open_starting_model, rank_batches,
+                                report_evaluation, resolve_resume, set_learning_rate, total_steps)
 
 
 @torch.no_grad()
 def precompute_reference(reference, dataset: PreferenceDataset, cfg: DPOConfig, info) -> torch.Tensor:
-    """Reference log-probs of every pair, [num_pairs, 2] (chosen, rejected). Ranks
-    split the pairs; with a sharded model every rank must run the same number of
-    forward passes, so a rank short of work repeats a batch and drops the result."""
+    """Reference log-probs of every pair, [num_pairs, 2] (chosen, rejected).
+    Ranks share the batches out (rank_batches)."""
     n = cfg.train_micro_batch_size_per_gpu
     groups = [list(range(i, min(i + n, dataset.num_pairs))) for i in range(0, dataset.num_pairs, n)]
-    mine = groups[info.rank::info.world_size]
     table = torch.zeros(dataset.num_pairs, 2, dtype=torch.float64, device=info.device)
-    for i in range(math.ceil(len(groups) / info.world_size)):
-        batch = dataset.batch_of_pairs(mine[i] if i < len(mine) else groups[0])
+    for i, weight in rank_batches(len(groups), info):
+        batch = dataset.batch_of_pairs(groups[i])
         ref = reference(batch["input_ids"].to(info.device), batch["labels"].to(info.device))
-        if i < len(mine):
+        if weight:
             k = len(batch["pair_ids"])
             table[batch["pair_ids"].to(info.device)] = torch.stack([ref[:k], ref[k:]], dim=1).double()
     return all_reduce_sum(table).float()
+
+
+@torch.no_grad()
+def evaluate(model, val_data: PreferenceDataset, val_reference: torch.Tensor, cfg: DPOConfig, info, dtype,
+             ld_alpha: float | None) -> dict:
+    """On held-out pairs (up to eval_batches batches, the same ones every time): the
+    preference loss, reward accuracy and margins, the policy's log-probs, and the
+    drift of each answer's mean log-prob per token from the reference's."""
+    model.eval()
+    n = cfg.train_micro_batch_size_per_gpu
+    count = min(val_data.num_pairs, n * cfg.eval_batches)
+    groups = [list(range(i, min(i + n, count))) for i in range(0, count, n)]
+    sums: dict[str, torch.Tensor] = {}
+    for i, weight in rank_batches(len(groups), info):
+        batch = val_data.batch_of_pairs(groups[i])
+        input_ids, labels = batch["input_ids"].to(info.device), batch["labels"].to(info.device)
+        with autocast(info.device, dtype):
+            policy, _, mask, mean_logits = batch_logps(model, input_ids, labels, ld_alpha)
+        ref = val_reference[batch["pair_ids"].to(info.device)]
+        k, lengths = len(groups[i]), mask.sum(-1)
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            policy[:k], policy[k:], ref[:, 0], ref[:, 1], cfg.pref_beta, cfg.pref_loss, cfg.label_smoothing,
+            chosen_lengths=lengths[:k], rejected_lengths=lengths[k:])
+        metrics = dpo_batch_metrics(losses, chosen_rewards, rejected_rewards, policy, mean_logits,
+                                    reference_logps=torch.cat([ref[:, 0], ref[:, 1]]), lengths=lengths)
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + weight * value
+    keys = sorted(sums)
+    totals = all_reduce_sum(torch.stack([sums[k].float() for k in keys])) / count
+    model.train()
+    return {f"val/{key}": value for key, value in zip(keys, totals.tolist())}
 
 
 def main(argv: list[str]) -> None:
@@ -74,12 +104,23 @@ def train(cfg: DPOConfig, info) -> None:
     tokenizer, model_cfg = open_starting_model(cfg)
 
     # --- preference pairs -> prompt + chosen / rejected tokens (tokenized once, cached) ---
-    tokenized, _ = main_process_first(lambda: tokenized_pairs(
-        cfg.dataset_path, tokenizer, cfg.cutoff_len, cfg.system_prompt, cfg.cache_dir, cfg.strict,
-        cfg.preprocessing_num_workers or None, quiet=not info.is_main))
-    if not tokenized:
+    def tokenized(path: str) -> list:
+        return main_process_first(lambda: tokenized_pairs(
+            path, tokenizer, cfg.cutoff_len, cfg.system_prompt, cfg.cache_dir, cfg.strict,
+            cfg.preprocessing_num_workers or None, quiet=not info.is_main))[0]
+
+    pairs = tokenized(cfg.dataset_path)
+    if cfg.eval_dataset_path:
+        val_pairs = tokenized(cfg.eval_dataset_path)
+    else:  # hold out val_ratio of the pairs
+        pairs, val_pairs = split_held_out(pairs, cfg.val_ratio)
+    if not pairs:
         raise UserError(f"{cfg.dataset_path}: no usable preference pair left")
-    dataset = PreferenceDataset(tokenized)
+    dataset = PreferenceDataset(pairs)
+    val_data = PreferenceDataset(val_pairs) if val_pairs else None
+    print0(f"validation: {len(val_pairs)} held-out pairs"
+           f"{' from ' + cfg.eval_dataset_path if cfg.eval_dataset_path else f' (val_ratio {cfg.val_ratio})'}")
+    eval_tasks = load_tasks(cfg.eval_tasks, cfg.eval_num_fewshot) if cfg.eval_tasks else None  # read and checked now
     data_signature = files_signature(cfg.dataset_path)  # recorded in checkpoints: resume checks it
 
     # --- policy, and the reference it is measured against ---
@@ -111,6 +152,7 @@ def train(cfg: DPOConfig, info) -> None:
            f"{'the same weights, adapters off' if lora else 'a frozen copy'}; loss {cfg.pref_loss}, beta {cfg.pref_beta}; "
            f"{info.world_size} x {device.type}, {precision_summary(info, dtype)}")
 
+    val_reference = precompute_reference(reference, val_data, cfg, info) if val_data is not None else None
     reference_table = None
     if cfg.precompute_ref_log_probs:
         reference_table = precompute_reference(reference, dataset, cfg, info)
@@ -171,7 +213,8 @@ def train(cfg: DPOConfig, info) -> None:
                 chosen_nll = -(logps[:micro_batch] * mask[:micro_batch]).sum()
                 objective = objective + cfg.sft_weight * chosen_nll / chosen_tokens
             (objective * info.world_size).backward()
-            metrics = dpo_batch_metrics(losses, chosen_rewards, rejected_rewards, policy.detach(), mean_logits)
+            metrics = dpo_batch_metrics(losses, chosen_rewards, rejected_rewards, policy.detach(), mean_logits,
+                                        reference_logps=torch.cat([ref_chosen, ref_rejected]), lengths=mask.sum(-1))
             metrics["objective"] = objective.detach() * pairs_per_step
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.detach()
@@ -194,6 +237,17 @@ def train(cfg: DPOConfig, info) -> None:
             print0(line, flush=True)
             if logger is not None:
                 logger.log(step, scalars)
+        if (val_data is not None or eval_tasks) and is_eval_step(step, num_steps, cfg.eval_steps):
+            scalars = {}
+            if val_data is not None:
+                scalars = evaluate(model, val_data, val_reference, cfg, info, compute_dtype, ld_alpha)
+            if eval_tasks:  # benchmark task files (eval_tasks)
+                scalars.update(evaluate_tasks(model, tokenizer, eval_tasks, device, compute_dtype, micro_batch,
+                                              system_prompt=cfg.system_prompt))
+            report_evaluation(step, num_steps, scalars, logger)
+            warning = displacement_warning(scalars["val/drift/chosen"], cfg) if val_data is not None else None
+            if warning:
+                print0(warning, flush=True)
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             check_model_finite(model, step, cfg.output_dir, device, compute_dtype)
             path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer, training_args,

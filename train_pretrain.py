@@ -33,7 +33,8 @@ from nanobumble.optim import build_optimizer, lr_at
 from nanobumble.plot import plot_run
 from nanobumble.tokenizer import Tokenizer, has_tokenizer, load_or_train_tokenizer, load_tokenizer
 from nanobumble.training import (Progress, check_finite, check_model_finite, check_model_fits, clip_gradients,
-                                resolve_resume, set_learning_rate, total_steps)
+                                is_eval_step, rank_batches, report_evaluation, resolve_resume,
+                                set_learning_rate, total_steps)
 
 
 def find_tokenizer(cfg: PretrainConfig, resume_dir: str | None) -> Tokenizer:
@@ -54,18 +55,12 @@ def find_tokenizer(cfg: PretrainConfig, resume_dir: str | None) -> Tokenizer:
 @torch.no_grad()
 def evaluate(model, val_data: TokenShards, cfg: PretrainConfig, token_bytes: torch.Tensor, info, dtype) -> dict:
     """Mean validation loss (nats per token) and bits per byte (comparable across
-    tokenizers). Ranks split the batches; with a sharded model every rank must run
-    the same number of forward passes, so a rank short of batches repeats one
-    with weight 0."""
+    tokenizers). Ranks share the batches out (rank_batches)."""
     model.eval()
     batches = list(val_data.val_batches(cfg.cutoff_len, cfg.train_micro_batch_size_per_gpu, cfg.eval_batches))
-    mine = batches[info.rank::info.world_size]
-    rounds = math.ceil(len(batches) / info.world_size)
     totals = torch.zeros(4, dtype=torch.float64, device=info.device)  # nats, tokens, text nats, text bytes
-    for i in range(rounds):
-        x, y = mine[i] if i < len(mine) else batches[0]
-        weight = 1.0 if i < len(mine) else 0.0
-        x, y = x.to(info.device), y.to(info.device)
+    for i, weight in rank_batches(len(batches), info):
+        x, y = (t.to(info.device) for t in batches[i])
         with autocast(info.device, dtype):
             losses, _ = model(x, y, reduction="none")  # per token, without the [tokens x vocab] logits
         losses = losses.flatten().double()
@@ -199,10 +194,8 @@ def train(cfg: PretrainConfig, info) -> None:
             print0(line, flush=True)
             log(step, scalars)
 
-        if val_data is not None and (step == num_steps or (cfg.eval_steps > 0 and step % cfg.eval_steps == 0)):
-            scalars = evaluate(model, val_data, cfg, token_bytes, info, compute_dtype)
-            print0(f"step {step}/{num_steps} | val loss {scalars['val/loss']:.4f} | val bpb {scalars['val/bpb']:.4f}")
-            log(step, scalars)
+        if val_data is not None and is_eval_step(step, num_steps, cfg.eval_steps):
+            report_evaluation(step, num_steps, evaluate(model, val_data, cfg, token_bytes, info, compute_dtype), logger)
 
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             save(step)

@@ -21,9 +21,10 @@ import torch
 from nanobumble.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
 from nanobumble.common import UserError, autocast, resolve_precision, run_cli
 from nanobumble.config import SFTConfig, config_to_yaml, parse_config
-from nanobumble.data import files_signature
+from nanobumble.data import files_signature, split_held_out
 from nanobumble.distributed import (all_reduce_sum, autocast_dtype, build_model, distributed_run, main_process_first,
                                     precision_summary, print0)
+from nanobumble.evaluate import evaluate_tasks, load_tasks
 from nanobumble.lora import adapter_config_for
 from nanobumble.metrics import MetricsLogger
 from nanobumble.optim import build_optimizer, lr_at
@@ -31,7 +32,28 @@ from nanobumble.plot import plot_run
 from nanobumble.sft_data import SFTDataset
 from nanobumble.token_cache import tokenized_sft
 from nanobumble.training import (Progress, check_finite, check_model_finite, clip_gradients, lora_settings,
-                                open_starting_model, resolve_resume, set_learning_rate, total_steps)
+                                is_eval_step, open_starting_model, rank_batches,
+                                report_evaluation, resolve_resume, set_learning_rate, total_steps)
+
+
+@torch.no_grad()
+def evaluate(model, val_data: SFTDataset, cfg: SFTConfig, info, dtype) -> dict:
+    """Validation loss: mean nats per assistant token over up to eval_batches batches
+    of held-out rows (the same rows every time). Ranks share the batches out."""
+    model.eval()
+    n = cfg.train_micro_batch_size_per_gpu
+    rows = min(val_data.num_rows, n * cfg.eval_batches)
+    batches = [range(first, min(first + n, rows)) for first in range(0, rows, n)]
+    totals = torch.zeros(2, dtype=torch.float64, device=info.device)  # nats, trained tokens
+    for i, weight in rank_batches(len(batches), info):
+        x, y, position_ids = (t.to(info.device) if t is not None else None
+                              for t in val_data.batch(cfg.seed, batches[i]))
+        with autocast(info.device, dtype):
+            summed = model(x, y, position_ids=position_ids, reduction="sum")
+        totals += weight * torch.stack([summed.double(), (y != -100).sum().double()])
+    nats, tokens = all_reduce_sum(totals).tolist()
+    model.train()
+    return {"val/loss": nats / max(tokens, 1)}
 
 
 def main(argv: list[str]) -> None:
@@ -51,12 +73,23 @@ def train(cfg: SFTConfig, info) -> None:
     tokenizer, model_cfg = open_starting_model(cfg)
 
     # --- conversations -> tokens + assistant masks (tokenized once, cached) -> rows ---
-    samples, _ = main_process_first(lambda: tokenized_sft(
-        cfg.dataset_path, tokenizer, cfg.cutoff_len, cfg.system_prompt, cfg.cache_dir, cfg.strict,
-        cfg.preprocessing_num_workers or None, quiet=not info.is_main))
+    def tokenized(path: str) -> list:
+        return main_process_first(lambda: tokenized_sft(
+            path, tokenizer, cfg.cutoff_len, cfg.system_prompt, cfg.cache_dir, cfg.strict,
+            cfg.preprocessing_num_workers or None, quiet=not info.is_main))[0]
+
+    samples = tokenized(cfg.dataset_path)
+    if cfg.eval_dataset_path:
+        val_samples = tokenized(cfg.eval_dataset_path)
+    else:  # hold out val_ratio of the conversations
+        samples, val_samples = split_held_out(samples, cfg.val_ratio)
     if not samples:
         raise UserError(f"{cfg.dataset_path}: no conversation has a trainable token left")
     dataset = SFTDataset(samples, cfg.cutoff_len, packing=cfg.packing)
+    val_data = SFTDataset(val_samples, cfg.cutoff_len, packing=cfg.packing) if val_samples else None
+    print0(f"validation: {len(val_samples)} held-out conversations"
+           f"{' from ' + cfg.eval_dataset_path if cfg.eval_dataset_path else f' (val_ratio {cfg.val_ratio})'}")
+    eval_tasks = load_tasks(cfg.eval_tasks, cfg.eval_num_fewshot) if cfg.eval_tasks else None  # read and checked now
     data_signature = files_signature(cfg.dataset_path)  # recorded in checkpoints: resume checks it
 
     # --- model: the base weights, plus adapters for LoRA ---
@@ -130,6 +163,12 @@ def train(cfg: SFTConfig, info) -> None:
             print0(line, flush=True)
             if logger is not None:
                 logger.log(step, scalars)
+        if (val_data is not None or eval_tasks) and is_eval_step(step, num_steps, cfg.eval_steps):
+            scalars = evaluate(model, val_data, cfg, info, compute_dtype) if val_data is not None else {}
+            if eval_tasks:  # benchmark task files (eval_tasks)
+                scalars.update(evaluate_tasks(model, tokenizer, eval_tasks, device, compute_dtype, micro_batch,
+                                              system_prompt=cfg.system_prompt))
+            report_evaluation(step, num_steps, scalars, logger)
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
             check_model_finite(model, step, cfg.output_dir, device, compute_dtype)
             path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer, training_args,

@@ -58,6 +58,9 @@ class TrainConfig:
     kernels: str = "auto"  # auto (Triton on CUDA) | triton | torch (the PyTorch references)
     # --- logging, checkpoints ---
     logging_steps: int = 10
+    val_ratio: float = 0.05  # share of the data held out for validation (0: none)
+    eval_steps: int = 100  # validate every N steps, and at the end (<= 0: only at the end)
+    eval_batches: int = 20  # validation batches per evaluation
     save_steps: int = 100  # <= 0: only the final model
     save_total_limit: int = 2  # newest checkpoints kept; <= 0 keeps all
     use_tensorboard: bool = True
@@ -81,6 +84,10 @@ class TrainConfig:
         for key in ("cutoff_len", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "logging_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"key '{key}' must be at least 1, got {getattr(self, key)}")
+        if not 0.0 <= self.val_ratio < 1.0:
+            raise ConfigError(f"key 'val_ratio' must be in [0, 1), got {self.val_ratio}")
+        if self.eval_batches < 1:
+            raise ConfigError(f"key 'eval_batches' must be at least 1, got {self.eval_batches}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"key 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
         # Ranges of the numeric keys: a NaN fails every comparison, so it is refused too.
@@ -118,15 +125,11 @@ class PretrainConfig(TrainConfig):
     vocab_size: int = 4096  # size of a tokenizer trained on the data
     tokenizer_sample_mb: float = 80.0  # a new tokenizer learns from this much of the text (bounds its memory)
     val_ratio: float = 0.01  # share of documents held out for validation
-    eval_steps: int = 100  # validate every N steps (<= 0: only at the end)
-    eval_batches: int = 20  # validation batches per evaluation
 
     def __post_init__(self):
         super().__post_init__()
-        if self.vocab_size < 1 or self.eval_batches < 1:
-            raise ConfigError("keys 'vocab_size' and 'eval_batches' must be at least 1")
-        if not 0.0 <= self.val_ratio < 1.0:
-            raise ConfigError(f"key 'val_ratio' must be in [0, 1), got {self.val_ratio}")
+        if self.vocab_size < 1:
+            raise ConfigError("key 'vocab_size' must be at least 1")
         _check_range(self, "tokenizer_sample_mb", lambda v: 0 < v < math.inf, "> 0 and finite")
 
 
@@ -140,10 +143,15 @@ class FinetuneConfig(TrainConfig):
     lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"  # comma-separated; also gate_proj,up_proj,down_proj, or all
     use_rslora: bool = False  # scale adapters by alpha/sqrt(rank) instead of alpha/rank
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # added when a conversation has none; "" for no system turn
+    eval_dataset_path: str = ""  # held-out data to validate on, instead of a val_ratio share of dataset_path
+    eval_tasks: str = ""  # benchmark task files or directories, comma-separated, run at eval_steps (see evaluate.py)
+    eval_num_fewshot: int = 0  # examples from each task's dev split put before every question
 
     def __post_init__(self):
         super().__post_init__()
         _check_choice(self, "finetuning_type", ("full", "lora"))
+        if self.eval_num_fewshot < 0:
+            raise ConfigError(f"key 'eval_num_fewshot' must be >= 0, got {self.eval_num_fewshot}")
         if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError("keys 'lora_rank' >= 1, 'lora_alpha' > 0 and 'lora_dropout' in [0, 1) are required")
 
@@ -175,6 +183,9 @@ class DPOConfig(FinetuneConfig):
     ld_alpha: float = 1.0  # LD-DPO: weight of response tokens past the shorter response (1 = plain DPO)
     sft_weight: float = 0.0  # adds sft_weight x the NLL of the chosen responses
     precompute_ref_log_probs: bool = False  # reference log-probs once before training, then drop the reference
+    # Likelihood displacement: warn when the chosen answers' mean log-prob per token falls
+    # this many nats below the reference's on the validation pairs (<= 0: never warn)
+    max_chosen_logp_drop: float = 0.5
 
     def __post_init__(self):
         super().__post_init__()

@@ -372,6 +372,13 @@ def is_validation_document(index: int, val_ratio: float) -> bool:
     return int.from_bytes(digest, "little") < val_ratio * 2**64
 
 
+def split_held_out(items: list, val_ratio: float) -> tuple[list, list]:
+    """(training items, held-out items): item i is held out by is_validation_document(i),
+    so the split depends only on the items' order and val_ratio."""
+    held_out = [is_validation_document(i, val_ratio) for i in range(len(items))]
+    return ([x for x, out in zip(items, held_out) if not out], [x for x, out in zip(items, held_out) if out])
+
+
 def _tokenized_chunks(texts: Iterable[str], model_file: str, num_workers: int
                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Tokenize chunks of documents, in order, with num_workers processes."""

@@ -172,11 +172,16 @@ def mean_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def dpo_batch_metrics(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-                      policy_logps: torch.Tensor, row_mean_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+                      policy_logps: torch.Tensor, row_mean_logits: torch.Tensor,
+                      reference_logps: torch.Tensor | None = None, lengths: torch.Tensor | None = None
+                      ) -> dict[str, torch.Tensor]:
     """Sums over this batch's n pairs, as fp32 scalars: all-reduce them across ranks and
     steps, then divide each by the global number of pairs to log means.
 
-    policy_logps and row_mean_logits are [2n] (chosen rows, then rejected rows)."""
+    policy_logps and row_mean_logits are [2n] (chosen rows, then rejected rows).
+    Given the reference's log-probs and the answers' token counts (both [2n]),
+    also drift/chosen and drift/rejected: how far the policy moved each answer's
+    mean log-prob per token from the reference's (negative: less likely now)."""
     n = losses.shape[0]
     if policy_logps.shape[0] != 2 * n or row_mean_logits.shape[0] != 2 * n:
         raise ValueError(f"{n} pairs, but {policy_logps.shape[0]} policy log-probs and "
@@ -192,7 +197,25 @@ def dpo_batch_metrics(losses: torch.Tensor, chosen_rewards: torch.Tensor, reject
         "logits/chosen": row_mean_logits[:n],
         "logits/rejected": row_mean_logits[n:],
     }
+    if reference_logps is not None and lengths is not None:
+        drift = (policy_logps.detach().float() - reference_logps.float()) / lengths.clamp(min=1).float()
+        sums["drift/chosen"], sums["drift/rejected"] = drift[:n], drift[n:]
     return {key: value.detach().float().sum() for key, value in sums.items()}
+
+
+def displacement_warning(chosen_drift: float, cfg) -> str | None:
+    """The likelihood-displacement warning, or None: DPO can raise the margin by
+    pushing both answers down, the preferred one with them, which makes the model
+    worse on new prompts while its reward accuracy looks fine. chosen_drift is the
+    chosen answers' mean log-prob per token minus the reference's, in nats."""
+    if cfg.max_chosen_logp_drop <= 0 or chosen_drift >= -cfg.max_chosen_logp_drop:
+        return None
+    return (f"warning: likelihood displacement: on the validation pairs the chosen answers' mean log-prob per "
+            f"token is {-chosen_drift:.2f} nats below the reference's (max_chosen_logp_drop "
+            f"{cfg.max_chosen_logp_drop}): the preferred answers are being pushed down along with the rejected "
+            f"ones, which usually makes the model worse on new prompts however good the reward accuracy looks. "
+            f"Usual remedies: a lower learning_rate (now {cfg.learning_rate:g}), a higher pref_beta (now "
+            f"{cfg.pref_beta:g}), sft_weight > 0 (now {cfg.sft_weight:g}), fewer num_epochs (now {cfg.num_epochs:g})")
 
 
 def sft_nll(logps: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:

@@ -636,19 +636,19 @@ def flat_metrics(results: list[TaskResult]) -> dict[str, float]:
     return {f"eval/{r.name}/{metric}": value for r in results for metric, value in r.metrics.items()}
 
 
-def evaluate_tasks(model, tokenizer, task_files: str | Sequence[str], device: torch.device, dtype: torch.dtype,
-                   num_fewshot: int = 0, batch_size: int = 8, chat: bool = True, max_new_tokens: int = 32,
+def evaluate_tasks(model, tokenizer, tasks: list[tuple[Task, list[Question]]], device: torch.device,
+                   dtype: torch.dtype, batch_size: int = 8, chat: bool = True, max_new_tokens: int = 32,
                    system_prompt: str = DEFAULT_SYSTEM_PROMPT, progress: bool = False) -> dict[str, float]:
-    """{"eval/<task>/<metric>": value} for task files (or directories, or a comma-separated
-    string of them): acc (multiple choice), acc + acc_norm (continuation), bpb, exact_match.
+    """{"eval/<task>/<metric>": value} for tasks from load_tasks(): acc (multiple choice),
+    acc + acc_norm (continuation), bpb, exact_match.
 
-    For a training script at eval_steps: dtype is the autocast dtype. Every rank
-    must call it (a sharded model's forwards are collectives); each rank then runs
-    the same forwards on the same batches and gets the same numbers. chat: exact
-    match prompts go through the chat template (False: the raw prompt). The
-    model's train/eval mode is restored."""
-    return flat_metrics(run_tasks(model, tokenizer, load_tasks(task_files, num_fewshot), device, dtype, batch_size,
-                                  chat, max_new_tokens, system_prompt, progress))
+    For a training script at eval_steps (the tasks loaded once, at the start):
+    dtype is the autocast dtype. Every rank must call it (a sharded model's
+    forwards are collectives); each rank then runs the same forwards on the same
+    batches and gets the same numbers. chat: exact match prompts go through the
+    chat template (False: the raw prompt). The model's train/eval mode is restored."""
+    return flat_metrics(run_tasks(model, tokenizer, tasks, device, dtype, batch_size, chat, max_new_tokens,
+                                  system_prompt, progress))
 
 
 # --- command line ---------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def resolve_resume(cfg, world_size: int) -> str | None:
 # is trained: cadence, where things go, and how fast the same math runs.
 RESUME_SAFE_KEYS = ("logging_steps", "eval_steps", "eval_batches", "save_steps", "save_total_limit",
                     "use_tensorboard", "plot", "resume", "output_dir", "overwrite_output_dir", "allow_schedule_change",
-                    "collective_timeout_minutes", "cache_dir", "preprocessing_num_workers", "compile", "kernels", "enable_gradient_checkpointing")
+                    "collective_timeout_minutes", "cache_dir", "preprocessing_num_workers",
+                    "max_chosen_logp_drop", "eval_tasks", "eval_num_fewshot", "compile", "kernels", "enable_gradient_checkpointing")
 # The learning-rate schedule: changed only when asked (allow_schedule_change).
 RESUME_SCHEDULE_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "min_lr_ratio", "max_steps",
                         "num_epochs")
@@ -173,6 +174,29 @@ def check_model_finite(model, step: int, output_dir: str, device: torch.device, 
         raise UserError(f"step {step}: the weights are no longer usable (non-finite values or a non-finite "
                         f"forward pass; learning_rate too high?); nothing is saved; the last good checkpoint is "
                         f"{last or 'none (nothing saved yet)'}")
+
+
+def rank_batches(num_batches: int, info) -> list[tuple[int, float]]:
+    """The batches this rank runs when ranks share out work such as validation, as
+    (batch index, weight): ranks take turns. With a sharded model every rank must
+    run the same number of forward passes, so a rank short of batches runs batch 0
+    again with weight 0 (its result is not counted)."""
+    rounds = math.ceil(num_batches / info.world_size)
+    indices = [i * info.world_size + info.rank for i in range(rounds)]
+    return [(i, 1.0) if i < num_batches else (0, 0.0) for i in indices]
+
+
+def is_eval_step(step: int, num_steps: int, eval_steps: int) -> bool:
+    """Validate every eval_steps steps, and always after the last one."""
+    return step == num_steps or (eval_steps > 0 and step % eval_steps == 0)
+
+
+def report_evaluation(step: int, num_steps: int, scalars: dict, logger) -> None:
+    """One printed line of validation / evaluation numbers, also logged (rank 0 has the logger)."""
+    print0(f"step {step}/{num_steps} | " + " | ".join(f"{key} {value:.4f}" for key, value in scalars.items()),
+           flush=True)
+    if logger is not None:
+        logger.log(step, scalars)
 
 
 class Progress:

@@ -134,7 +134,7 @@ def copy_task_dir(tmp_path_factory):
 ])
 def test_sft_and_dpo_on_two_processes_match_one(tmp_path, copy_task_dir, script, extra):
     extra = [str(copy_task_dir / a) if a.endswith(".jsonl") else a for a in extra]
-    common = ["--model_name_or_path", str(copy_task_dir / "base"), "--system_prompt", "", "--cutoff_len", "48",
+    common = ["--model_name_or_path", str(copy_task_dir / "base"), "--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "48",
               "--max_steps", "4", "--logging_steps", "1", "--save_steps", "0", "--use_tensorboard", "false", "--plot", "false",
               "--learning_rate", "1e-3", "--train_micro_batch_size_per_gpu", "4"] + extra
     subprocess_args = lambda out: common + ["--output_dir", str(tmp_path / out)]

@@ -249,7 +249,8 @@ def test_bytes_that_are_not_utf8_are_named_with_their_line(tmp_path):
 
 def test_bpb_is_pretrainings_val_bpb_on_the_same_text(setup, tmp_path):
     texts = [json.loads(line)["text"] for line in open(TEXT, encoding="utf-8")]
-    ours = evaluate.evaluate_tasks(setup.model, setup.tokenizer, [TEXT], CPU, torch.float32, batch_size=4)
+    ours = evaluate.evaluate_tasks(setup.model, setup.tokenizer, evaluate.load_tasks([TEXT]), CPU, torch.float32,
+                                   batch_size=4)
 
     # Pretraining's evaluate() on the same documents, one unpadded row each, laid out as
     # in its token shards: <|endoftext|> (the end of the document before) text <|endoftext|>.
@@ -281,7 +282,8 @@ def test_a_document_longer_than_the_context_is_scored_in_windows(setup, tmp_path
             if token_bytes[target]:
                 bits -= logprobs[position, target].item() / math.log(2)
                 total_bytes += token_bytes[target]
-    result = evaluate.evaluate_tasks(model, setup.tokenizer, [str(tmp_path / "long.jsonl")], CPU, torch.float32)
+    result = evaluate.evaluate_tasks(model, setup.tokenizer, evaluate.load_tasks([str(tmp_path / "long.jsonl")]), CPU,
+                                     torch.float32)
     assert result["eval/long/bpb"] == pytest.approx(bits / total_bytes, rel=1e-6)
 
 
@@ -330,8 +332,8 @@ def test_exact_match_compares_the_first_line_of_a_base_models_answer(setup, monk
 def test_evaluate_tasks_returns_every_metric_and_restores_the_mode(setup):
     model = setup.model
     model.train()
-    metrics = evaluate.evaluate_tasks(model, setup.tokenizer, [CEVAL_VAL, HELLASWAG, TEXT], CPU, torch.float32,
-                                      num_fewshot=1, batch_size=16)
+    metrics = evaluate.evaluate_tasks(model, setup.tokenizer, evaluate.load_tasks([CEVAL_VAL, HELLASWAG, TEXT], 1),
+                                      CPU, torch.float32, batch_size=16)
     assert model.training
     model.eval()
     assert sorted(metrics) == ["eval/bee_biology_val/acc", "eval/hellaswag_mini/acc", "eval/hellaswag_mini/acc_norm",
@@ -362,8 +364,8 @@ def test_the_command_line_prints_the_table_and_writes_the_json(setup, tmp_path):
     report = json.load(open(os.path.join(model_dir, "eval_results.json"), encoding="utf-8"))
     assert report["mode"] == "chat" and report["num_fewshot"] == 1 and report["overall"]["n"] == 30
     assert report["tasks"]["bee_biology_val"]["n"] == 10 and len(report["tasks"]["qa_exact"]["details"]) == 10
-    in_process = evaluate.evaluate_tasks(setup.model, setup.tokenizer, [CEVAL_VAL, HELLASWAG], CPU, torch.float32,
-                                         num_fewshot=1)
+    in_process = evaluate.evaluate_tasks(setup.model, setup.tokenizer, evaluate.load_tasks([CEVAL_VAL, HELLASWAG], 1),
+                                         CPU, torch.float32)
     for key, value in in_process.items():
         assert report["metrics"][key] == pytest.approx(value, abs=1e-12)
 
@@ -460,13 +462,13 @@ FSDP_SCRIPT = """
 import json, sys
 import torch
 from nanobumble.distributed import build_model, distributed_run
-from nanobumble.evaluate import evaluate_tasks
+from nanobumble.evaluate import evaluate_tasks, load_tasks
 from nanobumble.model import load_model_config
 from nanobumble.tokenizer import load_tokenizer
 model_dir, tasks, out = sys.argv[1:4]
 with distributed_run(5) as info:
     model = build_model(load_model_config(model_dir + "/config.json"), info, 0, model_dir, None)
-    metrics = evaluate_tasks(model, load_tokenizer(model_dir), tasks, info.device, torch.float32, num_fewshot=1,
+    metrics = evaluate_tasks(model, load_tokenizer(model_dir), load_tasks(tasks, 1), info.device, torch.float32,
                              batch_size=3, max_new_tokens=4)
     with open(f"{out}.{info.rank}.json", "w") as f:
         json.dump(metrics, f)
@@ -486,6 +488,6 @@ def test_two_fsdp_ranks_run_the_same_forwards_and_get_one_processs_numbers(setup
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.load(open(tmp_path / f"metrics.{rank}.json")) for rank in (0, 1)]
     assert ranks[0] == ranks[1]
-    one = evaluate.evaluate_tasks(setup.model, setup.tokenizer, tasks, CPU, torch.float32, num_fewshot=1,
+    one = evaluate.evaluate_tasks(setup.model, setup.tokenizer, evaluate.load_tasks(tasks, 1), CPU, torch.float32,
                                   batch_size=3, max_new_tokens=4)
     assert ranks[0] == pytest.approx(one, rel=1e-6)

@@ -117,7 +117,7 @@ def test_pretraining_bf16_two_ranks_match_one_with_triton_and_torch_kernels(tmp_
     assert len(losses) == 3 and losses[-1] < losses[0]  # it trains
 
 
-SFT_DPO_ARGS = ["--system_prompt", "", "--cutoff_len", "32", "--max_steps", "3", "--logging_steps", "1",
+SFT_DPO_ARGS = ["--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "32", "--max_steps", "3", "--logging_steps", "1",
                 "--save_steps", "0", "--use_tensorboard", "false", "--plot", "false", "--learning_rate", "1e-2", "--kernels", "triton"]
 
 

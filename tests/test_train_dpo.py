@@ -15,7 +15,7 @@ from nanobumble.dpo_data import PreferenceDataset, load_preference_pairs, tokeni
 from nanobumble.lora import disable_adapters, inject_lora, load_adapter
 from nanobumble.metrics import MetricsLogger, read_metrics
 
-FAST = ["--system_prompt", "", "--cutoff_len", "48", "--use_tensorboard", "false", "--plot", "false", "--save_steps", "0",
+FAST = ["--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "48", "--use_tensorboard", "false", "--plot", "false", "--save_steps", "0",
         "--warmup_ratio", "0.1"]
 
 
@@ -149,3 +149,47 @@ def test_dpo_kill_and_resume_gives_the_uninterrupted_metrics(task, tmp_path, mon
     for a, b in zip(expected, resumed):
         for key in ("train/loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "train/grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+
+
+def test_validation_metrics_are_the_final_policys_on_the_held_out_pairs(task, tmp_path):
+    root = task["root"]
+    out = tmp_path / "dpo"
+    train_dpo.main(dpo_args(task, out, "--max_steps", "20", "--learning_rate", "2e-3", "--logging_steps", "10",
+                            "--eval_steps", "10", "--eval_batches", "50", "--lora_dropout", "0",
+                            "--eval_dataset_path", str(root / "held_out.jsonl")))
+    val = [m for m in read_metrics(str(out)) if "val/drift/chosen" in m]
+    assert [m["step"] for m in val] == [10, 20]
+
+    # By hand: the reference (the SFT model) and the trained policy on all held-out pairs.
+    reference, _ = load_model_dir(str(root / "sft"))
+    policy, _ = load_model_dir(str(root / "sft"))
+    load_adapter(policy, str(out))
+    batch = held_out_batch(task)
+    n = len(batch["pair_ids"])
+    lengths = (batch["labels"] != -100).sum(-1).double()
+    with torch.no_grad():
+        ref = batch_logps(reference, batch["input_ids"], batch["labels"])[0].double()
+        pi = batch_logps(policy, batch["input_ids"], batch["labels"])[0].double()
+    drift = (pi - ref) / lengths
+    rewards = 0.1 * (pi - ref)  # pref_beta 0.1
+    final = val[-1]
+    assert final["val/drift/chosen"] == pytest.approx(drift[:n].mean().item(), rel=1e-4, abs=1e-6)
+    assert final["val/drift/rejected"] == pytest.approx(drift[n:].mean().item(), rel=1e-4, abs=1e-6)
+    assert final["val/rewards/margins"] == pytest.approx((rewards[:n] - rewards[n:]).mean().item(), rel=1e-4)
+    assert final["val/rewards/accuracies"] == pytest.approx((rewards[:n] > rewards[n:]).double().mean().item())
+    assert final["val/logps/chosen"] == pytest.approx(pi[:n].mean().item(), rel=1e-4)
+    assert final["val/rewards/accuracies"] > 0.5 and final["val/drift/rejected"] < final["val/drift/chosen"]
+
+
+def test_the_displacement_warning_names_the_numbers_and_remedies():
+    from nanobumble.config import DPOConfig
+    from nanobumble.dpo import displacement_warning
+
+    cfg = DPOConfig(max_chosen_logp_drop=0.5, learning_rate=5e-4, pref_beta=0.1, sft_weight=0.0, num_epochs=2)
+    assert displacement_warning(-0.4, cfg) is None and displacement_warning(0.3, cfg) is None
+    warning = displacement_warning(-0.83, cfg)
+    for text in ("0.83 nats below the reference", "max_chosen_logp_drop 0.5", "learning_rate (now 0.0005)",
+                 "pref_beta (now 0.1)", "sft_weight > 0 (now 0)", "num_epochs (now 2)"):
+        assert text in warning
+    cfg.max_chosen_logp_drop = 0
+    assert displacement_warning(-100.0, cfg) is None  # off

@@ -9,10 +9,12 @@ import train_sft
 from copy_task import greedy_accuracy, make_base, make_words, write_sft_data
 from nanobumble.checkpoint import list_checkpoints, load_model_dir
 from nanobumble.common import UserError
+from nanobumble.data import split_held_out
 from nanobumble.lora import load_adapter
 from nanobumble.metrics import MetricsLogger, read_metrics
+from nanobumble.sft_data import load_conversations, sample_targets, tokenize_sft
 
-FAST = ["--system_prompt", "", "--cutoff_len", "48", "--train_micro_batch_size_per_gpu", "16",
+FAST = ["--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "48", "--train_micro_batch_size_per_gpu", "16",
         "--use_tensorboard", "false", "--plot", "false", "--save_steps", "0", "--warmup_ratio", "0.1"]
 
 
@@ -99,7 +101,7 @@ def test_loss_weighs_every_trained_token_equally(task, tmp_path):
     # the same first-step loss and gradient norm as one micro-step of 16 rows.
     root = task["root"]
     common = ["--model_name_or_path", str(root / "base"), "--dataset_path", str(root / "train.jsonl"),
-              "--system_prompt", "", "--cutoff_len", "32", "--use_tensorboard", "false", "--plot", "false", "--save_steps", "0",
+              "--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "32", "--use_tensorboard", "false", "--plot", "false", "--save_steps", "0",
               "--max_steps", "1", "--logging_steps", "1"]
     train_sft.main(common + ["--train_micro_batch_size_per_gpu", "16", "--output_dir", str(tmp_path / "one")])
     train_sft.main(common + ["--train_micro_batch_size_per_gpu", "8", "--gradient_accumulation_steps", "2",
@@ -111,3 +113,42 @@ def test_loss_weighs_every_trained_token_equally(task, tmp_path):
     b, _ = load_model_dir(str(tmp_path / "two"))
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # fp32 summation order; a weighting bug moves ~lr
+
+
+def test_validation_loss_is_the_final_models_loss_on_the_held_out_conversations(task, tmp_path, capsys):
+    root, tokenizer = task["root"], task["tokenizer"]
+    out = str(tmp_path / "sft")
+    train_sft.main(FAST + ["--model_name_or_path", str(root / "base"), "--dataset_path", str(root / "train.jsonl"),
+                           "--output_dir", out, "--max_steps", "40", "--learning_rate", "3e-3", "--logging_steps", "20",
+                           "--val_ratio", "0.05", "--eval_steps", "20", "--eval_batches", "50"])
+    printed = capsys.readouterr().out
+    val = [m for m in read_metrics(out) if "val/loss" in m]
+    assert [m["step"] for m in val] == [20, 40] and val[1]["val/loss"] < val[0]["val/loss"]
+
+    # Which conversations are held out: split_held_out's rule on the tokenized samples.
+    conversations = load_conversations(str(root / "train.jsonl"), quiet=True)
+    samples, _ = tokenize_sft(conversations, tokenizer, 48, system_prompt="", quiet=True)
+    train, held_out = split_held_out(samples, 0.05)
+    assert 100 < len(held_out) < 200 and len(train) + len(held_out) == 3000
+    assert f"validation: {len(held_out)} held-out conversations" in printed and f"data: {len(train)} rows" in printed
+    model, _ = load_model_dir(out)
+    nats = tokens = 0
+    with torch.no_grad():
+        for ids, mask in held_out:
+            x, y = (torch.from_numpy(a)[None] for a in sample_targets(ids, mask))
+            nats += model(x, y, reduction="sum").item()
+            tokens += int((y != -100).sum())
+    assert val[-1]["val/loss"] == pytest.approx(nats / tokens, rel=1e-5)
+
+
+def test_an_eval_dataset_replaces_the_split(task, tmp_path, capsys):
+    root = task["root"]
+    write_sft_data(str(tmp_path / "eval.jsonl"), task["held_out"])
+    out = str(tmp_path / "sft")
+    train_sft.main(FAST + ["--model_name_or_path", str(root / "base"), "--dataset_path", str(root / "train.jsonl"),
+                           "--output_dir", out, "--max_steps", "2", "--logging_steps", "1", "--val_ratio", "0.05",
+                           "--eval_dataset_path", str(tmp_path / "eval.jsonl")])
+    printed = capsys.readouterr().out
+    assert f"validation: {len(task['held_out'])} held-out conversations from {tmp_path / 'eval.jsonl'}" in printed
+    assert "data: 3000 rows" in printed  # all of dataset_path trains
+    assert [m["step"] for m in read_metrics(out) if "val/loss" in m] == [2]
