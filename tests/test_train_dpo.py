@@ -193,3 +193,15 @@ def test_the_displacement_warning_names_the_numbers_and_remedies():
         assert text in warning
     cfg.max_chosen_logp_drop = 0
     assert displacement_warning(-100.0, cfg) is None  # off
+
+
+def test_eval_tasks_run_without_validation_data(task, tmp_path):
+    text = str(task["root"].parent / "text.jsonl")
+    with open(text, "w") as f:
+        f.write('{"text": "copy abc"}\n{"text": "copy de"}\n')
+    out = tmp_path / "dpo"
+    train_dpo.main(dpo_args(task, out, "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "2",
+                            "--eval_tasks", text))  # val_ratio 0 (FAST): the benchmark file alone
+    evaluated = [m for m in read_metrics(str(out)) if "eval/text/bpb" in m]
+    assert [m["step"] for m in evaluated] == [2] and evaluated[0]["eval/text/bpb"] > 0
+    assert not any("val/drift/chosen" in m for m in read_metrics(str(out)))

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train_sft
+from conftest import REPO_ROOT
 from copy_task import greedy_accuracy, make_base, make_words, write_sft_data
 from nanobumble.checkpoint import list_checkpoints, load_model_dir
 from nanobumble.common import UserError
@@ -152,3 +153,20 @@ def test_an_eval_dataset_replaces_the_split(task, tmp_path, capsys):
     assert f"validation: {len(task['held_out'])} held-out conversations from {tmp_path / 'eval.jsonl'}" in printed
     assert "data: 3000 rows" in printed  # all of dataset_path trains
     assert [m["step"] for m in read_metrics(out) if "val/loss" in m] == [2]
+
+
+def test_eval_tasks_run_at_eval_steps(task, tmp_path, capsys):
+    root = task["root"]
+    tasks = ",".join(os.path.join(REPO_ROOT, "datasets", "eval", name) for name in ("qa_exact.jsonl", "text_bpb.jsonl"))
+    out = str(tmp_path / "sft")
+    train_sft.main(FAST + ["--model_name_or_path", str(root / "base"), "--dataset_path", str(root / "train.jsonl"),
+                           "--output_dir", out, "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "1",
+                           "--eval_tasks", tasks])
+    evaluated = [m for m in read_metrics(out) if "eval/qa_exact/exact_match" in m]
+    assert [m["step"] for m in evaluated] == [1, 2]
+    assert all(m["eval/text_bpb/bpb"] > 0 and 0 <= m["eval/qa_exact/exact_match"] <= 1 for m in evaluated)
+    assert "eval/text_bpb/bpb" in capsys.readouterr().out
+    with pytest.raises(UserError, match="no_such_task.jsonl"):  # checked before training starts
+        train_sft.main(FAST + ["--model_name_or_path", str(root / "base"), "--dataset_path", str(root / "train.jsonl"),
+                               "--output_dir", str(tmp_path / "bad"), "--eval_tasks", str(tmp_path / "no_such_task.jsonl")])
+    assert not os.path.exists(tmp_path / "bad" / "metrics.jsonl")
