@@ -24,7 +24,7 @@ import torch
 from nanobumble.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
 from nanobumble.common import UserError, autocast, resolve_precision, run_cli
 from nanobumble.config import DPOConfig, config_to_yaml, parse_config
-from nanobumble.data import files_signature, split_held_out
+from nanobumble.data import files_signature
 from nanobumble.distributed import (all_reduce_sum, autocast_dtype, build_model, distributed_run, main_process_first,
                                     precision_summary, print0)
 from nanobumble.dpo import batch_logps, displacement_warning, dpo_batch_metrics, preference_loss
@@ -34,10 +34,9 @@ from nanobumble.lora import adapter_config_for, disable_adapters
 from nanobumble.metrics import MetricsLogger
 from nanobumble.optim import build_optimizer, lr_at
 from nanobumble.plot import plot_run
-from nanobumble.token_cache import tokenized_pairs
 from nanobumble.training import (Progress, check_finite, check_model_finite, clip_gradients, lora_settings,
                                 is_eval_step, open_starting_model, rank_batches,
-                                report_evaluation, resolve_resume, set_learning_rate, total_steps)
+                                report_evaluation, resolve_resume, set_learning_rate, tokenized_data, total_steps)
 
 
 @torch.no_grad()
@@ -104,22 +103,11 @@ def train(cfg: DPOConfig, info) -> None:
     tokenizer, model_cfg = open_starting_model(cfg)
 
     # --- preference pairs -> prompt + chosen / rejected tokens (tokenized once, cached) ---
-    def tokenized(path: str) -> list:
-        return main_process_first(lambda: tokenized_pairs(
-            path, tokenizer, cfg.cutoff_len, cfg.system_prompt, cfg.cache_dir, cfg.strict,
-            cfg.preprocessing_num_workers or None, quiet=not info.is_main))[0]
-
-    pairs = tokenized(cfg.dataset_path)
-    if cfg.eval_dataset_path:
-        val_pairs = tokenized(cfg.eval_dataset_path)
-    else:  # hold out val_ratio of the pairs
-        pairs, val_pairs = split_held_out(pairs, cfg.val_ratio)
+    pairs, val_pairs = tokenized_data(cfg, tokenizer, info, "dpo")
     if not pairs:
         raise UserError(f"{cfg.dataset_path}: no usable preference pair left")
     dataset = PreferenceDataset(pairs)
     val_data = PreferenceDataset(val_pairs) if val_pairs else None
-    print0(f"validation: {len(val_pairs)} held-out pairs"
-           f"{' from ' + cfg.eval_dataset_path if cfg.eval_dataset_path else f' (val_ratio {cfg.val_ratio})'}")
     eval_tasks = load_tasks(cfg.eval_tasks, cfg.eval_num_fewshot) if cfg.eval_tasks else None  # read and checked now
     data_signature = files_signature(cfg.dataset_path)  # recorded in checkpoints: resume checks it
 

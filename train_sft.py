@@ -21,7 +21,7 @@ import torch
 from nanobumble.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
 from nanobumble.common import UserError, autocast, resolve_precision, run_cli
 from nanobumble.config import SFTConfig, config_to_yaml, parse_config
-from nanobumble.data import files_signature, split_held_out
+from nanobumble.data import files_signature
 from nanobumble.distributed import (all_reduce_sum, autocast_dtype, build_model, distributed_run, main_process_first,
                                     precision_summary, print0)
 from nanobumble.evaluate import evaluate_tasks, load_tasks
@@ -30,10 +30,9 @@ from nanobumble.metrics import MetricsLogger
 from nanobumble.optim import build_optimizer, lr_at
 from nanobumble.plot import plot_run
 from nanobumble.sft_data import SFTDataset
-from nanobumble.token_cache import tokenized_sft
 from nanobumble.training import (Progress, check_finite, check_model_finite, clip_gradients, lora_settings,
                                 is_eval_step, open_starting_model, rank_batches,
-                                report_evaluation, resolve_resume, set_learning_rate, total_steps)
+                                report_evaluation, resolve_resume, set_learning_rate, tokenized_data, total_steps)
 
 
 @torch.no_grad()
@@ -73,22 +72,11 @@ def train(cfg: SFTConfig, info) -> None:
     tokenizer, model_cfg = open_starting_model(cfg)
 
     # --- conversations -> tokens + assistant masks (tokenized once, cached) -> rows ---
-    def tokenized(path: str) -> list:
-        return main_process_first(lambda: tokenized_sft(
-            path, tokenizer, cfg.cutoff_len, cfg.system_prompt, cfg.cache_dir, cfg.strict,
-            cfg.preprocessing_num_workers or None, quiet=not info.is_main))[0]
-
-    samples = tokenized(cfg.dataset_path)
-    if cfg.eval_dataset_path:
-        val_samples = tokenized(cfg.eval_dataset_path)
-    else:  # hold out val_ratio of the conversations
-        samples, val_samples = split_held_out(samples, cfg.val_ratio)
+    samples, val_samples = tokenized_data(cfg, tokenizer, info, "sft")
     if not samples:
         raise UserError(f"{cfg.dataset_path}: no conversation has a trainable token left")
     dataset = SFTDataset(samples, cfg.cutoff_len, packing=cfg.packing)
     val_data = SFTDataset(val_samples, cfg.cutoff_len, packing=cfg.packing) if val_samples else None
-    print0(f"validation: {len(val_samples)} held-out conversations"
-           f"{' from ' + cfg.eval_dataset_path if cfg.eval_dataset_path else f' (val_ratio {cfg.val_ratio})'}")
     eval_tasks = load_tasks(cfg.eval_tasks, cfg.eval_num_fewshot) if cfg.eval_tasks else None  # read and checked now
     data_signature = files_signature(cfg.dataset_path)  # recorded in checkpoints: resume checks it
 

@@ -15,8 +15,9 @@ from .checkpoint import (check_model_dir, check_output_dir, checkpoint_problem, 
                          read_trainer_state)
 from .common import UserError, autocast, format_duration
 from .config import config_to_dict
-from .data import files_signature
-from .distributed import all_reduce_sum, print0
+from .data import files_signature, split_held_out
+from .distributed import all_reduce_sum, main_process_first, print0
+from .token_cache import tokenized_pairs, tokenized_sft
 
 
 def resolve_resume(cfg, world_size: int) -> str | None:
@@ -174,6 +175,28 @@ def check_model_finite(model, step: int, output_dir: str, device: torch.device, 
         raise UserError(f"step {step}: the weights are no longer usable (non-finite values or a non-finite "
                         f"forward pass; learning_rate too high?); nothing is saved; the last good checkpoint is "
                         f"{last or 'none (nothing saved yet)'}")
+
+
+def tokenized_data(cfg, tokenizer, info, kind: str) -> tuple[list, list]:
+    """SFT samples or DPO pairs for training and for validation: eval_dataset_path's,
+    or a val_ratio share of dataset_path's held out. Tokenized once, by rank 0,
+    into the cache that every rank then reads (token_cache.py)."""
+    tokenize = {"sft": tokenized_sft, "dpo": tokenized_pairs}[kind]
+
+    def tokenized(path: str) -> list:
+        return main_process_first(lambda: tokenize(path, tokenizer, cfg.cutoff_len, cfg.system_prompt, cfg.cache_dir,
+                                                   cfg.strict, cfg.preprocessing_num_workers or None,
+                                                   quiet=not info.is_main))[0]
+
+    items = tokenized(cfg.dataset_path)
+    if cfg.eval_dataset_path:
+        train, held_out = items, tokenized(cfg.eval_dataset_path)
+        where = f"from {cfg.eval_dataset_path}"
+    else:
+        train, held_out = split_held_out(items, cfg.val_ratio)
+        where = f"(val_ratio {cfg.val_ratio} of {cfg.dataset_path})"
+    print0(f"validation: {len(held_out)} held-out {'conversations' if kind == 'sft' else 'pairs'} {where}")
+    return train, held_out
 
 
 def rank_batches(num_batches: int, info) -> list[tuple[int, float]]:
