@@ -10,11 +10,11 @@ import torch
 
 import chat
 from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
-from nanobumble.checkpoint import load_model_dir, save_model_dir
+from chat_helpers import save_tiny_chat_model
+from nanobumble.checkpoint import load_model_dir
 from nanobumble.generation import GenerationConfig, generate, stream_text
-from nanobumble.lora import adapter_config_for, inject_lora, load_adapter, save_adapter
-from nanobumble.model import ModelConfig, Transformer, pad_vocab_size
-from nanobumble.tokenizer import Tokenizer, train_tokenizer
+from nanobumble.lora import load_adapter
+from nanobumble.tokenizer import Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = ("user: where do bees live?\nassistant: bees live in a hive and make honey from flowers.\n" * 5 +
@@ -26,22 +26,8 @@ GREEDY = ["--do_sample", "false", "--max_new_tokens", str(MAX_NEW)]
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
-    tok_file = train_tokenizer([CORPUS], 400, str(root / "tokenizer.model"))
-    cfg = ModelConfig(vocab_size=pad_vocab_size(Tokenizer(tok_file).vocab_size), hidden_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, intermediate_size=96, max_position_embeddings=96)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(20)  # varied greedy answers from an untrained model
-    save_model_dir(str(root / "sft"), model, tok_file, "model_name_or_path: tiny\nstage: sft\n")
-    save_model_dir(str(root / "base"), model, tok_file, "model_name_or_path: tiny\n")
-    inject_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-    save_adapter(str(root / "adapter"), model, adapter_config_for(model, str(root / "sft")))
+    save_tiny_chat_model(root, CORPUS, 96, {"sft": "model_name_or_path: tiny\nstage: sft\n",
+                                            "base": "model_name_or_path: tiny\n"})
     return root
 
 

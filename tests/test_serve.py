@@ -15,21 +15,18 @@ import sys
 import threading
 import time
 
+import openai
 import pytest
-import torch
 
+from chat_helpers import save_tiny_chat_model
 from nanobumble import serve
 from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
-from nanobumble.checkpoint import load_model_dir, save_model_dir
+from nanobumble.checkpoint import load_model_dir
 from nanobumble.common import UserError
 from nanobumble.generation import GenerationConfig, generate, stream_text
-from nanobumble.lora import adapter_config_for, inject_lora, load_adapter, save_adapter
-from nanobumble.model import ModelConfig, Transformer, pad_vocab_size
-from nanobumble.tokenizer import EOT_ID, IM_END_ID, Tokenizer, train_tokenizer
-
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+from nanobumble.lora import load_adapter
+from nanobumble.model import Transformer
+from nanobumble.tokenizer import EOT_ID, IM_END_ID, Tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = ("user: where do bees live?\nassistant: bees live in a hive and make honey from flowers.\n" * 5 +
@@ -46,21 +43,7 @@ def user(text):
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
-    tok_file = train_tokenizer([CORPUS], 400, str(root / "tokenizer.model"))
-    cfg = ModelConfig(vocab_size=pad_vocab_size(Tokenizer(tok_file).vocab_size), hidden_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, intermediate_size=96, max_position_embeddings=CONTEXT)
-    model = Transformer(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(20)  # varied greedy answers from an untrained model
-    save_model_dir(str(root / "bee-sft"), model, tok_file, "model_name_or_path: tiny\nstage: sft\n")
-    inject_lora(model, rank=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
-    save_adapter(str(root / "adapter"), model, adapter_config_for(model, str(root / "bee-sft")))
+    save_tiny_chat_model(root, CORPUS, CONTEXT, {"bee-sft": "model_name_or_path: tiny\nstage: sft\n"})
     return root / "bee-sft"
 
 
@@ -391,7 +374,7 @@ def test_without_fastapi_one_line_says_what_to_install(monkeypatch, model_dir, c
                     reason=f"Chromium not installed ({CHROMIUM}, {CHROMEDRIVER}): "
                            f"apt-get install -y chromium chromium-driver")
 def test_web_chat_in_headless_chromium(server, reference, tmp_path, monkeypatch):
-    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
