@@ -491,3 +491,13 @@ def test_two_fsdp_ranks_run_the_same_forwards_and_get_one_processs_numbers(setup
     one = evaluate.evaluate_tasks(setup.model, setup.tokenizer, evaluate.load_tasks(tasks, 1), CPU, torch.float32,
                                   batch_size=3, max_new_tokens=4)
     assert ranks[0] == pytest.approx(one, rel=1e-6)
+
+
+def test_a_hugging_face_qwen2_directory_is_evaluated(tmp_path):
+    from hf_qwen2 import make_qwen2_dir, tokenizer_texts
+
+    qwen = make_qwen2_dir(str(tmp_path / "qwen"), tokenizer_texts())
+    result = run_cli(["--model_path", qwen, "--tasks", HELLASWAG, QA, "--output", str(tmp_path / "out.json")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "out.json").read_text())["metrics"]
+    assert {"eval/hellaswag_mini/acc", "eval/hellaswag_mini/acc_norm", "eval/qa_exact/exact_match"} <= set(metrics)

@@ -26,7 +26,7 @@ from nanobumble.common import UserError
 from nanobumble.generation import GenerationConfig, generate, stream_text
 from nanobumble.lora import load_adapter
 from nanobumble.model import Transformer
-from nanobumble.tokenizer import EOT_ID, IM_END_ID, Tokenizer
+from nanobumble.tokenizer import EOT_ID, IM_END_ID, load_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = ("user: where do bees live?\nassistant: bees live in a hive and make honey from flowers.\n" * 5 +
@@ -54,7 +54,7 @@ class Reference:
         self.model, _ = load_model_dir(str(model_dir))
         if adapter:
             load_adapter(self.model, str(adapter))
-        self.tokenizer = Tokenizer(str(model_dir / "tokenizer.model"))
+        self.tokenizer = load_tokenizer(str(model_dir))
 
     def prompt(self, messages=None, text=None) -> list[int]:
         if messages is not None:
@@ -419,3 +419,16 @@ def test_web_chat_in_headless_chromium(server, reference, tmp_path, monkeypatch)
         assert len(calls) < MAX_NEW  # a whole answer: MAX_NEW forward passes (the prompt, then a token each)
     finally:
         browser.quit()
+
+
+def test_a_hugging_face_qwen2_directory_is_served(tmp_path):
+    from hf_qwen2 import make_qwen2_dir, tokenizer_texts
+
+    qwen = tmp_path / "qwen"
+    make_qwen2_dir(str(qwen), tokenizer_texts())
+    messages = [user("copy:\nabc")]
+    text, prompt, new = Reference(qwen).answer(messages)  # its tokenizer.json and Jinja chat template
+    with running_server(qwen) as qwen_server:
+        reply = openai_client(qwen_server).chat.completions.create(model="qwen", messages=messages, temperature=0)
+    assert reply.choices[0].message.content == text
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt), len(new))
