@@ -401,8 +401,7 @@ def test_web_chat_in_headless_chromium(server, reference, tmp_path, monkeypatch)
             conversation.append({"role": "assistant", "content": expected})
         screenshot = tmp_path / "web_chat.png"
         browser.save_screenshot(str(screenshot))
-        shutil.copy(screenshot, "/tmp/web_chat.png")
-        print(f"screenshot: {screenshot} (and /tmp/web_chat.png)")
+        print(f"screenshot: {screenshot}")
 
         # Stop: the answer ends where it was, and the model is free again.
         calls = slow_down(monkeypatch, 0.2)  # 8 tokens: 1.6 s
