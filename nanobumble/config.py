@@ -162,8 +162,9 @@ class SFTConfig(FinetuneConfig):
     model_name_or_path: str = "checkpoints/pretrain/tiny_base"
     dataset_path: str = "datasets/sft"
     output_dir: str = "checkpoints/sft/tiny_instruct"
-    num_epochs: float = 3.0
-    learning_rate: float = 5e-4
+    # SFT and DPO defaults: chosen with tests/bench_quality.py (README: "Choosing the defaults")
+    num_epochs: float = 10.0
+    learning_rate: float = 1e-3
     packing: bool = False  # pack several conversations into each row of cutoff_len tokens
 
 
@@ -174,18 +175,18 @@ class DPOConfig(FinetuneConfig):
     dataset_path: str = "datasets/dpo"
     output_dir: str = "checkpoints/dpo/tiny_dpo_lora"
     finetuning_type: str = "lora"
-    num_epochs: float = 2.0
-    learning_rate: float = 5e-4
+    num_epochs: float = 1.0
+    learning_rate: float = 2e-5
     train_micro_batch_size_per_gpu: int = 4  # pairs: each forward runs 2x this many rows
-    pref_beta: float = 0.1  # strength of the pull toward the reference model
+    pref_beta: float = 0.5  # strength of the pull toward the reference model
     pref_loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
     label_smoothing: float = 0.0  # conservative DPO (sigmoid only): assumed share of flipped preference labels
     ld_alpha: float = 1.0  # LD-DPO: weight of response tokens past the shorter response (1 = plain DPO)
-    sft_weight: float = 0.0  # adds sft_weight x the NLL of the chosen responses
+    sft_weight: float = 1.0  # adds sft_weight x the NLL of the chosen responses
     precompute_ref_log_probs: bool = False  # reference log-probs once before training, then drop the reference
     # Likelihood displacement: warn when the chosen answers' mean log-prob per token falls
     # this many nats below the reference's on the validation pairs (<= 0: never warn)
-    max_chosen_logp_drop: float = 0.5
+    max_chosen_logp_drop: float = 0.1
 
     def __post_init__(self):
         super().__post_init__()

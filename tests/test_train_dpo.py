@@ -46,7 +46,7 @@ def dpo_args(task, output_dir, *extra):
 @pytest.mark.parametrize("finetuning_type", ["lora", "full"])
 def test_first_step_loss_is_ln2_with_zero_rewards(task, tmp_path, finetuning_type):
     # Before the first update the policy is the reference: d = 0 for every pair.
-    train_dpo.main(dpo_args(task, tmp_path, "--max_steps", "1", "--logging_steps", "1",
+    train_dpo.main(dpo_args(task, tmp_path, "--max_steps", "1", "--logging_steps", "1", "--sft_weight", "0",
                             "--finetuning_type", finetuning_type))
     first = read_metrics(str(tmp_path))[0]
     assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -86,7 +86,7 @@ def test_dpo_prefers_the_chosen_answers_on_held_out_pairs(task, tmp_path, sft_we
     out = tmp_path / "dpo"
     train_dpo.main(dpo_args(task, out, "--max_steps", "150", "--learning_rate", "5e-4", "--logging_steps", "50",
                             "--lora_target_modules", "all", "--lora_rank", "16", "--lora_alpha", "32",
-                            "--lora_dropout", "0", "--sft_weight", str(sft_weight)))
+                            "--lora_dropout", "0", "--sft_weight", str(sft_weight), "--pref_beta", "0.1"))
     reference, _ = load_model_dir(str(root / "sft"))
     policy, _ = load_model_dir(str(root / "sft"))
     load_adapter(policy, str(out))
@@ -155,7 +155,7 @@ def test_validation_metrics_are_the_final_policys_on_the_held_out_pairs(task, tm
     root = task["root"]
     out = tmp_path / "dpo"
     train_dpo.main(dpo_args(task, out, "--max_steps", "20", "--learning_rate", "2e-3", "--logging_steps", "10",
-                            "--eval_steps", "10", "--eval_batches", "50", "--lora_dropout", "0",
+                            "--eval_steps", "10", "--eval_batches", "50", "--lora_dropout", "0", "--pref_beta", "0.1",
                             "--eval_dataset_path", str(root / "held_out.jsonl")))
     val = [m for m in read_metrics(str(out)) if "val/drift/chosen" in m]
     assert [m["step"] for m in val] == [10, 20]
@@ -205,3 +205,19 @@ def test_eval_tasks_run_without_validation_data(task, tmp_path):
     evaluated = [m for m in read_metrics(str(out)) if "eval/text/bpb" in m]
     assert [m["step"] for m in evaluated] == [2] and evaluated[0]["eval/text/bpb"] > 0
     assert not any("val/drift/chosen" in m for m in read_metrics(str(out)))
+
+
+def test_the_displacement_warning_fires_when_over_optimised_and_not_at_the_defaults(task, tmp_path, capsys):
+    held_out = ["--eval_dataset_path", str(task["root"] / "held_out.jsonl"), "--logging_steps", "50"]
+    # The old defaults, pushed harder: both answers are pushed down, the chosen ones too.
+    train_dpo.main(dpo_args(task, tmp_path / "over", *held_out, "--max_steps", "60", "--learning_rate", "5e-3",
+                            "--pref_beta", "0.1", "--sft_weight", "0"))
+    printed = capsys.readouterr().out
+    final = [m for m in read_metrics(str(tmp_path / "over")) if "val/drift/chosen" in m][-1]
+    assert final["val/drift/chosen"] < -0.1
+    assert f"{-final['val/drift/chosen']:.2f} nats below the reference's (max_chosen_logp_drop 0.1)" in printed
+    # The defaults (learning rate, beta, sft_weight, one epoch): no warning, and the chosen answers stay put.
+    train_dpo.main(dpo_args(task, tmp_path / "default", *held_out))
+    assert "likelihood displacement" not in capsys.readouterr().out
+    final = [m for m in read_metrics(str(tmp_path / "default")) if "val/drift/chosen" in m][-1]
+    assert final["val/drift/chosen"] > -0.1 and final["val/rewards/accuracies"] > 0.5
