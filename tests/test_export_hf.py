@@ -202,7 +202,7 @@ def test_model_card_names_the_stages_data_and_final_metrics(tmp_path, tokenizer_
         ["--model_name_or_path", "tiny", "--dataset_path", str(tmp_path / "missing")], SFTConfig)))
     save_model(dpo_dir, tokenizer_file, training_args=config_to_yaml(parse_config(
         ["--model_name_or_path", str(sft_dir), "--dataset_path", str(data), "--output_dir", str(dpo_dir),
-         "--pref_loss", "ipo", "--max_steps", "20"], DPOConfig)))
+         "--pref_loss", "ipo", "--pref_beta", "0.1", "--max_steps", "20"], DPOConfig)))
     with open(dpo_dir / "metrics.jsonl", "w") as f:
         f.write(json.dumps({"step": 10, "train/loss": 0.6931, "rewards/accuracies": 0.5, "train/lr": 1e-4}) + "\n")
         f.write('{"step": 15, "train/lo')  # a damaged line from a killed run is skipped
