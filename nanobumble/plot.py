@@ -11,6 +11,7 @@ written only when the run logged its keys:
     rewards.png     DPO rewards, chosen and rejected
     margins.png     DPO reward margins         accuracies.png  DPO reward accuracies
     logps.png       log-probs of the chosen and rejected answers (logits.png: mean logits)
+    drift.png       DPO: each answer's mean log-prob per token minus the reference's
     eval.png        eval/<task>/acc and exact_match per task (eval_bpb.png: eval/<task>/bpb)
 
 Keys are matched by their ending, so "rewards/chosen" and "val/rewards/chosen"
@@ -103,6 +104,8 @@ FIGURES = [
                _pair("accuracy", "rewards", "accuracies"), ylim=(-0.05, 1.05)),
     FigureSpec("logps", "Log-probabilities of the answers", _pair("log-prob", "logps", "chosen", "rejected")),
     FigureSpec("logits", "Mean logits of the answers", _pair("mean logit", "logits", "chosen", "rejected")),
+    FigureSpec("drift", "Drift from the reference (mean log-prob per answer token)",
+               _pair("nats per token", "drift", "chosen", "rejected")),
     FigureSpec("eval", "Evaluation accuracy", _eval("accuracy", "acc", "exact_match"), ylim=(-0.05, 1.05)),
     FigureSpec("eval_bpb", "Evaluation bits per byte", _eval("bits per byte", "bpb")),
 ]

@@ -72,13 +72,15 @@ DPO = [
      "rewards/rejected": -0.2 * step, "train/loss": 0.7 - 0.1 * step, "train/lr": 5e-5,
      "train/grad_norm": 0.3, "train/tokens_per_sec": 200.0}
     for step, acc in ((1, 0.0), (2, 0.5), (3, 1.0))
-] + [{"step": 3, "val/rewards/chosen": 0.25, "val/rewards/rejected": -0.5}]  # prefixed keys, as may come
+] + [{"step": 3, "val/rewards/chosen": 0.25, "val/rewards/rejected": -0.5,  # validation: prefixed keys
+        "val/drift/chosen": -0.05, "val/drift/rejected": -0.4}]
 
 
 def test_dpo_figures_show_rewards_margins_accuracies_and_logps(tmp_path):
     write_metrics(tmp_path, DPO)
     written = write_plots(str(tmp_path))
-    assert_pngs(written, {"loss", "lr", "grad_norm", "throughput", "rewards", "margins", "accuracies", "logps"})
+    assert_pngs(written, {"loss", "lr", "grad_norm", "throughput", "rewards", "margins", "accuracies", "logps",
+                          "drift"})
 
     figures = build_figures(read_records(str(tmp_path / "metrics.jsonl"))[0])
     rewards = lines_by_label(only_axes(figures["rewards"]))
@@ -93,6 +95,8 @@ def test_dpo_figures_show_rewards_margins_accuracies_and_logps(tmp_path):
     assert logps["logps/chosen"] == ([1, 2, 3], [-19.0, -18.0, -17.0])
     assert logps["logps/rejected"] == ([1, 2, 3], [-22.0, -23.0, -24.0])
     assert lines_by_label(only_axes(figures["loss"]))["train/loss"][1] == pytest.approx([0.6, 0.5, 0.4])
+    drift = lines_by_label(only_axes(figures["drift"]))
+    assert drift["val/drift/chosen"] == ([3], [-0.05]) and drift["val/drift/rejected"] == ([3], [-0.4])
 
 
 def test_evaluation_accuracy_has_a_line_per_task():
