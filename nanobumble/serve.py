@@ -452,10 +452,15 @@ def create_server(cfg: ServeConfig):
 def main(argv: list[str]) -> None:
     cfg = parse_config(argv, ServeConfig)
     server = create_server(cfg)
+    engine = server.config.app.state.engine
     try:
-        server.run()  # until Ctrl-C (uvicorn then raises KeyboardInterrupt here: run_cli prints "interrupted")
+        server.run()  # until Ctrl-C
     finally:
-        server.config.app.state.engine.worker.shutdown(wait=False, cancel_futures=True)
+        engine.worker.shutdown(wait=False, cancel_futures=True)
+    # uvicorn re-raises the signal after its shutdown, but inside asyncio's runner, which
+    # can lose it when the signal arrives as the last task ends: say so here instead.
+    if engine.closing:
+        raise KeyboardInterrupt  # run_cli: "interrupted", exit code 130
 
 
 if __name__ == "__main__":
