@@ -12,6 +12,8 @@ raise the chosen answer's log-probability relative to a frozen reference (the
 starting model) more than the rejected one's. With LoRA the reference is the
 same model with its adapters switched off, so no second copy of the weights
 exists; with full fine-tuning it is a frozen copy, sharded like the policy.
+Held-out pairs show at eval_steps whether the chosen answers stay likely (DPO
+can widen the gap by pushing both answers down: see displacement_warning).
 """
 
 from __future__ import annotations

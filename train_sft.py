@@ -8,8 +8,9 @@
 The loss is only on what the assistant says: every conversation is rendered
 with the ChatML template and each token carries a mask that is true on
 assistant content and its closing <|im_end|>. Top to bottom: config -> base
-model directory -> conversations -> tokens and masks -> model (+ LoRA) ->
-optimizer -> resume -> loop -> final model (or adapter) directory.
+model directory -> conversations -> tokens and masks (a held-out share for
+validation) -> model (+ LoRA) -> optimizer -> resume -> loop (with validation
+loss at eval_steps) -> final model (or adapter) directory.
 """
 
 from __future__ import annotations
