@@ -1,12 +1,12 @@
 """Hand-written Triton kernels for the model's hot spots, each beside a plain
-PyTorch reference of the same math:
+PyTorch reference of the same math, and the little they share:
 
     rmsnorm.py        fused RMSNorm, forward and backward
     rope.py           rotary position embedding of q and k
-    cross_entropy.py  cross-entropy, and linear + cross-entropy without full logits
-
-`resolve_backend` turns the `kernels` config key into the backend one forward
-pass uses: "triton" or "torch".
+    cross_entropy.py  linear + cross-entropy a chunk of tokens at a time, without the full logits
+    interpreter.py    what the kernels do to match a GPU when run under TRITON_INTERPRET=1
+    alloc.py          the kernels' output buffers, and POISON_OUTPUTS (tests: outputs start as NaN)
+    __init__.py       IGNORE_INDEX, and resolve_backend: the `kernels` config key -> "triton" or "torch"
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ import importlib.util
 import os
 
 import torch
+
+# The target value every loss skips, as in PyTorch's and Hugging Face's losses.
+IGNORE_INDEX = -100
 
 KERNEL_MODES = ("auto", "triton", "torch")
 

@@ -1,34 +1,27 @@
-"""Cross-entropy over a vocabulary, and linear + cross-entropy without the full logits.
-
-cross_entropy(logits [N, V], targets [N]):
-    One Triton program per row. Pass 1 walks the row in blocks with an online
-    softmax (running max m and running sum s of exp(x - m), in fp32), so a
-    151,936-wide row never has to sit in registers, and picks up the target's
-    logit on the way: loss = (m - x[target]) + log(s). Pass 2 walks the row again
-    and writes the gradient (softmax - onehot) * scale, where scale is
-    1/n_valid for "mean" and 1 for "sum". The forward pass therefore leaves the
-    whole gradient behind; backward only multiplies it by grad_output.
-
-    Where the gradient goes: by default into a fresh buffer of the logits'
-    shape and dtype. With inplace=True it overwrites the logits themselves,
-    which saves that buffer (N x V, the largest tensor of a language model's
-    step). That is safe only when nothing else reads the logits afterwards:
-    the logits were made just for this loss (e.g. by a matmul, whose backward
-    needs its inputs, not its output) and the caller neither returns them nor
-    feeds them to another op. The kernel writes raw memory, so autograd cannot
-    detect a misuse; inplace=True is a promise by the caller.
+"""Linear + cross-entropy over a vocabulary, without the full logits.
 
 linear_cross_entropy(hidden [N, H], weight [V, H], targets [N]):
-    The same loss as cross_entropy(hidden @ weight.T, targets), but the tokens
-    go through in chunks, so only one chunk of logits exists at a time. For
-    each chunk the forward pass computes logits_c = hidden_c @ weight.T (in the
-    input dtype, as the model would), turns them into grad_logits_c in place
-    (the Triton kernel, or plain torch math with backend="torch"), and then
+    The loss of cross_entropy_reference(hidden @ weight.T, targets), but the
+    tokens go through in chunks, so only one chunk of logits exists at a time.
+    For each chunk the forward pass computes logits_c = hidden_c @ weight.T (in
+    the input dtype, as the model would), turns them into grad_logits_c in place
+    (the row kernel below, or plain torch math with backend="torch"), and then
     grad_hidden_c = grad_logits_c @ weight and grad_weight += grad_logits_c.T
     @ hidden_c, summed in fp32 (with bf16/fp16 inputs on CUDA through addmm's
     out_dtype=float32, so each chunk's product is never rounded to bf16).
     The chunks' gradients stay unscaled; backward multiplies the two stored
     gradients by grad_output (and 1/n_valid for "mean") in fp32 and rounds once.
+    reduction="none" gives per-token losses instead, and recomputes each chunk
+    in backward (LinearCrossEntropyPerTokenFunction).
+
+The row kernel (_rows_triton), one Triton program per row of a chunk's logits:
+    Pass 1 walks the row in blocks with an online softmax (running max m and
+    running sum s of exp(x - m), in fp32), so a 151,936-wide row never has to sit
+    in registers, and picks up the target's logit on the way: loss = (m -
+    x[target]) + log(s). Pass 2 walks the row again and writes the gradient
+    (softmax - onehot) * scale over the logits (scale 1, or each row's own
+    grad_output for reduction="none"). The forward pass therefore leaves the
+    chunk's whole gradient behind; no backward kernel is needed.
 
 Shared rules:
 - targets equal to IGNORE_INDEX (-100) add nothing to the loss and get a zero
@@ -38,14 +31,10 @@ Shared rules:
   torch reduction and one host sync per call, before anything is launched.
 - The loss is fp32 whatever the input dtype (it sums many tokens); gradients
   come back in the dtype of the tensor they belong to.
-- cross_entropy with bf16/fp16 logits stores the gradient in that dtype before
-  grad_output is known, so a grad_output other than 1 rounds it a second time;
-  in fp16 a loss scale also cannot lift tiny values out of the subnormal range.
-  Prefer bf16 (or linear_cross_entropy, which scales in fp32).
-- The gradients are computed in the forward pass and handed out once: a second
-  backward through the same graph (retain_graph=True) raises an error, because
-  the stored gradient has already been scaled in place and released.
-- Leading dimensions are flattened: logits [B, T, V] with targets [B, T] work.
+- With "mean" or "sum" the gradients are computed in the forward pass and handed
+  out once: a second backward through the same graph (retain_graph=True) raises
+  an error, because the stored gradients have already been scaled and released.
+- Leading dimensions are flattened: hidden [B, T, H] with targets [B, T] work.
 """
 
 from __future__ import annotations
@@ -57,15 +46,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import IGNORE_INDEX, resolve_backend
+from kernels.alloc import alloc
 from kernels.interpreter import round_bf16_first, round_to_bf16
-
-from kernels import resolve_backend
-
-IGNORE_INDEX = -100
-
-# Tests set this to True so that outputs start as NaN: an element a kernel
-# forgets to write then fails the comparison instead of passing by luck.
-POISON_OUTPUTS = False
 
 # linear_cross_entropy's default chunk: as many rows as keep one chunk of logits,
 # counted at 4 bytes a value, within this budget (rounded down to a multiple of 64
@@ -176,18 +159,12 @@ def _block_and_warps(n_cols: int) -> tuple[int, int]:
     return block, (8 if block >= 4096 else 4)
 
 
-def _alloc(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _rows_triton(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
                  grad: torch.Tensor | None) -> torch.Tensor:
     """Per-row losses (fp32) of logits [n, V]; when grad is given, (softmax - onehot) * scale
-    (scale: an fp32 scalar, or one fp32 value per row)    is written into it (grad may be logits itself)."""
+    (scale: an fp32 scalar, or one fp32 value per row) is written into it (grad may be logits itself)."""
     n_rows, n_cols = logits.shape
-    loss_rows = _alloc((n_rows,), torch.float32, logits.device)
+    loss_rows = alloc((n_rows,), torch.float32, logits.device)
     if n_rows == 0:
         return loss_rows
     block, num_warps = _block_and_warps(n_cols)
@@ -227,50 +204,6 @@ def _mean_scale(targets: torch.Tensor, reduction: str) -> tuple[torch.Tensor, to
     if reduction == "mean":
         return n_valid, 1.0 / n_valid.clamp(min=1.0)
     return n_valid, torch.ones((), dtype=torch.float32, device=targets.device)
-
-
-# ---------------------------------------------------------------------------------------------
-# cross_entropy
-# ---------------------------------------------------------------------------------------------
-
-class CrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, reduction: str, inplace: bool,
-                want_grad: bool) -> torch.Tensor:
-        if logits.stride(-1) != 1:
-            logits = logits.contiguous()  # the kernel walks columns with unit stride
-        _, scale = _mean_scale(targets, reduction)
-        grad = None
-        if want_grad and ctx.needs_input_grad[0]:
-            grad = logits if inplace else _alloc(logits.shape, logits.dtype, logits.device)
-        loss_rows = _rows_triton(logits, targets, scale, grad)
-        ctx.grad = grad
-        return loss_rows.sum() * scale
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        grad = ctx.grad
-        if grad is None:
-            raise RuntimeError("cross_entropy: the gradient was computed in the forward pass and is "
-                               "handed out once; backward cannot run twice through the same graph")
-        ctx.grad = None
-        grad.mul_(grad_output)  # in place: the buffer is ours and is not used again
-        return grad, None, None, None, None
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
-                  inplace: bool = False) -> torch.Tensor:
-    """Cross-entropy with the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1).
-
-    logits [..., V] of any float dtype, targets [...] int64 with IGNORE_INDEX for tokens
-    that do not count. Returns an fp32 scalar. inplace=True writes the gradient over the
-    logits (see the module docstring for when that is safe)."""
-    _check_reduction(reduction)
-    resolve_backend("triton", logits.device)  # a clear error when Triton cannot run here
-    logits = logits.reshape(-1, logits.shape[-1])
-    targets = targets.reshape(-1)
-    _check_targets(targets, logits.shape[-1], logits.shape[0])
-    return CrossEntropyFunction.apply(logits, targets, reduction, inplace, torch.is_grad_enabled())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +261,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # Tiny scaled values would otherwise round (or underflow, in fp16) twice.
         one = torch.ones((), dtype=torch.float32, device=hidden.device)
 
-        grad_hidden = _alloc((n_rows, hidden_size), hidden.dtype, hidden.device) if need_hidden else None
+        grad_hidden = alloc((n_rows, hidden_size), hidden.dtype, hidden.device) if need_hidden else None
         grad_weight = torch.zeros((vocab_size, hidden_size), dtype=torch.float32, device=weight.device) \
             if need_weight else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -429,7 +362,7 @@ class LinearCrossEntropyPerTokenFunction(torch.autograd.Function):
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          reduction: str = "mean", chunk_size: int | None = None,
                          backend: str = "triton") -> torch.Tensor:
-    """cross_entropy(hidden @ weight.T, targets) without the full logits.
+    """cross_entropy_reference(hidden @ weight.T, targets) without the full logits.
 
     hidden [..., H], weight [V, H] (may be tied to an embedding, may have
     requires_grad=False), targets [...]. backend "triton" uses the kernel for the

@@ -19,11 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.alloc import alloc_like
 from kernels.interpreter import round_bf16_first, round_to_bf16
-
-# Tests set this to True: outputs are then allocated filled with NaN instead of left
-# uninitialized, so any element a kernel fails to write shows up.
-POISON_OUTPUTS = False
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,12 +90,6 @@ def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, seq_len,
                   NUM_K_HEADS, HALF, BLOCK_KH, ROUND_BF16)
 
 
-def _empty_like(x: torch.Tensor) -> torch.Tensor:
-    if POISON_OUTPUTS:
-        return torch.full(x.shape, float("nan"), dtype=x.dtype, device=x.device)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
-
-
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     # The kernel takes any batch/seq/head strides but needs unit stride along head_dim.
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -113,7 +104,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     batch, seq, num_q_heads, head_dim = q.shape
     num_k_heads = k.shape[2]
     half = head_dim // 2
-    q_out, k_out = _empty_like(q), _empty_like(k)
+    q_out, k_out = alloc_like(q), alloc_like(k)
     if batch * seq == 0:
         return q_out, k_out
     block_qh = triton.next_power_of_2(num_q_heads)

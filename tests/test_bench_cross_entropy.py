@@ -1,10 +1,11 @@
 """Cross-entropy benchmarks: `python -m pytest -m bench tests/test_bench_cross_entropy.py`.
 
-They print tables and assert nothing about speed. On CUDA: cross-entropy over bf16
-logits (Triton vs F.cross_entropy on logits.float(), its torch.compile, and Liger if
-installed), time, achieved bandwidth and peak extra memory; then linear + cross-entropy
-against materialised logits. On CPU: linear_cross_entropy(backend="torch") against the
-materialised reference, peak memory measured in fresh processes.
+They print tables and assert nothing about speed. On CUDA: the Triton row kernel that
+linear_cross_entropy runs on each chunk, over bf16 logits (against F.cross_entropy on
+logits.float(), its torch.compile, and Liger if installed), time, achieved bandwidth and
+peak extra memory; then linear + cross-entropy against materialised logits. On CPU:
+linear_cross_entropy(backend="torch") against the materialised reference, peak memory
+measured in fresh processes.
 """
 
 import json
@@ -18,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO_ROOT, print_table
-from kernels.cross_entropy import IGNORE_INDEX, cross_entropy, linear_cross_entropy, linear_cross_entropy_reference
+from kernels import IGNORE_INDEX
+from kernels.cross_entropy import _rows_triton, linear_cross_entropy, linear_cross_entropy_reference
 
 pytestmark = pytest.mark.bench
 
@@ -63,10 +65,20 @@ def test_bench_cross_entropy_cuda(capsys):
     name, peak_bw = gpu_bandwidth()
     compiled_ce = torch.compile(eager_ce)
     liger_ce, _ = liger_functions()
-    variants = {"triton": cross_entropy, "triton inplace": lambda x, t: cross_entropy(x, t, inplace=True),
-                "torch eager": eager_ce, "torch.compile": compiled_ce}
+    one = torch.ones((), dtype=torch.float32, device="cuda")
+
+    def kernel_step(x, t):  # one launch: the loss, and the gradient written over the logits
+        return _rows_triton(x.detach(), t, one, x.detach()).sum()
+
+    def autograd_step(fn):
+        return lambda x, t: fn(x, t).backward()
+
+    # label: (forward only, a whole training step); the kernel's forward is its whole step
+    variants = {"triton row kernel": (kernel_step, kernel_step),
+                "torch eager": (eager_ce, autograd_step(eager_ce)),
+                "torch.compile": (compiled_ce, autograd_step(compiled_ce))}
     if liger_ce is not None:
-        variants["liger"] = liger_ce
+        variants["liger"] = (liger_ce, autograd_step(liger_ce))
     rows = []
     for vocab in (32_000, 151_936):
         for n in (8192, 16384):
@@ -75,16 +87,16 @@ def test_bench_cross_entropy_cuda(capsys):
             targets = torch.randint(0, vocab, (n,), device="cuda")
             targets[::10] = IGNORE_INDEX
             logits_gb = logits.numel() * logits.element_size() / 1e9
-            for label, fn in variants.items():
-                x = logits.clone().requires_grad_()  # in-place variants overwrite their input
+            for label, (fwd, step) in variants.items():
+                x = logits.clone().requires_grad_()  # the kernel overwrites its input
 
                 def fwd_bwd():
-                    fn(x, targets).backward()
+                    step(x, targets)
 
                 try:
                     fwd_bwd()  # compile / warm up
                     x.grad = None
-                    t_fwd = do_bench(lambda: fn(x, targets))
+                    t_fwd = do_bench(lambda: fwd(x, targets))
                     t_all = do_bench(fwd_bwd, grad_to_none=[x])
                     x.grad = None
                     peak = cuda_peak_extra(fwd_bwd)
@@ -96,12 +108,12 @@ def test_bench_cross_entropy_cuda(capsys):
                 share = f"{100 * gbs * 1e9 / peak_bw:.0f}%" if peak_bw else "unknown"
                 rows.append([vocab, n, label, f"{t_fwd:.2f}", f"{t_all:.2f}", f"{gbs:.0f}", share,
                              f"{peak / 1e9:.2f}", f"{logits_gb:.2f}"])
-                del x
+                x = None  # free it before the next variant
             del logits
             torch.cuda.empty_cache()
     with capsys.disabled():
         print_table(f"cross-entropy, bf16 logits, 10% of targets ignored ({name}; fwd = forward of a "
-                    f"training step, which for Triton includes the gradient)",
+                    f"training step, which for the Triton kernel includes the gradient, written over the logits)",
                     ["V", "N", "impl", "fwd ms", "fwd+bwd ms", "GB/s", "of peak BW", "peak extra GB", "logits GB"],
                     rows)
 

@@ -1,4 +1,9 @@
-"""Cross-entropy and linear + cross-entropy against float64 PyTorch.
+"""linear_cross_entropy (kernels/cross_entropy.py) against float64 PyTorch.
+
+First the Triton row kernel at chosen logits: an identity weight makes
+linear_cross_entropy's logits exactly the hidden states, so the kernel is fed
+through the path the model uses and the gradient of hidden is that of the
+logits. Then the chunked LM head + loss itself, with both backends.
 
 On CPU the Triton kernel runs under TRITON_INTERPRET=1 (set by conftest), so the
 Triton cases keep shapes small; the torch-backend chunked cases can be larger.
@@ -10,9 +15,10 @@ import pytest
 import torch
 
 from conftest import DEVICE
+import kernels.alloc
 import kernels.cross_entropy as ce
-from kernels.cross_entropy import (IGNORE_INDEX, cross_entropy, cross_entropy_reference, linear_cross_entropy,
-                                   linear_cross_entropy_reference)
+from kernels import IGNORE_INDEX
+from kernels.cross_entropy import cross_entropy_reference, linear_cross_entropy, linear_cross_entropy_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -20,7 +26,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     # every test runs with outputs that start as NaN, so an unwritten element fails
-    monkeypatch.setattr(ce, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(kernels.alloc, "POISON_OUTPUTS", True)
+    assert torch.isnan(kernels.alloc.alloc((1,), torch.float32, DEVICE)).all()
 
 
 def make_targets(n: int, vocab: int, ignore: str, gen_device=DEVICE) -> torch.Tensor:
@@ -46,27 +53,36 @@ def leaf(x: torch.Tensor, dtype=None) -> torch.Tensor:
     return x.detach().to(dtype or x.dtype).clone().requires_grad_()
 
 
-def check_ce(logits: torch.Tensor, targets: torch.Tensor, reduction: str, grad_scale: float = 1.0, **kw) -> None:
+def kernel_ce(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """The Triton path at exactly these logits: linear_cross_entropy with hidden = logits and a
+    frozen identity weight, whose product (one term times 1, the rest times 0) is exact."""
+    identity = torch.eye(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    with torch.no_grad():
+        assert torch.equal(logits @ identity.T, logits)
+    return linear_cross_entropy(logits, identity, targets, reduction, backend="triton")
+
+
+def check_ce(logits: torch.Tensor, targets: torch.Tensor, reduction: str, grad_scale: float = 1.0) -> None:
     """Loss and logits gradient of the kernel vs the reference in the same dtype and in float64."""
     x, x_ref, x64 = leaf(logits), leaf(logits), leaf(logits, torch.float64)
-    loss = cross_entropy(x, targets, reduction, **kw)
+    loss = kernel_ce(x, targets, reduction)
     loss_ref = cross_entropy_reference(x_ref, targets, reduction)
     loss64 = cross_entropy_reference(x64, targets, reduction)
     assert loss.dtype == torch.float32 and loss.shape == ()
     (loss * grad_scale).backward()
     (loss_ref * grad_scale).backward()
     (loss64 * grad_scale).backward()
-    assert x.grad.dtype == logits.dtype
+    assert x.grad.dtype == logits.dtype and x.grad.shape == logits.shape
     assert_close_2x(loss, loss_ref, loss64, "loss")
     assert_close_2x(x.grad, x_ref.grad, x64.grad, "grad")
 
 
-# ------------------------------------------------------------------------------------------ cross_entropy
+# ------------------------------------------------------------------------- the row kernel at chosen logits
 
 @pytest.mark.parametrize("vocab,rows", [(1, 5), (7, 17), (1000, 17), (5003, 5), (5003, 1)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_cross_entropy_matches_float64(vocab, rows, dtype, reduction):
+def test_kernel_matches_float64(vocab, rows, dtype, reduction):
     torch.manual_seed(0)
     logits = (3 * torch.randn(rows, vocab, device=DEVICE)).to(dtype)
     check_ce(logits, make_targets(rows, vocab, "some"), reduction)
@@ -74,7 +90,7 @@ def test_cross_entropy_matches_float64(vocab, rows, dtype, reduction):
 
 @pytest.mark.parametrize("vocab,rows", [(1000, 17), (5003, 5)])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cross_entropy_many_blocks(monkeypatch, vocab, rows, dtype):
+def test_kernel_many_blocks(monkeypatch, vocab, rows, dtype):
     """Rows much wider than a block: the running max and sum carry across blocks, with the
     row maximum placed late so that earlier sums must be rescaled."""
     monkeypatch.setattr(ce, "MAX_BLOCK", 128)
@@ -86,21 +102,21 @@ def test_cross_entropy_many_blocks(monkeypatch, vocab, rows, dtype):
 
 @pytest.mark.parametrize("ignore", ["none", "some", "all"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_cross_entropy_ignore_patterns(ignore, reduction):
+def test_kernel_ignore_patterns(ignore, reduction):
     torch.manual_seed(1)
     logits = torch.randn(17, 1000, device=DEVICE)
     targets = make_targets(17, 1000, ignore)
     check_ce(logits, targets, reduction, grad_scale=2.5)
     if ignore == "all":
         x = leaf(logits)
-        loss = cross_entropy(x, targets, reduction)
+        loss = kernel_ce(x, targets, reduction)
         loss.backward()
         assert loss.item() == 0.0 and torch.count_nonzero(x.grad) == 0
 
 
 @pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e4), (torch.bfloat16, 1e4), (torch.float16, 3e4)])
 @pytest.mark.parametrize("max_block", [8192, 128])
-def test_cross_entropy_large_logits(monkeypatch, dtype, scale, max_block):
+def test_kernel_large_logits(monkeypatch, dtype, scale, max_block):
     monkeypatch.setattr(ce, "MAX_BLOCK", max_block)
     torch.manual_seed(2)
     logits = (scale * torch.rand(17, 1000, device=DEVICE) * 2 - scale).to(dtype)  # in [-scale, scale]
@@ -110,38 +126,17 @@ def test_cross_entropy_large_logits(monkeypatch, dtype, scale, max_block):
     targets[0] = 5
     targets[1] = 7
     x = leaf(logits)
-    loss = cross_entropy(x, targets)
+    loss = kernel_ce(x, targets)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
     check_ce(logits, targets, "mean")
 
 
-def test_cross_entropy_inplace_and_3d():
+def test_kernel_3d():
     torch.manual_seed(3)
     logits = torch.randn(2, 9, 333, device=DEVICE, dtype=torch.bfloat16)
     targets = make_targets(18, 333, "some").view(2, 9)
-    x_ref = leaf(logits)
-    cross_entropy(x_ref, targets).backward()
-    buffer = logits.clone()
-    x = buffer.requires_grad_()
-    loss = cross_entropy(x, targets, inplace=True)
-    loss.backward()
-    assert torch.equal(x.grad, x_ref.grad)
-    assert torch.equal(buffer.detach(), x_ref.grad)  # the logits buffer now holds the gradient
     check_ce(logits, targets, "sum")
-
-
-def test_cross_entropy_no_grad_and_double_backward():
-    torch.manual_seed(4)
-    x = torch.randn(5, 100, device=DEVICE, requires_grad=True)
-    targets = make_targets(5, 100, "none")
-    with torch.no_grad():
-        loss = cross_entropy(x, targets)
-    torch.testing.assert_close(loss, cross_entropy_reference(x.detach(), targets))
-    loss = cross_entropy(x, targets)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="once"):
-        loss.backward()
 
 
 @pytest.mark.parametrize("bad", [1000, -1, -101, 5000])
@@ -149,22 +144,20 @@ def test_bad_target_raises(bad):
     logits = torch.randn(4, 1000, device=DEVICE, requires_grad=True)
     targets = torch.tensor([1, bad, IGNORE_INDEX, 3], device=DEVICE)
     hidden, weight = torch.randn(4, 16, device=DEVICE), torch.randn(1000, 16, device=DEVICE)
-    with pytest.raises(ValueError, match=f"target id {bad} is outside"):
-        cross_entropy(logits, targets)
     with pytest.raises(ValueError, match="outside"):
         cross_entropy_reference(logits, targets)
     for backend in ("torch", "triton"):
-        with pytest.raises(ValueError, match="outside"):
+        with pytest.raises(ValueError, match=f"target id {bad} is outside"):
             linear_cross_entropy(hidden, weight, targets, backend=backend)
 
 
 def test_bad_arguments_raise():
-    logits = torch.randn(4, 10, device=DEVICE)
+    hidden, weight = torch.randn(4, 8, device=DEVICE), torch.randn(10, 8, device=DEVICE)
     targets = torch.zeros(4, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match="reduction"):
-        cross_entropy(logits, targets, reduction="avg")
+        linear_cross_entropy(hidden, weight, targets, reduction="avg")
     with pytest.raises(ValueError, match="3 targets for 4 rows"):
-        cross_entropy(logits, targets[:3])
+        linear_cross_entropy(hidden, weight, targets[:3])
     with pytest.raises(ValueError, match="backend"):
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), targets.cpu(), backend="cuda")
 
@@ -264,10 +257,16 @@ def test_linear_cross_entropy_autocast_and_3d():
     torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=5e-2, atol=2e-4)
 
 
-def test_linear_cross_entropy_double_backward_raises():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_cross_entropy_no_grad_and_double_backward(backend):
+    torch.manual_seed(4)
     hidden = torch.randn(5, 8, device=DEVICE, requires_grad=True)
     weight = torch.randn(30, 8, device=DEVICE, requires_grad=True)
-    loss = linear_cross_entropy(hidden, weight, make_targets(5, 30, "none"), backend="torch")
+    targets = make_targets(5, 30, "none")
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets, backend=backend)
+    torch.testing.assert_close(loss, linear_cross_entropy_reference(hidden.detach(), weight.detach(), targets))
+    loss = linear_cross_entropy(hidden, weight, targets, backend=backend)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="once"):
         loss.backward()

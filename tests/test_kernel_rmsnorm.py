@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from conftest import DEVICE
-import kernels.rmsnorm as rmsnorm_mod
+import kernels.alloc
 from kernels.rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(rmsnorm_mod, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(kernels.alloc, "POISON_OUTPUTS", True)
+    assert torch.isnan(kernels.alloc.alloc((1,), torch.float32, DEVICE)).all()
 
 
 def float64_rms_norm(x, weight, eps):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
-import kernels.rope as rope
+import kernels.alloc
 from kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
 
 THETA = 1_000_000.0
@@ -17,7 +17,8 @@ THETA = 1_000_000.0
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     # Outputs start as NaN: an element the kernel does not write fails the comparison.
-    monkeypatch.setattr(rope, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(kernels.alloc, "POISON_OUTPUTS", True)
+    assert torch.isnan(kernels.alloc.alloc((1,), torch.float32, DEVICE)).all()
 
 
 def positions(batch: int, seq: int, kind: str) -> torch.Tensor:
