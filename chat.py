@@ -33,10 +33,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
-from nanobumble.common import UserError, resolve_precision, run_cli
-from nanobumble.config import ConfigError, parse_config
+from nanobumble.config import parse_config
+from nanobumble.errors import ConfigError, UserError, run_cli
 from nanobumble.generation import GenerationConfig, TextStreamer, fit_to_context, generate_stream
 from nanobumble.inference import check_sampling_keys, load_model, log, resolve_device, resolve_mode
+from nanobumble.precision import resolve_precision
 from nanobumble.tokenizer import Tokenizer
 
 

@@ -18,27 +18,24 @@ can widen the gap by pushing both answers down: see displacement_warning).
 
 from __future__ import annotations
 
-import time
 from contextlib import nullcontext
 
 import torch
 
-from nanobumble.checkpoint import load_checkpoint, save_checkpoint, save_model_dir
-from nanobumble.common import UserError, autocast, resolve_precision, run_cli
-from nanobumble.config import DPOConfig, config_to_yaml, parse_config
-from nanobumble.data import files_signature
-from nanobumble.distributed import (all_reduce_sum, autocast_dtype, build_model, distributed_run, main_process_first,
-                                    precision_summary, print0)
-from nanobumble.dpo import batch_logps, displacement_warning, dpo_batch_metrics, preference_loss
+from kernels import IGNORE_INDEX
+from nanobumble.build import lora_settings, open_starting_model
+from nanobumble.config import DPOConfig
+from nanobumble.distributed import all_reduce_sum, print0
+from nanobumble.dpo import batch_logps, displacement_warning, dpo_batch_metrics, preference_loss, sft_nll
 from nanobumble.dpo_data import PreferenceDataset
-from nanobumble.evaluate import evaluate_tasks, load_tasks
-from nanobumble.lora import adapter_config_for, disable_adapters
-from nanobumble.metrics import MetricsLogger
-from nanobumble.optim import build_optimizer, lr_at
-from nanobumble.plot import plot_run
-from nanobumble.training import (Progress, check_finite, check_model_finite, clip_gradients, lora_settings,
-                                is_eval_step, open_starting_model, rank_batches,
-                                report_evaluation, resolve_resume, set_learning_rate, tokenized_data, total_steps)
+from nanobumble.errors import run_cli
+from nanobumble.lora import disable_adapters
+from nanobumble.precision import autocast, precision_summary
+from nanobumble.training import Stage, rank_batches, run_stage, tokenized_data
+
+
+def main(argv: list[str]) -> None:
+    run_stage(train, DPOConfig, argv)  # the config from argv, then train() on every rank
 
 
 @torch.no_grad()
@@ -88,46 +85,21 @@ def evaluate(model, val_data: PreferenceDataset, val_reference: torch.Tensor, cf
     return {f"val/{key}": value for key, value in zip(keys, totals.tolist())}
 
 
-def main(argv: list[str]) -> None:
-    cfg = parse_config(argv, DPOConfig)
-    with distributed_run(cfg.collective_timeout_minutes) as info:
-        train(cfg, info)
-
-
 def train(cfg: DPOConfig, info) -> None:
-    device = info.device
-    dtype = resolve_precision(cfg.train_model_precision, device)
-    torch.manual_seed(cfg.seed)
-    print0(f"config:\n{config_to_yaml(cfg)}")
-    resume_dir = main_process_first(lambda: resolve_resume(cfg, info.world_size))
+    stage = Stage(cfg, info)  # precision, seed, the config printed, where to resume
 
     # --- the starting model's shape and tokenizer ---
     tokenizer, model_cfg = open_starting_model(cfg)
 
     # --- preference pairs -> prompt + chosen / rejected tokens (tokenized once, cached) ---
-    pairs, val_pairs = tokenized_data(cfg, tokenizer, info, "dpo")
-    if not pairs:
-        raise UserError(f"{cfg.dataset_path}: no usable preference pair left")
-    dataset = PreferenceDataset(pairs)
-    val_data = PreferenceDataset(val_pairs) if val_pairs else None
-    eval_tasks = load_tasks(cfg.eval_tasks, cfg.eval_num_fewshot) if cfg.eval_tasks else None  # read and checked now
-    data_signature = files_signature(cfg.dataset_path)  # recorded in checkpoints: resume checks it
+    dataset, val_data = tokenized_data(cfg, tokenizer, info, "dpo", PreferenceDataset)
 
     # --- policy, and the reference it is measured against ---
-    weights = cfg.model_name_or_path
     lora = lora_settings(cfg)
-    model = build_model(model_cfg, info, cfg.seed, weights, dtype, cfg.enable_gradient_checkpointing,
-                        cfg.compile, lora)
-    model.kernels = cfg.kernels
-    compute_dtype = autocast_dtype(info, dtype)  # sharded: FSDP's policy casts the weights instead
-    adapter_config = adapter_config_for(model, cfg.model_name_or_path) if lora else None
+    model = stage.build_model(model_cfg, cfg.model_name_or_path, lora)
+    reference_model = None if lora else stage.build_model(model_cfg, cfg.model_name_or_path, frozen=True)
     ld_alpha = cfg.ld_alpha if cfg.ld_alpha != 1.0 else None
-    reference_model = None
-    if not lora:
-        reference_model = build_model(model_cfg, info, cfg.seed, weights, dtype)
-        reference_model.requires_grad_(False)
-        reference_model.eval()
-        reference_model.kernels = cfg.kernels
+    device, compute_dtype = info.device, stage.compute_dtype
 
     @torch.no_grad()
     def reference(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -140,7 +112,7 @@ def train(cfg: DPOConfig, info) -> None:
     print0(f"model: {cfg.model_name_or_path}, {model.num_parameters() / 1e6:.2f}M parameters, "
            f"{trainable / 1e6:.3f}M trainable ({cfg.finetuning_type}); reference: "
            f"{'the same weights, adapters off' if lora else 'a frozen copy'}; loss {cfg.pref_loss}, beta {cfg.pref_beta}; "
-           f"{info.world_size} x {device.type}, {precision_summary(info, dtype)}")
+           f"{info.world_size} x {device.type}, {precision_summary(info, stage.dtype)}")
 
     val_reference = precompute_reference(reference, val_data, cfg, info) if val_data is not None else None
     reference_table = None
@@ -149,33 +121,17 @@ def train(cfg: DPOConfig, info) -> None:
         reference_model = None  # no longer needed: free it
         print0(f"reference log-probs precomputed for {dataset.num_pairs} pairs")
 
-    # --- optimizer and schedule ---
-    optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
-    micro_batch = cfg.train_micro_batch_size_per_gpu
-    pairs_per_step = micro_batch * cfg.gradient_accumulation_steps * info.world_size
-    num_steps = total_steps(cfg.max_steps, cfg.num_epochs, dataset.num_pairs / pairs_per_step)
-    warmup_steps = int(cfg.warmup_ratio * num_steps)
-    print0(f"data: {dataset.num_pairs} pairs; {pairs_per_step} pairs per step; {num_steps} steps")
-
-    start_step = load_checkpoint(resume_dir, model, optimizer) if resume_dir else 0
-
-    training_args = config_to_yaml(cfg)
-    logger = MetricsLogger(cfg.output_dir, cfg.use_tensorboard, resume_step=start_step) if info.is_main else None
-    progress = Progress(num_steps)
+    # --- schedule, then optimizer, resume and logger ---
+    stage.plan(dataset.num_pairs)
+    pairs_per_step, micro_batch = stage.batch_rows, stage.micro_batch
+    print0(f"data: {dataset.num_pairs} pairs; {pairs_per_step} pairs per step; {stage.num_steps} steps")
+    stage.start(model, tokenizer)
 
     # --- the loop ---
-    model.train()
-    for step in range(start_step + 1, num_steps + 1):
-        t0 = time.time()
-        lr = lr_at(step, num_steps, cfg.learning_rate, warmup_steps, cfg.lr_scheduler_type, cfg.min_lr_ratio)
-        set_learning_rate(optimizer, lr)
-
-        batches = []
-        for micro in range(cfg.gradient_accumulation_steps):
-            first = (step - 1) * pairs_per_step + (micro * info.world_size + info.rank) * micro_batch
-            batches.append(dataset.batch(cfg.seed, range(first, first + micro_batch)))
+    for step in stage.steps():
+        batches = [dataset.batch(cfg.seed, rows) for rows in stage.rank_rows(step)]
         # The SFT term is a mean over the chosen answers' tokens of the whole global batch.
-        chosen_tokens = sum(int((b["labels"][:micro_batch] != -100).sum()) for b in batches)
+        chosen_tokens = sum(int((b["labels"][:micro_batch] != IGNORE_INDEX).sum()) for b in batches)
         chosen_tokens = all_reduce_sum(torch.tensor(float(chosen_tokens), device=device)).item()
 
         sums: dict[str, torch.Tensor] = {}
@@ -200,8 +156,7 @@ def train(cfg: DPOConfig, info) -> None:
             # FSDP averages gradients over ranks, hence the factor world_size.
             objective = losses.sum() / pairs_per_step
             if cfg.sft_weight > 0:
-                chosen_nll = -(logps[:micro_batch] * mask[:micro_batch]).sum()
-                objective = objective + cfg.sft_weight * chosen_nll / chosen_tokens
+                objective = objective + cfg.sft_weight * sft_nll(logps, mask, micro_batch, chosen_tokens)
             (objective * info.world_size).backward()
             metrics = dpo_batch_metrics(losses, chosen_rewards, rejected_rewards, policy.detach(), mean_logits,
                                         reference_logps=torch.cat([ref_chosen, ref_rejected]), lengths=mask.sum(-1))
@@ -210,48 +165,25 @@ def train(cfg: DPOConfig, info) -> None:
                 sums[key] = sums.get(key, 0.0) + value.detach()
             tokens += input_ids.numel()
 
-        grad_norm = clip_gradients(model, cfg.max_grad_norm)
         keys = sorted(sums)
         totals = all_reduce_sum(torch.stack([sums[k].float() for k in keys])) / pairs_per_step
         step_metrics = dict(zip(keys, totals.tolist()))
         step_metrics["train/loss"] = step_metrics.pop("objective")  # what is optimised, incl. the SFT term
         step_metrics.pop("loss")
-        check_finite(step, step_metrics["train/loss"], grad_norm, cfg.output_dir)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.add(time.time() - t0, tokens * info.world_size, **step_metrics)
+        stage.update(step, tokens * info.world_size, step_metrics,
+                     show=("train/loss", "rewards/accuracies", "rewards/margins"))
 
-        if step % cfg.logging_steps == 0 or step == num_steps:
-            scalars, line = progress.report(step, lr, grad_norm,
-                                            show=("train/loss", "rewards/accuracies", "rewards/margins"))
-            print0(line, flush=True)
-            if logger is not None:
-                logger.log(step, scalars)
-        if (val_data is not None or eval_tasks) and is_eval_step(step, num_steps, cfg.eval_steps):
+        if (val_data is not None or stage.eval_tasks) and stage.is_eval_step(step):
             scalars = {}
             if val_data is not None:
                 scalars = evaluate(model, val_data, val_reference, cfg, info, compute_dtype, ld_alpha)
-            if eval_tasks:  # benchmark task files (eval_tasks)
-                scalars.update(evaluate_tasks(model, tokenizer, eval_tasks, device, compute_dtype, micro_batch,
-                                              system_prompt=cfg.system_prompt))
-            report_evaluation(step, num_steps, scalars, logger)
+            stage.report_evaluation(step, scalars | stage.task_scores())
             warning = displacement_warning(scalars["val/drift/chosen"], cfg) if val_data is not None else None
             if warning:
                 print0(warning, flush=True)
-        if cfg.save_steps > 0 and step % cfg.save_steps == 0:
-            check_model_finite(model, step, cfg.output_dir, device, compute_dtype)
-            path = save_checkpoint(cfg.output_dir, step, model, optimizer, tokenizer, training_args,
-                                   cfg.save_total_limit, adapter_config, data_signature=data_signature)
-            print0(f"saved {path}")
+        stage.save_if_due(step)
 
-    check_model_finite(model, num_steps, cfg.output_dir, device, compute_dtype)
-    save_model_dir(cfg.output_dir, model, tokenizer, training_args, adapter_config)
-    if logger is not None:
-        logger.close()
-        if cfg.plot:
-            plot_run(cfg.output_dir)  # output_dir/plots/*.png
-    what = "adapter" if lora else "model"
-    print0(f"done in {progress.elapsed()}; {what} directory: {cfg.output_dir}")
+    stage.finish()
 
 
 if __name__ == "__main__":

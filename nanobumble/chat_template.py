@@ -30,8 +30,12 @@ from __future__ import annotations
 import functools
 import json
 
-from nanobumble.data import DataError
-from nanobumble.tokenizer import Tokenizer
+from typing import TYPE_CHECKING
+
+from nanobumble.errors import DataError
+
+if TYPE_CHECKING:  # only named in annotations: loading the config need not load sentencepiece
+    from nanobumble.tokenizer import Tokenizer
 
 DEFAULT_SYSTEM_PROMPT = "You are Bumblebee, a helpful AI assistant."
 ROLES = ("system", "user", "assistant")

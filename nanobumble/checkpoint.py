@@ -36,37 +36,14 @@ import torch.distributed as dist
 import yaml
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-from .common import UserError
+from .distributed import barrier, is_main
+from .errors import UserError
+from .files import atomic_write_bytes, atomic_write_text
 from .model import ModelConfig, Transformer, load_model_config, model_config_json
 from .tensor_files import DamagedFile, header_shapes, open_file, read_into, write_gathered
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MODEL_FILES = ("config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors")
-
-
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def gather_full_on_main(named_tensors) -> dict[str, torch.Tensor]:
@@ -75,7 +52,7 @@ def gather_full_on_main(named_tensors) -> dict[str, torch.Tensor]:
     A sharded (FSDP2 DTensor) tensor is all-gathered, which is a collective: every
     rank must call this with the same names in the same order. A non-zero rank
     never holds more than its shards plus one full tensor."""
-    main = _is_main()
+    main = is_main()
     state = {}
     for name, tensor in named_tensors:
         if hasattr(tensor, "full_tensor"):
@@ -155,15 +132,15 @@ def save_model_dir(path: str, model: Transformer, tokenizer, training_args_yaml:
     loaded tokenizer (its files are kept in memory: the directory it came from
     may be a checkpoint that rotation deletes) or the path of a tokenizer.model.
     Every rank calls it (to gather shards); rank 0 writes."""
-    if _is_main():
+    if is_main():
         os.makedirs(path, exist_ok=True)
-    _barrier()
+    barrier()
     if adapter_config is not None:
         from .lora import save_adapter
         save_adapter(path, model, adapter_config)
     else:
         write_gathered(os.path.join(path, "model.safetensors"), _weights(model))
-    if not _is_main():
+    if not is_main():
         return
     atomic_write_text(os.path.join(path, "config.json"), model_config_json(model.config))
     if isinstance(tokenizer, str):
@@ -262,26 +239,26 @@ def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: t
                     tokenizer, training_args_yaml: str, save_total_limit: int,
                     adapter_config: dict | None = None, data_signature: str = "") -> str:
     """Every rank calls this. Written under a temporary name, renamed by rank 0.
-    data_signature (data.files_signature) lets a resumed run check its data."""
+    data_signature (records.files_signature) lets a resumed run check its data."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
-    if _is_main():
+    if is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-    _barrier()
+    barrier()
     try:
         save_model_dir(tmp, model, tokenizer, training_args_yaml, adapter_config)
         write_gathered(os.path.join(tmp, "optimizer.safetensors"), _optimizer_tensors(model, optimizer)[1])
-        if _is_main():
+        if is_main():
             write_gathered(os.path.join(tmp, "rng_state.safetensors"), list(rng_state().items()))
             world_size = dist.get_world_size() if dist.is_initialized() else 1
             atomic_write_text(os.path.join(tmp, "trainer_state.json"),
                               json.dumps({"step": step, "world_size": world_size, "data": data_signature}) + "\n")
     except BaseException:
-        if _is_main():  # a full disk: free what the half-written checkpoint took
+        if is_main():  # a full disk: free what the half-written checkpoint took
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if _is_main():
+    if is_main():
         if os.path.exists(final):  # a resumed run saving the same step again
             old = os.path.join(output_dir, f".old-checkpoint-{step}")
             shutil.rmtree(old, ignore_errors=True)
@@ -293,7 +270,7 @@ def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: t
         if save_total_limit > 0:
             for _, path in list_checkpoints(output_dir)[:-save_total_limit]:
                 shutil.rmtree(path)
-    _barrier()
+    barrier()
     return final
 
 
@@ -318,7 +295,7 @@ def checkpoint_problem(path: str) -> str | None:
     """What is wrong with a checkpoint directory, or None when it is intact: every
     file present and readable, the weights matching config.json, the optimizer
     state matching the weights. Reads headers only."""
-    from .data import DataError
+    from .errors import DataError
     from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_param_name, read_adapter_config
     from .tokenizer import load_tokenizer
 

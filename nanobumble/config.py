@@ -19,10 +19,7 @@ from typing import Any
 import yaml
 
 from .chat_template import DEFAULT_SYSTEM_PROMPT
-
-
-class ConfigError(ValueError):
-    """A bad key or value in the YAML file or on the command line."""
+from .errors import ConfigError
 
 
 @dataclass

@@ -101,6 +101,11 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+def is_main() -> bool:
+    """Rank 0, or the only process: the one that writes files."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -141,21 +146,6 @@ def shard_model(model: nn.Module, info: DistInfo, param_dtype: torch.dtype | Non
     fully_shard(model, mesh=info.mesh, **policy(cast_inputs=True))
 
 
-def autocast_dtype(info: DistInfo, dtype: torch.dtype) -> torch.dtype:
-    """What autocast should cast to: nothing (fp32) in a sharded run, where FSDP's
-    mixed-precision policy already computes in `dtype`; `dtype` in a single process."""
-    return torch.float32 if info.sharded else dtype
-
-
-def precision_summary(info: DistInfo, dtype: torch.dtype) -> str:
-    if dtype == torch.float32:
-        return "precision fp32"
-    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
-    if info.sharded:
-        return f"FSDP mixed precision: params {name}, reduce fp32"
-    return f"autocast {name} (fp32 weights and optimizer)"
-
-
 def local_bytes(tensors) -> int:
     """Bytes this rank holds for the given tensors (a DTensor counts its local shard)."""
     total = 0
@@ -168,42 +158,6 @@ def local_bytes(tensors) -> int:
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return local_bytes(v for state in optimizer.state.values() for v in state.values()
                        if isinstance(v, torch.Tensor) and v.dim() > 0)
-
-
-def build_model(model_cfg, info: DistInfo, seed: int, weights_from: str | None,
-                param_dtype: torch.dtype | None, gradient_checkpointing: bool = False, compile: bool = False,
-                lora: dict | None = None):
-    """Create the model on the meta device (no memory), shard it when there are
-    several ranks, then allocate only this rank's shards on its device and fill
-    them: from the weights of the model directory weights_from, or with the
-    seeded initialisation. So a 1.5B model never exists whole on one rank
-    before it is sharded. `lora` (keyword
-    arguments of lora.inject_lora) adds adapters before sharding and freezes
-    the rest."""
-    from .checkpoint import load_model_weights
-    from .lora import init_lora_weights, inject_lora
-    from .model import Transformer
-
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
-    if lora is not None:
-        inject_lora(model, **lora)
-    model.gradient_checkpointing = gradient_checkpointing
-    if compile:
-        for block in model.layers:
-            block.compile()  # per block: compiles once, reused by all layers
-    if info.sharded:
-        shard_model(model, info, param_dtype)
-    model.to_empty(device=info.device)
-    if model_cfg.tie_word_embeddings:  # to_empty can re-create parameters; tie again
-        model.lm_head.weight = model.embed_tokens.weight
-    if weights_from:
-        load_model_weights(model, weights_from)
-    else:
-        model.init_weights(seed)
-    if lora is not None:
-        init_lora_weights(model, seed)  # B = 0: the model starts exactly as the base
-    return model
 
 
 def main_process_first(fn):

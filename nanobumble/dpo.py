@@ -10,7 +10,8 @@ on every position that is not a response token.
                  LD-DPO weighted)
     -> preference_loss(policy vs. reference) -> dpo_batch_metrics
 
-token_logps and mean_logits do the same from logits already in hand.
+token_logps_reference and mean_logits_reference do the same from logits already in
+hand: the references batch_logps is tested against (training never builds the logits).
 
 With the log-ratios r_c = log pi(y_c) - log ref(y_c), r_r = log pi(y_r) - log ref(y_r)
 (sums over the response tokens), h = r_c - r_r and d = beta * h:
@@ -30,7 +31,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from kernels import IGNORE_INDEX
+
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 # Positions per chunk when walking the [B, T, V] logits: with V = 151,936 a chunk is
@@ -99,7 +101,7 @@ class _TokenLogps(torch.autograd.Function):
         return grad, None, None
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps_reference(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logps [B, T] fp32, mask [B, T] bool): log-probability of each label token
     under logits [B, T, V], and where labels are real (not -100). Ignored positions
     hold 0. Differentiable with respect to logits."""
@@ -159,7 +161,7 @@ def preference_loss(pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chos
 
 
 @torch.no_grad()
-def mean_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mean_logits_reference(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B] fp32: each row's logits averaged over the vocabulary and its masked positions
     (0 for a row without any). Sums in fp32 a chunk at a time, without an fp32 copy."""
     B, T, V = logits.shape
@@ -218,10 +220,14 @@ def displacement_warning(chosen_drift: float, cfg) -> str | None:
             f"{cfg.pref_beta:g}), sft_weight > 0 (now {cfg.sft_weight:g}), fewer num_epochs (now {cfg.num_epochs:g})")
 
 
-def sft_nll(logps: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
-    """Mean negative log-likelihood per response token of the n chosen rows (the
-    sft_weight term: loss = dpo_loss + sft_weight * sft_nll)."""
-    return -(logps[:n] * mask[:n]).sum() / mask[:n].sum().clamp(min=1)
+def sft_nll(logps: torch.Tensor, mask: torch.Tensor, n: int, num_tokens: float | None = None) -> torch.Tensor:
+    """Negative log-likelihood of the n chosen rows' response tokens, divided by
+    num_tokens: by default their count here, so a mean per token; in training the
+    count over the whole global batch, so every chosen token weighs the same
+    (the sft_weight term: loss = dpo_loss + sft_weight * sft_nll)."""
+    if num_tokens is None:
+        num_tokens = mask[:n].sum().clamp(min=1)
+    return -(logps[:n] * mask[:n]).sum() / num_tokens
 
 
 def batch_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -231,7 +237,7 @@ def batch_logps(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.T
     mask [2n, T], mean logits [2n]). The token log-probs are minus the model's
     per-token cross-entropy, computed a chunk of tokens at a time from the hidden
     states: the [2n x T x V] logits are never materialised, in the forward pass or
-    in backward (token_logps above is the same math on given logits)."""
+    in backward (token_logps_reference above is the same math on given logits)."""
     mask = labels != IGNORE_INDEX
     losses, position_mean_logits = model(input_ids, labels, position_ids=position_ids, reduction="none")
     logps = -losses  # log softmax(logits)[label]; 0 where the label is ignored

@@ -101,12 +101,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kernels import IGNORE_INDEX
 from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
-from nanobumble.checkpoint import atomic_write_text, check_writable
-from nanobumble.common import UserError, autocast, resolve_precision, run_cli
-from nanobumble.data import DataError
+from nanobumble.checkpoint import check_writable
+from nanobumble.errors import DataError, UserError, run_cli
+from nanobumble.files import atomic_write_text
 from nanobumble.generation import fit_to_context
 from nanobumble.inference import load_model, resolve_device, resolve_mode
+from nanobumble.precision import autocast, resolve_precision
 
 MULTIPLE_CHOICE, CONTINUATION, BPB, EXACT_MATCH = "multiple_choice", "continuation", "bpb", "exact_match"
 LETTERS = ("A", "B", "C", "D")
@@ -114,7 +116,6 @@ CSV_COLUMNS = ("question", "a", "b", "c", "d", "answer")
 SPLIT_SUFFIXES = ("_test", "_val", "_validation", "_dev")
 DESCRIPTION = "The following are multiple choice questions (with answers) about {}.\n\n"
 SHOT_SEPARATOR = "\n\n"
-IGNORE = -100  # a target that is not scored (the model's loss skips it)
 
 
 # --- task files -----------------------------------------------------------------------------------
@@ -388,7 +389,7 @@ def scoring_row(context_ids: list[int], continuation_ids: list[int], max_len: in
         raise DataError(f"{where}: a continuation of {len(continuation_ids)} tokens cannot be scored in the "
                         f"model's context of {max_len}")
     sequence = (context_ids + continuation_ids)[-(max_len + 1):]
-    targets = [IGNORE] * (len(sequence) - 1 - len(continuation_ids)) + continuation_ids
+    targets = [IGNORE_INDEX] * (len(sequence) - 1 - len(continuation_ids)) + continuation_ids
     return sequence[:-1], targets
 
 
@@ -403,7 +404,7 @@ def normalize_answer(text: str) -> str:
 def target_logprobs(model, rows: list[tuple[list[int], list[int]]], device: torch.device, dtype: torch.dtype,
                     batch_size: int, progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
     """The log-probability of every target of each (inputs, targets) row (0 where the
-    target is IGNORE), float64 on the CPU. Rows go in batches, longest first: a fixed
+    target is IGNORE_INDEX), float64 on the CPU. Rows go in batches, longest first: a fixed
     order, so every rank of a sharded model runs the same forwards. Batches are
     right-padded without an attention mask: a causal model never lets a real token
     see padding that comes after it, and padded positions have no target."""
@@ -413,7 +414,7 @@ def target_logprobs(model, rows: list[tuple[list[int], list[int]]], device: torc
         batch = order[start:start + batch_size]
         width = len(rows[batch[0]][0])
         inputs = torch.zeros(len(batch), width, dtype=torch.long)
-        targets = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         for row, i in enumerate(batch):
             ids, wanted = rows[i]
             inputs[row, :len(ids)] = torch.tensor(ids)

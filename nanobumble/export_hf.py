@@ -53,10 +53,10 @@ import yaml
 from safetensors.torch import save_file
 
 from .chat_template import DEFAULT_SYSTEM_PROMPT
-from .checkpoint import (atomic_write_bytes, atomic_write_text, check_model_dir, check_output_dir, load_model_dir,
-                         model_state_dict, read_trainer_state)
-from .common import UserError, run_cli
-from .config import ConfigError, parse_config
+from .checkpoint import check_model_dir, check_output_dir, load_model_dir, model_state_dict, read_trainer_state
+from .config import parse_config
+from .errors import ConfigError, UserError, run_cli
+from .files import atomic_write_bytes, atomic_write_text
 from .generation import GenerationConfig
 from .model import ModelConfig
 from .tensor_files import DamagedFile
@@ -319,7 +319,9 @@ def training_lineage(model_dir: str, args: dict, max_stages: int = 10) -> list[d
 
 def data_summary(dataset_path: str) -> str:
     """The dataset path, with its size when it is still readable from here."""
-    from .data import DataError, list_data_files, read_meta  # data.py is heavy: only for the card
+    from .errors import DataError
+    from .records import list_data_files
+    from .shards import read_meta
 
     if not dataset_path:
         return ""

@@ -175,11 +175,6 @@ def _elapsed(start: float, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def generate(model: Transformer, prompt_ids: list[int], cfg: GenerationConfig, **kwargs) -> list[int]:
-    """All new token ids at once (stop id excluded)."""
-    return list(generate_stream(model, prompt_ids, cfg, **kwargs))
-
-
 class TextStreamer:
     """Token ids in, text out, only ever whole characters.
 
@@ -208,15 +203,3 @@ class TextStreamer:
         text = self.tokenizer.decode(self.pending)
         self.pending = []
         return text
-
-
-def stream_text(tokenizer: Tokenizer, token_ids: Iterable[int]) -> Iterator[str]:
-    """Whole-character text pieces for a stream of token ids (see TextStreamer)."""
-    streamer = TextStreamer(tokenizer)
-    for token_id in token_ids:
-        piece = streamer.put(token_id)
-        if piece:
-            yield piece
-    tail = streamer.flush()
-    if tail:
-        yield tail

@@ -43,7 +43,7 @@ class HFTokenizer:
     def __init__(self, directory: str):
         from tokenizers import Tokenizer as FastTokenizer
 
-        from .data import DataError  # imported here: data.py imports tokenizer.py
+        from .errors import DataError
 
         self.model_file = os.path.join(directory, "tokenizer.json")
         self.files: dict[str, bytes] = {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 
-from .config import ConfigError
+from .errors import ConfigError
 
 # The architecture's own switches: any other value changes the math nanobumble implements.
 REQUIRED = {"hidden_act": "silu", "use_sliding_window": False, "rope_scaling": None}

@@ -20,8 +20,7 @@ import torch
 import yaml
 
 from nanobumble.checkpoint import check_model_dir, load_model_dir
-from nanobumble.common import UserError
-from nanobumble.config import ConfigError
+from nanobumble.errors import ConfigError, UserError
 from nanobumble.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config
 from nanobumble.tokenizer import load_tokenizer
 

@@ -31,11 +31,12 @@ import zlib
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import UserError
+from .distributed import is_main
+from .errors import UserError
+from .files import atomic_write_text
 from .model import copy_full_into
 from .tensor_files import open_file, read_into, write_gathered
 
@@ -194,13 +195,6 @@ def disable_adapters(model: nn.Module):
             layer.adapter_enabled = enabled
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter weights only, as full CPU tensors on rank 0, {} on other ranks
-    (every rank must call this: sharded tensors are gathered one at a time)."""
-    from .checkpoint import gather_full_on_main
-    return gather_full_on_main((name, param) for name, param in model.named_parameters() if is_lora_param(name))
-
-
 def adapter_config_for(model: nn.Module, base_model_name_or_path: str) -> dict:
     """The adapter_config.json contents describing the adapters injected into model."""
     layers = [(name, layer) for name, layer in lora_layers(model)]
@@ -275,18 +269,14 @@ def save_adapter(path: str, model: nn.Module, adapter_config: dict) -> None:
     config = validate_adapter_config(adapter_config, "adapter_config")
     if not any(is_lora_param(name) for name, _ in model.named_parameters()):  # the same answer on every rank
         raise ValueError("the model has no LoRA adapters to save")
-    main = not dist.is_initialized() or dist.get_rank() == 0
+    main = is_main()
     if main:
         os.makedirs(path, exist_ok=True)
     write_gathered(os.path.join(path, ADAPTER_WEIGHTS),
                    [(peft_key(name), param) for name, param in model.named_parameters() if is_lora_param(name)])
     if not main:
         return
-    tmp = os.path.join(path, f"{ADAPTER_CONFIG}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({**PEFT_CONFIG, **config}, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, os.path.join(path, ADAPTER_CONFIG))
+    atomic_write_text(os.path.join(path, ADAPTER_CONFIG), json.dumps({**PEFT_CONFIG, **config}, indent=2) + "\n")
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ import argparse
 import os
 
 from .checkpoint import check_output_dir, load_model_dir, save_model_dir
-from .common import UserError, run_cli
+from .errors import UserError, run_cli
 from .lora import ADAPTER_CONFIG, load_adapter, merge_lora
 from .tokenizer import has_tokenizer, load_tokenizer
 

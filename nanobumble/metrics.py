@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from .files import atomic_write_text
+
 
 class MetricsLogger:
     def __init__(self, output_dir: str, use_tensorboard: bool, resume_step: int = 0):
@@ -37,10 +39,7 @@ class MetricsLogger:
                     continue
                 if isinstance(logged, int) and logged <= step:
                     kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(kept))
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
@@ -52,8 +51,3 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
-
-
-def read_metrics(output_dir: str) -> list[dict]:
-    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

@@ -27,7 +27,7 @@ from kernels import resolve_backend
 from kernels.cross_entropy import linear_cross_entropy
 from kernels.rmsnorm import rms_norm, rms_norm_reference
 from kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
-from .config import ConfigError
+from .errors import ConfigError
 
 
 @dataclass

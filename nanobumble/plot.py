@@ -36,7 +36,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from nanobumble.common import UserError, run_cli
+from nanobumble.errors import UserError, run_cli
+from nanobumble.files import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -219,8 +220,8 @@ def write_plots(output_dir: str) -> dict[str, str]:
         path = os.path.join(plots_dir, f"{spec.name}.png")
         if spec.name in figures:
             os.makedirs(plots_dir, exist_ok=True)
-            figures[spec.name].savefig(path + ".tmp", format="png", dpi=100)
-            os.replace(path + ".tmp", path)  # a reader never sees half a picture
+            with atomic_path(path) as tmp:  # a reader never sees half a picture
+                figures[spec.name].savefig(tmp, format="png", dpi=100)
             written[spec.name] = path
             print(f"wrote {path}")
         elif os.path.exists(path):

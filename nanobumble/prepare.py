@@ -12,7 +12,9 @@ import os
 import sys
 import tempfile
 
-from nanobumble.data import DataError, iter_text_records, list_data_files, prepare_shards
+from nanobumble.errors import DataError
+from nanobumble.records import iter_text_records, list_data_files
+from nanobumble.shards import prepare_shards
 from nanobumble.tokenizer import load_or_train_tokenizer
 
 

@@ -52,11 +52,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render, validate_messages
-from nanobumble.common import UserError, resolve_precision, run_cli
-from nanobumble.config import ConfigError, parse_config
-from nanobumble.data import DataError
+from nanobumble.config import parse_config
+from nanobumble.errors import ConfigError, DataError, UserError, run_cli
 from nanobumble.generation import GenerationConfig, TextStreamer, generate_stream
 from nanobumble.inference import check_sampling_keys, load_model, log, resolve_device, resolve_mode
+from nanobumble.precision import resolve_precision
 
 WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
 SHUTDOWN_GRACE_SECONDS = 5

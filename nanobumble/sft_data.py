@@ -20,127 +20,18 @@ function of (seed, sample index) alone.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
+from kernels import IGNORE_INDEX
 from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render_turn, validate_messages, with_system_prompt
-from nanobumble.data import MAX_REPORTED_PROBLEMS, DataError, _iter_file_records, list_data_files
+from nanobumble.errors import DataError
+from nanobumble.records import (EpochOrder, alpaca_prompt, describe_keys, openai_messages, read_records,
+                                sharegpt_messages, string_field)
 from nanobumble.tokenizer import EOT_ID, Tokenizer
 
-IGNORE_INDEX = -100
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
-
-
-# ---------------------------------------------------------------------------
-# Record shapes -> messages (shared with dpo_data.py)
-
-
-def _string(record: dict, key: str, where: str, optional: bool = False) -> str:
-    """record[key] as a string; a missing optional key (or null) is ""."""
-    value = record.get(key)
-    if value is None and optional:
-        return ""
-    if key not in record:
-        raise DataError(f'{where}: missing "{key}"')
-    if not isinstance(value, str):
-        raise DataError(f'{where}: "{key}" must be a string, got {type(value).__name__}')
-    return value
-
-
-def alpaca_prompt(record: dict, where: str) -> list[dict]:
-    """System (if any), history turns, then the user turn: instruction + "\\n" + input."""
-    instruction = _string(record, "instruction", where)
-    extra = _string(record, "input", where, optional=True)
-    system = _string(record, "system", where, optional=True)
-    history = record.get("history") or []
-    if not isinstance(history, list):
-        raise DataError(f'{where}: "history" must be a list of [user, assistant] pairs')
-    messages = [{"role": "system", "content": system}] if system else []
-    for i, pair in enumerate(history):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
-            raise DataError(f'{where}: history[{i}] must be a [user, assistant] pair of strings')
-        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-    messages.append({"role": "user", "content": instruction + ("\n" + extra if extra else "")})
-    return messages
-
-
-def sharegpt_messages(record: dict, where: str) -> list[dict]:
-    """ShareGPT turns ({"from", "value"}) as messages; a top-level "system" comes first."""
-    turns = record.get("conversations")
-    if not isinstance(turns, list):
-        raise DataError(f'{where}: "conversations" must be a list of turns')
-    messages = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise DataError(f"{where}: conversations[{i}] must be an object")
-        speaker = turn.get("from")
-        if speaker not in SHAREGPT_ROLES:
-            raise DataError(f'{where}: conversations[{i}] has "from": {speaker!r}, expected one of '
-                            f"{', '.join(SHAREGPT_ROLES)}")
-        messages.append({"role": SHAREGPT_ROLES[speaker], "content": _string(turn, "value", f"{where}: turn {i}")})
-    system = _string(record, "system", where, optional=True)
-    if system and not (messages and messages[0]["role"] == "system"):
-        messages.insert(0, {"role": "system", "content": system})
-    return messages
-
-
-def openai_messages(record: dict, where: str) -> list[dict]:
-    """{"messages": [{"role", "content"}]}, keeping only those two keys."""
-    messages = record.get("messages")
-    if not isinstance(messages, list):
-        raise DataError(f'{where}: "messages" must be a list')
-    validate_messages(messages, where)
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def read_records(dataset_path: str | list[str], detect: Callable[[object, str], Callable],
-                 strict: bool, quiet: bool, what: str) -> tuple[list, dict]:
-    """Convert every record of every file with the converter that detect() picks
-    from the file's first record. A bad record is reported as `file:line: reason`
-    and skipped (raised when strict); an unknown shape always raises.
-    Returns (items, {"files": n, "skipped": n, "formats": {format name: records}})."""
-    stats: dict = {"files": 0, "skipped": 0, "formats": {}}
-    items = []
-    for path in list_data_files(dataset_path):
-        stats["files"] += 1
-        convert = None
-        try:
-            for where, record in _iter_file_records(path):
-                try:
-                    if isinstance(record, ValueError):  # malformed JSON or invalid Unicode
-                        raise DataError(f"{where}: {record}")
-                    if convert is None:
-                        convert = detect(record, where)
-                    items.append(convert(record, where))
-                    name = convert.__name__.lstrip("_")
-                    stats["formats"][name] = stats["formats"].get(name, 0) + 1
-                except DataError as e:
-                    unknown_shape = convert is None and not isinstance(record, ValueError)
-                    if strict or unknown_shape:
-                        raise
-                    stats["skipped"] += 1
-                    if quiet:
-                        continue
-                    if stats["skipped"] <= MAX_REPORTED_PROBLEMS:
-                        print(f"{e} (skipped)", file=sys.stderr)
-                    elif stats["skipped"] == MAX_REPORTED_PROBLEMS + 1:
-                        print("... more bad records are skipped without a message", file=sys.stderr)
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text: {e}") from e
-        except OSError as e:
-            raise DataError(f"{path}: cannot read: {e}") from e
-    if not items:
-        raise DataError(f"no usable {what} in {dataset_path} ({stats['skipped']} bad records skipped)")
-    return items, stats
-
-
-def describe_keys(record: object) -> str:
-    if isinstance(record, dict):
-        return f"keys {sorted(record)}"
-    return f"a JSON {type(record).__name__}, not an object"
 
 
 # ---------------------------------------------------------------------------
@@ -149,7 +40,7 @@ def describe_keys(record: object) -> str:
 
 def _alpaca(record: dict, where: str) -> dict:
     messages = alpaca_prompt(record, where)
-    messages.append({"role": "assistant", "content": _string(record, "output", where)})
+    messages.append({"role": "assistant", "content": string_field(record, "output", where)})
     return _conversation(messages, where)
 
 
@@ -256,36 +147,6 @@ def sample_targets(ids: Sequence[int], mask: Sequence[bool]) -> tuple[np.ndarray
     y = ids_arr[1:].copy()
     y[~np.asarray(mask[1:], dtype=bool)] = IGNORE_INDEX
     return ids_arr[:-1], y
-
-
-# ---------------------------------------------------------------------------
-# Deterministic order over endless epochs (shared with dpo_data.py)
-
-
-class EpochOrder:
-    """Global sample index i -> item: epoch i // n, then a shuffle of the n items
-    drawn from (seed, epoch) alone. The same index gives the same item whatever
-    the batch size or number of processes, which makes resuming exact."""
-
-    def __init__(self, n: int):
-        if n <= 0:
-            raise DataError("the data set is empty")
-        self.n = n
-        self._cache: dict[tuple[int, int], np.ndarray] = {}
-
-    def permutation(self, seed: int, epoch: int) -> np.ndarray:
-        key = (seed, epoch)
-        if key not in self._cache:
-            if len(self._cache) >= 4:  # a batch spans at most two epochs; keep a few
-                self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = np.random.default_rng([seed, epoch]).permutation(self.n)
-        return self._cache[key]
-
-    def __call__(self, seed: int, index: int) -> int:
-        if index < 0:
-            raise IndexError(f"sample index must be >= 0, got {index}")
-        epoch, offset = divmod(int(index), self.n)
-        return int(self.permutation(seed, epoch)[offset])
 
 
 # ---------------------------------------------------------------------------

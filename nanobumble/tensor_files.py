@@ -16,16 +16,17 @@ someone else cannot run code when it is opened.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import struct
 
 import torch
-import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
-from .common import UserError
+from .distributed import is_main
+from .errors import UserError
+from .files import atomic_path
 
 DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
@@ -34,10 +35,6 @@ DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16
 
 class DamagedFile(UserError):
     """A safetensors file that cannot be read as written (truncated, garbage, wrong tensors)."""
-
-
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def write_gathered(path: str, named_tensors: list[tuple[str, torch.Tensor]],
@@ -52,10 +49,9 @@ def write_gathered(path: str, named_tensors: list[tuple[str, torch.Tensor]],
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
-    main = _is_main()
-    tmp = f"{path}.tmp-{os.getpid()}"
-    f = open(tmp, "wb") if main else None
-    try:
+    main = is_main()
+    with atomic_path(path) if main else contextlib.nullcontext() as tmp, \
+            open(tmp, "wb") if main else contextlib.nullcontext() as f:
         if main:
             blob = json.dumps(header, separators=(",", ":")).encode()
             blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
@@ -66,14 +62,6 @@ def write_gathered(path: str, named_tensors: list[tuple[str, torch.Tensor]],
             if main:
                 f.write(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
             del tensor  # freed before the next gather
-        if main:
-            f.close()
-            os.replace(tmp, path)
-    except BaseException:
-        if f is not None:
-            f.close()
-            os.remove(tmp)
-        raise
 
 
 def shard_rows(tensor: torch.Tensor) -> tuple[int, int] | None:

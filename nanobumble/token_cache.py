@@ -26,15 +26,16 @@ import multiprocessing
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
 from nanobumble.chat_template import CHATML_RENDERER
-from nanobumble.data import DataError, files_fingerprint, list_data_files
 from nanobumble.dpo_data import load_preference_pairs, pairs_summary, tokenize_pairs
+from nanobumble.errors import DataError
+from nanobumble.files import atomic_directory
+from nanobumble.records import files_fingerprint, list_data_files
 from nanobumble.sft_data import load_conversations, sft_summary, tokenize_sft
 from nanobumble.tokenizer import load_tokenizer
 
@@ -212,20 +213,12 @@ def _write(directory: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Write into a temporary directory and rename it: a cache directory is complete or absent."""
     from safetensors.numpy import save_file
 
-    parent = os.path.dirname(os.path.abspath(directory))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.tmp-")
     try:
-        save_file(arrays, os.path.join(tmp, "tokens.safetensors"))
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2, ensure_ascii=False)
-        os.chmod(tmp, 0o755)  # mkdtemp makes the directory private
-        try:
-            os.rename(tmp, directory)
-        except OSError:
-            if not os.path.isfile(os.path.join(directory, "meta.json")):
-                raise DataError(f"cannot write the cache directory {directory}") from None
-            shutil.rmtree(tmp)  # another process wrote the same data meanwhile
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(directory) as tmp:
+            save_file(arrays, os.path.join(tmp, "tokens.safetensors"))
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=2, ensure_ascii=False)
+    except FileExistsError:
+        if not os.path.isfile(os.path.join(directory, "meta.json")):
+            raise DataError(f"cannot write the cache directory {directory}") from None
+        # another process wrote the same data meanwhile

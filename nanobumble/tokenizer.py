@@ -87,7 +87,7 @@ def train_tokenizer(texts: Iterable[str] | Callable[[], Iterable[str]], vocab_si
     The same input gives the same model file. When the text is too small to
     fill vocab_size, the model simply comes out smaller (the real size is printed).
     """
-    from nanobumble.config import ConfigError  # imported here: config.py imports this module (via data.py)
+    from nanobumble.errors import ConfigError
 
     if vocab_size < MIN_VOCAB_SIZE:
         raise ConfigError(f"vocab_size={vocab_size} is too small: a tokenizer needs at least {MIN_VOCAB_SIZE} "
@@ -117,7 +117,7 @@ def train_tokenizer(texts: Iterable[str] | Callable[[], Iterable[str]], vocab_si
         except _TooManyCharacters:
             raise too_small from None
 
-    from nanobumble.checkpoint import atomic_write_bytes  # imported here: checkpoint.py is heavy
+    from nanobumble.files import atomic_write_bytes
 
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
     atomic_write_bytes(model_path, model)
@@ -129,8 +129,8 @@ def train_tokenizer(texts: Iterable[str] | Callable[[], Iterable[str]], vocab_si
 
 def _train_model(texts: Iterable[str], vocab_size: int, left_out: dict[int, str]) -> bytes:
     """One sentencepiece training run (see _training_lines); the model file's bytes."""
-    from nanobumble.config import ConfigError  # imported here: config.py imports this module (via data.py)
-    from nanobumble.data import DataError
+    from nanobumble.errors import ConfigError
+    from nanobumble.errors import DataError
 
     specials = sorted(SPECIAL_TOKENS, key=SPECIAL_TOKENS.get)
     model = io.BytesIO()
@@ -174,7 +174,7 @@ class Tokenizer:
 
     def __init__(self, model_file: str):
         """Load model_file; a missing, unreadable or foreign file is a DataError naming it."""
-        from nanobumble.data import DataError  # imported here: data.py imports this module
+        from nanobumble.errors import DataError
 
         if not os.path.isfile(model_file):
             raise DataError(f"tokenizer model not found: {model_file}")
@@ -274,7 +274,7 @@ def load_tokenizer(path: str):
     """The tokenizer of a model directory, or of a tokenizer file: tokenizer.model
     (nanobumble's sentencepiece) or tokenizer.json (a Hugging Face model's, see
     hf_tokenizer.py). Both give the same interface."""
-    from nanobumble.data import DataError  # imported here: data.py imports this module
+    from nanobumble.errors import DataError
 
     if os.path.isdir(path):
         for name in ("tokenizer.model", "tokenizer.json"):

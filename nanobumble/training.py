@@ -1,5 +1,25 @@
-"""Small pieces every training script's loop uses, so each script shows only
-what is particular to its stage."""
+"""The skeleton every training stage shares, so each script shows only what is
+particular to its stage: its data, its model, and its forward and backward pass.
+
+    stage = Stage(cfg, info)                      # precision, seed, the config, where to resume
+    model = stage.build_model(model_cfg, weights)
+    stage.plan(examples_per_epoch)                # global batch and number of steps
+    stage.start(model, tokenizer)                 # optimizer, resume, logger, eval task files
+    for step in stage.steps():                    # sets the learning rate
+        for rows in stage.rank_rows(step): ...    # this rank's rows of each micro-step
+        ... forward and backward ...
+        stage.update(step, tokens, metrics)       # clip, finite check, optimizer step, log line
+        if stage.is_eval_step(step): stage.report_evaluation(step, evaluate(...))
+        stage.save_if_due(step)
+    stage.finish()                                # the final model (or adapter) directory, plots
+
+Stage holds the run's state and does its bookkeeping; it is not a Trainer: the
+loop, the batches and the loss stay in each script, in plain sight.
+
+Below it: resuming (which checkpoint, and whether the settings allow it), the
+checks that keep NaN out of a checkpoint, the held-out split of SFT / DPO
+data, and the progress line.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +31,155 @@ import time
 import torch
 import yaml
 
-from .checkpoint import (check_model_dir, check_output_dir, checkpoint_problem, latest_checkpoint, list_checkpoints,
-                         read_trainer_state)
-from .common import UserError, autocast, format_duration
-from .config import config_to_dict
-from .data import files_signature, split_held_out
-from .distributed import all_reduce_sum, main_process_first, print0
+from .build import build_model
+from .checkpoint import (check_output_dir, checkpoint_problem, latest_checkpoint, list_checkpoints, load_checkpoint,
+                         read_trainer_state, save_checkpoint, save_model_dir)
+from .config import config_to_dict, config_to_yaml, parse_config
+from .distributed import all_reduce_sum, distributed_run, main_process_first, print0
+from .errors import UserError
+from .evaluate import evaluate_tasks, load_tasks
+from .lora import adapter_config_for
+from .metrics import MetricsLogger
+from .mfu import peak_bf16_flops
+from .optim import build_optimizer, lr_at
+from .plot import plot_run
+from .precision import autocast, autocast_dtype, resolve_precision
+from .records import files_signature, split_held_out
 from .token_cache import tokenized_pairs, tokenized_sft
+
+
+def run_stage(train, config_class, argv: list[str]) -> None:
+    """A training script's main(): its config (dataclass defaults < YAML < command
+    line), then train(cfg, info) in the process group torchrun set up (or alone)."""
+    cfg = parse_config(argv, config_class)
+    with distributed_run(cfg.collective_timeout_minutes) as info:
+        train(cfg, info)
+
+
+class Stage:
+    """One training run of any stage: the calls of the module docstring, in that order."""
+
+    def __init__(self, cfg, info):
+        self.cfg, self.info, self.device = cfg, info, info.device
+        self.dtype = resolve_precision(cfg.train_model_precision, info.device)
+        self.compute_dtype = autocast_dtype(info, self.dtype)  # sharded: FSDP's policy casts the weights instead
+        self.lora = getattr(cfg, "finetuning_type", "full") == "lora"
+        torch.manual_seed(cfg.seed)
+        print0(f"config:\n{config_to_yaml(cfg)}")
+        self.resume_dir = main_process_first(lambda: resolve_resume(cfg, info.world_size))
+
+    def build_model(self, model_cfg, weights_from: str | None, lora: dict | None = None, frozen: bool = False):
+        """The model to train (with LoRA adapters if `lora`), or with frozen=True a
+        copy that is not trained (DPO's reference): no gradients, no dropout."""
+        cfg = self.cfg
+        if frozen:
+            model = build_model(model_cfg, self.info, cfg.seed, weights_from, self.dtype, kernels=cfg.kernels)
+            model.requires_grad_(False)
+            model.eval()
+            return model
+        return build_model(model_cfg, self.info, cfg.seed, weights_from, self.dtype, cfg.enable_gradient_checkpointing,
+                           cfg.compile, lora, cfg.kernels)
+
+    def plan(self, examples_per_epoch: int) -> None:
+        """The global batch (rows or pairs per optimizer step, all ranks together) and
+        the number of steps: max_steps, or num_epochs over examples_per_epoch."""
+        cfg = self.cfg
+        self.micro_batch = cfg.train_micro_batch_size_per_gpu
+        self.batch_rows = self.micro_batch * cfg.gradient_accumulation_steps * self.info.world_size
+        self.steps_per_epoch = examples_per_epoch / self.batch_rows
+        self.num_steps = total_steps(cfg.max_steps, cfg.num_epochs, self.steps_per_epoch)
+        self.warmup_steps = int(cfg.warmup_ratio * self.num_steps)
+
+    def start(self, model, tokenizer, flops_per_token: float | None = None) -> None:
+        """Optimizer, the checkpoint to resume from, logger and progress line (with MFU
+        when flops_per_token is given on a known GPU), and the eval_tasks files, read
+        and checked now, before the first step."""
+        cfg, info = self.cfg, self.info
+        self.model, self.tokenizer = model, tokenizer
+        self.adapter_config = adapter_config_for(model, cfg.model_name_or_path) if self.lora else None
+        self.data_signature = files_signature(cfg.dataset_path)  # recorded in checkpoints: resume checks it
+        self.eval_tasks = load_tasks(cfg.eval_tasks, cfg.eval_num_fewshot) if getattr(cfg, "eval_tasks", "") else None
+        self.optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
+        self.start_step = load_checkpoint(self.resume_dir, model, self.optimizer) if self.resume_dir else 0
+        self.training_args = config_to_yaml(cfg)
+        self.logger = MetricsLogger(cfg.output_dir, cfg.use_tensorboard, resume_step=self.start_step) \
+            if info.is_main else None
+        peak_flops = peak_bf16_flops(torch.cuda.get_device_name()) if flops_per_token and self.device.type == "cuda" \
+            else None
+        self.progress = Progress(self.num_steps, flops_per_token, peak_flops * info.world_size if peak_flops else None)
+
+    def steps(self):
+        """The step numbers still to run; each starts the step's clock and sets its learning rate."""
+        cfg = self.cfg
+        self.model.train()
+        for step in range(self.start_step + 1, self.num_steps + 1):
+            self.step_started = time.time()
+            self.lr = lr_at(step, self.num_steps, cfg.learning_rate, self.warmup_steps, cfg.lr_scheduler_type,
+                            cfg.min_lr_ratio)
+            set_learning_rate(self.optimizer, self.lr)
+            yield step
+
+    def rank_rows(self, step: int) -> list[range]:
+        """This rank's row (or pair) numbers for each micro-step of `step`.
+
+        Row numbers run over the whole run: step s takes rows (s-1)*batch_rows
+        onward, so a batch depends on (seed, step) only, not on the number of
+        ranks, and a resumed run draws the batches the uninterrupted run would
+        have drawn. Each rank takes its own slice of each micro-step."""
+        world, n = self.info.world_size, self.micro_batch
+        first = (step - 1) * self.batch_rows + self.info.rank * n
+        return [range(first + micro * world * n, first + micro * world * n + n)
+                for micro in range(self.cfg.gradient_accumulation_steps)]
+
+    def update(self, step: int, tokens: int, metrics: dict, show: tuple[str, ...] | None = None) -> None:
+        """After the backward passes: clip, stop on a non-finite loss or gradient, step
+        the optimizer; count the step's tokens (all ranks) and metrics (means over the
+        global batch, "train/loss" among them) and print the log line when due."""
+        grad_norm = clip_gradients(self.model, self.cfg.max_grad_norm)
+        check_finite(step, metrics["train/loss"], grad_norm, self.cfg.output_dir)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress.add(time.time() - self.step_started, tokens, **metrics)
+        if step % self.cfg.logging_steps == 0 or step == self.num_steps:
+            scalars, line = self.progress.report(step, self.lr, grad_norm, show=show)
+            print0(line, flush=True)
+            if self.logger is not None:
+                self.logger.log(step, scalars)
+
+    def is_eval_step(self, step: int) -> bool:
+        return is_eval_step(step, self.num_steps, self.cfg.eval_steps)
+
+    def task_scores(self) -> dict:
+        """The eval_tasks metrics of the model now ({} without eval_tasks)."""
+        if not self.eval_tasks:
+            return {}
+        return evaluate_tasks(self.model, self.tokenizer, self.eval_tasks, self.device, self.compute_dtype,
+                              self.micro_batch, system_prompt=self.cfg.system_prompt)
+
+    def report_evaluation(self, step: int, scalars: dict) -> None:
+        report_evaluation(step, self.num_steps, scalars, self.logger)
+
+    def save_if_due(self, step: int) -> None:
+        """A checkpoint every save_steps steps (after checking the weights are finite)."""
+        cfg = self.cfg
+        if cfg.save_steps > 0 and step % cfg.save_steps == 0:
+            check_model_finite(self.model, step, cfg.output_dir, self.device, self.compute_dtype)
+            path = save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, self.tokenizer,
+                                   self.training_args, cfg.save_total_limit, self.adapter_config,
+                                   data_signature=self.data_signature)
+            print0(f"saved {path}")
+
+    def finish(self) -> None:
+        """The final model directory (the adapter alone for LoRA), then the plots."""
+        cfg = self.cfg
+        check_model_finite(self.model, self.num_steps, cfg.output_dir, self.device, self.compute_dtype)
+        save_model_dir(cfg.output_dir, self.model, self.tokenizer, self.training_args, self.adapter_config)
+        if self.logger is not None:
+            self.logger.close()
+            if cfg.plot:
+                plot_run(cfg.output_dir)  # output_dir/plots/*.png
+        what = "adapter" if self.lora else "model"
+        print0(f"done in {self.progress.elapsed()}; {what} directory: {cfg.output_dir}")
 
 
 def resolve_resume(cfg, world_size: int) -> str | None:
@@ -127,6 +289,13 @@ def check_resume_settings(cfg, world_size: int, checkpoint: str) -> None:
                             f"(use the original value, or start a new output_dir)")
 
 
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
 def total_steps(max_steps: int, num_epochs: float, steps_per_epoch: float) -> int:
     return max_steps if max_steps > 0 else max(1, math.ceil(num_epochs * steps_per_epoch))
 
@@ -177,10 +346,11 @@ def check_model_finite(model, step: int, output_dir: str, device: torch.device, 
                         f"{last or 'none (nothing saved yet)'}")
 
 
-def tokenized_data(cfg, tokenizer, info, kind: str) -> tuple[list, list]:
-    """SFT samples or DPO pairs for training and for validation: eval_dataset_path's,
-    or a val_ratio share of dataset_path's held out. Tokenized once, by rank 0,
-    into the cache that every rank then reads (token_cache.py)."""
+def tokenized_data(cfg, tokenizer, info, kind: str, make_dataset):
+    """SFT samples or DPO pairs, as make_dataset(items) for training and for
+    validation (None without held-out items): eval_dataset_path's, or a val_ratio
+    share of dataset_path's held out. Tokenized once, by rank 0, into the cache
+    that every rank then reads (token_cache.py)."""
     tokenize = {"sft": tokenized_sft, "dpo": tokenized_pairs}[kind]
 
     def tokenized(path: str) -> list:
@@ -195,8 +365,11 @@ def tokenized_data(cfg, tokenizer, info, kind: str) -> tuple[list, list]:
     else:
         train, held_out = split_held_out(items, cfg.val_ratio)
         where = f"(val_ratio {cfg.val_ratio} of {cfg.dataset_path})"
+    if not train:
+        raise UserError(f"{cfg.dataset_path}: " + ("no conversation has a trainable token left" if kind == "sft"
+                                                   else "no usable preference pair left"))
     print0(f"validation: {len(held_out)} held-out {'conversations' if kind == 'sft' else 'pairs'} {where}")
-    return train, held_out
+    return make_dataset(train), make_dataset(held_out) if held_out else None
 
 
 def rank_batches(num_batches: int, info) -> list[tuple[int, float]]:
@@ -265,33 +438,3 @@ class Progress:
 
     def elapsed(self) -> str:
         return format_duration(time.time() - self.run_start)
-
-
-def lora_settings(cfg) -> dict | None:
-    """Keyword arguments for lora.inject_lora, or None for full fine-tuning."""
-    if cfg.finetuning_type != "lora":
-        return None
-    return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
-            "target_modules": cfg.lora_target_modules, "use_rslora": cfg.use_rslora, "seed": cfg.seed}
-
-
-def check_model_fits(model_cfg, tokenizer, cutoff_len: int) -> None:
-    """The tokenizer must fit the model's vocabulary, and a training row its positions."""
-    if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's vocabulary is "
-                        f"{model_cfg.vocab_size}: tokenizer and model do not belong together")
-    if cutoff_len > model_cfg.max_position_embeddings:
-        raise UserError(f"cutoff_len {cutoff_len} exceeds the model's max_position_embeddings "
-                        f"{model_cfg.max_position_embeddings}")
-
-
-def open_starting_model(cfg):
-    """The tokenizer and shape of the model directory SFT or DPO starts from."""
-    from .model import load_model_config
-    from .tokenizer import load_tokenizer
-
-    check_model_dir(cfg.model_name_or_path, "model_name_or_path")
-    tokenizer = load_tokenizer(cfg.model_name_or_path)
-    model_cfg = load_model_config(os.path.join(cfg.model_name_or_path, "config.json"))
-    check_model_fits(model_cfg, tokenizer, cfg.cutoff_len)
-    return tokenizer, model_cfg

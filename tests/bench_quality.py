@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from nanobumble.evaluate import load_tasks, run_tasks  # noqa: E402
 from nanobumble.inference import load_model  # noqa: E402
-from nanobumble.metrics import read_metrics  # noqa: E402
+from helpers import format_table, read_metrics  # noqa: E402
 from word_task import write_word_task  # noqa: E402
 
 QUIET = ["--plot", "false", "--use_tensorboard", "false"]
@@ -125,14 +125,6 @@ def table_rows(base_em: float, bpb: float, pretrain_seconds: float, runs: list[d
             row("DPO (defaults, LoRA)", "dpo_em", "", f"{mean('reward_acc'):.3f}",
                 f"{mean('drift'):.3f}", f"{mean('dpo_seconds') / 60:.1f}")]
     return header, rows
-
-
-def format_table(title: str, header: list, rows: list[list]) -> str:
-    """A plain right-aligned text table (as conftest.print_table prints it)."""
-    cells = [[str(c) for c in row] for row in [header] + rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    fmt = lambda row: " | ".join(c.rjust(w) for c, w in zip(row, widths))  # noqa: E731
-    return "\n".join([title, fmt(cells[0]), "-+-".join("-" * w for w in widths)] + [fmt(row) for row in cells[1:]])
 
 
 def run_benchmark(work_dir: str, seeds: list[int], sizes: tuple[int, int, int] = (3000, 3000, 200),

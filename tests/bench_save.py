@@ -20,7 +20,8 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from nanobumble import checkpoint  # noqa: E402
-from nanobumble.distributed import barrier, build_model, distributed_run  # noqa: E402
+from nanobumble.build import build_model  # noqa: E402
+from nanobumble.distributed import barrier, distributed_run  # noqa: E402
 from nanobumble.model import ModelConfig  # noqa: E402
 from nanobumble.optim import build_optimizer  # noqa: E402
 from host_memory import measure  # noqa: E402

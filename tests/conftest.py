@@ -17,9 +17,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def print_table(title: str, header: list, rows: list[list]) -> None:
     """A plain right-aligned text table, for the benchmarks."""
-    cells = [[str(c) for c in row] for row in [header] + rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    fmt = lambda row: " | ".join(c.rjust(w) for c, w in zip(row, widths))
-    print(f"\n{title}\n{fmt(cells[0])}\n{'-+-'.join('-' * w for w in widths)}")
-    for row in cells[1:]:
-        print(fmt(row))
+    from helpers import format_table  # imported late: helpers imports kernels/, which needs TRITON_INTERPRET set
+
+    print("\n" + format_table(title, header, rows))

@@ -10,7 +10,8 @@ import torch
 
 from nanobumble.chat_template import render
 from nanobumble.checkpoint import save_model_dir
-from nanobumble.generation import GenerationConfig, generate
+from helpers import generate
+from nanobumble.generation import GenerationConfig
 from nanobumble.model import Transformer, model_config_for
 from nanobumble.tokenizer import Tokenizer, train_tokenizer
 

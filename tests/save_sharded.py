@@ -18,9 +18,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from nanobumble.build import build_model  # noqa: E402
 from nanobumble.checkpoint import model_state_dict, save_model_dir  # noqa: E402
-from nanobumble.distributed import build_model, distributed_run  # noqa: E402
-from nanobumble.lora import adapter_config_for, lora_state_dict  # noqa: E402
+from nanobumble.distributed import distributed_run  # noqa: E402
+from helpers import lora_state_dict  # noqa: E402
+from nanobumble.lora import adapter_config_for  # noqa: E402
 from nanobumble.model import ModelConfig, copy_full_into  # noqa: E402
 
 # vocab 321 and intermediate 97 do not split evenly over 2 ranks: uneven shards too.

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from nanobumble.checkpoint import save_model_dir
-from nanobumble.config import ConfigError
-from nanobumble.data import DataError, iter_text_records
 from nanobumble.dpo_data import load_preference_pairs
+from nanobumble.errors import ConfigError, DataError
 from nanobumble.model import ModelConfig, Transformer, load_model_config, pad_vocab_size
+from nanobumble.records import iter_text_records
 from nanobumble.sft_data import load_conversations
 from nanobumble.tokenizer import Tokenizer, train_tokenizer
 

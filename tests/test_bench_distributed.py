@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, print_table
-from nanobumble.metrics import read_metrics
+from helpers import read_metrics
 
 pytestmark = pytest.mark.bench
 

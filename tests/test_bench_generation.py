@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from conftest import print_table
-from nanobumble.generation import GenerationConfig, generate
+from helpers import generate
+from nanobumble.generation import GenerationConfig
 from nanobumble.model import PRESETS, ModelConfig, Transformer, pad_vocab_size
 
 

@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT, print_table
-from nanobumble.data import iter_text_records
+from nanobumble.records import iter_text_records
 from nanobumble.tokenizer import load_or_train_tokenizer
 from test_bench_tokenizer import write_corpus
 

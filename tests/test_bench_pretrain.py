@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, print_table
-from nanobumble.common import autocast
-from nanobumble.data import TokenShards, iter_text_records, list_data_files, prepare_shards
 from nanobumble.mfu import peak_bf16_flops, training_flops_per_token
 from nanobumble.model import Transformer, model_config_for
 from nanobumble.optim import build_optimizer
+from nanobumble.precision import autocast
+from nanobumble.records import iter_text_records, list_data_files
+from nanobumble.shards import TokenShards, prepare_shards
 from nanobumble.tokenizer import Tokenizer, train_tokenizer
 
 pytestmark = pytest.mark.bench

@@ -12,7 +12,8 @@ import chat
 from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
 from chat_helpers import save_tiny_chat_model
 from nanobumble.checkpoint import load_model_dir
-from nanobumble.generation import GenerationConfig, generate, stream_text
+from helpers import generate, stream_text
+from nanobumble.generation import GenerationConfig
 from nanobumble.lora import load_adapter
 from nanobumble.tokenizer import Tokenizer
 
@@ -112,7 +113,7 @@ def test_mode_rule_reads_stage_from_training_args(tmp_path):
 def test_a_cuda_device_beyond_the_count_is_refused(monkeypatch):
     # The CUDA branch of resolve_device, reached on a CPU machine with one stand-in GPU.
     import chat
-    from nanobumble.common import UserError
+    from nanobumble.errors import UserError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

@@ -1,6 +1,7 @@
 import pytest
 
-from nanobumble.config import ConfigError, PretrainConfig, parse_config
+from nanobumble.config import PretrainConfig, parse_config
+from nanobumble.errors import ConfigError
 
 
 def write(tmp_path, text):

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import REPO_ROOT
-from nanobumble.metrics import read_metrics
+from helpers import read_metrics
 
 FAST = ["--cutoff_len", "64", "--train_micro_batch_size_per_gpu", "4", "--logging_steps", "1",
         "--eval_batches", "2", "--use_tensorboard", "false", "--plot", "false", "--save_total_limit", "0"]

@@ -6,8 +6,8 @@ import torch
 
 from chat_helpers import assistant, small_tokenizer, system, user
 from nanobumble.chat_template import render
-from nanobumble.data import DataError
 from nanobumble.dpo_data import PreferenceDataset, load_preference_pairs, tokenize_pairs
+from nanobumble.errors import DataError
 from nanobumble.tokenizer import EOT_ID, IM_END_ID, IM_START_ID, Tokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

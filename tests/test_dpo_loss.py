@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import nanobumble.dpo as dpo
-from nanobumble.dpo import (batch_logps, dpo_batch_metrics, mean_logits, preference_loss, sequence_logps, sft_nll,
-                            token_logps)
+from nanobumble.dpo import (batch_logps, dpo_batch_metrics, mean_logits_reference, preference_loss, sequence_logps, sft_nll,
+                            token_logps_reference)
 from nanobumble.model import ModelConfig, Transformer
 
 LN2 = math.log(2.0)
@@ -170,7 +170,8 @@ def test_ipo_on_the_toy_batch_by_hand():
 
 
 def test_label_smoothing_is_refused_where_it_would_be_ignored():
-    from nanobumble.config import ConfigError, DPOConfig, parse_config
+    from nanobumble.config import DPOConfig, parse_config
+    from nanobumble.errors import ConfigError
 
     for loss_type in ("ipo", "hinge"):
         with pytest.raises(ConfigError, match="label_smoothing.*pref_loss.*" + loss_type):
@@ -188,7 +189,7 @@ def test_unknown_loss_type_lists_the_valid_ones():
         preference_loss(x, x, x, x, 0.1, loss_type="dpo")
 
 
-# --- token_logps -----------------------------------------------------------------------------------
+# --- token_logps_reference -----------------------------------------------------------------------------------
 
 def reference_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logp = torch.log_softmax(logits.double(), dim=-1)
@@ -210,7 +211,7 @@ def test_token_logps_matches_float64_log_softmax(monkeypatch, chunk_elements):
     monkeypatch.setattr(dpo, "CHUNK_ELEMENTS", chunk_elements)
     logits, labels = random_batch(3, 9, 37)
     logits.requires_grad_()
-    logps, mask = token_logps(logits, labels)
+    logps, mask = token_logps_reference(logits, labels)
     assert logps.dtype == torch.float32 and mask.dtype == torch.bool
     assert torch.equal(mask, labels != -100)
     assert (logps[~mask] == 0).all() and (logps[0, :3] == 0).all()
@@ -233,7 +234,7 @@ def test_token_logps_bf16_and_noncontiguous_logits(monkeypatch):
     labels = labels[:, 1:]
     assert not logits.is_contiguous()
     logits.requires_grad_()
-    logps, mask = token_logps(logits, labels)
+    logps, mask = token_logps_reference(logits, labels)
     assert logps.dtype == torch.float32
     # computed in fp32 from the bf16 values, so it matches float64 on those exact values closely
     torch.testing.assert_close(logps.double(), reference_token_logps(logits.detach(), labels), rtol=1e-5, atol=1e-5)
@@ -244,15 +245,15 @@ def test_token_logps_bf16_and_noncontiguous_logits(monkeypatch):
 def test_token_logps_gradcheck_float64():
     logits, labels = random_batch(2, 4, 7, seed=5)
     logits = logits.double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: token_logps(x, labels)[0], (logits,))
+    assert torch.autograd.gradcheck(lambda x: token_logps_reference(x, labels)[0], (logits,))
 
 
 def test_token_logps_rejects_bad_labels():
     logits = torch.zeros(1, 3, 5)
     with pytest.raises(ValueError, match="label 5 at row 0, position 2"):
-        token_logps(logits, torch.tensor([[0, -100, 5]]))
+        token_logps_reference(logits, torch.tensor([[0, -100, 5]]))
     with pytest.raises(ValueError, match="does not match"):
-        token_logps(logits, torch.zeros(1, 4, dtype=torch.long))
+        token_logps_reference(logits, torch.zeros(1, 4, dtype=torch.long))
 
 
 # --- sequence_logps (LD-DPO) -----------------------------------------------------------------------
@@ -307,10 +308,10 @@ def test_mean_logits_by_hand(monkeypatch):
     logits = torch.tensor([[[1.0, 3.0], [5.0, 7.0], [100.0, 100.0]],
                            [[0.0, 2.0], [-4.0, -6.0], [8.0, 8.0]]]).bfloat16()
     mask = torch.tensor([[True, True, False], [False, True, False]])
-    got = mean_logits(logits, mask)
+    got = mean_logits_reference(logits, mask)
     assert got.dtype == torch.float32
     assert torch.equal(got, torch.tensor([4.0, -5.0]))  # (1+3+5+7)/4 and (-4-6)/2
-    assert torch.equal(mean_logits(logits, torch.zeros(2, 3, dtype=torch.bool)), torch.zeros(2))
+    assert torch.equal(mean_logits_reference(logits, torch.zeros(2, 3, dtype=torch.bool)), torch.zeros(2))
 
 
 def test_sft_nll_by_hand():
@@ -357,7 +358,7 @@ def test_tiny_transformer_as_its_own_reference_gives_ln2():
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
 def test_batch_logps_equals_the_logits_path_values_and_gradients(kernels):
-    """batch_logps never builds the [2n, T, V] logits; it must give what token_logps
+    """batch_logps never builds the [2n, T, V] logits; it must give what token_logps_reference
     on the materialised logits gives (the way it was computed before), gradients included."""
     torch.manual_seed(1)
     cfg = ModelConfig(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -380,8 +381,8 @@ def test_batch_logps_equals_the_logits_path_values_and_gradients(kernels):
             seq, logps, mask, row_logits = batch_logps(model, input_ids, labels, ld_alpha=0.6)
         else:
             logits = model(input_ids)
-            logps, mask = token_logps(logits, labels)
-            seq, row_logits = sequence_logps(logps, mask, 0.6), mean_logits(logits, mask)
+            logps, mask = token_logps_reference(logits, labels)
+            seq, row_logits = sequence_logps(logps, mask, 0.6), mean_logits_reference(logits, mask)
         (seq * weights).sum().backward()
         results.append((seq.detach(), logps.detach(), mask, row_logits,
                         {name: p.grad for name, p in model.named_parameters()}))

@@ -18,11 +18,12 @@ import torch
 import torch.nn.functional as F
 
 import train_pretrain
+from kernels import IGNORE_INDEX
 from nanobumble import evaluate
 from nanobumble.checkpoint import load_model_dir, save_model_dir
-from nanobumble.common import UserError
-from nanobumble.data import DataError
-from nanobumble.generation import GenerationConfig, generate
+from nanobumble.errors import DataError, UserError
+from helpers import generate
+from nanobumble.generation import GenerationConfig
 from nanobumble.lora import adapter_config_for, inject_lora, save_adapter
 from nanobumble.model import ModelConfig, Transformer, pad_vocab_size
 from nanobumble.tokenizer import Tokenizer, train_tokenizer
@@ -105,14 +106,14 @@ def test_padded_batches_give_the_same_loglikelihoods_as_one_at_a_time(setup):
         generator = torch.Generator().manual_seed(length)
         ids = torch.randint(4, setup.tokenizer.vocab_size, (length + 1,), generator=generator)
         targets = ids[1:].tolist()
-        targets[:length // 2] = [evaluate.IGNORE] * (length // 2)
+        targets[:length // 2] = [IGNORE_INDEX] * (length // 2)
         rows.append((ids[:-1].tolist(), targets))
     batched = evaluate.target_logprobs(setup.model, rows, CPU, torch.float32, batch_size=4)
     for row, logprobs in zip(rows, batched):
         alone = evaluate.target_logprobs(setup.model, [row], CPU, torch.float32, batch_size=1)[0]
         assert logprobs.shape == (len(row[0]),)
         torch.testing.assert_close(logprobs, alone, atol=1e-5, rtol=0)
-        assert (logprobs[torch.tensor(row[1]) == evaluate.IGNORE] == 0).all()
+        assert (logprobs[torch.tensor(row[1]) == IGNORE_INDEX] == 0).all()
 
 
 def test_a_space_ending_the_context_moves_to_the_continuation(setup):
@@ -461,7 +462,8 @@ def test_the_same_loglikelihoods_and_accuracy_as_lm_evaluation_harness(setup, tm
 FSDP_SCRIPT = """
 import json, sys
 import torch
-from nanobumble.distributed import build_model, distributed_run
+from nanobumble.build import build_model
+from nanobumble.distributed import distributed_run
 from nanobumble.evaluate import evaluate_tasks, load_tasks
 from nanobumble.model import load_model_config
 from nanobumble.tokenizer import load_tokenizer

@@ -184,7 +184,7 @@ def test_sharded_export_loads_with_identical_logits_and_leaves_nothing_stale(tmp
 
 
 def test_max_shard_size_must_be_positive(tmp_path):
-    from nanobumble.config import ConfigError
+    from nanobumble.errors import ConfigError
     from nanobumble.export_hf import ExportConfig
 
     for bad in ("0", "-1", "inf", "nan"):

@@ -17,14 +17,14 @@ import yaml
 
 from nanobumble import tensor_files
 from nanobumble.checkpoint import checkpoint_problem, list_checkpoints, load_model_dir, save_model_dir
-from nanobumble.common import UserError
 from nanobumble.config import PretrainConfig, SFTConfig
-from nanobumble.data import files_signature
+from nanobumble.errors import UserError
 from nanobumble.export_hf import export_hf
 from nanobumble.lora import adapter_config_for, inject_lora, save_adapter
 from nanobumble.merge_lora import main as merge_main
-from nanobumble.metrics import read_metrics
+from helpers import read_metrics
 from nanobumble.model import ModelConfig, Transformer
+from nanobumble.records import files_signature
 from nanobumble.training import check_resume_settings
 
 from conftest import REPO_ROOT
@@ -355,7 +355,7 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(base_run, tmp_path,
     monkeypatch.setattr(nanobumble.checkpoint, "write_gathered", disk_fills_up)
     monkeypatch.setattr(sys, "argv", ["train_pretrain.py"] + STEPS + [
         "--cache_dir", cache_dir, "--output_dir", str(out), "--resume", "auto"])
-    from nanobumble.common import run_cli
+    from nanobumble.errors import run_cli
     import train_pretrain
     cwd = os.getcwd()
     os.chdir(REPO_ROOT)

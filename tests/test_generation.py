@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import generate, stream_text
 from nanobumble.generation import (GenerationConfig, TextStreamer, apply_repetition_penalty, fit_to_context,
-                                   generate, generate_stream, next_token, stream_text, top_k_filter, top_p_filter)
+                                   generate_stream, next_token, top_k_filter, top_p_filter)
 from nanobumble.model import KVCache, ModelConfig, Transformer
 from nanobumble.tokenizer import EOT_ID, IM_END_ID, Tokenizer, train_tokenizer
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanobumble.checkpoint import load_model_dir, save_model_dir
-from nanobumble.common import UserError
+from nanobumble.errors import UserError
 from nanobumble.export_hf import export_hf
 from nanobumble.lora import adapter_config_for, inject_lora, load_adapter, save_adapter
 from nanobumble.model import ModelConfig, Transformer, pad_vocab_size

@@ -16,10 +16,10 @@ import train_pretrain
 import train_sft
 from nanobumble.chat_template import render
 from nanobumble.checkpoint import load_model_dir
-from nanobumble.config import ConfigError
+from nanobumble.errors import ConfigError
 from nanobumble.export_hf import export_hf
 from nanobumble.lora import load_adapter
-from nanobumble.metrics import read_metrics
+from helpers import read_metrics
 from nanobumble.tokenizer import load_tokenizer
 
 from conftest import REPO_ROOT

@@ -11,10 +11,10 @@ from conftest import REPO_ROOT
 from safetensors.torch import load_file, save_file
 
 from nanobumble.checkpoint import load_model_dir, save_model_dir
-from nanobumble.common import UserError
-from nanobumble.lora import (PEFT_CONFIG, LoRALinear, adapter_config_for, disable_adapters, init_lora_weights,
-                             inject_lora, load_adapter, lora_state_dict, merge_lora, read_adapter_config,
-                             save_adapter)
+from nanobumble.errors import UserError
+from helpers import lora_state_dict
+from nanobumble.lora import (LoRALinear, PEFT_CONFIG, adapter_config_for, disable_adapters, init_lora_weights,
+                             inject_lora, load_adapter, merge_lora, read_adapter_config, save_adapter)
 from nanobumble.model import ModelConfig, Transformer
 from nanobumble.tokenizer import train_tokenizer
 

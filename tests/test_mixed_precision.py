@@ -12,7 +12,7 @@ import torch
 from conftest import DEVICE
 from copy_task import LETTERS, make_words, write_dpo_data, write_sft_data
 from nanobumble.checkpoint import save_model_dir
-from nanobumble.metrics import read_metrics
+from helpers import read_metrics
 from nanobumble.model import ModelConfig, Transformer, pad_vocab_size
 from nanobumble.tokenizer import Tokenizer, train_tokenizer
 from test_distributed import launch

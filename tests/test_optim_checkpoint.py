@@ -5,8 +5,9 @@ import torch
 
 from nanobumble.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, load_model_dir,
                                    save_checkpoint, save_model_dir)
-from nanobumble.common import UserError
-from nanobumble.metrics import MetricsLogger, read_metrics
+from nanobumble.errors import UserError
+from helpers import read_metrics
+from nanobumble.metrics import MetricsLogger
 from nanobumble.model import ModelConfig, Transformer
 from nanobumble.optim import build_optimizer, lr_at
 from nanobumble.tokenizer import train_tokenizer

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from nanobumble.common import run_cli
+from nanobumble.errors import run_cli
 from nanobumble.plot import build_figures, main, plot_run, read_records, write_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -21,8 +21,9 @@ from chat_helpers import save_tiny_chat_model
 from nanobumble import serve
 from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
 from nanobumble.checkpoint import load_model_dir
-from nanobumble.common import UserError
-from nanobumble.generation import GenerationConfig, generate, stream_text
+from nanobumble.errors import UserError
+from helpers import generate, stream_text
+from nanobumble.generation import GenerationConfig
 from nanobumble.lora import load_adapter
 from nanobumble.model import Transformer
 from nanobumble.tokenizer import EOT_ID, IM_END_ID, load_tokenizer

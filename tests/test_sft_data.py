@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from chat_helpers import assistant, small_tokenizer, system, user
 from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
-from nanobumble.data import DataError
+from nanobumble.errors import DataError
 from nanobumble.model import ModelConfig, Transformer
 from nanobumble.sft_data import SFTDataset, load_conversations, sample_targets, tokenize_sft
 from nanobumble.tokenizer import EOT_ID, IM_END_ID, IM_START_ID, Tokenizer

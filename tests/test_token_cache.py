@@ -10,8 +10,8 @@ import pytest
 
 from copy_task import LETTERS, write_dpo_data, write_sft_data
 from nanobumble import token_cache
-from nanobumble.data import DataError
 from nanobumble.dpo_data import load_preference_pairs, tokenize_pairs
+from nanobumble.errors import DataError
 from nanobumble.sft_data import load_conversations, tokenize_sft
 from nanobumble.tokenizer import Tokenizer, train_tokenizer
 

@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from nanobumble.data import DataError
+from nanobumble.errors import DataError
 from nanobumble.tokenizer import (
     EOT_ID, IM_END_ID, IM_START_ID, SPECIAL_TOKENS, Tokenizer, load_or_train_tokenizer, train_tokenizer,
 )

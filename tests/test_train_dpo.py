@@ -13,7 +13,8 @@ from nanobumble.checkpoint import list_checkpoints, load_model_dir
 from nanobumble.dpo import batch_logps
 from nanobumble.dpo_data import PreferenceDataset, load_preference_pairs, tokenize_pairs
 from nanobumble.lora import disable_adapters, inject_lora, load_adapter
-from nanobumble.metrics import MetricsLogger, read_metrics
+from helpers import read_metrics
+from nanobumble.metrics import MetricsLogger
 
 FAST = ["--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "48", "--use_tensorboard", "false", "--plot", "false", "--save_steps", "0",
         "--warmup_ratio", "0.1"]

@@ -9,9 +9,9 @@ import torch
 
 import train_pretrain
 from nanobumble.checkpoint import list_checkpoints, load_model_dir
-from nanobumble.common import UserError
-from nanobumble.data import DataError
-from nanobumble.metrics import MetricsLogger, read_metrics
+from nanobumble.errors import DataError, UserError
+from helpers import read_metrics
+from nanobumble.metrics import MetricsLogger
 from nanobumble.model import Transformer
 
 from conftest import REPO_ROOT

@@ -9,10 +9,11 @@ import train_sft
 from conftest import REPO_ROOT
 from copy_task import greedy_accuracy, make_base, make_words, write_sft_data
 from nanobumble.checkpoint import list_checkpoints, load_model_dir
-from nanobumble.common import UserError
-from nanobumble.data import split_held_out
+from nanobumble.errors import UserError
 from nanobumble.lora import load_adapter
-from nanobumble.metrics import MetricsLogger, read_metrics
+from helpers import read_metrics
+from nanobumble.metrics import MetricsLogger
+from nanobumble.records import split_held_out
 from nanobumble.sft_data import load_conversations, sample_targets, tokenize_sft
 
 FAST = ["--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "48", "--train_micro_batch_size_per_gpu", "16",

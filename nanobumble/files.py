@@ -1,0 +1,61 @@
+"""Writing so that a crash, a kill -9 or a full disk never leaves half a file.
+
+Everything is written under a temporary name beside its destination and
+renamed into place once complete (a rename within one directory is atomic):
+a reader sees the old version or the new one, never a mixture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """A temporary path beside `path` to write. When the block ends without an error
+    the file replaces `path`; otherwise it is removed and `path` is untouched."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str) -> Iterator[str]:
+    """A new temporary directory beside `directory` to fill. When the block ends
+    without an error it is renamed to `directory` (which may exist only empty);
+    otherwise it is removed. So `directory` is complete or absent. If `directory`
+    appeared meanwhile (another process), FileExistsError is raised."""
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(directory))}.tmp-")
+    os.chmod(tmp, 0o755)  # mkdtemp makes the directory private
+    try:
+        yield tmp
+        try:
+            if os.path.isdir(directory) and not os.listdir(directory):
+                os.rmdir(directory)
+            os.rename(tmp, directory)
+        except OSError as e:
+            raise FileExistsError(errno.EEXIST, f"{directory} appeared meanwhile ({e})", directory) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

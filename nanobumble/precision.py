@@ -1,0 +1,41 @@
+"""Which number format a run computes in.
+
+train_model_precision "auto" is bf16 on CUDA and fp32 on CPU (where bf16 is
+slow). A single process computes in bf16 under autocast, keeping fp32 weights
+and optimizer state; a sharded run gets the same from FSDP2's mixed-precision
+policy (distributed.shard_model), so it needs no autocast on top.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 autocast on CUDA, plain fp32 on CPU (where bf16 is slow)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def autocast_dtype(info, dtype: torch.dtype) -> torch.dtype:
+    """What autocast should cast to: nothing (fp32) in a sharded run, where FSDP's
+    mixed-precision policy already computes in `dtype`; `dtype` in a single process."""
+    return torch.float32 if info.sharded else dtype
+
+
+def precision_summary(info, dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "precision fp32"
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    if info.sharded:
+        return f"FSDP mixed precision: params {name}, reduce fp32"
+    return f"autocast {name} (fp32 weights and optimizer)"

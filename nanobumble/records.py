@@ -1,0 +1,369 @@
+"""Dataset files and their records, shared by pretraining, SFT and DPO.
+
+    dataset_path          a file, a directory (every *.json / *.jsonl below it), or a comma-separated list
+    iter_file_records     one file's records, as JSON Lines or one JSON array, each with its file:line
+    iter_text_records     pretraining's {"text": ...} records
+    read_records          SFT / DPO records, each converted by the shape its file's first record shows
+    alpaca_prompt, ...    the conversation shapes SFT and DPO both read (Alpaca, ShareGPT, messages)
+
+A bad record is reported as `file:line: reason` and skipped, or raises
+DataError when strict. Also here: the fingerprints that say whether data
+changed, the rule that holds out validation items, and the shuffled order of
+items over epochs that every stage's batches follow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+from nanobumble.chat_template import validate_messages
+from nanobumble.errors import DataError
+
+MAX_REPORTED_PROBLEMS = 20  # per call of iter_text_records or read_records; the rest are only counted
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+# ---------------------------------------------------------------------------
+# Files and their records
+
+
+def list_data_files(dataset_path: str | list[str]) -> list[str]:
+    """A file, a directory (every *.json / *.jsonl below it), or a comma-separated list."""
+    paths = dataset_path.split(",") if isinstance(dataset_path, str) else list(dataset_path)
+    paths = [p.strip() for p in paths if p.strip()]
+    if not paths:
+        raise DataError("no dataset_path given")
+    files: list[str] = []
+    for path in paths:
+        if os.path.isfile(path):
+            files.append(path)
+        elif os.path.isdir(path):
+            found = []
+            for root, _, names in os.walk(path):
+                found += [os.path.join(root, n) for n in names if n.endswith((".json", ".jsonl"))]
+            files += sorted(found)
+        else:
+            raise DataError(f"dataset path not found: {path}")
+    if not files:
+        raise DataError(f"no .json or .jsonl files found in {dataset_path}")
+    return files
+
+
+def _record_text(record: object) -> str:
+    """The record's text, or raise ValueError saying what is wrong with it."""
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if "text" not in record:
+        raise ValueError('record has no "text" field')
+    if not isinstance(record["text"], str):
+        raise ValueError(f'"text" must be a string, got {type(record["text"]).__name__}')
+    return record["text"]
+
+
+# JSON Lines are streamed record by record; a JSON array is parsed whole, so it is
+# refused above this size (memory stays bounded whatever the corpus).
+MAX_JSON_ARRAY_BYTES = 256 * 2**20
+
+
+def _first_character(f) -> str:
+    """The first character of a text file that is not whitespace ("" if there is none)."""
+    while chunk := f.read(4096):
+        chunk = chunk.lstrip()
+        if chunk:
+            return chunk[0]
+    return ""
+
+
+def _lone_surrogate(value: object) -> str | None:
+    """The first lone surrogate (e.g. from the JSON escape "\\ud800") in a record's
+    strings, or None. Such a string is not Unicode text: it cannot be encoded as UTF-8,
+    so sentencepiece and every file writer would fail on it later."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return e.object[e.start]
+        return None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        return next((found for found in map(_lone_surrogate, value) if found), None)
+    return None
+
+
+def _checked(record: object) -> object:
+    """The record, or a ValueError when one of its strings is not valid Unicode."""
+    surrogate = _lone_surrogate(record)
+    if surrogate:
+        return ValueError(f"invalid Unicode: lone surrogate \\u{ord(surrogate):04x}")
+    return record
+
+
+def iter_file_records(path: str) -> Iterator[tuple[str, object]]:
+    """Yield (location, record or ValueError) for every record of one file.
+
+    The format is decided by the first character that is not whitespace: "[" is
+    one JSON array, anything else JSON Lines."""
+    with open(path, encoding="utf-8-sig") as f:  # -sig: accept a leading byte order mark
+        first = _first_character(f)
+        f.seek(0)
+        if first == "[":
+            size = os.path.getsize(path)
+            if size > MAX_JSON_ARRAY_BYTES:
+                raise DataError(f"{path}: a JSON array is read into memory whole, and this one is "
+                                f"{size / 2**20:,.0f} MB (the limit is {MAX_JSON_ARRAY_BYTES / 2**20:,.0f} MB): "
+                                f"convert it to JSON Lines, one record per line, e.g. "
+                                f"jq -c '.[]' {path} > {os.path.splitext(path)[0]}.jsonl")
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON: {e}") from e
+            for i, record in enumerate(records):
+                yield f"{path}:record {i}", _checked(record)
+            return
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{line_number}", _checked(json.loads(line))
+            except json.JSONDecodeError as e:
+                yield f"{path}:{line_number}", ValueError(f"malformed JSON: {e}")
+
+
+def iter_text_records(files: Sequence[str], strict: bool = False, stats: dict | None = None,
+                      quiet: bool = False) -> Iterator[str]:
+    """Yield the text of every `{"text": ...}` record in files.
+
+    A bad record is reported on stderr as `file:line: reason` (unless quiet) and
+    skipped, or raises DataError when strict. stats (if given) counts documents,
+    skipped, empty and bytes (UTF-8 bytes of the yielded texts). Files without a
+    single non-empty text raise DataError once they are read.
+    """
+    if stats is None:
+        stats = {}
+    for key in ("documents", "skipped", "empty", "bytes"):
+        stats.setdefault(key, 0)
+    reported = 0
+    documents = 0
+    for path in files:
+        try:
+            for location, record in iter_file_records(path):
+                try:
+                    if isinstance(record, ValueError):
+                        raise record
+                    text = _record_text(record)
+                except ValueError as e:
+                    if strict:
+                        raise DataError(f"{location}: {e}") from None
+                    stats["skipped"] += 1
+                    reported += 1
+                    if quiet:
+                        continue
+                    if reported <= MAX_REPORTED_PROBLEMS:
+                        print(f"{location}: {e} (skipped)", file=sys.stderr)
+                    elif reported == MAX_REPORTED_PROBLEMS + 1:
+                        print("... more bad records are skipped without a message", file=sys.stderr)
+                    continue
+                if not text:
+                    stats["empty"] += 1
+                    continue
+                documents += 1
+                stats["documents"] += 1
+                stats["bytes"] += len(text.encode("utf-8"))
+                yield text
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text: {e}") from e
+        except OSError as e:
+            raise DataError(f"{path}: cannot read: {e}") from e
+    if documents == 0:
+        raise DataError(f"no documents with text in {', '.join(files)} "
+                        f"({stats['skipped']} bad records, {stats['empty']} empty texts)")
+
+
+def read_records(dataset_path: str | list[str], detect: Callable[[object, str], Callable],
+                 strict: bool, quiet: bool, what: str) -> tuple[list, dict]:
+    """Convert every record of every file with the converter that detect() picks
+    from the file's first record. A bad record is reported as `file:line: reason`
+    and skipped (raised when strict); an unknown shape always raises.
+    Returns (items, {"files": n, "skipped": n, "formats": {format name: records}})."""
+    stats: dict = {"files": 0, "skipped": 0, "formats": {}}
+    items = []
+    for path in list_data_files(dataset_path):
+        stats["files"] += 1
+        convert = None
+        try:
+            for where, record in iter_file_records(path):
+                try:
+                    if isinstance(record, ValueError):  # malformed JSON or invalid Unicode
+                        raise DataError(f"{where}: {record}")
+                    if convert is None:
+                        convert = detect(record, where)
+                    items.append(convert(record, where))
+                    name = convert.__name__.lstrip("_")
+                    stats["formats"][name] = stats["formats"].get(name, 0) + 1
+                except DataError as e:
+                    unknown_shape = convert is None and not isinstance(record, ValueError)
+                    if strict or unknown_shape:
+                        raise
+                    stats["skipped"] += 1
+                    if quiet:
+                        continue
+                    if stats["skipped"] <= MAX_REPORTED_PROBLEMS:
+                        print(f"{e} (skipped)", file=sys.stderr)
+                    elif stats["skipped"] == MAX_REPORTED_PROBLEMS + 1:
+                        print("... more bad records are skipped without a message", file=sys.stderr)
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text: {e}") from e
+        except OSError as e:
+            raise DataError(f"{path}: cannot read: {e}") from e
+    if not items:
+        raise DataError(f"no usable {what} in {dataset_path} ({stats['skipped']} bad records skipped)")
+    return items, stats
+
+
+def describe_keys(record: object) -> str:
+    if isinstance(record, dict):
+        return f"keys {sorted(record)}"
+    return f"a JSON {type(record).__name__}, not an object"
+
+
+# ---------------------------------------------------------------------------
+# Conversation shapes (SFT and DPO)
+
+
+def string_field(record: dict, key: str, where: str, optional: bool = False) -> str:
+    """record[key] as a string; a missing optional key (or null) is ""."""
+    value = record.get(key)
+    if value is None and optional:
+        return ""
+    if key not in record:
+        raise DataError(f'{where}: missing "{key}"')
+    if not isinstance(value, str):
+        raise DataError(f'{where}: "{key}" must be a string, got {type(value).__name__}')
+    return value
+
+
+def alpaca_prompt(record: dict, where: str) -> list[dict]:
+    """System (if any), history turns, then the user turn: instruction + "\\n" + input."""
+    instruction = string_field(record, "instruction", where)
+    extra = string_field(record, "input", where, optional=True)
+    system = string_field(record, "system", where, optional=True)
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise DataError(f'{where}: "history" must be a list of [user, assistant] pairs')
+    messages = [{"role": "system", "content": system}] if system else []
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise DataError(f'{where}: history[{i}] must be a [user, assistant] pair of strings')
+        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    messages.append({"role": "user", "content": instruction + ("\n" + extra if extra else "")})
+    return messages
+
+
+def sharegpt_messages(record: dict, where: str) -> list[dict]:
+    """ShareGPT turns ({"from", "value"}) as messages; a top-level "system" comes first."""
+    turns = record.get("conversations")
+    if not isinstance(turns, list):
+        raise DataError(f'{where}: "conversations" must be a list of turns')
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: conversations[{i}] must be an object")
+        speaker = turn.get("from")
+        if speaker not in SHAREGPT_ROLES:
+            raise DataError(f'{where}: conversations[{i}] has "from": {speaker!r}, expected one of '
+                            f"{', '.join(SHAREGPT_ROLES)}")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": string_field(turn, "value", f"{where}: turn {i}")})
+    system = string_field(record, "system", where, optional=True)
+    if system and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def openai_messages(record: dict, where: str) -> list[dict]:
+    """{"messages": [{"role", "content"}]}, keeping only those two keys."""
+    messages = record.get("messages")
+    if not isinstance(messages, list):
+        raise DataError(f'{where}: "messages" must be a list')
+    validate_messages(messages, where)
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+# ---------------------------------------------------------------------------
+# Has the data changed?
+
+
+def files_fingerprint(files: Sequence[str]) -> str:
+    """sha256 hex of each file's absolute path, size and modification time:
+    changes when the data changes, without reading it."""
+    digest = hashlib.sha256()
+    for path in files:
+        info = os.stat(path)
+        digest.update(f"{os.path.abspath(path)}\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
+    return digest.hexdigest()
+
+
+def files_signature(dataset_path: str | list[str]) -> str:
+    """sha256 hex of each data file's name and size: what a resumed run checks to
+    know it reads the same data. Unlike files_fingerprint it ignores where the
+    files lie and when they were written (copied or checked out again, they are
+    still the same data)."""
+    digest = hashlib.sha256()
+    for path in list_data_files(dataset_path):
+        digest.update(f"{os.path.basename(path)}\0{os.path.getsize(path)}\0".encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Held-out items, and the order of items over epochs
+
+
+def is_validation_document(index: int, val_ratio: float) -> bool:
+    """Route document number `index` to validation: a fixed hash of the index, so
+    the split depends on neither worker count nor chunking. Document 1 always goes
+    to validation, so any dataset of two or more documents has some."""
+    if val_ratio <= 0:
+        return False
+    if index == 1:
+        return True
+    digest = hashlib.blake2b(index.to_bytes(8, "little"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") < val_ratio * 2**64
+
+
+def split_held_out(items: list, val_ratio: float) -> tuple[list, list]:
+    """(training items, held-out items): item i is held out by is_validation_document(i),
+    so the split depends only on the items' order and val_ratio."""
+    held_out = [is_validation_document(i, val_ratio) for i in range(len(items))]
+    return ([x for x, out in zip(items, held_out) if not out], [x for x, out in zip(items, held_out) if out])
+
+
+class EpochOrder:
+    """Global sample index i -> item: epoch i // n, then a shuffle of the n items
+    drawn from (seed, epoch) alone. The same index gives the same item whatever
+    the batch size or number of processes, which makes resuming exact."""
+
+    def __init__(self, n: int):
+        if n <= 0:
+            raise DataError("the data set is empty")
+        self.n = n
+        self._cache: dict[tuple[int, int], np.ndarray] = {}
+
+    def permutation(self, seed: int, epoch: int) -> np.ndarray:
+        key = (seed, epoch)
+        if key not in self._cache:
+            if len(self._cache) >= 4:  # a batch spans at most two epochs; keep a few
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = np.random.default_rng([seed, epoch]).permutation(self.n)
+        return self._cache[key]
+
+    def __call__(self, seed: int, index: int) -> int:
+        if index < 0:
+            raise IndexError(f"sample index must be >= 0, got {index}")
+        epoch, offset = divmod(int(index), self.n)
+        return int(self.permutation(seed, epoch)[offset])
