@@ -87,14 +87,7 @@ def load_preference_pairs(dataset_path: str | list[str], strict: bool = False, q
     """Every pair in dataset_path (a file, a directory, or a comma-separated list) as
     {"prompt": messages ending with a user turn, "chosen": str, "rejected": str, "where": "file:line"}.
     stats, when given, receives the counts of files, formats and skipped records."""
-    pairs, found = read_records(dataset_path, _detect_pair_format, strict, quiet, "preference pairs")
-    if stats is not None:
-        stats.update(found)
-    if not quiet:
-        formats = ", ".join(f"{name} {count}" for name, count in found["formats"].items())
-        print(f"dpo data: {len(pairs)} preference pairs from {found['files']} files ({formats}), "
-              f"{found['skipped']} bad records skipped")
-    return pairs
+    return read_records(dataset_path, _detect_pair_format, strict, quiet, "preference pairs", "dpo", stats)
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Dataset files and their records, shared by pretraining, SFT and DPO.
 
-    dataset_path          a file, a directory (every *.json / *.jsonl below it), or a comma-separated list
+    list_data_files       dataset_path: a file, a directory (every *.json / *.jsonl below it), or a comma-separated list
     iter_file_records     one file's records, as JSON Lines or one JSON array, each with its file:line
     iter_text_records     pretraining's {"text": ...} records
     read_records          SFT / DPO records, each converted by the shape its file's first record shows
@@ -136,6 +136,15 @@ def iter_file_records(path: str) -> Iterator[tuple[str, object]]:
                 yield f"{path}:{line_number}", ValueError(f"malformed JSON: {e}")
 
 
+def report_skipped(problem: str, count: int) -> None:
+    """On stderr: the first MAX_REPORTED_PROBLEMS skipped records of a call, then
+    one line saying the rest are skipped silently (count: this one's number)."""
+    if count <= MAX_REPORTED_PROBLEMS:
+        print(f"{problem} (skipped)", file=sys.stderr)
+    elif count == MAX_REPORTED_PROBLEMS + 1:
+        print("... more bad records are skipped without a message", file=sys.stderr)
+
+
 def iter_text_records(files: Sequence[str], strict: bool = False, stats: dict | None = None,
                       quiet: bool = False) -> Iterator[str]:
     """Yield the text of every `{"text": ...}` record in files.
@@ -163,12 +172,8 @@ def iter_text_records(files: Sequence[str], strict: bool = False, stats: dict | 
                         raise DataError(f"{location}: {e}") from None
                     stats["skipped"] += 1
                     reported += 1
-                    if quiet:
-                        continue
-                    if reported <= MAX_REPORTED_PROBLEMS:
-                        print(f"{location}: {e} (skipped)", file=sys.stderr)
-                    elif reported == MAX_REPORTED_PROBLEMS + 1:
-                        print("... more bad records are skipped without a message", file=sys.stderr)
+                    if not quiet:
+                        report_skipped(f"{location}: {e}", reported)
                     continue
                 if not text:
                     stats["empty"] += 1
@@ -187,12 +192,14 @@ def iter_text_records(files: Sequence[str], strict: bool = False, stats: dict | 
 
 
 def read_records(dataset_path: str | list[str], detect: Callable[[object, str], Callable],
-                 strict: bool, quiet: bool, what: str) -> tuple[list, dict]:
+                 strict: bool, quiet: bool, what: str, stage: str, stats: dict | None = None) -> list:
     """Convert every record of every file with the converter that detect() picks
     from the file's first record. A bad record is reported as `file:line: reason`
-    and skipped (raised when strict); an unknown shape always raises.
-    Returns (items, {"files": n, "skipped": n, "formats": {format name: records}})."""
-    stats: dict = {"files": 0, "skipped": 0, "formats": {}}
+    and skipped (raised when strict); an unknown shape always raises. Unless
+    quiet, prints one summary line ("<stage> data: N <what> from ...").
+    stats, when given, receives {"files": n, "skipped": n, "formats": {format name: records}}."""
+    stats = {} if stats is None else stats
+    stats.update({"files": 0, "skipped": 0, "formats": {}})
     items = []
     for path in list_data_files(dataset_path):
         stats["files"] += 1
@@ -212,19 +219,19 @@ def read_records(dataset_path: str | list[str], detect: Callable[[object, str], 
                     if strict or unknown_shape:
                         raise
                     stats["skipped"] += 1
-                    if quiet:
-                        continue
-                    if stats["skipped"] <= MAX_REPORTED_PROBLEMS:
-                        print(f"{e} (skipped)", file=sys.stderr)
-                    elif stats["skipped"] == MAX_REPORTED_PROBLEMS + 1:
-                        print("... more bad records are skipped without a message", file=sys.stderr)
+                    if not quiet:
+                        report_skipped(str(e), stats["skipped"])
         except UnicodeDecodeError as e:
             raise DataError(f"{path}: not UTF-8 text: {e}") from e
         except OSError as e:
             raise DataError(f"{path}: cannot read: {e}") from e
     if not items:
         raise DataError(f"no usable {what} in {dataset_path} ({stats['skipped']} bad records skipped)")
-    return items, stats
+    if not quiet:
+        formats = ", ".join(f"{name} {count}" for name, count in stats["formats"].items())
+        print(f"{stage} data: {len(items)} {what} from {stats['files']} files ({formats}), "
+              f"{stats['skipped']} bad records skipped")
+    return items
 
 
 def describe_keys(record: object) -> str:

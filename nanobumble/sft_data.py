@@ -78,14 +78,7 @@ def load_conversations(dataset_path: str | list[str], strict: bool = False, quie
     """Every conversation in dataset_path (a file, a directory, or a comma-separated
     list) as {"messages": [{"role", "content"}, ...], "where": "file:line"}.
     stats, when given, receives the counts of files, formats and skipped records."""
-    conversations, found = read_records(dataset_path, _detect_sft_format, strict, quiet, "conversations")
-    if stats is not None:
-        stats.update(found)
-    if not quiet:
-        formats = ", ".join(f"{name} {count}" for name, count in found["formats"].items())
-        print(f"sft data: {len(conversations)} conversations from {found['files']} files ({formats}), "
-              f"{found['skipped']} bad records skipped")
-    return conversations
+    return read_records(dataset_path, _detect_sft_format, strict, quiet, "conversations", "sft", stats)
 
 
 # ---------------------------------------------------------------------------

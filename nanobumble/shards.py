@@ -13,11 +13,10 @@ A shard directory holds train_000000.bin, ..., val_000000.bin, ..., the
 tokenizer.model that made them, and meta.json describing the lot.
 
 `TokenShards.batch` gives the training windows of a run in epochs: each epoch
-visits every window once, in an order shuffled by (seed, epoch) (records.EpochOrder,
-as for SFT and DPO). A window is
-named by its draw number in the run alone, so a batch does not depend on how
-many processes share it, and a resumed run draws exactly the batches it would
-have drawn.
+visits every window once, in an order shuffled by (seed, epoch), the same
+records.EpochOrder that SFT and DPO rows follow. A window is named by its draw
+number in the run alone, so a batch does not depend on how many processes
+share it, and a resumed run draws exactly the batches it would have drawn.
 """
 
 import hashlib
