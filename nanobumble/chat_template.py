@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import json
-
 from typing import TYPE_CHECKING
 
 from nanobumble.errors import DataError

@@ -37,7 +37,7 @@ import yaml
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
 from .distributed import barrier, is_main
-from .errors import UserError
+from .errors import DataError, UserError
 from .files import atomic_write_bytes, atomic_write_text
 from .model import ModelConfig, Transformer, load_model_config, model_config_json
 from .tensor_files import DamagedFile, header_shapes, open_file, read_into, write_gathered
@@ -295,7 +295,6 @@ def checkpoint_problem(path: str) -> str | None:
     """What is wrong with a checkpoint directory, or None when it is intact: every
     file present and readable, the weights matching config.json, the optimizer
     state matching the weights. Reads headers only."""
-    from .errors import DataError
     from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_param_name, read_adapter_config
     from .tokenizer import load_tokenizer
 

@@ -55,7 +55,7 @@ from safetensors.torch import save_file
 from .chat_template import DEFAULT_SYSTEM_PROMPT
 from .checkpoint import check_model_dir, check_output_dir, load_model_dir, model_state_dict, read_trainer_state
 from .config import parse_config
-from .errors import ConfigError, UserError, run_cli
+from .errors import ConfigError, DataError, UserError, run_cli
 from .files import atomic_write_bytes, atomic_write_text
 from .generation import GenerationConfig
 from .model import ModelConfig
@@ -319,7 +319,6 @@ def training_lineage(model_dir: str, args: dict, max_stages: int = 10) -> list[d
 
 def data_summary(dataset_path: str) -> str:
     """The dataset path, with its size when it is still readable from here."""
-    from .errors import DataError
     from .records import list_data_files
     from .shards import read_meta
 

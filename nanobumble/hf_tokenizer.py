@@ -19,6 +19,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from .errors import DataError
+
 # What a model directory keeps, stage after stage (newer transformers write the
 # chat template to its own file, older ones into tokenizer_config.json).
 FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -42,8 +44,6 @@ def byte_level_alphabet() -> dict[str, int]:
 class HFTokenizer:
     def __init__(self, directory: str):
         from tokenizers import Tokenizer as FastTokenizer
-
-        from .errors import DataError
 
         self.model_file = os.path.join(directory, "tokenizer.json")
         self.files: dict[str, bytes] = {}

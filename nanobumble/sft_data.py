@@ -33,7 +33,6 @@ from nanobumble.records import (EpochOrder, alpaca_prompt, describe_keys, openai
 from nanobumble.tokenizer import EOT_ID, Tokenizer
 
 
-
 # ---------------------------------------------------------------------------
 # Loading conversations
 

@@ -36,6 +36,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from nanobumble.errors import ConfigError, DataError
+from nanobumble.files import atomic_write_bytes
+
 UNK_ID = 0
 EOT_ID = 1
 IM_START_ID = 2
@@ -87,8 +90,6 @@ def train_tokenizer(texts: Iterable[str] | Callable[[], Iterable[str]], vocab_si
     The same input gives the same model file. When the text is too small to
     fill vocab_size, the model simply comes out smaller (the real size is printed).
     """
-    from nanobumble.errors import ConfigError
-
     if vocab_size < MIN_VOCAB_SIZE:
         raise ConfigError(f"vocab_size={vocab_size} is too small: a tokenizer needs at least {MIN_VOCAB_SIZE} "
                           f"tokens ({FIXED_PIECES} fixed ones: <unk>, {len(SPECIAL_TOKENS)} specials and 256 "
@@ -117,8 +118,6 @@ def train_tokenizer(texts: Iterable[str] | Callable[[], Iterable[str]], vocab_si
         except _TooManyCharacters:
             raise too_small from None
 
-    from nanobumble.files import atomic_write_bytes
-
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
     atomic_write_bytes(model_path, model)
     real_size = spm.SentencePieceProcessor(model_file=model_path).get_piece_size()
@@ -129,8 +128,6 @@ def train_tokenizer(texts: Iterable[str] | Callable[[], Iterable[str]], vocab_si
 
 def _train_model(texts: Iterable[str], vocab_size: int, left_out: dict[int, str]) -> bytes:
     """One sentencepiece training run (see _training_lines); the model file's bytes."""
-    from nanobumble.errors import ConfigError
-    from nanobumble.errors import DataError
 
     specials = sorted(SPECIAL_TOKENS, key=SPECIAL_TOKENS.get)
     model = io.BytesIO()

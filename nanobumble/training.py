@@ -147,7 +147,8 @@ class Stage:
                 self.logger.log(step, scalars)
 
     def is_eval_step(self, step: int) -> bool:
-        return is_eval_step(step, self.num_steps, self.cfg.eval_steps)
+        """Validate every eval_steps steps, and always after the last one."""
+        return step == self.num_steps or (self.cfg.eval_steps > 0 and step % self.cfg.eval_steps == 0)
 
     def task_scores(self) -> dict:
         """The eval_tasks metrics of the model now ({} without eval_tasks)."""
@@ -157,7 +158,11 @@ class Stage:
                               self.micro_batch, system_prompt=self.cfg.system_prompt)
 
     def report_evaluation(self, step: int, scalars: dict) -> None:
-        report_evaluation(step, self.num_steps, scalars, self.logger)
+        """One printed line of validation / evaluation numbers, also logged (rank 0 has the logger)."""
+        print0(f"step {step}/{self.num_steps} | " + " | ".join(f"{key} {value:.4f}" for key, value in scalars.items()),
+               flush=True)
+        if self.logger is not None:
+            self.logger.log(step, scalars)
 
     def save_if_due(self, step: int) -> None:
         """A checkpoint every save_steps steps (after checking the weights are finite)."""
@@ -380,19 +385,6 @@ def rank_batches(num_batches: int, info) -> list[tuple[int, float]]:
     rounds = math.ceil(num_batches / info.world_size)
     indices = [i * info.world_size + info.rank for i in range(rounds)]
     return [(i, 1.0) if i < num_batches else (0, 0.0) for i in indices]
-
-
-def is_eval_step(step: int, num_steps: int, eval_steps: int) -> bool:
-    """Validate every eval_steps steps, and always after the last one."""
-    return step == num_steps or (eval_steps > 0 and step % eval_steps == 0)
-
-
-def report_evaluation(step: int, num_steps: int, scalars: dict, logger) -> None:
-    """One printed line of validation / evaluation numbers, also logged (rank 0 has the logger)."""
-    print0(f"step {step}/{num_steps} | " + " | ".join(f"{key} {value:.4f}" for key, value in scalars.items()),
-           flush=True)
-    if logger is not None:
-        logger.log(step, scalars)
 
 
 class Progress:
