@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 from .model import ModelConfig
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks in FLOP/s, from the vendors' data
@@ -45,6 +47,11 @@ def peak_bf16_flops(device_name: str) -> float | None:
         if all(word in words for word in key.split()):
             return flops
     return None
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """peak_bf16_flops of a CUDA device by its name; None on any other device."""
+    return peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

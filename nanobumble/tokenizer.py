@@ -171,8 +171,6 @@ class Tokenizer:
 
     def __init__(self, model_file: str):
         """Load model_file; a missing, unreadable or foreign file is a DataError naming it."""
-        from nanobumble.errors import DataError
-
         if not os.path.isfile(model_file):
             raise DataError(f"tokenizer model not found: {model_file}")
         try:
@@ -271,8 +269,6 @@ def load_tokenizer(path: str):
     """The tokenizer of a model directory, or of a tokenizer file: tokenizer.model
     (nanobumble's sentencepiece) or tokenizer.json (a Hugging Face model's, see
     hf_tokenizer.py). Both give the same interface."""
-    from nanobumble.errors import DataError
-
     if os.path.isdir(path):
         for name in ("tokenizer.model", "tokenizer.json"):
             if os.path.isfile(os.path.join(path, name)):

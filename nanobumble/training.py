@@ -40,7 +40,7 @@ from .errors import UserError
 from .evaluate import evaluate_tasks, load_tasks
 from .lora import adapter_config_for
 from .metrics import MetricsLogger
-from .mfu import peak_bf16_flops
+from .mfu import device_peak_flops
 from .optim import build_optimizer, lr_at
 from .plot import plot_run
 from .precision import autocast, autocast_dtype, resolve_precision
@@ -104,8 +104,7 @@ class Stage:
         self.training_args = config_to_yaml(cfg)
         self.logger = MetricsLogger(cfg.output_dir, cfg.use_tensorboard, resume_step=self.start_step) \
             if info.is_main else None
-        peak_flops = peak_bf16_flops(torch.cuda.get_device_name()) if flops_per_token and self.device.type == "cuda" \
-            else None
+        peak_flops = device_peak_flops(self.device) if flops_per_token else None
         self.progress = Progress(self.num_steps, flops_per_token, peak_flops * info.world_size if peak_flops else None)
 
     def steps(self):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, print_table
-from nanobumble.mfu import peak_bf16_flops, training_flops_per_token
+from nanobumble.mfu import device_peak_flops, training_flops_per_token
 from nanobumble.model import Transformer, model_config_for
 from nanobumble.optim import build_optimizer
 from nanobumble.precision import autocast
@@ -82,7 +82,7 @@ def test_bench_training_throughput(tiny_setup, capsys):
     if torch.cuda.is_available():
         device = torch.device("cuda")
         name = torch.cuda.get_device_name()
-        peak = peak_bf16_flops(name)
+        peak = device_peak_flops(device)
         for model_name, vocab, batch, seq, ckpt in [("tiny", tokenizer.vocab_size, 64, 256, False),
                                                     ("bumblebee-1.5b", 151936, 4, 2048, True)]:
             use_data = data if model_name == "tiny" else None

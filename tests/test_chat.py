@@ -118,5 +118,6 @@ def test_a_cuda_device_beyond_the_count_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert chat.resolve_device("cuda:0") == torch.device("cuda", 0)
+    assert chat.resolve_device("auto") == torch.device("cuda")
     with pytest.raises(UserError, match="device cuda:3: there are only 1 CUDA devices"):
         chat.resolve_device("cuda:3")

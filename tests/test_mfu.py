@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanobumble.mfu import peak_bf16_flops, training_flops_per_token
+from nanobumble.mfu import device_peak_flops, peak_bf16_flops, training_flops_per_token
 from nanobumble.model import PRESETS, ModelConfig, Transformer
 
 T = 1e12
@@ -39,6 +39,27 @@ def test_peak_by_exact_device_name(name, peak):
                                   "Tesla V100-SXM2-16GB", "NVIDIA T4", "AMD Instinct MI300X", "", "cpu"])
 def test_unknown_gpu_has_no_peak(name):
     assert peak_bf16_flops(name) is None
+
+
+def test_a_training_run_looks_up_its_cuda_device_by_name(monkeypatch):
+    # The CUDA branch, reached on a CPU machine with a stand-in H200.
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert device_peak_flops(torch.device("cuda", 0)) == 989 * T
+    assert device_peak_flops(torch.device("cpu")) is None
+
+
+def test_the_progress_line_reports_mfu_when_the_peak_is_known():
+    from nanobumble.training import Progress
+
+    progress = Progress(10, flops_per_token=2e9, peak_flops=8e12)
+    progress.add(2.0, 1000, **{"train/loss": 1.0})  # 500 tokens/s x 2 GFLOPs = 1 TFLOP/s of 8
+    scalars, line = progress.report(1, 1e-3, 0.5)
+    assert scalars["train/mfu"] == pytest.approx(0.125)
+    assert "mfu 12.5%" in line
+    progress = Progress(10)  # no peak (CPU, or a GPU not in the table): no MFU at all
+    progress.add(2.0, 1000, **{"train/loss": 1.0})
+    scalars, line = progress.report(1, 1e-3, 0.5)
+    assert "train/mfu" not in scalars and "mfu" not in line
 
 
 def test_flops_per_token_by_hand():

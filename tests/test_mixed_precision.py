@@ -25,6 +25,23 @@ SMALL = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermed
              max_position_embeddings=128)
 
 
+def test_the_precision_policy_of_each_case():
+    # precision.py's CUDA and sharded branches, reached on CPU with device objects and stand-in ranks.
+    from nanobumble.distributed import DistInfo
+    from nanobumble.precision import autocast_dtype, precision_summary, resolve_precision
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_precision("auto", cuda) == torch.bfloat16  # the GPU run computes in bf16
+    assert resolve_precision("auto", cpu) == torch.float32
+    assert resolve_precision("bf16", cpu) == torch.bfloat16 and resolve_precision("fp32", cuda) == torch.float32
+    one, sharded = DistInfo(device=cpu), DistInfo(device=cpu, world_size=2)
+    assert autocast_dtype(one, torch.bfloat16) == torch.bfloat16  # one process: autocast does the casting
+    assert autocast_dtype(sharded, torch.bfloat16) == torch.float32  # FSDP's policy does it instead
+    assert precision_summary(sharded, torch.bfloat16) == POLICY_LINE
+    assert precision_summary(one, torch.bfloat16) == "autocast bf16 (fp32 weights and optimizer)"
+    assert precision_summary(one, torch.float32) == "precision fp32"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
