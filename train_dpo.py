@@ -22,7 +22,7 @@ from contextlib import nullcontext
 
 import torch
 
-from kernels import IGNORE_INDEX
+from nanobumble.kernels import IGNORE_INDEX
 from nanobumble.build import lora_settings, open_starting_model
 from nanobumble.config import DPOConfig
 from nanobumble.distributed import all_reduce_sum, print0

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels import IGNORE_INDEX
+from nanobumble.kernels import IGNORE_INDEX
 from nanobumble.build import lora_settings, open_starting_model
 from nanobumble.config import SFTConfig
 from nanobumble.distributed import all_reduce_sum, print0

@@ -101,7 +101,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kernels import IGNORE_INDEX
+from nanobumble.kernels import IGNORE_INDEX
 from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
 from nanobumble.checkpoint import check_writable
 from nanobumble.errors import DataError, UserError, run_cli

@@ -23,10 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from kernels import resolve_backend
-from kernels.cross_entropy import linear_cross_entropy
-from kernels.rmsnorm import rms_norm, rms_norm_reference
-from kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
+from nanobumble.kernels import resolve_backend
+from nanobumble.kernels.cross_entropy import linear_cross_entropy
+from nanobumble.kernels.rmsnorm import rms_norm, rms_norm_reference
+from nanobumble.kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
 from .errors import ConfigError
 
 
@@ -202,7 +202,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = cfg
         self.gradient_checkpointing = False
-        self.kernels = "auto"  # auto | triton | torch: see kernels/__init__.py
+        self.kernels = "auto"  # auto | triton | torch: see nanobumble/kernels/__init__.py
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from kernels import IGNORE_INDEX
+from nanobumble.kernels import IGNORE_INDEX
 from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render_turn, validate_messages, with_system_prompt
 from nanobumble.errors import DataError
 from nanobumble.records import (EpochOrder, alpaca_prompt, describe_keys, openai_messages, read_records,

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import IGNORE_INDEX  # noqa: E402
+from nanobumble.kernels import IGNORE_INDEX  # noqa: E402
 from nanobumble import dpo  # noqa: E402
 from nanobumble.model import ModelConfig, Transformer  # noqa: E402
 from host_memory import measure  # noqa: E402

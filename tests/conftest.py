@@ -4,7 +4,7 @@ import sys
 import torch
 
 # Without a GPU the Triton kernels run on CPU tensors through the interpreter;
-# this must be set before any kernel is defined, i.e. before kernels/ is imported.
+# this must be set before any kernel is defined, i.e. before nanobumble/kernels/ is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -17,6 +17,6 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def print_table(title: str, header: list, rows: list[list]) -> None:
     """A plain right-aligned text table, for the benchmarks."""
-    from helpers import format_table  # imported late: helpers imports kernels/, which needs TRITON_INTERPRET set
+    from helpers import format_table  # imported late: helpers imports nanobumble/kernels/, which needs TRITON_INTERPRET set
 
     print("\n" + format_table(title, header, rows))

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO_ROOT, print_table
-from kernels import IGNORE_INDEX
-from kernels.cross_entropy import _rows_triton, linear_cross_entropy, linear_cross_entropy_reference
+from nanobumble.kernels import IGNORE_INDEX
+from nanobumble.kernels.cross_entropy import _rows_triton, linear_cross_entropy, linear_cross_entropy_reference
 
 pytestmark = pytest.mark.bench
 
@@ -176,7 +176,7 @@ _CPU_MEASURE = textwrap.dedent("""
     import json, resource, sys, time
     import torch
     sys.path.insert(0, {repo!r})
-    from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+    from nanobumble.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
     torch.manual_seed(0)
     n, h, v = {n}, {h}, {v}
     hidden = torch.randn(n, h).requires_grad_()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import print_table
-from kernels.rmsnorm import _dw_programs, rms_norm, rms_norm_reference
+from nanobumble.kernels.rmsnorm import _dw_programs, rms_norm, rms_norm_reference
 
 pytestmark = pytest.mark.bench
 

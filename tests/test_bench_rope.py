@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, print_table
-from kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
+from nanobumble.kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
 
 pytestmark = pytest.mark.bench
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import train_pretrain
-from kernels import IGNORE_INDEX
+from nanobumble.kernels import IGNORE_INDEX
 from nanobumble import evaluate
 from nanobumble.checkpoint import load_model_dir, save_model_dir
 from nanobumble.errors import DataError, UserError

@@ -33,11 +33,11 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT, print_table
-import kernels.alloc as alloc_mod
-from kernels import IGNORE_INDEX
-from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-from kernels.rmsnorm import rms_norm, rms_norm_reference
-from kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
+import nanobumble.kernels.alloc as alloc_mod
+from nanobumble.kernels import IGNORE_INDEX
+from nanobumble.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from nanobumble.kernels.rmsnorm import rms_norm, rms_norm_reference
+from nanobumble.kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
 from nanobumble.build import build_model
 from nanobumble.distributed import DistInfo
 from nanobumble.mfu import peak_bf16_flops, training_flops_per_token

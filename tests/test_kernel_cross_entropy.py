@@ -1,4 +1,4 @@
-"""linear_cross_entropy (kernels/cross_entropy.py) against float64 PyTorch.
+"""linear_cross_entropy (nanobumble/kernels/cross_entropy.py) against float64 PyTorch.
 
 First the Triton row kernel at chosen logits: an identity weight makes
 linear_cross_entropy's logits exactly the hidden states, so the kernel is fed
@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import DEVICE
-import kernels.alloc
-import kernels.cross_entropy as ce
-from kernels import IGNORE_INDEX
-from kernels.cross_entropy import cross_entropy_reference, linear_cross_entropy, linear_cross_entropy_reference
+import nanobumble.kernels.alloc as kernel_alloc
+import nanobumble.kernels.cross_entropy as ce
+from nanobumble.kernels import IGNORE_INDEX
+from nanobumble.kernels.cross_entropy import cross_entropy_reference, linear_cross_entropy, linear_cross_entropy_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -26,8 +26,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
     # every test runs with outputs that start as NaN, so an unwritten element fails
-    monkeypatch.setattr(kernels.alloc, "POISON_OUTPUTS", True)
-    assert torch.isnan(kernels.alloc.alloc((1,), torch.float32, DEVICE)).all()
+    monkeypatch.setattr(kernel_alloc, "POISON_OUTPUTS", True)
+    assert torch.isnan(kernel_alloc.alloc((1,), torch.float32, DEVICE)).all()
 
 
 def make_targets(n: int, vocab: int, ignore: str, gen_device=DEVICE) -> torch.Tensor:

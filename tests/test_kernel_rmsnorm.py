@@ -1,4 +1,4 @@
-"""Fused RMSNorm (kernels/rmsnorm.py) against a float64 computation.
+"""Fused RMSNorm (nanobumble/kernels/rmsnorm.py) against a float64 computation.
 
 Forward y and backward dx, dw. In fp32 the kernel must be close to float64; in
 bf16/fp16 its error may be at most twice the error the PyTorch reference makes
@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from conftest import DEVICE
-import kernels.alloc
-from kernels.rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
+import nanobumble.kernels.alloc as kernel_alloc
+from nanobumble.kernels.rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(kernels.alloc, "POISON_OUTPUTS", True)
-    assert torch.isnan(kernels.alloc.alloc((1,), torch.float32, DEVICE)).all()
+    monkeypatch.setattr(kernel_alloc, "POISON_OUTPUTS", True)
+    assert torch.isnan(kernel_alloc.alloc((1,), torch.float32, DEVICE)).all()
 
 
 def float64_rms_norm(x, weight, eps):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import DEVICE
-import kernels.alloc
-from kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
+import nanobumble.kernels.alloc as kernel_alloc
+from nanobumble.kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
 
 THETA = 1_000_000.0
 
@@ -17,8 +17,8 @@ THETA = 1_000_000.0
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     # Outputs start as NaN: an element the kernel does not write fails the comparison.
-    monkeypatch.setattr(kernels.alloc, "POISON_OUTPUTS", True)
-    assert torch.isnan(kernels.alloc.alloc((1,), torch.float32, DEVICE)).all()
+    monkeypatch.setattr(kernel_alloc, "POISON_OUTPUTS", True)
+    assert torch.isnan(kernel_alloc.alloc((1,), torch.float32, DEVICE)).all()
 
 
 def positions(batch: int, seq: int, kind: str) -> torch.Tensor:

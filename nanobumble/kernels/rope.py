@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.alloc import alloc_like
-from kernels.interpreter import round_bf16_first, round_to_bf16
+from nanobumble.kernels.alloc import alloc_like
+from nanobumble.kernels.interpreter import round_bf16_first, round_to_bf16
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.alloc import alloc
-from kernels.interpreter import round_bf16_first, round_to_bf16
+from nanobumble.kernels.alloc import alloc
+from nanobumble.kernels.interpreter import round_bf16_first, round_to_bf16
 
 MAX_HIDDEN = 65536  # one row must fit in one block
 

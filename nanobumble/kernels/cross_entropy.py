@@ -46,9 +46,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import IGNORE_INDEX, resolve_backend
-from kernels.alloc import alloc
-from kernels.interpreter import round_bf16_first, round_to_bf16
+from nanobumble.kernels import IGNORE_INDEX, resolve_backend
+from nanobumble.kernels.alloc import alloc
+from nanobumble.kernels.interpreter import round_bf16_first, round_to_bf16
 
 # linear_cross_entropy's default chunk: as many rows as keep one chunk of logits,
 # counted at 4 bytes a value, within this budget (rounded down to a multiple of 64
