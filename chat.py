@@ -32,13 +32,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
-from nanobumble.config import parse_config
-from nanobumble.errors import ConfigError, UserError, run_cli
-from nanobumble.generation import GenerationConfig, TextStreamer, fit_to_context, generate_stream
-from nanobumble.inference import check_sampling_keys, load_model, log, resolve_device, resolve_mode
-from nanobumble.precision import resolve_precision
-from nanobumble.tokenizer import Tokenizer
+from nanobumble.base.errors import ConfigError, UserError, run_cli
+from nanobumble.base.precision import resolve_precision
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
+from nanobumble.data.tokenizer import Tokenizer
+from nanobumble.inference.generation import GenerationConfig, TextStreamer, fit_to_context, generate_stream
+from nanobumble.inference.loading import check_sampling_keys, load_model, log, resolve_device, resolve_mode
+from nanobumble.run.config import parse_config
 
 
 @dataclass

@@ -22,16 +22,16 @@ from contextlib import nullcontext
 
 import torch
 
-from nanobumble.kernels import IGNORE_INDEX
-from nanobumble.build import lora_settings, open_starting_model
-from nanobumble.config import DPOConfig
-from nanobumble.distributed import all_reduce_sum, print0
-from nanobumble.dpo import batch_logps, displacement_warning, dpo_batch_metrics, preference_loss, sft_nll
-from nanobumble.dpo_data import PreferenceDataset
-from nanobumble.errors import run_cli
-from nanobumble.lora import disable_adapters
-from nanobumble.precision import autocast, precision_summary
-from nanobumble.training import Stage, rank_batches, run_stage, tokenized_data
+from nanobumble.base.distributed import all_reduce_sum, print0
+from nanobumble.base.errors import run_cli
+from nanobumble.base.precision import autocast, precision_summary
+from nanobumble.data.dpo_data import PreferenceDataset
+from nanobumble.model.dpo import batch_logps, displacement_warning, dpo_batch_metrics, preference_loss, sft_nll
+from nanobumble.model.layers import IGNORE_INDEX
+from nanobumble.model.lora import disable_adapters
+from nanobumble.run.build import lora_settings, open_starting_model
+from nanobumble.run.config import DPOConfig
+from nanobumble.run.stage import Stage, rank_batches, run_stage, tokenized_data
 
 
 def main(argv: list[str]) -> None:

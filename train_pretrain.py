@@ -18,18 +18,24 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nanobumble.build import check_model_fits
-from nanobumble.config import PretrainConfig
-from nanobumble.distributed import (all_reduce_mean, all_reduce_sum, local_bytes, main_process_first,
-                                    optimizer_state_bytes, print0)
-from nanobumble.errors import run_cli
-from nanobumble.mfu import training_flops_per_token
-from nanobumble.model import model_config_for
-from nanobumble.precision import autocast, precision_summary
-from nanobumble.records import files_fingerprint, iter_text_records, list_data_files
-from nanobumble.shards import TokenShards, ensure_shards
-from nanobumble.tokenizer import Tokenizer, has_tokenizer, load_or_train_tokenizer, load_tokenizer
-from nanobumble.training import Stage, rank_batches, run_stage
+from nanobumble.base.distributed import (
+    all_reduce_mean,
+    all_reduce_sum,
+    local_bytes,
+    main_process_first,
+    optimizer_state_bytes,
+    print0,
+)
+from nanobumble.base.errors import run_cli
+from nanobumble.base.precision import autocast, precision_summary
+from nanobumble.data.records import files_fingerprint, iter_text_records, list_data_files
+from nanobumble.data.shards import TokenShards, ensure_shards
+from nanobumble.data.tokenizer import Tokenizer, has_tokenizer, load_or_train_tokenizer, load_tokenizer
+from nanobumble.model.mfu import training_flops_per_token
+from nanobumble.run.build import check_model_fits
+from nanobumble.run.config import PretrainConfig
+from nanobumble.run.stage import Stage, rank_batches, run_stage
+from nanobumble.store.model_dir import model_config_for
 
 
 def main(argv: list[str]) -> None:

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import torch
 
-from nanobumble.kernels import IGNORE_INDEX
-from nanobumble.build import lora_settings, open_starting_model
-from nanobumble.config import SFTConfig
-from nanobumble.distributed import all_reduce_sum, print0
-from nanobumble.errors import run_cli
-from nanobumble.precision import autocast, precision_summary
-from nanobumble.sft_data import SFTDataset
-from nanobumble.training import Stage, rank_batches, run_stage, tokenized_data
+from nanobumble.base.distributed import all_reduce_sum, print0
+from nanobumble.base.errors import run_cli
+from nanobumble.base.precision import autocast, precision_summary
+from nanobumble.data.sft_data import SFTDataset
+from nanobumble.model.layers import IGNORE_INDEX
+from nanobumble.run.build import lora_settings, open_starting_model
+from nanobumble.run.config import SFTConfig
+from nanobumble.run.stage import Stage, rank_batches, run_stage, tokenized_data
 
 
 def main(argv: list[str]) -> None:

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 
-from .checkpoint import check_output_dir, load_model_dir, save_model_dir
-from .errors import UserError, run_cli
-from .lora import ADAPTER_CONFIG, load_adapter, merge_lora
-from .tokenizer import has_tokenizer, load_tokenizer
+from nanobumble.base.errors import UserError, run_cli
+from nanobumble.data.tokenizer import has_tokenizer, load_tokenizer
+from nanobumble.model.lora import merge_lora
+from nanobumble.store.adapter import ADAPTER_CONFIG, load_adapter
+from nanobumble.store.model_dir import check_output_dir, load_model_dir, save_model_dir
 
 
 def _first_existing(name: str, *directories: str) -> str | None:

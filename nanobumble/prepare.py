@@ -12,10 +12,10 @@ import os
 import sys
 import tempfile
 
-from nanobumble.errors import DataError
-from nanobumble.records import iter_text_records, list_data_files
-from nanobumble.shards import prepare_shards
-from nanobumble.tokenizer import load_or_train_tokenizer
+from nanobumble.base.errors import DataError
+from nanobumble.data.records import iter_text_records, list_data_files
+from nanobumble.data.shards import prepare_shards
+from nanobumble.data.tokenizer import load_or_train_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

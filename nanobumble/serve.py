@@ -51,12 +51,12 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render, validate_messages
-from nanobumble.config import parse_config
-from nanobumble.errors import ConfigError, DataError, UserError, run_cli
-from nanobumble.generation import GenerationConfig, TextStreamer, generate_stream
-from nanobumble.inference import check_sampling_keys, load_model, log, resolve_device, resolve_mode
-from nanobumble.precision import resolve_precision
+from nanobumble.base.errors import ConfigError, DataError, UserError, run_cli
+from nanobumble.base.precision import resolve_precision
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render, validate_messages
+from nanobumble.inference.generation import GenerationConfig, TextStreamer, generate_stream
+from nanobumble.inference.loading import check_sampling_keys, load_model, log, resolve_device, resolve_mode
+from nanobumble.run.config import parse_config
 
 WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
 SHUTDOWN_GRACE_SECONDS = 5

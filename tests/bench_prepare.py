@@ -16,8 +16,9 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from host_memory import measure  # noqa: E402
-from nanobumble.shards import prepare_shards  # noqa: E402
-from nanobumble.tokenizer import load_tokenizer  # noqa: E402
+
+from nanobumble.data.shards import prepare_shards  # noqa: E402
+from nanobumble.data.tokenizer import load_tokenizer  # noqa: E402
 
 
 def main(corpus: str, tokenizer_file: str, workers: int, out: str) -> None:

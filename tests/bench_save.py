@@ -17,14 +17,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+from host_memory import measure  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from nanobumble import checkpoint  # noqa: E402
-from nanobumble.build import build_model  # noqa: E402
-from nanobumble.distributed import barrier, distributed_run  # noqa: E402
-from nanobumble.model import ModelConfig  # noqa: E402
-from nanobumble.optim import build_optimizer  # noqa: E402
-from host_memory import measure  # noqa: E402
+from nanobumble.base.distributed import barrier, distributed_run  # noqa: E402
+from nanobumble.model.transformer import ModelConfig  # noqa: E402
+from nanobumble.run.build import build_model  # noqa: E402
+from nanobumble.run.optim import build_optimizer  # noqa: E402
+from nanobumble.store import checkpoint  # noqa: E402
 
 # About 123M parameters, 470 MiB in fp32 (and twice that of AdamW moments); the
 # largest tensor is the 125 MiB embedding.

@@ -3,10 +3,11 @@ small tokenizer trained in-process on a test's own text, and a tiny chat model."
 
 import torch
 
-from nanobumble.checkpoint import save_model_dir
-from nanobumble.lora import adapter_config_for, inject_lora, save_adapter
-from nanobumble.model import ModelConfig, Transformer, pad_vocab_size
-from nanobumble.tokenizer import Tokenizer, train_tokenizer
+from nanobumble.data.tokenizer import Tokenizer, train_tokenizer
+from nanobumble.model.lora import inject_lora
+from nanobumble.model.transformer import ModelConfig, Transformer, pad_vocab_size
+from nanobumble.store.adapter import adapter_config_for, save_adapter
+from nanobumble.store.model_dir import save_model_dir
 
 
 def user(text):

@@ -7,13 +7,13 @@ import os
 import random
 
 import torch
-
-from nanobumble.chat_template import render
-from nanobumble.checkpoint import save_model_dir
 from helpers import generate
-from nanobumble.generation import GenerationConfig
-from nanobumble.model import Transformer, model_config_for
-from nanobumble.tokenizer import Tokenizer, train_tokenizer
+
+from nanobumble.data.chat_template import render
+from nanobumble.data.tokenizer import Tokenizer, train_tokenizer
+from nanobumble.inference.generation import GenerationConfig
+from nanobumble.model.transformer import Transformer
+from nanobumble.store.model_dir import model_config_for, save_model_dir
 
 LETTERS = "abcdefghij"
 

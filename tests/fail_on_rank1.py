@@ -7,7 +7,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train_pretrain  # noqa: E402
-from nanobumble.errors import DataError, run_cli  # noqa: E402
+from nanobumble.base.errors import DataError, run_cli  # noqa: E402
 
 if os.environ.get("RANK") == "1":
     class BrokenShards:

@@ -9,10 +9,10 @@ import os
 import numpy as np
 import torch
 
-from nanobumble.checkpoint import gather_full_on_main
-from nanobumble.generation import GenerationConfig, TextStreamer, generate_stream
-from nanobumble.lora import is_lora_param
-from nanobumble.shards import _ShardFile
+from nanobumble.data.shards import _ShardFile
+from nanobumble.inference.generation import GenerationConfig, TextStreamer, generate_stream
+from nanobumble.model.lora import is_lora_param
+from nanobumble.store.model_dir import gather_full_on_main
 
 
 def generate(model, prompt_ids: list[int], cfg: GenerationConfig, **kwargs) -> list[int]:

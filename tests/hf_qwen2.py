@@ -7,7 +7,6 @@ of Qwen2.5's (a default system prompt when the conversation has none)."""
 import os
 
 import torch
-
 from copy_task import LETTERS
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

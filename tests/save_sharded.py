@@ -17,13 +17,13 @@ import zlib
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-
-from nanobumble.build import build_model  # noqa: E402
-from nanobumble.checkpoint import model_state_dict, save_model_dir  # noqa: E402
-from nanobumble.distributed import distributed_run  # noqa: E402
 from helpers import lora_state_dict  # noqa: E402
-from nanobumble.lora import adapter_config_for  # noqa: E402
-from nanobumble.model import ModelConfig, copy_full_into  # noqa: E402
+
+from nanobumble.base.distributed import distributed_run  # noqa: E402
+from nanobumble.model.transformer import ModelConfig, copy_full_into  # noqa: E402
+from nanobumble.run.build import build_model  # noqa: E402
+from nanobumble.store.adapter import adapter_config_for
+from nanobumble.store.model_dir import model_state_dict, save_model_dir
 
 # vocab 321 and intermediate 97 do not split evenly over 2 ranks: uneven shards too.
 CONFIG = ModelConfig(vocab_size=321, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=97)

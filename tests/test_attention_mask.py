@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from nanobumble.model import ModelConfig, Transformer, attention_rule, document_attention_mask
+from nanobumble.model.transformer import ModelConfig, Transformer, attention_rule, document_attention_mask
 
 V = 97
 
@@ -118,7 +118,7 @@ def test_padding_left_or_right_leaves_real_tokens_as_if_unpadded():
 def test_compiled_flex_branch_runs_on_cpu(monkeypatch):
     """The branch CUDA takes (compiled block mask and compiled flex_attention), here on
     CPU without gradients: the packed row still gives each document its own logits."""
-    import nanobumble.model as model_module
+    import nanobumble.model.transformer as model_module
 
     monkeypatch.setattr(model_module, "COMPILED_FLEX_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(model_module, "_compiled_flex", None)

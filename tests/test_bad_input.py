@@ -13,16 +13,15 @@ import sys
 
 import pytest
 import torch
-
-from nanobumble.checkpoint import save_model_dir
-from nanobumble.dpo_data import load_preference_pairs
-from nanobumble.errors import ConfigError, DataError
-from nanobumble.model import ModelConfig, Transformer, load_model_config, pad_vocab_size
-from nanobumble.records import iter_text_records
-from nanobumble.sft_data import load_conversations
-from nanobumble.tokenizer import Tokenizer, train_tokenizer
-
 from conftest import REPO_ROOT
+
+from nanobumble.base.errors import ConfigError, DataError
+from nanobumble.data.dpo_data import load_preference_pairs
+from nanobumble.data.records import iter_text_records
+from nanobumble.data.sft_data import load_conversations
+from nanobumble.data.tokenizer import Tokenizer, train_tokenizer
+from nanobumble.model.transformer import ModelConfig, Transformer, pad_vocab_size
+from nanobumble.store.model_dir import load_model_config, save_model_dir
 
 BEES = "where do bees live? bees live in a hive and make honey from flowers. "
 LONE_SURROGATE = '{"text": "bad \\ud800 text"}'  # the JSON escape: json.loads gives a str no UTF-8 can hold

@@ -13,7 +13,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT, print_table
 
 pytestmark = pytest.mark.bench

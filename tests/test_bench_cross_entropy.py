@@ -17,10 +17,12 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO_ROOT, print_table
-from nanobumble.kernels import IGNORE_INDEX
-from nanobumble.kernels.cross_entropy import _rows_triton, linear_cross_entropy, linear_cross_entropy_reference
+from references import linear_cross_entropy_reference
+
+from nanobumble.kernels.cross_entropy import cross_entropy_rows
+from nanobumble.model.layers import IGNORE_INDEX
+from nanobumble.model.lm_loss import linear_cross_entropy
 
 pytestmark = pytest.mark.bench
 
@@ -68,7 +70,7 @@ def test_bench_cross_entropy_cuda(capsys):
     one = torch.ones((), dtype=torch.float32, device="cuda")
 
     def kernel_step(x, t):  # one launch: the loss, and the gradient written over the logits
-        return _rows_triton(x.detach(), t, one, x.detach()).sum()
+        return cross_entropy_rows(x.detach(), t, one, x.detach(), IGNORE_INDEX).sum()
 
     def autograd_step(fn):
         return lambda x, t: fn(x, t).backward()
@@ -176,7 +178,8 @@ _CPU_MEASURE = textwrap.dedent("""
     import json, resource, sys, time
     import torch
     sys.path.insert(0, {repo!r})
-    from nanobumble.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+    from nanobumble.model.lm_loss import linear_cross_entropy
+    from references import linear_cross_entropy_reference
     torch.manual_seed(0)
     n, h, v = {n}, {h}, {v}
     hidden = torch.randn(n, h).requires_grad_()

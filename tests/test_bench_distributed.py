@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT, print_table
 from helpers import read_metrics
 

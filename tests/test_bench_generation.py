@@ -3,11 +3,11 @@
 
 import pytest
 import torch
-
 from conftest import print_table
 from helpers import generate
-from nanobumble.generation import GenerationConfig
-from nanobumble.model import PRESETS, ModelConfig, Transformer, pad_vocab_size
+
+from nanobumble.inference.generation import GenerationConfig
+from nanobumble.model.transformer import PRESETS, ModelConfig, Transformer, pad_vocab_size
 
 
 def build(preset: str, vocab_size: int, device: torch.device, dtype: torch.dtype) -> Transformer:

@@ -17,11 +17,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO_ROOT, print_table
-from nanobumble.records import iter_text_records
-from nanobumble.tokenizer import load_or_train_tokenizer
 from test_bench_tokenizer import write_corpus
+
+from nanobumble.data.records import iter_text_records
+from nanobumble.data.tokenizer import load_or_train_tokenizer
 
 pytestmark = pytest.mark.bench
 

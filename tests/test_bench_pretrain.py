@@ -12,15 +12,16 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT, print_table
-from nanobumble.mfu import device_peak_flops, training_flops_per_token
-from nanobumble.model import Transformer, model_config_for
-from nanobumble.optim import build_optimizer
-from nanobumble.precision import autocast
-from nanobumble.records import iter_text_records, list_data_files
-from nanobumble.shards import TokenShards, prepare_shards
-from nanobumble.tokenizer import Tokenizer, train_tokenizer
+
+from nanobumble.base.precision import autocast
+from nanobumble.data.records import iter_text_records, list_data_files
+from nanobumble.data.shards import TokenShards, prepare_shards
+from nanobumble.data.tokenizer import Tokenizer, train_tokenizer
+from nanobumble.model.mfu import device_peak_flops, training_flops_per_token
+from nanobumble.model.transformer import Transformer
+from nanobumble.run.optim import build_optimizer
+from nanobumble.store.model_dir import model_config_for
 
 pytestmark = pytest.mark.bench
 DATA = os.path.join(REPO_ROOT, "datasets", "pretrain")

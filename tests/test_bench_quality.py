@@ -14,7 +14,6 @@ import os
 import statistics
 
 import pytest
-
 from bench_quality import exact_match, last_value, pretrain, sft_and_dpo, table_rows
 from conftest import print_table
 

@@ -13,9 +13,10 @@ import time
 
 import pytest
 import torch
-
 from conftest import print_table
-from nanobumble.kernels.rmsnorm import _dw_programs, rms_norm, rms_norm_reference
+
+from nanobumble.kernels.rmsnorm import _dw_programs, rms_norm
+from nanobumble.model.layers import rms_norm as rms_norm_reference
 
 pytestmark = pytest.mark.bench
 

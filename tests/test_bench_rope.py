@@ -12,9 +12,11 @@ import time
 
 import pytest
 import torch
-
 from conftest import DEVICE, print_table
-from nanobumble.kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
+
+from nanobumble.kernels.rope import apply_rope
+from nanobumble.model.layers import apply_rope as apply_rope_reference
+from nanobumble.model.layers import rope_cos_sin
 
 pytestmark = pytest.mark.bench
 

@@ -9,7 +9,6 @@ cannot hide inside the other's numbers. Prints a table; asserts no memory.
 import json
 
 import pytest
-
 from conftest import print_table
 from test_distributed import launch
 

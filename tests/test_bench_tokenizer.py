@@ -16,7 +16,6 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT, print_table
 
 pytestmark = pytest.mark.bench

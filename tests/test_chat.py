@@ -7,15 +7,15 @@ import sys
 
 import pytest
 import torch
+from chat_helpers import save_tiny_chat_model
+from helpers import generate, stream_text
 
 import chat
-from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
-from chat_helpers import save_tiny_chat_model
-from nanobumble.checkpoint import load_model_dir
-from helpers import generate, stream_text
-from nanobumble.generation import GenerationConfig
-from nanobumble.lora import load_adapter
-from nanobumble.tokenizer import Tokenizer
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
+from nanobumble.data.tokenizer import Tokenizer
+from nanobumble.inference.generation import GenerationConfig
+from nanobumble.store.adapter import load_adapter
+from nanobumble.store.model_dir import load_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = ("user: where do bees live?\nassistant: bees live in a hive and make honey from flowers.\n" * 5 +
@@ -113,7 +113,7 @@ def test_mode_rule_reads_stage_from_training_args(tmp_path):
 def test_a_cuda_device_beyond_the_count_is_refused(monkeypatch):
     # The CUDA branch of resolve_device, reached on a CPU machine with one stand-in GPU.
     import chat
-    from nanobumble.errors import UserError
+    from nanobumble.base.errors import UserError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)

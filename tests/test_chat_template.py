@@ -1,9 +1,9 @@
 import pytest
-
 from chat_helpers import small_tokenizer
-from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render, validate_messages
-from nanobumble.errors import DataError
-from nanobumble.tokenizer import IM_END_ID, IM_START_ID, Tokenizer
+
+from nanobumble.base.errors import DataError
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render, validate_messages
+from nanobumble.data.tokenizer import IM_END_ID, IM_START_ID, Tokenizer
 
 TEXT = ("You are Bumblebee, a helpful AI assistant. system user assistant\n"
         "What is the capital of France? The capital of France is Paris.\n"

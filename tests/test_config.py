@@ -1,7 +1,7 @@
 import pytest
 
-from nanobumble.config import PretrainConfig, parse_config
-from nanobumble.errors import ConfigError
+from nanobumble.base.errors import ConfigError
+from nanobumble.run.config import PretrainConfig, parse_config
 
 
 def write(tmp_path, text):
@@ -87,7 +87,7 @@ def test_stage_is_fixed_per_script(tmp_path):
 
 
 def test_training_args_yaml_reproduces_the_config(tmp_path):
-    from nanobumble.config import config_to_yaml
+    from nanobumble.run.config import config_to_yaml
     cfg = parse_config(["--learning_rate", "3e-4", "--strict", "true"], PretrainConfig)
     again = parse_config(["--yaml_config", write(tmp_path, config_to_yaml(cfg))], PretrainConfig)
     assert again == cfg
@@ -98,7 +98,8 @@ def test_every_bundled_recipe_parses():
     import os
 
     from conftest import REPO_ROOT
-    from nanobumble.config import DPOConfig, SFTConfig
+
+    from nanobumble.run.config import DPOConfig, SFTConfig
     stage_config = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}
     files = glob.glob(os.path.join(REPO_ROOT, "configs", "*", "*.yaml"))
     assert len(files) >= 6

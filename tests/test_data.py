@@ -4,13 +4,21 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers import write_shard
 
 from nanobumble import prepare
-from nanobumble.errors import DataError
-from nanobumble.records import files_fingerprint, iter_text_records, list_data_files
-from helpers import write_shard
-from nanobumble.shards import HEADER_BYTES, MAGIC, TokenShards, ensure_shards, prepare_shards, read_shard, token_dtype
-from nanobumble.tokenizer import EOT_ID, Tokenizer, train_tokenizer
+from nanobumble.base.errors import DataError
+from nanobumble.data.records import files_fingerprint, iter_text_records, list_data_files
+from nanobumble.data.shards import (
+    HEADER_BYTES,
+    MAGIC,
+    TokenShards,
+    ensure_shards,
+    prepare_shards,
+    read_shard,
+    token_dtype,
+)
+from nanobumble.data.tokenizer import EOT_ID, Tokenizer, train_tokenizer
 
 WORDS = ("bee honey flower garden model token train learn small data 蜜蜂 花园 语言 模型 学习 "
          "预训练 😀 🐝 def return x = 1").split()
@@ -360,7 +368,7 @@ def test_dataset_too_small(shard_dir):
 
 
 def test_a_big_json_array_is_refused_with_the_command_to_convert_it(tmp_path, monkeypatch):
-    import nanobumble.records as data_module
+    import nanobumble.data.records as data_module
 
     path = tmp_path / "big.json"
     path.write_text(json.dumps([{"text": f"document {i}"} for i in range(50)]))

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import REPO_ROOT
 from helpers import read_metrics
 

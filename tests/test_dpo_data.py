@@ -3,12 +3,12 @@ import os
 
 import pytest
 import torch
-
 from chat_helpers import assistant, small_tokenizer, system, user
-from nanobumble.chat_template import render
-from nanobumble.dpo_data import PreferenceDataset, load_preference_pairs, tokenize_pairs
-from nanobumble.errors import DataError
-from nanobumble.tokenizer import EOT_ID, IM_END_ID, IM_START_ID, Tokenizer
+
+from nanobumble.base.errors import DataError
+from nanobumble.data.chat_template import render
+from nanobumble.data.dpo_data import PreferenceDataset, load_preference_pairs, tokenize_pairs
+from nanobumble.data.tokenizer import EOT_ID, IM_END_ID, IM_START_ID, Tokenizer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = ("You are Bumblebee, a helpful AI assistant. system user assistant\n"

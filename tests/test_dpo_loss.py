@@ -3,10 +3,17 @@ import math
 import pytest
 import torch
 
-import nanobumble.dpo as dpo
-from nanobumble.dpo import (batch_logps, dpo_batch_metrics, mean_logits_reference, preference_loss, sequence_logps, sft_nll,
-                            token_logps_reference)
-from nanobumble.model import ModelConfig, Transformer
+import nanobumble.model.dpo as dpo
+from nanobumble.model.dpo import (
+    batch_logps,
+    dpo_batch_metrics,
+    mean_logits_reference,
+    preference_loss,
+    sequence_logps,
+    sft_nll,
+    token_logps_reference,
+)
+from nanobumble.model.transformer import ModelConfig, Transformer
 
 LN2 = math.log(2.0)
 
@@ -170,8 +177,8 @@ def test_ipo_on_the_toy_batch_by_hand():
 
 
 def test_label_smoothing_is_refused_where_it_would_be_ignored():
-    from nanobumble.config import DPOConfig, parse_config
-    from nanobumble.errors import ConfigError
+    from nanobumble.base.errors import ConfigError
+    from nanobumble.run.config import DPOConfig, parse_config
 
     for loss_type in ("ipo", "hinge"):
         with pytest.raises(ConfigError, match="label_smoothing.*pref_loss.*" + loss_type):

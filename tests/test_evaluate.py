@@ -16,17 +16,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import generate
 
 import train_pretrain
-from nanobumble.kernels import IGNORE_INDEX
-from nanobumble import evaluate
-from nanobumble.checkpoint import load_model_dir, save_model_dir
-from nanobumble.errors import DataError, UserError
-from helpers import generate
-from nanobumble.generation import GenerationConfig
-from nanobumble.lora import adapter_config_for, inject_lora, save_adapter
-from nanobumble.model import ModelConfig, Transformer, pad_vocab_size
-from nanobumble.tokenizer import Tokenizer, train_tokenizer
+from nanobumble.base.errors import DataError, UserError
+from nanobumble.data.tokenizer import Tokenizer, train_tokenizer
+from nanobumble.evals import tasks as evaluate
+from nanobumble.inference.generation import GenerationConfig
+from nanobumble.inference.loading import load_model
+from nanobumble.model.layers import IGNORE_INDEX
+from nanobumble.model.lora import inject_lora
+from nanobumble.model.transformer import ModelConfig, Transformer, pad_vocab_size
+from nanobumble.store.adapter import adapter_config_for, save_adapter
+from nanobumble.store.model_dir import load_model_dir, save_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_DATA = os.path.join(REPO, "datasets", "eval")
@@ -379,7 +381,7 @@ def test_a_lora_run_directory_loads_its_base_model_and_adapter(setup, tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
     save_adapter(str(tmp_path / "dpo"), model, adapter_config_for(model, str(setup.root / "sft")))
-    loaded, _, model_path, adapter_path = evaluate.load_model(str(tmp_path / "dpo"), "", CPU, torch.float32)
+    loaded, _, model_path, adapter_path = load_model(str(tmp_path / "dpo"), "", CPU, torch.float32)
     assert (model_path, adapter_path) == (str(setup.root / "sft"), str(tmp_path / "dpo"))
     ids = torch.tensor([setup.tokenizer.encode("Bees live in a hive.")])
     with torch.no_grad():
@@ -462,11 +464,11 @@ def test_the_same_loglikelihoods_and_accuracy_as_lm_evaluation_harness(setup, tm
 FSDP_SCRIPT = """
 import json, sys
 import torch
-from nanobumble.build import build_model
-from nanobumble.distributed import distributed_run
-from nanobumble.evaluate import evaluate_tasks, load_tasks
-from nanobumble.model import load_model_config
-from nanobumble.tokenizer import load_tokenizer
+from nanobumble.run.build import build_model
+from nanobumble.base.distributed import distributed_run
+from nanobumble.evals.tasks import evaluate_tasks, load_tasks
+from nanobumble.model.transformer import load_model_config
+from nanobumble.data.tokenizer import load_tokenizer
 model_dir, tasks, out = sys.argv[1:4]
 with distributed_run(5) as info:
     model = build_model(load_model_config(model_dir + "/config.json"), info, 0, model_dir, None)

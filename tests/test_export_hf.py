@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
-from nanobumble.checkpoint import save_model_dir
-from nanobumble.config import DPOConfig, PretrainConfig, SFTConfig, config_to_yaml, parse_config
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
+from nanobumble.data.tokenizer import Tokenizer, train_tokenizer
 from nanobumble.export_hf import main as export_main
-from nanobumble.model import ModelConfig, Transformer, pad_vocab_size
-from nanobumble.tokenizer import Tokenizer, train_tokenizer
+from nanobumble.model.transformer import ModelConfig, Transformer, pad_vocab_size
+from nanobumble.run.config import DPOConfig, PretrainConfig, SFTConfig, config_to_yaml, parse_config
+from nanobumble.store.model_dir import save_model_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -184,7 +184,7 @@ def test_sharded_export_loads_with_identical_logits_and_leaves_nothing_stale(tmp
 
 
 def test_max_shard_size_must_be_positive(tmp_path):
-    from nanobumble.errors import ConfigError
+    from nanobumble.base.errors import ConfigError
     from nanobumble.export_hf import ExportConfig
 
     for bad in ("0", "-1", "inf", "nan"):

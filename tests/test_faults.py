@@ -14,21 +14,22 @@ import sys
 import pytest
 import torch
 import yaml
-
-from nanobumble import tensor_files
-from nanobumble.checkpoint import checkpoint_problem, list_checkpoints, load_model_dir, save_model_dir
-from nanobumble.config import PretrainConfig, SFTConfig
-from nanobumble.errors import UserError
-from nanobumble.export_hf import export_hf
-from nanobumble.lora import adapter_config_for, inject_lora, save_adapter
-from nanobumble.merge_lora import main as merge_main
-from helpers import read_metrics
-from nanobumble.model import ModelConfig, Transformer
-from nanobumble.records import files_signature
-from nanobumble.training import check_resume_settings
-
 from conftest import REPO_ROOT
+from helpers import read_metrics
 from test_train_pretrain import FAST, cli, run
+
+from nanobumble.base.errors import UserError
+from nanobumble.data.records import files_signature
+from nanobumble.export_hf import export_hf
+from nanobumble.merge_lora import main as merge_main
+from nanobumble.model.lora import inject_lora
+from nanobumble.model.transformer import ModelConfig, Transformer
+from nanobumble.run.config import PretrainConfig, SFTConfig
+from nanobumble.run.stage import check_resume_settings
+from nanobumble.store import tensor_files
+from nanobumble.store.adapter import adapter_config_for, save_adapter
+from nanobumble.store.checkpoint import checkpoint_problem, list_checkpoints
+from nanobumble.store.model_dir import load_model_dir, save_model_dir
 
 STEPS = FAST + ["--max_steps", "3", "--save_steps", "1", "--save_total_limit", "0", "--logging_steps", "1",
                 "--eval_steps", "0"]
@@ -351,12 +352,12 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(base_run, tmp_path,
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         real_write(path, named_tensors, metadata)
 
-    import nanobumble.checkpoint
+    import nanobumble.store.checkpoint
     monkeypatch.setattr(nanobumble.checkpoint, "write_gathered", disk_fills_up)
     monkeypatch.setattr(sys, "argv", ["train_pretrain.py"] + STEPS + [
         "--cache_dir", cache_dir, "--output_dir", str(out), "--resume", "auto"])
-    from nanobumble.errors import run_cli
     import train_pretrain
+    from nanobumble.base.errors import run_cli
     cwd = os.getcwd()
     os.chdir(REPO_ROOT)
     try:

@@ -31,19 +31,22 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT, print_table
+from references import linear_cross_entropy_reference
+
 import nanobumble.kernels.alloc as alloc_mod
-from nanobumble.kernels import IGNORE_INDEX
-from nanobumble.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-from nanobumble.kernels.rmsnorm import rms_norm, rms_norm_reference
-from nanobumble.kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
-from nanobumble.build import build_model
-from nanobumble.distributed import DistInfo
-from nanobumble.mfu import peak_bf16_flops, training_flops_per_token
-from nanobumble.model import PRESETS, ModelConfig, Transformer
-from nanobumble.optim import build_optimizer
-from nanobumble.precision import autocast
+from nanobumble.base.distributed import DistInfo
+from nanobumble.base.precision import autocast
+from nanobumble.kernels.rmsnorm import rms_norm
+from nanobumble.kernels.rope import apply_rope
+from nanobumble.model.layers import IGNORE_INDEX, rope_cos_sin
+from nanobumble.model.layers import apply_rope as apply_rope_reference
+from nanobumble.model.layers import rms_norm as rms_norm_reference
+from nanobumble.model.lm_loss import linear_cross_entropy
+from nanobumble.model.mfu import peak_bf16_flops, training_flops_per_token
+from nanobumble.model.transformer import PRESETS, ModelConfig, Transformer
+from nanobumble.run.build import build_model
+from nanobumble.run.optim import build_optimizer
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -461,10 +464,10 @@ FSDP_SCRIPT = textwrap.dedent('''
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
-    from nanobumble.precision import autocast
-    from nanobumble.distributed import DistInfo, shard_model
-    from nanobumble.model import PRESETS, ModelConfig, Transformer
-    from nanobumble.optim import build_optimizer
+    from nanobumble.base.precision import autocast
+    from nanobumble.base.distributed import DistInfo, shard_model
+    from nanobumble.model.transformer import PRESETS, ModelConfig, Transformer
+    from nanobumble.run.optim import build_optimizer
 
     STEPS, BATCH, SEQ = 3, 8, 256
 

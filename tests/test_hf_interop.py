@@ -6,12 +6,13 @@ import json
 import pytest
 import torch
 
-from nanobumble.checkpoint import load_model_dir, save_model_dir
-from nanobumble.errors import UserError
+from nanobumble.base.errors import UserError
+from nanobumble.data.tokenizer import Tokenizer, train_tokenizer
 from nanobumble.export_hf import export_hf
-from nanobumble.lora import adapter_config_for, inject_lora, load_adapter, save_adapter
-from nanobumble.model import ModelConfig, Transformer, pad_vocab_size
-from nanobumble.tokenizer import Tokenizer, train_tokenizer
+from nanobumble.model.lora import inject_lora
+from nanobumble.model.transformer import ModelConfig, Transformer, pad_vocab_size
+from nanobumble.store.adapter import adapter_config_for, load_adapter, save_adapter
+from nanobumble.store.model_dir import load_model_dir, save_model_dir
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,20 +10,19 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
+from copy_task import greedy_accuracy, make_words, write_dpo_data, write_sft_data
+from helpers import read_metrics
 
 import train_dpo
 import train_pretrain
 import train_sft
-from nanobumble.chat_template import render
-from nanobumble.checkpoint import load_model_dir
-from nanobumble.errors import ConfigError
+from nanobumble.base.errors import ConfigError
+from nanobumble.data.chat_template import render
+from nanobumble.data.tokenizer import load_tokenizer
 from nanobumble.export_hf import export_hf
-from nanobumble.lora import load_adapter
-from helpers import read_metrics
-from nanobumble.tokenizer import load_tokenizer
-
-from conftest import REPO_ROOT
-from copy_task import greedy_accuracy, make_words, write_dpo_data, write_sft_data
+from nanobumble.store.adapter import load_adapter
+from nanobumble.store.model_dir import load_model_dir
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -63,7 +62,7 @@ def test_unsupported_qwen2_settings_are_refused_by_name(qwen, tmp_path):
     for key, value in [("use_sliding_window", True), ("rope_scaling", {"type": "yarn", "factor": 4.0}),
                        ("hidden_act", "gelu")]:
         (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
-        from nanobumble.model import load_model_config
+        from nanobumble.store.model_dir import load_model_config
         with pytest.raises(ConfigError, match=rf"config.json: {key}="):
             load_model_config(str(tmp_path / "config.json"))
 

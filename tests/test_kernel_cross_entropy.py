@@ -13,12 +13,14 @@ same dtype, plus 1e-5 of the largest value (fp32-level math in both).
 
 import pytest
 import torch
-
 from conftest import DEVICE
+from references import cross_entropy_reference, linear_cross_entropy_reference
+
 import nanobumble.kernels.alloc as kernel_alloc
 import nanobumble.kernels.cross_entropy as ce
-from nanobumble.kernels import IGNORE_INDEX
-from nanobumble.kernels.cross_entropy import cross_entropy_reference, linear_cross_entropy, linear_cross_entropy_reference
+import nanobumble.model.lm_loss as lm_loss
+from nanobumble.model.layers import IGNORE_INDEX
+from nanobumble.model.lm_loss import linear_cross_entropy
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -273,12 +275,12 @@ def test_linear_cross_entropy_no_grad_and_double_backward(backend):
 
 
 def test_default_chunk_size_counts_the_real_element_size():
-    assert ce.default_chunk_size(8192, 151_936) == 384  # fp32: 4 bytes a logit
-    assert ce.default_chunk_size(8192, 151_936, torch.bfloat16) == 832  # bf16: 2 bytes, twice the rows
-    assert ce.default_chunk_size(8192, 151_936, torch.bfloat16, "torch") == 256  # + the fp32 working copy
-    assert ce.default_chunk_size(8192, 32_000) == 2048
-    assert ce.default_chunk_size(100, 151_936) == 100
-    assert ce.default_chunk_size(10**6, 10**7) == 256
+    assert lm_loss.default_chunk_size(8192, 151_936) == 384  # fp32: 4 bytes a logit
+    assert lm_loss.default_chunk_size(8192, 151_936, torch.bfloat16) == 832  # bf16: 2 bytes, twice the rows
+    assert lm_loss.default_chunk_size(8192, 151_936, torch.bfloat16, "torch") == 256  # + the fp32 working copy
+    assert lm_loss.default_chunk_size(8192, 32_000) == 2048
+    assert lm_loss.default_chunk_size(100, 151_936) == 100
+    assert lm_loss.default_chunk_size(10**6, 10**7) == 256
 
 
 # --- reduction="none": per-token losses with a gradient for any weighting ---------------------------

@@ -7,10 +7,11 @@ in the same dtype. Outputs are poisoned with NaN so a skipped element fails.
 
 import pytest
 import torch
-
 from conftest import DEVICE
+
 import nanobumble.kernels.alloc as kernel_alloc
-from nanobumble.kernels.rmsnorm import RMSNormFunction, rms_norm, rms_norm_reference
+from nanobumble.kernels.rmsnorm import RMSNormFunction, rms_norm
+from nanobumble.model.layers import rms_norm as rms_norm_reference
 
 
 @pytest.fixture(autouse=True)
@@ -150,7 +151,7 @@ def test_wide_rows():
 
 
 def test_reference_is_the_model_rmsnorm():
-    from nanobumble.model import RMSNorm
+    from nanobumble.model.transformer import RMSNorm
 
     torch.manual_seed(0)
     norm = RMSNorm(96, eps=1e-5)

@@ -6,10 +6,12 @@ stay small: one program per token, at most a few dozen tokens per launch.
 
 import pytest
 import torch
-
 from conftest import DEVICE
+
 import nanobumble.kernels.alloc as kernel_alloc
-from nanobumble.kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
+from nanobumble.kernels.rope import apply_rope
+from nanobumble.model.layers import apply_rope as apply_rope_reference
+from nanobumble.model.layers import rope_cos_sin
 
 THETA = 1_000_000.0
 

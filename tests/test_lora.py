@@ -8,15 +8,15 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import REPO_ROOT
+from helpers import lora_state_dict
 from safetensors.torch import load_file, save_file
 
-from nanobumble.checkpoint import load_model_dir, save_model_dir
-from nanobumble.errors import UserError
-from helpers import lora_state_dict
-from nanobumble.lora import (LoRALinear, PEFT_CONFIG, adapter_config_for, disable_adapters, init_lora_weights,
-                             inject_lora, load_adapter, merge_lora, read_adapter_config, save_adapter)
-from nanobumble.model import ModelConfig, Transformer
-from nanobumble.tokenizer import train_tokenizer
+from nanobumble.base.errors import UserError
+from nanobumble.data.tokenizer import train_tokenizer
+from nanobumble.model.lora import LoRALinear, disable_adapters, init_lora_weights, inject_lora, merge_lora
+from nanobumble.model.transformer import ModelConfig, Transformer
+from nanobumble.store.adapter import PEFT_CONFIG, adapter_config_for, load_adapter, read_adapter_config, save_adapter
+from nanobumble.store.model_dir import load_model_dir, save_model_dir
 
 CFG = dict(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=48,
            max_position_embeddings=32)

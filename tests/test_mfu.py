@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanobumble.mfu import device_peak_flops, peak_bf16_flops, training_flops_per_token
-from nanobumble.model import PRESETS, ModelConfig, Transformer
+from nanobumble.model.mfu import device_peak_flops, peak_bf16_flops, training_flops_per_token
+from nanobumble.model.transformer import PRESETS, ModelConfig, Transformer
 
 T = 1e12
 
@@ -49,7 +49,7 @@ def test_a_training_run_looks_up_its_cuda_device_by_name(monkeypatch):
 
 
 def test_the_progress_line_reports_mfu_when_the_peak_is_known():
-    from nanobumble.training import Progress
+    from nanobumble.run.stage import Progress
 
     progress = Progress(10, flops_per_token=2e9, peak_flops=8e12)
     progress.add(2.0, 1000, **{"train/loss": 1.0})  # 500 tokens/s x 2 GFLOPs = 1 TFLOP/s of 8

@@ -8,14 +8,14 @@ import socket
 
 import pytest
 import torch
-
 from conftest import DEVICE
 from copy_task import LETTERS, make_words, write_dpo_data, write_sft_data
-from nanobumble.checkpoint import save_model_dir
 from helpers import read_metrics
-from nanobumble.model import ModelConfig, Transformer, pad_vocab_size
-from nanobumble.tokenizer import Tokenizer, train_tokenizer
 from test_distributed import launch
+
+from nanobumble.data.tokenizer import Tokenizer, train_tokenizer
+from nanobumble.model.transformer import ModelConfig, Transformer, pad_vocab_size
+from nanobumble.store.model_dir import save_model_dir
 
 POLICY_LINE = "FSDP mixed precision: params bf16, reduce fp32"
 
@@ -27,8 +27,8 @@ SMALL = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermed
 
 def test_the_precision_policy_of_each_case():
     # precision.py's CUDA and sharded branches, reached on CPU with device objects and stand-in ranks.
-    from nanobumble.distributed import DistInfo
-    from nanobumble.precision import autocast_dtype, precision_summary, resolve_precision
+    from nanobumble.base.distributed import DistInfo
+    from nanobumble.base.precision import autocast_dtype, precision_summary, resolve_precision
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_precision("auto", cuda) == torch.bfloat16  # the GPU run computes in bf16
@@ -55,7 +55,7 @@ def test_fsdp_bf16_policy_on_one_gloo_rank_with_triton_kernels():
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from nanobumble.distributed import DistInfo, shard_model
+    from nanobumble.base.distributed import DistInfo, shard_model
 
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, **SMALL)

@@ -3,7 +3,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nanobumble.model import PRESETS, ModelConfig, Transformer, model_config_for
+from nanobumble.model.transformer import PRESETS, ModelConfig, Transformer
+from nanobumble.store.model_dir import model_config_for
 
 
 def tiny(**overrides) -> Transformer:

@@ -2,15 +2,15 @@ import os
 
 import pytest
 import torch
-
-from nanobumble.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, load_model_dir,
-                                   save_checkpoint, save_model_dir)
-from nanobumble.errors import UserError
 from helpers import read_metrics
-from nanobumble.metrics import MetricsLogger
-from nanobumble.model import ModelConfig, Transformer
-from nanobumble.optim import build_optimizer, lr_at
-from nanobumble.tokenizer import train_tokenizer
+
+from nanobumble.base.errors import UserError
+from nanobumble.data.tokenizer import train_tokenizer
+from nanobumble.model.transformer import ModelConfig, Transformer
+from nanobumble.run.metrics import MetricsLogger
+from nanobumble.run.optim import build_optimizer, lr_at
+from nanobumble.store.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from nanobumble.store.model_dir import load_model_dir, save_model_dir
 
 
 def small_model():
@@ -112,8 +112,8 @@ def test_metrics_resume_drops_steps_after_the_checkpoint(tmp_path):
 def test_cuda_rng_states_round_trip_through_the_checkpoint_file(tmp_path, monkeypatch):
     # The CUDA branch of rng_state / set_rng_state, reached on a CPU machine with
     # two stand-in GPUs: what is saved per device comes back to the same device.
-    from nanobumble.checkpoint import rng_state, set_rng_state
-    from nanobumble.tensor_files import open_file, write_gathered
+    from nanobumble.store.checkpoint import rng_state, set_rng_state
+    from nanobumble.store.tensor_files import open_file, write_gathered
 
     gpu_states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
     restored = []

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from nanobumble.errors import run_cli
-from nanobumble.plot import build_figures, main, plot_run, read_records, write_plots
+from nanobumble.base.errors import run_cli
+from nanobumble.plot import main
+from nanobumble.run.plots import build_figures, plot_run, read_records, write_plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -8,7 +8,6 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_distributed import launch
 
 

@@ -16,17 +16,17 @@ import time
 
 import openai
 import pytest
-
 from chat_helpers import save_tiny_chat_model
-from nanobumble import serve
-from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
-from nanobumble.checkpoint import load_model_dir
-from nanobumble.errors import UserError
 from helpers import generate, stream_text
-from nanobumble.generation import GenerationConfig
-from nanobumble.lora import load_adapter
-from nanobumble.model import Transformer
-from nanobumble.tokenizer import EOT_ID, IM_END_ID, load_tokenizer
+
+from nanobumble import serve
+from nanobumble.base.errors import UserError
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
+from nanobumble.data.tokenizer import EOT_ID, IM_END_ID, load_tokenizer
+from nanobumble.inference.generation import GenerationConfig
+from nanobumble.model.transformer import Transformer
+from nanobumble.store.adapter import load_adapter
+from nanobumble.store.model_dir import load_model_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = ("user: where do bees live?\nassistant: bees live in a hive and make honey from flowers.\n" * 5 +

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from chat_helpers import assistant, small_tokenizer, system, user
-from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render
-from nanobumble.errors import DataError
-from nanobumble.model import ModelConfig, Transformer
-from nanobumble.sft_data import SFTDataset, load_conversations, sample_targets, tokenize_sft
-from nanobumble.tokenizer import EOT_ID, IM_END_ID, IM_START_ID, Tokenizer
+
+from nanobumble.base.errors import DataError
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
+from nanobumble.data.sft_data import SFTDataset, load_conversations, sample_targets, tokenize_sft
+from nanobumble.data.tokenizer import EOT_ID, IM_END_ID, IM_START_ID, Tokenizer
+from nanobumble.model.transformer import ModelConfig, Transformer
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = ("You are Bumblebee, a helpful AI assistant. system user assistant\n"

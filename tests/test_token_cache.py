@@ -7,13 +7,13 @@ import json
 import os
 
 import pytest
-
 from copy_task import LETTERS, write_dpo_data, write_sft_data
-from nanobumble import token_cache
-from nanobumble.dpo_data import load_preference_pairs, tokenize_pairs
-from nanobumble.errors import DataError
-from nanobumble.sft_data import load_conversations, tokenize_sft
-from nanobumble.tokenizer import Tokenizer, train_tokenizer
+
+from nanobumble.base.errors import DataError
+from nanobumble.data import token_cache
+from nanobumble.data.dpo_data import load_preference_pairs, tokenize_pairs
+from nanobumble.data.sft_data import load_conversations, tokenize_sft
+from nanobumble.data.tokenizer import Tokenizer, train_tokenizer
 
 WORDS = ["abc", "bcd", "cdef", "defg", "efghij", "fgh", "ghij", "hij", "ijab", "jabc"] * 3
 

@@ -2,9 +2,15 @@ import os
 
 import pytest
 
-from nanobumble.errors import DataError
-from nanobumble.tokenizer import (
-    EOT_ID, IM_END_ID, IM_START_ID, SPECIAL_TOKENS, Tokenizer, load_or_train_tokenizer, train_tokenizer,
+from nanobumble.base.errors import DataError
+from nanobumble.data.tokenizer import (
+    EOT_ID,
+    IM_END_ID,
+    IM_START_ID,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    load_or_train_tokenizer,
+    train_tokenizer,
 )
 
 ENGLISH = """The quick brown fox jumps over the lazy dog. A small language model learns
@@ -161,7 +167,7 @@ def test_load_or_train_caches(tok, tmp_path):
 def test_tokenizer_training_takes_a_bounded_seeded_sample(tmp_path, monkeypatch, capsys):
     import random as _random
 
-    from nanobumble import tokenizer as tokenizer_module
+    from nanobumble.data import tokenizer as tokenizer_module
 
     rng = _random.Random(0)
     docs = ["".join(rng.choice("abcdefgh ") for _ in range(rng.randint(50, 500))) for _ in range(3000)]

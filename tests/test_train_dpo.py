@@ -5,16 +5,18 @@ import math
 
 import pytest
 import torch
+from copy_task import greedy_accuracy, make_base, make_words, write_dpo_data, write_sft_data
+from helpers import read_metrics
 
 import train_dpo
 import train_sft
-from copy_task import greedy_accuracy, make_base, make_words, write_dpo_data, write_sft_data
-from nanobumble.checkpoint import list_checkpoints, load_model_dir
-from nanobumble.dpo import batch_logps
-from nanobumble.dpo_data import PreferenceDataset, load_preference_pairs, tokenize_pairs
-from nanobumble.lora import disable_adapters, inject_lora, load_adapter
-from helpers import read_metrics
-from nanobumble.metrics import MetricsLogger
+from nanobumble.data.dpo_data import PreferenceDataset, load_preference_pairs, tokenize_pairs
+from nanobumble.model.dpo import batch_logps
+from nanobumble.model.lora import disable_adapters, inject_lora
+from nanobumble.run.metrics import MetricsLogger
+from nanobumble.store.adapter import load_adapter
+from nanobumble.store.checkpoint import list_checkpoints
+from nanobumble.store.model_dir import load_model_dir
 
 FAST = ["--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "48", "--use_tensorboard", "false", "--plot", "false", "--save_steps", "0",
         "--warmup_ratio", "0.1"]
@@ -183,8 +185,8 @@ def test_validation_metrics_are_the_final_policys_on_the_held_out_pairs(task, tm
 
 
 def test_the_displacement_warning_names_the_numbers_and_remedies():
-    from nanobumble.config import DPOConfig
-    from nanobumble.dpo import displacement_warning
+    from nanobumble.model.dpo import displacement_warning
+    from nanobumble.run.config import DPOConfig
 
     cfg = DPOConfig(max_chosen_logp_drop=0.5, learning_rate=5e-4, pref_beta=0.1, sft_weight=0.0, num_epochs=2)
     assert displacement_warning(-0.4, cfg) is None and displacement_warning(0.3, cfg) is None

@@ -6,15 +6,15 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO_ROOT
+from helpers import read_metrics
 
 import train_pretrain
-from nanobumble.checkpoint import list_checkpoints, load_model_dir
-from nanobumble.errors import DataError, UserError
-from helpers import read_metrics
-from nanobumble.metrics import MetricsLogger
-from nanobumble.model import Transformer
-
-from conftest import REPO_ROOT
+from nanobumble.base.errors import DataError, UserError
+from nanobumble.model.transformer import Transformer
+from nanobumble.run.metrics import MetricsLogger
+from nanobumble.store.checkpoint import list_checkpoints
+from nanobumble.store.model_dir import load_model_dir
 
 # Small and fast: the tiny preset on short sequences.
 FAST = ["--cutoff_len", "64", "--train_micro_batch_size_per_gpu", "4", "--logging_steps", "2",

@@ -4,17 +4,18 @@ import os
 
 import pytest
 import torch
-
-import train_sft
 from conftest import REPO_ROOT
 from copy_task import greedy_accuracy, make_base, make_words, write_sft_data
-from nanobumble.checkpoint import list_checkpoints, load_model_dir
-from nanobumble.errors import UserError
-from nanobumble.lora import load_adapter
 from helpers import read_metrics
-from nanobumble.metrics import MetricsLogger
-from nanobumble.records import split_held_out
-from nanobumble.sft_data import load_conversations, sample_targets, tokenize_sft
+
+import train_sft
+from nanobumble.base.errors import UserError
+from nanobumble.data.records import split_held_out
+from nanobumble.data.sft_data import load_conversations, sample_targets, tokenize_sft
+from nanobumble.run.metrics import MetricsLogger
+from nanobumble.store.adapter import load_adapter
+from nanobumble.store.checkpoint import list_checkpoints
+from nanobumble.store.model_dir import load_model_dir
 
 FAST = ["--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "48", "--train_micro_batch_size_per_gpu", "16",
         "--use_tensorboard", "false", "--plot", "false", "--save_steps", "0", "--warmup_ratio", "0.1"]

@@ -23,13 +23,6 @@ from nanobumble.kernels.interpreter import round_bf16_first, round_to_bf16
 MAX_HIDDEN = 65536  # one row must fit in one block
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Plain PyTorch, the same semantics as the model's RMSNorm."""
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
-
-
 @triton.jit
 def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps,
                          BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr):

@@ -23,30 +23,6 @@ from nanobumble.kernels.alloc import alloc_like
 from nanobumble.kernels.interpreter import round_bf16_first, round_to_bf16
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, each fp32 [batch, seq, head_dim // 2], for (possibly restarting) positions."""
-    if head_dim % 2:
-        raise ValueError(f"head_dim must be even for rotary embeddings, got {head_dim}")
-    exponents = torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
-    inv_freq = 1.0 / (theta ** exponents)
-    angles = position_ids.float().unsqueeze(-1) * inv_freq
-    return angles.cos(), angles.sin()
-
-
-def apply_rope_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch rotation: computed in fp32 (or float64 for float64 inputs), stored in x's dtype."""
-
-    def rotate(x: torch.Tensor) -> torch.Tensor:
-        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-        c = cos.unsqueeze(2).to(compute)  # broadcast over heads
-        s = sin.unsqueeze(2).to(compute)
-        x1, x2 = x.to(compute).chunk(2, dim=-1)
-        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
-
-    return rotate(q), rotate(k)
-
-
 @triton.jit
 def _rotate_heads(x_ptr, out_ptr, b, t, row, stride_b, stride_t, stride_h, cos, sin, d, d_mask,
                   NUM_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, ROUND_BF16: tl.constexpr):

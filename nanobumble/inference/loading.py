@@ -19,10 +19,10 @@ import sys
 import torch
 import yaml
 
-from nanobumble.checkpoint import check_model_dir, load_model_dir
-from nanobumble.errors import ConfigError, UserError
-from nanobumble.lora import ADAPTER_CONFIG, load_adapter, read_adapter_config
-from nanobumble.tokenizer import load_tokenizer
+from nanobumble.base.errors import ConfigError, UserError
+from nanobumble.data.tokenizer import load_tokenizer
+from nanobumble.store.adapter import ADAPTER_CONFIG, load_adapter, read_adapter_config
+from nanobumble.store.model_dir import check_model_dir, load_model_dir
 
 CHAT_STAGES = ("sft", "dpo")
 

@@ -31,21 +31,28 @@ import time
 import torch
 import yaml
 
-from .build import build_model
-from .checkpoint import (check_output_dir, checkpoint_problem, latest_checkpoint, list_checkpoints, load_checkpoint,
-                         read_trainer_state, save_checkpoint, save_model_dir)
-from .config import config_to_dict, config_to_yaml, parse_config
-from .distributed import all_reduce_sum, distributed_run, main_process_first, print0
-from .errors import UserError
-from .evaluate import evaluate_tasks, load_tasks
-from .lora import adapter_config_for
-from .metrics import MetricsLogger
-from .mfu import device_peak_flops
-from .optim import build_optimizer, lr_at
-from .plot import plot_run
-from .precision import autocast, autocast_dtype, resolve_precision
-from .records import files_signature, split_held_out
-from .token_cache import tokenized_pairs, tokenized_sft
+from nanobumble.base.distributed import all_reduce_sum, distributed_run, main_process_first, print0
+from nanobumble.base.errors import UserError
+from nanobumble.base.precision import autocast, autocast_dtype, resolve_precision
+from nanobumble.data.records import files_signature, split_held_out
+from nanobumble.data.token_cache import tokenized_pairs, tokenized_sft
+from nanobumble.evals.tasks import evaluate_tasks, load_tasks
+from nanobumble.model.mfu import device_peak_flops
+from nanobumble.run.build import build_model
+from nanobumble.run.config import config_to_dict, config_to_yaml, parse_config
+from nanobumble.run.metrics import MetricsLogger
+from nanobumble.run.optim import build_optimizer, lr_at
+from nanobumble.run.plots import plot_run
+from nanobumble.store.adapter import adapter_config_for
+from nanobumble.store.checkpoint import (
+    checkpoint_problem,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
+from nanobumble.store.model_dir import check_output_dir, save_model_dir
 
 
 def run_stage(train, config_class, argv: list[str]) -> None:

@@ -31,10 +31,10 @@ import functools
 import json
 from typing import TYPE_CHECKING
 
-from nanobumble.errors import DataError
+from nanobumble.base.errors import DataError
 
 if TYPE_CHECKING:  # only named in annotations: loading the config need not load sentencepiece
-    from nanobumble.tokenizer import Tokenizer
+    from nanobumble.data.tokenizer import Tokenizer
 
 DEFAULT_SYSTEM_PROMPT = "You are Bumblebee, a helpful AI assistant."
 ROLES = ("system", "user", "assistant")

@@ -36,8 +36,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import sentencepiece as spm
 
-from nanobumble.errors import ConfigError, DataError
-from nanobumble.files import atomic_write_bytes
+from nanobumble.base.errors import ConfigError, DataError
+from nanobumble.base.files import atomic_write_bytes
+from nanobumble.data.hf_tokenizer import HFTokenizer
 
 UNK_ID = 0
 EOT_ID = 1
@@ -275,7 +276,6 @@ def load_tokenizer(path: str):
                 return load_tokenizer(os.path.join(path, name))
         raise DataError(f"{path}: no tokenizer.model or tokenizer.json")
     if os.path.basename(path) == "tokenizer.json":
-        from nanobumble.hf_tokenizer import HFTokenizer
         return HFTokenizer(os.path.dirname(path) or ".")
     return Tokenizer(path)
 

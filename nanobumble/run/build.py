@@ -12,12 +12,12 @@ import os
 
 import torch
 
-from .checkpoint import check_model_dir, load_model_weights
-from .distributed import DistInfo, shard_model
-from .errors import UserError
-from .lora import init_lora_weights, inject_lora
-from .model import Transformer, load_model_config
-from .tokenizer import load_tokenizer
+from nanobumble.base.distributed import DistInfo, shard_model
+from nanobumble.base.errors import UserError
+from nanobumble.data.tokenizer import load_tokenizer
+from nanobumble.model.lora import init_lora_weights, inject_lora
+from nanobumble.model.transformer import Transformer
+from nanobumble.store.model_dir import check_model_dir, load_model_config, load_model_weights
 
 
 def lora_settings(cfg) -> dict | None:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import ConfigError
+from nanobumble.base.errors import ConfigError
+from nanobumble.model.transformer import ModelConfig
+from nanobumble.store.tensor_files import DamagedFile
 
 # The architecture's own switches: any other value changes the math nanobumble implements.
 REQUIRED = {"hidden_act": "silu", "use_sliding_window": False, "rope_scaling": None}
@@ -29,8 +31,6 @@ def is_hf_config(data: dict) -> bool:
 
 def model_config_from_hf(data: dict, source: str):
     """A transformers Qwen2 config.json (as a dict) -> ModelConfig."""
-    from .model import ModelConfig
-
     if data.get("model_type") != "qwen2":
         raise ConfigError(f"{source}: model_type {data.get('model_type')!r}: only qwen2 models can be imported")
     for key, value in REQUIRED.items():
@@ -58,8 +58,6 @@ def model_config_from_hf(data: dict, source: str):
 def weight_files(directory: str) -> list[str]:
     """The safetensors files of a model directory: model.safetensors, or the shards
     its model.safetensors.index.json lists."""
-    from .tensor_files import DamagedFile
-
     single = os.path.join(directory, "model.safetensors")
     if os.path.isfile(single):
         return [single]

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanobumble.kernels import IGNORE_INDEX
+from nanobumble.model.layers import IGNORE_INDEX
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 

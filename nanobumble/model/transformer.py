@@ -11,9 +11,7 @@ weights map one to one onto that family.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -23,11 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from nanobumble.kernels import resolve_backend
-from nanobumble.kernels.cross_entropy import linear_cross_entropy
-from nanobumble.kernels.rmsnorm import rms_norm, rms_norm_reference
-from nanobumble.kernels.rope import apply_rope, apply_rope_reference, rope_cos_sin
-from .errors import ConfigError
+from nanobumble.base.errors import ConfigError
+from nanobumble.model.layers import apply_rope, resolve_backend, rms_norm, rope_cos_sin, triton_kernels
+from nanobumble.model.lm_loss import linear_cross_entropy
 
 
 @dataclass
@@ -93,8 +89,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
         if backend == "triton":
-            return rms_norm(x, self.weight, self.eps)
-        return rms_norm_reference(x, self.weight, self.eps)
+            return triton_kernels().rms_norm(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class KVCache:
@@ -142,7 +138,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        rope = apply_rope if backend == "triton" else apply_rope_reference
+        rope = triton_kernels().apply_rope if backend == "triton" else apply_rope
         q, k = rope(q, k, cos, sin)
         if kv_cache is not None:
             return self._forward_cached(q, k, v, kv_cache, layer)
@@ -386,41 +382,3 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
         param.copy_(full)
 
 
-def model_config_for(name_or_path: str, vocab_size: int) -> ModelConfig:
-    """A preset by name (with the tokenizer's vocabulary) or the config.json of a model directory."""
-    if name_or_path in PRESETS:
-        return ModelConfig(vocab_size=pad_vocab_size(vocab_size), **PRESETS[name_or_path])
-    config_file = os.path.join(name_or_path, "config.json")
-    if not os.path.isfile(config_file):
-        raise ConfigError(
-            f"key 'model_name_or_path': '{name_or_path}' is neither a preset ({', '.join(PRESETS)}) "
-            f"nor a model directory with config.json")
-    return load_model_config(config_file)
-
-
-def load_model_config(config_file: str) -> ModelConfig:
-    """A model directory's config.json; anything wrong with it is a ConfigError naming the file."""
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"{config_file}: cannot read: {e.strerror}") from None
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise ConfigError(f"{config_file}: not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{config_file}: expected a JSON object of model keys, got {type(data).__name__}")
-    from .import_hf import is_hf_config, model_config_from_hf  # a Hugging Face model directory
-    if is_hf_config(data):
-        return model_config_from_hf(data, config_file)
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(f"{config_file}: unknown model keys {unknown} (known: {', '.join(sorted(known))})")
-    try:
-        return ModelConfig(**data)
-    except ConfigError as e:
-        raise ConfigError(f"{config_file}: {e}") from None
-
-
-def model_config_json(cfg: ModelConfig) -> str:
-    return json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"

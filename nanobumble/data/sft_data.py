@@ -25,13 +25,19 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from nanobumble.kernels import IGNORE_INDEX
-from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, render_turn, validate_messages, with_system_prompt
-from nanobumble.errors import DataError
-from nanobumble.records import (EpochOrder, alpaca_prompt, describe_keys, openai_messages, read_records,
-                                sharegpt_messages, string_field)
-from nanobumble.tokenizer import EOT_ID, Tokenizer
-
+from nanobumble.base.errors import DataError
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render_turn, validate_messages, with_system_prompt
+from nanobumble.data.records import (
+    EpochOrder,
+    alpaca_prompt,
+    describe_keys,
+    openai_messages,
+    read_records,
+    sharegpt_messages,
+    string_field,
+)
+from nanobumble.data.tokenizer import EOT_ID, Tokenizer
+from nanobumble.model.layers import IGNORE_INDEX
 
 # ---------------------------------------------------------------------------
 # Loading conversations

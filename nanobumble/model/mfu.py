@@ -6,7 +6,7 @@ import re
 
 import torch
 
-from .model import ModelConfig
+from nanobumble.model.transformer import ModelConfig
 
 # Dense (not 2:4 sparse) bf16 tensor-core peaks in FLOP/s, from the vendors' data
 # sheets, for torch.cuda.get_device_name(). A row matches when every one of its words

@@ -31,13 +31,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from nanobumble.chat_template import CHATML_RENDERER
-from nanobumble.dpo_data import load_preference_pairs, pairs_summary, tokenize_pairs
-from nanobumble.errors import DataError
-from nanobumble.files import atomic_directory
-from nanobumble.records import files_fingerprint, list_data_files
-from nanobumble.sft_data import load_conversations, sft_summary, tokenize_sft
-from nanobumble.tokenizer import load_tokenizer
+from nanobumble.base.errors import DataError
+from nanobumble.base.files import atomic_directory
+from nanobumble.data.chat_template import CHATML_RENDERER
+from nanobumble.data.dpo_data import load_preference_pairs, pairs_summary, tokenize_pairs
+from nanobumble.data.records import files_fingerprint, list_data_files
+from nanobumble.data.sft_data import load_conversations, sft_summary, tokenize_sft
+from nanobumble.data.tokenizer import load_tokenizer
 
 CACHE_VERSION = 1
 CHUNK_ITEMS = 512  # conversations or pairs per task sent to a worker process

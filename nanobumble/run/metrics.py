@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from .files import atomic_write_text
+from nanobumble.base.files import atomic_write_text
 
 
 class MetricsLogger:

@@ -33,10 +33,16 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from nanobumble.errors import DataError
-from nanobumble.files import atomic_directory
-from nanobumble.records import EpochOrder, files_fingerprint, is_validation_document, iter_text_records, list_data_files
-from nanobumble.tokenizer import Tokenizer, load_tokenizer
+from nanobumble.base.errors import DataError
+from nanobumble.base.files import atomic_directory
+from nanobumble.data.records import (
+    EpochOrder,
+    files_fingerprint,
+    is_validation_document,
+    iter_text_records,
+    list_data_files,
+)
+from nanobumble.data.tokenizer import Tokenizer, load_tokenizer
 
 MAGIC = int.from_bytes(b"nbsh", "little")  # reads "nbsh" in a hex dump
 VERSION = 1

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import KVCache, Transformer
-from .tokenizer import EOT_ID, IM_END_ID, Tokenizer
+from nanobumble.data.tokenizer import EOT_ID, IM_END_ID, Tokenizer
+from nanobumble.model.transformer import KVCache, Transformer
 
 STOP_IDS = (IM_END_ID, EOT_ID)
 

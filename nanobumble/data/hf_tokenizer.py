@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .errors import DataError
+from nanobumble.base.errors import DataError
 
 # What a model directory keeps, stage after stage (newer transformers write the
 # chat template to its own file, older ones into tokenizer_config.json).

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
-from nanobumble.chat_template import validate_messages
-from nanobumble.errors import DataError
+from nanobumble.base.errors import DataError
+from nanobumble.data.chat_template import validate_messages
 
 MAX_REPORTED_PROBLEMS = 20  # per call of iter_text_records or read_records; the rest are only counted
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from .chat_template import DEFAULT_SYSTEM_PROMPT
-from .errors import ConfigError
+from nanobumble.base.errors import ConfigError
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT
 
 
 @dataclass

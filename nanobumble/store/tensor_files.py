@@ -24,9 +24,9 @@ import struct
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .distributed import is_main
-from .errors import UserError
-from .files import atomic_path
+from nanobumble.base.distributed import is_main
+from nanobumble.base.errors import UserError
+from nanobumble.base.files import atomic_path
 
 DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",

@@ -21,12 +21,18 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from nanobumble.kernels import IGNORE_INDEX
-from nanobumble.chat_template import DEFAULT_SYSTEM_PROMPT, generation_prompt, render, validate_messages
-from nanobumble.errors import DataError
-from nanobumble.records import (EpochOrder, alpaca_prompt, describe_keys, openai_messages, read_records,
-                                sharegpt_messages)
-from nanobumble.tokenizer import EOT_ID, Tokenizer
+from nanobumble.base.errors import DataError
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, generation_prompt, render, validate_messages
+from nanobumble.data.records import (
+    EpochOrder,
+    alpaca_prompt,
+    describe_keys,
+    openai_messages,
+    read_records,
+    sharegpt_messages,
+)
+from nanobumble.data.tokenizer import EOT_ID, Tokenizer
+from nanobumble.model.layers import IGNORE_INDEX
 
 # ---------------------------------------------------------------------------
 # Loading

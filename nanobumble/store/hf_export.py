@@ -1,0 +1,432 @@
+"""Export a model directory to the Hugging Face format (Qwen2ForCausalLM).
+
+    python -m nanobumble.export_hf --model_path checkpoints/dpo/bumblebee_1.5b_dpo_merged \
+        --save_path exports/bumblebee_1.5b_hf [--dtype bf16]
+
+The model already has Qwen2's shape and parameter names, so the export is a
+renaming plus the files transformers expects:
+
+    config.json              Qwen2Config keys (model_type "qwen2")
+    model.safetensors        model.embed_tokens.weight, model.layers.N...,
+                             model.norm.weight, lm_head.weight (when not tied); above
+                             max_shard_size instead model-00001-of-0000N.safetensors ...
+                             and model.safetensors.index.json (which file holds each tensor)
+    generation_config.json   the sampling defaults, stopping at <|im_end|> / <|endoftext|>
+    tokenizer.json           the sentencepiece BPE as a `tokenizers` BPE (the same ids)
+    tokenizer_config.json    special tokens, no BOS/EOS added, the ChatML chat template
+                             with the system prompt the model was trained with
+    tokenizer.model          the sentencepiece model, unchanged
+    README.md                a short model card: training stages, data, final metrics
+
+Then, with transformers installed:
+
+    model = Qwen2ForCausalLM.from_pretrained(save_path)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(save_path)
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+Use PreTrainedTokenizerFast, not AutoTokenizer: for model_type "qwen2",
+transformers 5 replaces the declared tokenizer class with Qwen's byte-level
+tokenizer, which misreads this vocabulary. The ids equal nanobumble's, except
+that transformers turns a literal "<|im_end|>" (etc.) inside text into the
+special token, where nanobumble's encode never does, and a literal U+2581 is
+read as a space.
+
+A model without q/k/v biases (qkv_bias: false) is exported with zero biases,
+since Qwen2 always has them. A LoRA run must be merged into a full model first.
+
+The chat template inserts the system prompt from the model's training_args.yaml
+(none for `system_prompt: ""`; the default for a pretrained model, which has no
+such key), so apply_chat_template renders the tokens the model was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from nanobumble.base.errors import DataError, UserError
+from nanobumble.base.files import atomic_write_bytes, atomic_write_text
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT
+from nanobumble.data.records import list_data_files
+from nanobumble.data.shards import read_meta
+from nanobumble.data.tokenizer import SPACE_PIECE, SPECIAL_TOKENS, UNK_ID, Tokenizer, load_tokenizer
+from nanobumble.model.transformer import ModelConfig
+from nanobumble.store.checkpoint import read_trainer_state
+from nanobumble.store.model_dir import check_model_dir, check_output_dir, load_model_dir, model_state_dict
+from nanobumble.store.tensor_files import DamagedFile
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+GIB = 2**30
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"  # transformers' names, numbered from 1
+SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, tokenizer) -> dict:
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_theta": cfg.rope_theta,  # older transformers read this key ...
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # ... newer ones this
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": cfg.num_layers,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "bos_token_id": tokenizer.eot_id,
+        "eos_token_id": tokenizer.eot_id,
+        "pad_token_id": tokenizer.eot_id,
+        "torch_dtype": HF_DTYPE_NAMES[dtype],
+    }
+
+
+def hf_generation_config(tokenizer, gen) -> dict:
+    """generation_config.json: the stop tokens, and the sampling defaults of gen (a GenerationConfig)."""
+    return {"bos_token_id": tokenizer.eot_id, "eos_token_id": [tokenizer.im_end_id, tokenizer.eot_id],
+            "pad_token_id": tokenizer.eot_id,
+            "do_sample": gen.do_sample, "temperature": gen.temperature, "top_k": gen.top_k, "top_p": gen.top_p,
+            "repetition_penalty": gen.repetition_penalty}
+
+
+def hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """nanobumble names -> Qwen2ForCausalLM names (everything but the LM head lives under "model.")."""
+    out = {}
+    for name, tensor in state.items():
+        out[name if name == "lm_head.weight" else f"model.{name}"] = tensor.to(dtype).contiguous()
+    if not cfg.qkv_bias:  # Qwen2 always has q/k/v biases: zeros change nothing
+        for i in range(cfg.num_layers):
+            for proj, width in (("q_proj", cfg.num_heads), ("k_proj", cfg.num_kv_heads), ("v_proj", cfg.num_kv_heads)):
+                out[f"model.layers.{i}.self_attn.{proj}.bias"] = torch.zeros(width * cfg.head_dim, dtype=dtype)
+    return out
+
+
+def chat_template(system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """ChatML as nanobumble's chat_template.render lays it out, in Jinja: system_prompt
+    becomes the first turn of a conversation that has no system message ("" adds none)."""
+    template = ""
+    if system_prompt:
+        # A JSON string is also a valid Jinja string literal with the same value (Jinja
+        # unescapes \n, \", \\ and \uXXXX as JSON does), whatever quotes, backslashes or
+        # braces the prompt holds.
+        system_turn = json.dumps(f"<|im_start|>system\n{system_prompt}<|im_end|>\n", ensure_ascii=False)
+        template += ("{%- if not messages or messages[0]['role'] != 'system' %}"
+                     "{{- " + system_turn + " }}"
+                     "{%- endif %}")
+    return template + (
+        "{%- for message in messages %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+
+
+def hf_tokenizer_json(tokenizer: Tokenizer) -> dict:
+    """The sentencepiece BPE model as a `tokenizers` BPE: the same vocabulary, and
+    one merge per way of splitting each multi-character piece into two pieces,
+    ranked by the piece's sentencepiece score (its merge order in training).
+    Sentencepiece encodes by repeatedly merging the adjacent pair that forms the
+    best-scoring piece, which is what a BPE with these ranks does. No pre-splitting
+    is needed: no piece spans a word boundary. Characters outside the vocabulary
+    become <0xNN> byte tokens in both."""
+    sp = tokenizer.sp
+    vocab = {sp.id_to_piece(i): i for i in range(tokenizer.vocab_size)}
+    text_pieces = {sp.id_to_piece(i): i for i in range(tokenizer.vocab_size)
+                   if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}
+    ranked = sorted((i for piece, i in text_pieces.items() if len(piece) > 1), key=lambda i: (-sp.get_score(i), i))
+    merges = []
+    for i in ranked:
+        piece = sp.id_to_piece(i)
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                  if piece[:k] in text_pieces and piece[k:] in text_pieces]
+        merges += sorted(splits, key=lambda pair: (text_pieces[pair[0]], text_pieces[pair[1]]))
+    specials = [("<unk>", UNK_ID), *SPECIAL_TOKENS.items()]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [{"id": token_id, "content": piece, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for piece, token_id in specials],
+        "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": SPACE_PIECE},
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": SPACE_PIECE}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": [list(pair) for pair in merges]},
+    }
+
+
+def hf_tokenizer_config(system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> dict:
+    """Settings around tokenizer.json: nothing added around the ids (no BOS/EOS),
+    the special tokens by name, and the chat template."""
+    added = {str(token_id): {"content": piece, "special": True, "normalized": False, "lstrip": False,
+                             "rstrip": False, "single_word": False}
+             for piece, token_id in [("<unk>", UNK_ID), *SPECIAL_TOKENS.items()]}
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "unk_token": "<unk>",
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "added_tokens_decoder": added,
+        "model_max_length": None,
+        "chat_template": chat_template(system_prompt),
+    }
+
+
+def write_json(path: str, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+# --- weights, in one file or in shards ----------------------------------------------------------------
+
+def plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """The tensors in order, a new shard whenever the next one would overflow the current
+    one (a tensor larger than max_bytes gets a shard of its own, as in transformers)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def write_weights(save_path: str, state: dict[str, torch.Tensor], max_bytes: int) -> list[str]:
+    """model.safetensors, or shards plus the index when the weights exceed max_bytes.
+    Returns the weight file names.
+
+    Every file is written under a temporary name first. Then the weight files of an
+    earlier export go (all but those about to be replaced), the new files are renamed
+    into place, and the index comes last. Removing first matters: transformers loads a
+    model.safetensors in preference to an index, and an old index names old shards; so a
+    crash in between leaves an export that fails to load, never a silent mix."""
+    shards = plan_shards(state, max_bytes)
+    names = [WEIGHTS_NAME] if len(shards) == 1 else \
+        [SHARD_NAME.format(i, len(shards)) for i in range(1, len(shards) + 1)]
+    temporary = []
+    try:
+        for name, shard in zip(names, shards):
+            temporary.append(os.path.join(save_path, f"{name}.tmp-{os.getpid()}"))
+            save_file(shard, temporary[-1], metadata={"format": "pt"})
+    except BaseException:
+        for path in temporary:
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    for old in os.listdir(save_path):
+        stale_weights = (old == WEIGHTS_NAME or SHARD_RE.match(old)) and old not in names
+        if old == INDEX_NAME or stale_weights:
+            os.remove(os.path.join(save_path, old))
+    for name, tmp in zip(names, temporary):
+        os.replace(tmp, os.path.join(save_path, name))
+    if len(names) > 1:  # transformers' index format
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        weight_map = {tensor: name for name, shard in zip(names, shards) for tensor in shard}
+        write_json(os.path.join(save_path, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return names
+
+
+# --- what the model directory says about its training ---------------------------------------------------
+
+def read_training_args(model_dir: str) -> dict:
+    """training_args.yaml as a dict; {} when the directory has none."""
+    path = os.path.join(model_dir, "training_args.yaml")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            args = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise UserError(f"{path}: expected a mapping of keys, got {type(args).__name__}")
+    return args
+
+
+def trained_system_prompt(args: dict) -> str:
+    """The system prompt SFT/DPO rendered conversations with (config.FinetuneConfig's key);
+    a pretrained model never saw one, so it keeps the default."""
+    if "system_prompt" not in args:
+        return DEFAULT_SYSTEM_PROMPT
+    return "" if args["system_prompt"] is None else str(args["system_prompt"])
+
+
+def training_lineage(model_dir: str, args: dict, max_stages: int = 10) -> list[dict]:
+    """training_args of this model, then of the model it started from (model_name_or_path),
+    and so on while those directories are still here: newest first."""
+    lineage, seen = [args], {os.path.abspath(model_dir)}
+    while len(lineage) < max_stages:
+        parent = str(lineage[-1].get("model_name_or_path") or "")
+        if not os.path.isdir(parent) or os.path.abspath(parent) in seen:
+            break
+        seen.add(os.path.abspath(parent))
+        try:
+            parent_args = read_training_args(parent)
+        except UserError:
+            break  # a damaged ancestor only shortens the model card
+        if not parent_args:
+            break
+        lineage.append(parent_args)
+    return lineage
+
+
+def data_summary(dataset_path: str) -> str:
+    """The dataset path, with its size when it is still readable from here."""
+
+    if not dataset_path:
+        return ""
+    text = f"`{dataset_path}`"
+    try:
+        if os.path.isfile(os.path.join(dataset_path, "meta.json")):  # prepared token shards
+            meta = read_meta(dataset_path)
+            return text + f" ({meta['train_tokens']:,} training tokens)"
+        files = list_data_files(dataset_path)
+        size = sum(os.path.getsize(path) for path in files)
+        size_text = f"{size / 1e6:,.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+        return text + f" ({len(files)} file{'s' * (len(files) != 1)}, {size_text})"
+    except (DataError, OSError, KeyError, TypeError, ValueError):
+        return text
+
+
+HOUSEKEEPING_METRICS = ("train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu")
+
+
+def final_metrics(model_dir: str, args: dict) -> tuple[str, dict[str, tuple[int, float]]]:
+    """(where they came from, {metric: (step, last value)}) from metrics.jsonl. A merged
+    LoRA run keeps its metrics in the adapter directory, and a checkpoint in its run's
+    directory (output_dir): used when that directory's training_args.yaml is the model's
+    own, i.e. the same run, and for a checkpoint only up to its step."""
+    last_step = math.inf
+    if os.path.isfile(os.path.join(model_dir, "trainer_state.json")):  # a checkpoint
+        try:
+            last_step = read_trainer_state(model_dir)["step"]
+        except (DamagedFile, KeyError):
+            return "", {}
+    path = os.path.join(model_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        run_dir = str(args.get("output_dir") or "")
+        same_run = run_dir and os.path.isdir(run_dir) and os.path.isfile(os.path.join(run_dir, "metrics.jsonl"))
+        try:
+            same_run = same_run and read_training_args(run_dir) == args
+        except UserError:
+            same_run = False
+        if not same_run:
+            return "", {}
+        path = os.path.join(run_dir, "metrics.jsonl")
+    last: dict[str, tuple[int, float]] = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                step = record["step"]
+            except (json.JSONDecodeError, TypeError, KeyError):
+                continue  # a damaged line (a killed run) does not stop the export
+            if not isinstance(step, int) or step > last_step:
+                continue
+            for key, value in record.items():
+                if key != "step" and key not in HOUSEKEEPING_METRICS and isinstance(value, (int, float)):
+                    last[key] = (step, float(value))
+    return path, last
+
+
+def stage_summary(args: dict) -> str:
+    stage = str(args.get("stage") or "unknown")
+    details = [str(args[key]) for key in ("finetuning_type",) if key in args]
+    if stage == "dpo" and "pref_loss" in args:
+        details.append(f"{args['pref_loss']}, beta {args.get('pref_beta')}")
+    steps = args.get("max_steps")
+    if isinstance(steps, (int, float)) and steps > 0:  # max_steps overrides num_epochs
+        details.append(f"{steps} steps")
+    elif "num_epochs" in args:
+        details.append(f"{args['num_epochs']} epochs")
+    return stage + (f" ({', '.join(details)})" if details else "")
+
+
+def model_card(model_path: str, args: dict, cfg: ModelConfig, num_parameters: int, dtype: torch.dtype,
+               system_prompt: str) -> str:
+    """README.md of the export: what the model is, how it was trained, how it ended."""
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [nanobumble, qwen2]", "---",
+             f"# {os.path.basename(os.path.normpath(model_path))}", "",
+             f"Qwen2ForCausalLM exported by nanobumble from `{model_path}`: {num_parameters / 1e6:.1f}M parameters, "
+             f"{HF_DTYPE_NAMES[dtype]}, {cfg.num_layers} layers, vocabulary {cfg.vocab_size}, "
+             f"context {cfg.max_position_embeddings} tokens.", ""]
+    lineage = training_lineage(model_path, args) if args else []
+    if lineage:
+        lines += ["## Training", "", "| stage | started from | data |", "|---|---|---|"]
+        for stage_args in reversed(lineage):  # oldest first
+            lines.append(f"| {stage_summary(stage_args)} | `{stage_args.get('model_name_or_path', '')}` | "
+                         f"{data_summary(str(stage_args.get('dataset_path') or ''))} |")
+        lines.append("")
+    else:
+        lines += ["No training_args.yaml: the training history is unknown.", ""]
+    lines += [f"Chat template system prompt: {json.dumps(system_prompt, ensure_ascii=False)}"
+              if system_prompt else "Chat template: no system prompt is added.", ""]
+    source, metrics = final_metrics(model_path, args)
+    if metrics:
+        lines += ["## Final metrics", "", f"Last logged values, from `{source}`:", "",
+                  "| metric | value | step |", "|---|---|---|"]
+        lines += [f"| {key} | {value:.4g} | {step} |" for key, (step, value) in metrics.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_hf_model(model_path: str, save_path: str, sampling, dtype: torch.dtype = torch.float32,
+                   overwrite: bool = False, max_shard_size: int = 5 * GIB) -> None:
+    """Export model_path to save_path; sampling (a GenerationConfig) gives generation_config.json's defaults."""
+    check_model_dir(model_path, "model_path")
+    if os.path.abspath(model_path) == os.path.abspath(save_path):
+        raise UserError("save_path must differ from model_path (the file formats share names)")
+    check_output_dir(save_path, overwrite, "save_path")
+    args = read_training_args(model_path)
+    system_prompt = trained_system_prompt(args)
+    model, cfg = load_model_dir(model_path)
+    state = hf_state_dict(model_state_dict(model), cfg, dtype)
+    os.makedirs(save_path, exist_ok=True)
+    weight_files = write_weights(save_path, state, max_shard_size)
+    tokenizer = load_tokenizer(model_path)
+    write_json(os.path.join(save_path, "config.json"), hf_config(cfg, dtype, tokenizer))
+    write_json(os.path.join(save_path, "generation_config.json"), hf_generation_config(tokenizer, sampling))
+    if "tokenizer.model" in tokenizer.files:
+        write_json(os.path.join(save_path, "tokenizer.json"), hf_tokenizer_json(tokenizer))
+        write_json(os.path.join(save_path, "tokenizer_config.json"), hf_tokenizer_config(system_prompt))
+    # A model imported from Hugging Face keeps its own tokenizer files, chat template included
+    # (it was trained with that template); nanobumble's keeps its sentencepiece model beside.
+    for name, data in tokenizer.files.items():
+        atomic_write_bytes(os.path.join(save_path, name), data)
+    atomic_write_text(os.path.join(save_path, "README.md"),
+                      model_card(model_path, args, cfg, model.num_parameters(), dtype, system_prompt))
+    shards = f", {len(weight_files)} shards" if len(weight_files) > 1 else ""
+    print(f"exported {model_path} -> {save_path} (Qwen2ForCausalLM, {HF_DTYPE_NAMES[dtype]}, "
+          f"{model.num_parameters() / 1e6:.1f}M parameters{shards})", file=sys.stderr)
