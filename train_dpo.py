@@ -31,7 +31,7 @@ from nanobumble.model.layers import IGNORE_INDEX
 from nanobumble.model.lora import disable_adapters
 from nanobumble.run.build import lora_settings, open_starting_model
 from nanobumble.run.config import DPOConfig
-from nanobumble.run.stage import Stage, rank_batches, run_stage, tokenized_data
+from nanobumble.run.stage import Stage, share_batches, run_stage, tokenized_data
 
 
 def main(argv: list[str]) -> None:
@@ -41,11 +41,11 @@ def main(argv: list[str]) -> None:
 @torch.no_grad()
 def precompute_reference(reference, dataset: PreferenceDataset, cfg: DPOConfig, info) -> torch.Tensor:
     """Reference log-probs of every pair, [num_pairs, 2] (chosen, rejected).
-    Ranks share the batches out (rank_batches)."""
+    Ranks share the batches out (share_batches)."""
     n = cfg.train_micro_batch_size_per_gpu
     groups = [list(range(i, min(i + n, dataset.num_pairs))) for i in range(0, dataset.num_pairs, n)]
     table = torch.zeros(dataset.num_pairs, 2, dtype=torch.float64, device=info.device)
-    for i, weight in rank_batches(len(groups), info):
+    for i, weight in share_batches(len(groups), info):
         batch = dataset.batch_of_pairs(groups[i])
         ref = reference(batch["input_ids"].to(info.device), batch["labels"].to(info.device))
         if weight:
@@ -65,7 +65,7 @@ def evaluate(model, val_data: PreferenceDataset, val_reference: torch.Tensor, cf
     count = min(val_data.num_pairs, n * cfg.eval_batches)
     groups = [list(range(i, min(i + n, count))) for i in range(0, count, n)]
     sums: dict[str, torch.Tensor] = {}
-    for i, weight in rank_batches(len(groups), info):
+    for i, weight in share_batches(len(groups), info):
         batch = val_data.batch_of_pairs(groups[i])
         input_ids, labels = batch["input_ids"].to(info.device), batch["labels"].to(info.device)
         with autocast(info.device, dtype):
@@ -86,7 +86,8 @@ def evaluate(model, val_data: PreferenceDataset, val_reference: torch.Tensor, cf
 
 
 def train(cfg: DPOConfig, info) -> None:
-    stage = Stage(cfg, info)  # precision, seed, the config printed, where to resume
+    stage = Stage(cfg, info)  # precision, seed, the config printed
+    stage.open_output_dir()  # the checkpoint to resume, if any; may move a damaged one aside
 
     # --- the starting model's shape and tokenizer ---
     tokenizer, model_cfg = open_starting_model(cfg)
@@ -99,13 +100,13 @@ def train(cfg: DPOConfig, info) -> None:
     model = stage.build_model(model_cfg, cfg.model_name_or_path, lora)
     reference_model = None if lora else stage.build_model(model_cfg, cfg.model_name_or_path, frozen=True)
     ld_alpha = cfg.ld_alpha if cfg.ld_alpha != 1.0 else None
-    device, compute_dtype = info.device, stage.compute_dtype
+    device, autocast_dtype = info.device, stage.autocast_dtype
 
     @torch.no_grad()
     def reference(input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Sequence log-probs under the reference: the adapters off, or the frozen copy."""
         net = reference_model if reference_model is not None else model
-        with disable_adapters(model) if reference_model is None else nullcontext(), autocast(device, compute_dtype):
+        with disable_adapters(model) if reference_model is None else nullcontext(), autocast(device, autocast_dtype):
             return batch_logps(net, input_ids, labels, ld_alpha)[0]
 
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -124,12 +125,12 @@ def train(cfg: DPOConfig, info) -> None:
     # --- schedule, then optimizer, resume and logger ---
     stage.plan(dataset.num_pairs)
     pairs_per_step, micro_batch = stage.batch_rows, stage.micro_batch
-    print0(f"data: {dataset.num_pairs} pairs; {pairs_per_step} pairs per step; {stage.num_steps} steps")
+    print0(f"data: {dataset.num_pairs} pairs; {stage.batch_arithmetic} pairs; {stage.num_steps} steps")
     stage.start(model, tokenizer)
 
     # --- the loop ---
     for step in stage.steps():
-        batches = [dataset.batch(cfg.seed, rows) for rows in stage.rank_rows(step)]
+        batches = [dataset.batch(cfg.seed, rows) for rows in stage.micro_batches(step)]
         # The SFT term is a mean over the chosen answers' tokens of the whole global batch.
         chosen_tokens = sum(int((b["labels"][:micro_batch] != IGNORE_INDEX).sum()) for b in batches)
         chosen_tokens = all_reduce_sum(torch.tensor(float(chosen_tokens), device=device)).item()
@@ -146,7 +147,7 @@ def train(cfg: DPOConfig, info) -> None:
                 ref_chosen, ref_rejected = ref[:micro_batch], ref[micro_batch:]
             if info.sharded:
                 model.set_requires_gradient_sync(micro == len(batches) - 1)
-            with autocast(device, compute_dtype):
+            with autocast(device, autocast_dtype):
                 policy, logps, mask, mean_logits = batch_logps(model, input_ids, labels, ld_alpha)
             losses, chosen_rewards, rejected_rewards = preference_loss(
                 policy[:micro_batch], policy[micro_batch:], ref_chosen, ref_rejected,
@@ -176,7 +177,7 @@ def train(cfg: DPOConfig, info) -> None:
         if (val_data is not None or stage.eval_tasks) and stage.is_eval_step(step):
             scalars = {}
             if val_data is not None:
-                scalars = evaluate(model, val_data, val_reference, cfg, info, compute_dtype, ld_alpha)
+                scalars = evaluate(model, val_data, val_reference, cfg, info, autocast_dtype, ld_alpha)
             stage.report_evaluation(step, scalars | stage.task_scores())
             warning = displacement_warning(scalars["val/drift/chosen"], cfg) if val_data is not None else None
             if warning:

@@ -34,7 +34,7 @@ from nanobumble.data.tokenizer import Tokenizer, has_tokenizer, load_or_train_to
 from nanobumble.model.mfu import training_flops_per_token
 from nanobumble.run.build import check_model_fits
 from nanobumble.run.config import PretrainConfig
-from nanobumble.run.stage import Stage, rank_batches, run_stage
+from nanobumble.run.stage import Stage, share_batches, run_stage
 from nanobumble.store.model_dir import model_config_for
 
 
@@ -60,11 +60,11 @@ def find_tokenizer(cfg: PretrainConfig, resume_dir: str | None) -> Tokenizer:
 @torch.no_grad()
 def evaluate(model, val_data: TokenShards, cfg: PretrainConfig, token_bytes: torch.Tensor, info, dtype) -> dict:
     """Mean validation loss (nats per token) and bits per byte (comparable across
-    tokenizers). Ranks share the batches out (rank_batches)."""
+    tokenizers). Ranks share the batches out (share_batches)."""
     model.eval()
     batches = list(val_data.val_batches(cfg.cutoff_len, cfg.train_micro_batch_size_per_gpu, cfg.eval_batches))
     totals = torch.zeros(4, dtype=torch.float64, device=info.device)  # nats, tokens, text nats, text bytes
-    for i, weight in rank_batches(len(batches), info):
+    for i, weight in share_batches(len(batches), info):
         x, y = (t.to(info.device) for t in batches[i])
         with autocast(info.device, dtype):
             losses, _ = model(x, y, reduction="none")  # per token, without the [tokens x vocab] logits
@@ -79,8 +79,8 @@ def evaluate(model, val_data: TokenShards, cfg: PretrainConfig, token_bytes: tor
 
 
 def train(cfg: PretrainConfig, info) -> None:
-    stage = Stage(cfg, info)  # precision, seed, the config printed, where to resume
-    resume_dir = stage.resume_dir
+    stage = Stage(cfg, info)  # precision, seed, the config printed
+    resume_dir = stage.open_output_dir()  # the checkpoint to resume, if any; may move a damaged one aside
 
     # --- tokenizer and model shape (checked against each other before any data work) ---
     tokenizer = main_process_first(lambda: find_tokenizer(cfg, resume_dir))
@@ -109,9 +109,8 @@ def train(cfg: PretrainConfig, info) -> None:
     stage.plan(windows)
     batch_rows, steps_per_epoch = stage.batch_rows, stage.steps_per_epoch
     tokens_per_step = batch_rows * cfg.cutoff_len
-    print0(f"data: {train_data.num_tokens:,} training tokens; global batch {batch_rows} rows "
-           f"({cfg.train_micro_batch_size_per_gpu} per micro-step x {cfg.gradient_accumulation_steps} accumulation "
-           f"x {info.world_size} ranks) x {cfg.cutoff_len} = {tokens_per_step:,} tokens per step; "
+    print0(f"data: {train_data.num_tokens:,} training tokens; {stage.batch_arithmetic} rows "
+           f"x {cfg.cutoff_len} = {tokens_per_step:,} tokens per step; "
            f"{stage.num_steps} steps = {stage.num_steps / steps_per_epoch:.2f} epochs of {windows:,} windows")
     if windows % batch_rows:
         print0(f"data: an epoch is not a whole number of steps ({steps_per_epoch:.2f}): the step that "
@@ -126,12 +125,12 @@ def train(cfg: PretrainConfig, info) -> None:
     # --- the loop ---
     for step in stage.steps():
         loss_sum = torch.zeros((), device=device)
-        for micro, rows in enumerate(stage.rank_rows(step)):
+        for micro, rows in enumerate(stage.micro_batches(step)):
             x, y = train_data.batch(cfg.seed, rows, cfg.cutoff_len)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if info.sharded:  # reduce gradients across ranks only after the last micro-step
                 model.set_requires_gradient_sync(micro == cfg.gradient_accumulation_steps - 1)
-            with autocast(device, stage.compute_dtype):
+            with autocast(device, stage.autocast_dtype):
                 loss = model(x, y)
             # FSDP averages gradients over ranks; dividing by the micro-steps makes
             # the gradient the mean over the whole global batch.
@@ -145,7 +144,7 @@ def train(cfg: PretrainConfig, info) -> None:
                   f"(of {model.num_parameters() * 4 / 2**20:.2f} MiB fp32 parameters in all)", flush=True)
 
         if val_data is not None and stage.is_eval_step(step):
-            stage.report_evaluation(step, evaluate(model, val_data, cfg, token_bytes, info, stage.compute_dtype))
+            stage.report_evaluation(step, evaluate(model, val_data, cfg, token_bytes, info, stage.autocast_dtype))
         stage.save_if_due(step)
 
     stage.finish()

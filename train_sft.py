@@ -24,7 +24,7 @@ from nanobumble.data.sft_data import SFTDataset
 from nanobumble.model.layers import IGNORE_INDEX
 from nanobumble.run.build import lora_settings, open_starting_model
 from nanobumble.run.config import SFTConfig
-from nanobumble.run.stage import Stage, rank_batches, run_stage, tokenized_data
+from nanobumble.run.stage import Stage, share_batches, run_stage, tokenized_data
 
 
 def main(argv: list[str]) -> None:
@@ -40,7 +40,7 @@ def evaluate(model, val_data: SFTDataset, cfg: SFTConfig, info, dtype) -> dict:
     rows = min(val_data.num_rows, n * cfg.eval_batches)
     batches = [range(first, min(first + n, rows)) for first in range(0, rows, n)]
     totals = torch.zeros(2, dtype=torch.float64, device=info.device)  # nats, trained tokens
-    for i, weight in rank_batches(len(batches), info):
+    for i, weight in share_batches(len(batches), info):
         x, y, position_ids = (t.to(info.device) if t is not None else None
                               for t in val_data.batch(cfg.seed, batches[i]))
         with autocast(info.device, dtype):
@@ -52,7 +52,8 @@ def evaluate(model, val_data: SFTDataset, cfg: SFTConfig, info, dtype) -> dict:
 
 
 def train(cfg: SFTConfig, info) -> None:
-    stage = Stage(cfg, info)  # precision, seed, the config printed, where to resume
+    stage = Stage(cfg, info)  # precision, seed, the config printed
+    stage.open_output_dir()  # the checkpoint to resume, if any; may move a damaged one aside
 
     # --- the base model's shape and tokenizer ---
     tokenizer, model_cfg = open_starting_model(cfg)
@@ -71,16 +72,17 @@ def train(cfg: SFTConfig, info) -> None:
     # --- schedule, then optimizer, resume and logger ---
     stage.plan(dataset.num_rows)
     print0(f"data: {dataset.num_rows} rows ({'packed' if cfg.packing else 'padded'}), "
-           f"{dataset.num_target_tokens:,} trainable tokens; {stage.batch_rows} rows per step; {stage.num_steps} steps")
+           f"{dataset.num_target_tokens:,} trainable tokens; {stage.batch_arithmetic} rows; {stage.num_steps} steps")
     stage.start(model, tokenizer)
 
     # --- the loop ---
     device = info.device
     for step in stage.steps():
         # This rank's micro-batches: rows of an endless stream of shuffled epochs.
-        batches = [dataset.batch(cfg.seed, rows) for rows in stage.rank_rows(step)]
-        # Every trainable token of the global batch weighs the same, however the
-        # tokens fall between ranks and micro-steps: divide by the global count.
+        batches = [dataset.batch(cfg.seed, rows) for rows in stage.micro_batches(step)]
+        # The loss contract: a step's loss is the sum over the global batch's trainable
+        # tokens divided by their count, so every token weighs the same however the
+        # tokens fall between ranks and micro-steps (rows differ in length).
         local_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in batches)
         global_tokens = all_reduce_sum(torch.tensor(float(local_tokens), device=device)).item()
 
@@ -91,9 +93,10 @@ def train(cfg: SFTConfig, info) -> None:
             position_ids = position_ids.to(device) if position_ids is not None else None
             if info.sharded:
                 model.set_requires_gradient_sync(micro == len(batches) - 1)
-            with autocast(device, stage.compute_dtype):
+            with autocast(device, stage.autocast_dtype):
                 summed = model(x, y, position_ids=position_ids, reduction="sum")
-            # FSDP averages gradients over ranks, so scale by world_size to get a sum.
+            # Each micro-step adds its sum / global_tokens. FSDP averages gradients over
+            # the ranks (divides by world_size): multiplying by it turns that into the sum.
             (summed * info.world_size / global_tokens).backward()
             loss_sum += summed.detach()
             tokens += x.numel()
@@ -101,7 +104,7 @@ def train(cfg: SFTConfig, info) -> None:
         stage.update(step, tokens * info.world_size, {"train/loss": step_loss})
 
         if (val_data is not None or stage.eval_tasks) and stage.is_eval_step(step):
-            scalars = evaluate(model, val_data, cfg, info, stage.compute_dtype) if val_data is not None else {}
+            scalars = evaluate(model, val_data, cfg, info, stage.autocast_dtype) if val_data is not None else {}
             stage.report_evaluation(step, scalars | stage.task_scores())
         stage.save_if_due(step)
 

@@ -5,7 +5,7 @@ tests/test_bench_big_vocab.py:
     python tests/bench_big_vocab.py {val,dpo} {before,after} ROWS SEQ OUT.pt
 
 "before" is the code these paths had: logits = model(x), then F.cross_entropy
-(validation) or dpo.token_logps_reference (DPO). "after" is model(x, y, reduction="none")
+(validation) or references.token_logps_reference (DPO). "after" is model(x, y, reduction="none")
 and dpo.batch_logps as they are. OUT.pt gets the RSS just before the call, the
 peak (VmHWM, reset just before by writing 5 to /proc/self/clear_refs; Linux),
 the seconds, and the numbers the test compares (losses, or the DPO loss and
@@ -17,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import references  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from host_memory import measure  # noqa: E402
@@ -46,9 +47,9 @@ def dpo_step(model, ids, labels, way):
     n = ids.shape[0] // 2
     if way == "before":
         logits = model(ids)
-        logps, mask = dpo.token_logps_reference(logits, labels)
+        logps, mask = references.token_logps_reference(logits, labels)
         policy = dpo.sequence_logps(logps, mask)
-        dpo.mean_logits_reference(logits, mask)  # the old batch_logps computed it too (chunked, no grad)
+        references.mean_logits_reference(logits, mask)  # the old batch_logps computed it too (chunked, no grad)
     else:
         policy = dpo.batch_logps(model, ids, labels)[0]
     ref = torch.zeros(2 * n)  # constants stand in for the reference model's log-probs

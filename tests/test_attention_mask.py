@@ -6,7 +6,9 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
-from nanobumble.model.transformer import ModelConfig, Transformer, attention_rule, document_attention_mask
+from nanobumble.model import attention
+from nanobumble.model.attention import attention_rule, document_attention_mask
+from nanobumble.model.transformer import ModelConfig, Transformer
 
 V = 97
 
@@ -118,10 +120,8 @@ def test_padding_left_or_right_leaves_real_tokens_as_if_unpadded():
 def test_compiled_flex_branch_runs_on_cpu(monkeypatch):
     """The branch CUDA takes (compiled block mask and compiled flex_attention), here on
     CPU without gradients: the packed row still gives each document its own logits."""
-    import nanobumble.model.transformer as model_module
-
-    monkeypatch.setattr(model_module, "COMPILED_FLEX_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(model_module, "_compiled_flex", None)
+    monkeypatch.setattr(attention, "compiles_flex", lambda device: True)
+    monkeypatch.setattr(attention, "_compiled_flex", None)
     model = tiny().eval()
     docs = [torch.randint(0, V, (1, n)) for n in (7, 13)]
     row, positions = pack(docs)
@@ -129,4 +129,4 @@ def test_compiled_flex_branch_runs_on_cpu(monkeypatch):
         packed = model(row, position_ids=positions)
         torch.testing.assert_close(packed[:, :7], model(docs[0]), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(packed[:, 7:], model(docs[1]), rtol=1e-4, atol=1e-4)
-    assert model_module._compiled_flex is not None  # the compiled op was the one used
+    assert attention._compiled_flex is not None  # the compiled op was the one used

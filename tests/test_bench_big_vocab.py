@@ -55,5 +55,5 @@ def test_bench_big_vocab_memory(tmp_path, capsys):
                     ["case", "rows x seq", "fp32 logits (MiB)", "before (MiB)", "after (MiB)", "before (s)",
                      "after (s)"], rows_out)
         print("(val: one validation batch under no_grad. dpo: forward + backward of the sigmoid DPO loss, "
-              "rows = 2 x pairs. before: logits = model(x), then F.cross_entropy / dpo.token_logps_reference. "
+              "rows = 2 x pairs. before: logits = model(x), then F.cross_entropy / references.token_logps_reference. "
               "after: model(x, y, reduction='none') / dpo.batch_logps, chunks of 384 tokens (256 MiB budget))")

@@ -1,18 +1,11 @@
 import math
 
 import pytest
+import references
 import torch
+from references import mean_logits_reference, token_logps_reference
 
-import nanobumble.model.dpo as dpo
-from nanobumble.model.dpo import (
-    batch_logps,
-    dpo_batch_metrics,
-    mean_logits_reference,
-    preference_loss,
-    sequence_logps,
-    sft_nll,
-    token_logps_reference,
-)
+from nanobumble.model.dpo import batch_logps, dpo_batch_metrics, preference_loss, sequence_logps, sft_nll
 from nanobumble.model.transformer import ModelConfig, Transformer
 
 LN2 = math.log(2.0)
@@ -215,7 +208,7 @@ def random_batch(B: int, T: int, V: int, seed: int = 0) -> tuple[torch.Tensor, t
 
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 50])  # one chunk per row; several chunks per row
 def test_token_logps_matches_float64_log_softmax(monkeypatch, chunk_elements):
-    monkeypatch.setattr(dpo, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(references, "CHUNK_ELEMENTS", chunk_elements)
     logits, labels = random_batch(3, 9, 37)
     logits.requires_grad_()
     logps, mask = token_logps_reference(logits, labels)
@@ -235,7 +228,7 @@ def test_token_logps_matches_float64_log_softmax(monkeypatch, chunk_elements):
 
 
 def test_token_logps_bf16_and_noncontiguous_logits(monkeypatch):
-    monkeypatch.setattr(dpo, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(references, "CHUNK_ELEMENTS", 64)
     logits, labels = random_batch(2, 8, 41, seed=3)
     logits = logits.bfloat16()[:, :-1]  # a slice as a trainer would take it: not contiguous
     labels = labels[:, 1:]
@@ -311,7 +304,7 @@ def test_metrics_by_hand():
 
 
 def test_mean_logits_by_hand(monkeypatch):
-    monkeypatch.setattr(dpo, "CHUNK_ELEMENTS", 2)  # one position per chunk
+    monkeypatch.setattr(references, "CHUNK_ELEMENTS", 2)  # one position per chunk
     logits = torch.tensor([[[1.0, 3.0], [5.0, 7.0], [100.0, 100.0]],
                            [[0.0, 2.0], [-4.0, -6.0], [8.0, 8.0]]]).bfloat16()
     mask = torch.tensor([[True, True, False], [False, True, False]])

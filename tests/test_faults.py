@@ -25,7 +25,7 @@ from nanobumble.merge_lora import main as merge_main
 from nanobumble.model.lora import inject_lora
 from nanobumble.model.transformer import ModelConfig, Transformer
 from nanobumble.run.config import PretrainConfig, SFTConfig
-from nanobumble.run.stage import check_resume_settings
+from nanobumble.run.resume import check_resume_settings
 from nanobumble.store import tensor_files
 from nanobumble.store.adapter import adapter_config_for, save_adapter
 from nanobumble.store.checkpoint import checkpoint_problem, list_checkpoints
@@ -353,7 +353,7 @@ def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(base_run, tmp_path,
         real_write(path, named_tensors, metadata)
 
     import nanobumble.store.checkpoint
-    monkeypatch.setattr(nanobumble.checkpoint, "write_gathered", disk_fills_up)
+    monkeypatch.setattr(nanobumble.store.checkpoint, "write_gathered", disk_fills_up)
     monkeypatch.setattr(sys, "argv", ["train_pretrain.py"] + STEPS + [
         "--cache_dir", cache_dir, "--output_dir", str(out), "--resume", "auto"])
     import train_pretrain

@@ -281,7 +281,7 @@ def test_gpu_bumblebee_training_throughput(capsys):
                     ["model", "batch", "checkpointing", "ms/step", "tokens/s", "MFU", "peak GiB"], rows)
         print(f"losses (same batch each step): {' '.join(f'{l:.3f}' for l in losses)}")
         if peak is None:
-            print(f"(MFU n/a: {gpu_name()!r} is not in nanobumble/mfu.py's table)")
+            print(f"(MFU n/a: {gpu_name()!r} is not in nanobumble/model/mfu.py's table)")
     assert all(math.isfinite(loss) for loss in losses), losses
     assert losses[-1] < losses[0] - 0.1, f"the loss did not fall on a repeated batch: {losses}"
     for mfu in mfus:

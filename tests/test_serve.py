@@ -322,7 +322,7 @@ def test_ctrl_c_stops_a_running_answer_and_the_server(model_dir):
     port = free_port()
     script = ("import sys, time, torch\n"
               "from nanobumble import serve\n"
-              "from nanobumble.model import Transformer\n"
+              "from nanobumble.model.transformer import Transformer\n"
               "forward = Transformer.forward\n"
               "def slow_forward(self, *args, **kwargs):\n"
               "    time.sleep(0.05)\n"

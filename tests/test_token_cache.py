@@ -1,4 +1,4 @@
-"""The SFT/DPO token cache (nanobumble/token_cache.py): the same tokens as tokenizing
+"""The SFT/DPO token cache (nanobumble/data/token_cache.py): the same tokens as tokenizing
 directly, rebuilt when any part of its key changes (one test per part), reused
 otherwise, tokenized in parallel processes with the same result, and a damaged
 cache is tokenized again rather than trusted."""

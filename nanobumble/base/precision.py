@@ -12,6 +12,8 @@ import contextlib
 
 import torch
 
+PRECISIONS = ("auto", "bf16", "fp32")  # the values of train_model_precision and of chat's / serve's precision
+
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """auto: bf16 autocast on CUDA, plain fp32 on CPU (where bf16 is slow)."""

@@ -26,6 +26,7 @@ from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, generation_prom
 from nanobumble.data.records import (
     EpochOrder,
     alpaca_prompt,
+    conversation_shape,
     describe_keys,
     openai_messages,
     read_records,
@@ -77,15 +78,12 @@ def _messages(record: dict, where: str) -> dict:
 def _detect_pair_format(record: object, where: str) -> Callable:
     # "chosen" or "rejected" marks preference data; a record missing the other one
     # is then skipped as a bad record (by _response), not taken for an unknown shape.
-    if isinstance(record, dict) and ("chosen" in record or "rejected" in record):
-        if "conversations" in record:
-            return _sharegpt
-        if "messages" in record:
-            return _messages
-        if "instruction" in record:
-            return _alpaca
-    raise DataError(f"{where}: unknown preference record shape ({describe_keys(record)}); expected "
-                    "chosen and rejected with conversations (ShareGPT), instruction (Alpaca) or messages")
+    shape = conversation_shape(record) if isinstance(record, dict) and ("chosen" in record or "rejected" in record) \
+        else None
+    if shape is None:
+        raise DataError(f"{where}: unknown preference record shape ({describe_keys(record)}); expected "
+                        "chosen and rejected with conversations (ShareGPT), instruction (Alpaca) or messages")
+    return {"sharegpt": _sharegpt, "messages": _messages, "alpaca": _alpaca}[shape]
 
 
 def load_preference_pairs(dataset_path: str | list[str], strict: bool = False, quiet: bool = False,

@@ -243,6 +243,18 @@ def describe_keys(record: object) -> str:
 # ---------------------------------------------------------------------------
 # Conversation shapes (SFT and DPO)
 
+CONVERSATION_SHAPES = "Alpaca (instruction, input, output), ShareGPT (conversations) or messages (role, content)"
+
+
+def conversation_shape(record: object) -> str | None:
+    """Which shape a record has, by its keys: "sharegpt", "messages", "alpaca", or None.
+    SFT and DPO records share the shapes (a preference record adds chosen/rejected)."""
+    if isinstance(record, dict):
+        for key, shape in (("conversations", "sharegpt"), ("messages", "messages"), ("instruction", "alpaca")):
+            if key in record:
+                return shape
+    return None
+
 
 def string_field(record: dict, key: str, where: str, optional: bool = False) -> str:
     """record[key] as a string; a missing optional key (or null) is ""."""

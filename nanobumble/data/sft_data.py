@@ -28,8 +28,10 @@ import torch
 from nanobumble.base.errors import DataError
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render_turn, validate_messages, with_system_prompt
 from nanobumble.data.records import (
+    CONVERSATION_SHAPES,
     EpochOrder,
     alpaca_prompt,
+    conversation_shape,
     describe_keys,
     openai_messages,
     read_records,
@@ -65,17 +67,12 @@ def _conversation(messages: list[dict], where: str) -> dict:
 
 
 def _detect_sft_format(record: object, where: str) -> Callable:
-    if isinstance(record, dict):
-        if "chosen" in record or "rejected" in record:
-            raise DataError(f"{where}: this is preference data (chosen/rejected); use it for DPO, not SFT")
-        if "conversations" in record:
-            return _sharegpt
-        if "messages" in record:
-            return _messages
-        if "instruction" in record:
-            return _alpaca
-    raise DataError(f"{where}: unknown record shape ({describe_keys(record)}); expected Alpaca "
-                    "(instruction, input, output), ShareGPT (conversations) or messages (role, content)")
+    if isinstance(record, dict) and ("chosen" in record or "rejected" in record):
+        raise DataError(f"{where}: this is preference data (chosen/rejected); use it for DPO, not SFT")
+    shape = conversation_shape(record)
+    if shape is None:
+        raise DataError(f"{where}: unknown record shape ({describe_keys(record)}); expected {CONVERSATION_SHAPES}")
+    return {"sharegpt": _sharegpt, "messages": _messages, "alpaca": _alpaca}[shape]
 
 
 def load_conversations(dataset_path: str | list[str], strict: bool = False, quiet: bool = False,

@@ -22,12 +22,10 @@ share it, and a resumed run draws exactly the batches it would have drawn.
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import shutil
 import tempfile
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -42,7 +40,7 @@ from nanobumble.data.records import (
     iter_text_records,
     list_data_files,
 )
-from nanobumble.data.tokenizer import Tokenizer, load_tokenizer
+from nanobumble.data.tokenizer import Tokenizer, load_tokenizer, map_in_workers
 
 MAGIC = int.from_bytes(b"nbsh", "little")  # reads "nbsh" in a hex dump
 VERSION = 1
@@ -196,25 +194,6 @@ def _chunks(texts: Iterable[str]) -> Iterator[list[str]]:
         yield chunk
 
 
-def _tokenized_chunks(texts: Iterable[str], model_file: str, num_workers: int
-                      ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Tokenize chunks of documents, in order, with num_workers processes."""
-    if num_workers <= 1:
-        _init_worker(model_file)
-        for chunk in _chunks(texts):
-            yield _tokenize_chunk(chunk)
-        return
-    with multiprocessing.Pool(num_workers, initializer=_init_worker, initargs=(model_file,)) as pool:
-        # Keep a bounded number of chunks in flight so memory stays flat on big datasets.
-        in_flight: deque = deque()
-        for chunk in _chunks(texts):
-            in_flight.append(pool.apply_async(_tokenize_chunk, (chunk,)))
-            if len(in_flight) >= 2 * num_workers:
-                yield in_flight.popleft().get()
-        while in_flight:
-            yield in_flight.popleft().get()
-
-
 def prepare_shards(
     files: Sequence[str],
     tokenizer: Tokenizer,
@@ -249,7 +228,8 @@ def _write_shards(files: Sequence[str], tokenizer: Tokenizer, out_dir: str, val_
     start = last_print = time.time()
     index = 0
     val_documents = 0
-    for tokens, lengths in _tokenized_chunks(texts, tokenizer.model_file, num_workers):
+    for tokens, lengths in map_in_workers(_tokenize_chunk, _chunks(texts), num_workers, _init_worker,
+                                          (tokenizer.model_file,)):
         is_val = np.array([is_validation_document(index + i, val_ratio) for i in range(len(lengths))])
         token_is_val = np.repeat(is_val, lengths)
         train.add(tokens[~token_is_val])

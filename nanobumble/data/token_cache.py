@@ -22,12 +22,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,16 +37,24 @@ from nanobumble.data.chat_template import CHATML_RENDERER
 from nanobumble.data.dpo_data import load_preference_pairs, pairs_summary, tokenize_pairs
 from nanobumble.data.records import files_fingerprint, list_data_files
 from nanobumble.data.sft_data import load_conversations, sft_summary, tokenize_sft
-from nanobumble.data.tokenizer import load_tokenizer
+from nanobumble.data.tokenizer import load_tokenizer, map_in_workers
 
 CACHE_VERSION = 1
 CHUNK_ITEMS = 512  # conversations or pairs per task sent to a worker process
 
-# Per kind: the loader of raw records, the tokenizer of a list of them, the
-# token fields of one tokenized item, and the one-line summary of the counts.
+
+
+class CacheKind(NamedTuple):
+    load: Callable  # dataset_path -> raw records
+    tokenize: Callable  # records -> (tokenized items, counts)
+    fields: tuple[str, ...]  # the token fields of one tokenized item
+    summary: Callable  # counts -> one line
+
+
 KINDS = {
-    "sft": (load_conversations, tokenize_sft, ("ids", "mask"), sft_summary),
-    "dpo": (load_preference_pairs, tokenize_pairs, ("prompt_ids", "chosen_ids", "rejected_ids"), pairs_summary),
+    "sft": CacheKind(load_conversations, tokenize_sft, ("ids", "mask"), sft_summary),
+    "dpo": CacheKind(load_preference_pairs, tokenize_pairs, ("prompt_ids", "chosen_ids", "rejected_ids"),
+                     pairs_summary),
 }
 
 
@@ -126,11 +134,11 @@ def _init_worker(kind: str, model_file: str, chat_template: str | None, cutoff_l
 def _tokenize_chunk(records: list[dict]) -> tuple[list[dict], dict]:
     """One chunk of records -> tokenized items (fields as numpy arrays) and counts."""
     kind = _worker["kind"]
-    items, counts = KINDS[kind][1](records, _worker["tokenizer"], _worker["cutoff_len"], _worker["system_prompt"],
-                                   quiet=True)
+    items, counts = KINDS[kind].tokenize(records, _worker["tokenizer"], _worker["cutoff_len"],
+                                         _worker["system_prompt"], quiet=True)
     if kind == "sft":
         items = [{"ids": ids, "mask": mask} for ids, mask in items]
-    return _unpack(_pack(items, KINDS[kind][2]), KINDS[kind][2]), counts
+    return _unpack(_pack(items, KINDS[kind].fields), KINDS[kind].fields), counts
 
 
 def _tokenize_in_parallel(kind: str, records: list[dict], tokenizer, cutoff_len: int, system_prompt: str | None,
@@ -153,14 +161,8 @@ def _tokenize_in_parallel(kind: str, records: list[dict], tokenizer, cutoff_len:
             print(f"\rtokenizing: {done:,}/{len(records):,} records, {rate:,.0f}/s", end="", flush=True,
                   file=sys.stderr)
 
-    if num_workers <= 1:
-        _init_worker(*initargs)
-        for i, chunk in enumerate(chunks):
-            add(_tokenize_chunk(chunk), min((i + 1) * CHUNK_ITEMS, len(records)))
-    else:
-        with multiprocessing.Pool(num_workers, initializer=_init_worker, initargs=initargs) as pool:
-            for i, result in enumerate(pool.imap(_tokenize_chunk, chunks)):
-                add(result, min((i + 1) * CHUNK_ITEMS, len(records)))
+    for i, result in enumerate(map_in_workers(_tokenize_chunk, chunks, num_workers, _init_worker, initargs)):
+        add(result, min((i + 1) * CHUNK_ITEMS, len(records)))
     if not quiet and len(chunks) > 1:
         print(file=sys.stderr)
     return items, counts

@@ -27,10 +27,11 @@ characters, and the rarer ones are written as their UTF-8 bytes.
 
 import hashlib
 import io
+import multiprocessing
 import os
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -331,3 +332,25 @@ def load_or_train_tokenizer(
     else:
         train_tokenizer(texts_fn, vocab_size, model_path)  # the function: it may need to read twice
     return Tokenizer(model_path)
+
+
+def map_in_workers(work: Callable, chunks: Iterable, num_workers: int, init: Callable, initargs: tuple = ()
+                   ) -> Iterator:
+    """work(chunk) for each chunk, the results in order: in this process when
+    num_workers <= 1, else in a pool of num_workers processes, each set up once by
+    init(*initargs) (to load its tokenizer). At most 2 x num_workers chunks are in
+    flight, so memory stays flat however many chunks come. The one process pool
+    that tokenizes data, for the shards and for the SFT / DPO token cache."""
+    if num_workers <= 1:
+        init(*initargs)
+        for chunk in chunks:
+            yield work(chunk)
+        return
+    with multiprocessing.Pool(num_workers, initializer=init, initargs=initargs) as pool:
+        in_flight: deque = deque()
+        for chunk in chunks:
+            in_flight.append(pool.apply_async(work, (chunk,)))
+            if len(in_flight) >= 2 * num_workers:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()

@@ -8,7 +8,7 @@ One step: logits of the last position -> repetition penalty -> (greedy: argmax)
 or temperature -> top-k -> top-p -> softmax -> draw. The order is that of the
 Hugging Face logits processors, so the same settings mean the same thing.
 
-Decoding fills a KVCache (nanobumble/model.py): the prompt goes through the
+Decoding fills a KVCache (nanobumble/model/transformer.py): the prompt goes through the
 model once (prefill), then each new token is one forward of a single
 position that attends to the cached keys and values. `use_cache=False`
 recomputes the whole sequence every step instead: the slow reference that

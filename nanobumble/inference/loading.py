@@ -17,12 +17,12 @@ import re
 import sys
 
 import torch
-import yaml
 
 from nanobumble.base.errors import ConfigError, UserError
+from nanobumble.base.precision import PRECISIONS
 from nanobumble.data.tokenizer import load_tokenizer
 from nanobumble.store.adapter import ADAPTER_CONFIG, load_adapter, read_adapter_config
-from nanobumble.store.model_dir import check_model_dir, load_model_dir
+from nanobumble.store.model_dir import check_model_dir, load_model_dir, read_training_args
 
 CHAT_STAGES = ("sft", "dpo")
 
@@ -33,8 +33,8 @@ def log(message: str) -> None:
 
 def check_sampling_keys(cfg) -> None:
     """The keys chat.py and the server share: device, precision and sampling settings."""
-    if cfg.precision not in ("auto", "bf16", "fp32"):
-        raise ConfigError(f"key 'precision' must be one of auto, bf16, fp32, got {cfg.precision!r}")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"key 'precision' must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"key 'device' must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     try:
@@ -53,15 +53,8 @@ def check_sampling_keys(cfg) -> None:
 
 def read_stage(directory: str) -> str | None:
     """The `stage` key of directory/training_args.yaml, if there is one."""
-    path = os.path.join(directory, "training_args.yaml")
-    if not directory or not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        try:
-            args = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise UserError(f"{path}: not valid YAML: {e}") from None
-    return str(args.get("stage")) if isinstance(args, dict) and args.get("stage") else None
+    args = read_training_args(directory) if directory else {}
+    return str(args["stage"]) if args.get("stage") else None
 
 
 def resolve_mode(mode: str, model_path: str, adapter_path: str) -> tuple[str, str]:

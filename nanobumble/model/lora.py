@@ -116,15 +116,28 @@ def init_lora_weights(model: nn.Module, seed: int = 0) -> None:
         copy_full_into(param, value.to(param.dtype))
 
 
+def lora_settings_problem(rank, alpha, dropout, names: tuple[str, str, str] = ("lora_rank", "lora_alpha",
+                                                                               "lora_dropout")) -> str | None:
+    """What is wrong with a LoRA rank, alpha and dropout, named as the caller's keys
+    (the config's, or adapter_config.json's r / lora_alpha / lora_dropout), or None."""
+    rank_key, alpha_key, dropout_key = names
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        return f"{rank_key} must be a positive integer, got {rank!r}"
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        return f"{alpha_key} must be a positive number, got {alpha!r}"
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        return f"{dropout_key} must be a number in [0, 1), got {dropout!r}"
+    return None
+
+
 def inject_lora(model: nn.Module, rank: int, alpha: float, dropout: float, target_modules: list[str] | str,
                 use_rslora: bool = False, seed: int = 0) -> int:
     """Wrap every targeted projection in model.layers with a LoRALinear, freeze
     everything else, and return the number of trainable parameters."""
     targets = parse_target_modules(target_modules)
-    if rank < 1:
-        raise UserError(f"lora_rank must be a positive integer, got {rank}")
-    if not 0.0 <= dropout < 1.0:
-        raise UserError(f"lora_dropout must be in [0, 1), got {dropout}")
+    problem = lora_settings_problem(rank, alpha, dropout)
+    if problem:
+        raise UserError(problem)
     if next(lora_layers(model), None) is not None:
         raise UserError("the model already has LoRA adapters (merge them first to add new ones)")
     found = []

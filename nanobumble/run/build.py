@@ -56,7 +56,7 @@ def build_model(model_cfg, info: DistInfo, seed: int, weights_from: str | None,
     seeded initialisation. So a 1.5B model never exists whole on one rank
     before it is sharded. `lora` (keyword arguments of lora.inject_lora) adds
     adapters before sharding and freezes the rest. `kernels` (auto | triton |
-    torch, see nanobumble/kernels/__init__.py) is the model's kernel choice from then on."""
+    torch, see model/layers.py: resolve_backend) is the model's kernel choice from then on."""
     with torch.device("meta"):
         model = Transformer(model_cfg)
     if lora is not None:

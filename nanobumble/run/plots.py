@@ -28,7 +28,6 @@ only here, only when drawing.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING
 
 from nanobumble.base.errors import UserError
 from nanobumble.base.files import atomic_path
+from nanobumble.store.model_dir import read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -109,27 +109,6 @@ FIGURES = [
     FigureSpec("eval", "Evaluation accuracy", _eval("accuracy", "acc", "exact_match"), ylim=(-0.05, 1.05)),
     FigureSpec("eval_bpb", "Evaluation bits per byte", _eval("bits per byte", "bpb")),
 ]
-
-
-def read_records(path: str) -> tuple[list[dict], int]:
-    """The records of a metrics.jsonl and the number of damaged lines skipped
-    (not JSON, not an object, or without an integer "step")."""
-    records, skipped = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            step = record.get("step") if isinstance(record, dict) else None
-            if isinstance(step, int) and not isinstance(step, bool):
-                records.append(record)
-            else:
-                skipped += 1
-    return records, skipped
 
 
 def collect_series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
@@ -206,7 +185,7 @@ def write_plots(output_dir: str) -> dict[str, str]:
     except ImportError:
         raise UserError("matplotlib is not installed; to draw plots: pip install matplotlib") from None
 
-    records, skipped = read_records(metrics_path)
+    records, skipped = read_metrics(metrics_path)
     if skipped:
         print(f"{metrics_path}: skipped {skipped} damaged line{'s' if skipped > 1 else ''}")
     figures = build_figures(records)

@@ -1,14 +1,15 @@
 """The skeleton every training stage shares, so each script shows only what is
 particular to its stage: its data, its model, and its forward and backward pass.
 
-    stage = Stage(cfg, info)                      # precision, seed, the config, where to resume
+    stage = Stage(cfg, info)                      # precision, seed, the config printed
+    resume_dir = stage.open_output_dir()          # which checkpoint to resume (run/resume.py)
     model = stage.build_model(model_cfg, weights)
     stage.plan(examples_per_epoch)                # global batch and number of steps
     stage.start(model, tokenizer)                 # optimizer, resume, logger, eval task files
-    for step in stage.steps():                    # sets the learning rate
-        for rows in stage.rank_rows(step): ...    # this rank's rows of each micro-step
+    for step in stage.steps():
+        for rows in stage.micro_batches(step): ...  # this rank's rows of each micro-step
         ... forward and backward ...
-        stage.update(step, tokens, metrics)       # clip, finite check, optimizer step, log line
+        stage.update(step, tokens, metrics)       # clip, finite check, learning rate, optimizer step, log line
         if stage.is_eval_step(step): stage.report_evaluation(step, evaluate(...))
         stage.save_if_due(step)
     stage.finish()                                # the final model (or adapter) directory, plots
@@ -16,20 +17,16 @@ particular to its stage: its data, its model, and its forward and backward pass.
 Stage holds the run's state and does its bookkeeping; it is not a Trainer: the
 loop, the batches and the loss stay in each script, in plain sight.
 
-Below it: resuming (which checkpoint, and whether the settings allow it), the
-checks that keep NaN out of a checkpoint, the held-out split of SFT / DPO
-data, and the progress line.
+Below it: the checks that keep NaN out of a checkpoint, the held-out split of
+SFT / DPO data, how ranks share out validation batches, and the progress line.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 
 import torch
-import yaml
 
 from nanobumble.base.distributed import all_reduce_sum, distributed_run, main_process_first, print0
 from nanobumble.base.errors import UserError
@@ -39,20 +36,14 @@ from nanobumble.data.token_cache import tokenized_pairs, tokenized_sft
 from nanobumble.evals.tasks import evaluate_tasks, load_tasks
 from nanobumble.model.mfu import device_peak_flops
 from nanobumble.run.build import build_model
-from nanobumble.run.config import config_to_dict, config_to_yaml, parse_config
+from nanobumble.run.config import config_to_yaml, parse_config
 from nanobumble.run.metrics import MetricsLogger
 from nanobumble.run.optim import build_optimizer, lr_at
 from nanobumble.run.plots import plot_run
+from nanobumble.run.resume import resolve_resume
 from nanobumble.store.adapter import adapter_config_for
-from nanobumble.store.checkpoint import (
-    checkpoint_problem,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    read_trainer_state,
-    save_checkpoint,
-)
-from nanobumble.store.model_dir import check_output_dir, save_model_dir
+from nanobumble.store.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from nanobumble.store.model_dir import save_model_dir
 
 
 def run_stage(train, config_class, argv: list[str]) -> None:
@@ -69,11 +60,18 @@ class Stage:
     def __init__(self, cfg, info):
         self.cfg, self.info, self.device = cfg, info, info.device
         self.dtype = resolve_precision(cfg.train_model_precision, info.device)
-        self.compute_dtype = autocast_dtype(info, self.dtype)  # sharded: FSDP's policy casts the weights instead
+        self.autocast_dtype = autocast_dtype(info, self.dtype)  # sharded: FSDP's policy casts the weights instead
         self.lora = getattr(cfg, "finetuning_type", "full") == "lora"
         torch.manual_seed(cfg.seed)
         print0(f"config:\n{config_to_yaml(cfg)}")
-        self.resume_dir = main_process_first(lambda: resolve_resume(cfg, info.world_size))
+
+    def open_output_dir(self) -> str | None:
+        """Claim output_dir for this run and return the checkpoint to resume from (None:
+        a fresh run). This is where files may move: a fresh run with
+        overwrite_output_dir removes the old checkpoints, and --resume auto moves a
+        damaged checkpoint aside (run/resume.py). Rank 0 acts first, alone."""
+        self.resume_dir = main_process_first(lambda: resolve_resume(self.cfg, self.info.world_size))
+        return self.resume_dir
 
     def build_model(self, model_cfg, weights_from: str | None, lora: dict | None = None, frozen: bool = False):
         """The model to train (with LoRA adapters if `lora`), or with frozen=True a
@@ -96,6 +94,8 @@ class Stage:
         self.steps_per_epoch = examples_per_epoch / self.batch_rows
         self.num_steps = total_steps(cfg.max_steps, cfg.num_epochs, self.steps_per_epoch)
         self.warmup_steps = int(cfg.warmup_ratio * self.num_steps)
+        self.batch_arithmetic = (f"global batch {self.batch_rows} = {self.micro_batch} per micro-step x "
+                                 f"{cfg.gradient_accumulation_steps} accumulation x {self.info.world_size} ranks")
 
     def start(self, model, tokenizer, flops_per_token: float | None = None) -> None:
         """Optimizer, the checkpoint to resume from, logger and progress line (with MFU
@@ -115,17 +115,13 @@ class Stage:
         self.progress = Progress(self.num_steps, flops_per_token, peak_flops * info.world_size if peak_flops else None)
 
     def steps(self):
-        """The step numbers still to run; each starts the step's clock and sets its learning rate."""
-        cfg = self.cfg
+        """The step numbers still to run; each starts the step's clock."""
         self.model.train()
         for step in range(self.start_step + 1, self.num_steps + 1):
             self.step_started = time.time()
-            self.lr = lr_at(step, self.num_steps, cfg.learning_rate, self.warmup_steps, cfg.lr_scheduler_type,
-                            cfg.min_lr_ratio)
-            set_learning_rate(self.optimizer, self.lr)
             yield step
 
-    def rank_rows(self, step: int) -> list[range]:
+    def micro_batches(self, step: int) -> list[range]:
         """This rank's row (or pair) numbers for each micro-step of `step`.
 
         Row numbers run over the whole run: step s takes rows (s-1)*batch_rows
@@ -139,14 +135,18 @@ class Stage:
 
     def update(self, step: int, tokens: int, metrics: dict, show: tuple[str, ...] | None = None) -> None:
         """After the backward passes: clip, stop on a non-finite loss or gradient, step
-        the optimizer; count the step's tokens (all ranks) and metrics (means over the
+        the optimizer at this step's learning rate; count the step's tokens (all ranks) and metrics (means over the
         global batch, "train/loss" among them) and print the log line when due."""
-        grad_norm = clip_gradients(self.model, self.cfg.max_grad_norm)
-        check_finite(step, metrics["train/loss"], grad_norm, self.cfg.output_dir)
+        cfg = self.cfg
+        grad_norm = clip_gradients(self.model, cfg.max_grad_norm)
+        check_finite(step, metrics["train/loss"], grad_norm, cfg.output_dir)
+        self.lr = lr_at(step, self.num_steps, cfg.learning_rate, self.warmup_steps, cfg.lr_scheduler_type,
+                        cfg.min_lr_ratio)
+        set_learning_rate(self.optimizer, self.lr)  # this step's rate, from the schedule
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.progress.add(time.time() - self.step_started, tokens, **metrics)
-        if step % self.cfg.logging_steps == 0 or step == self.num_steps:
+        if step % cfg.logging_steps == 0 or step == self.num_steps:
             scalars, line = self.progress.report(step, self.lr, grad_norm, show=show)
             print0(line, flush=True)
             if self.logger is not None:
@@ -160,7 +160,7 @@ class Stage:
         """The eval_tasks metrics of the model now ({} without eval_tasks)."""
         if not self.eval_tasks:
             return {}
-        return evaluate_tasks(self.model, self.tokenizer, self.eval_tasks, self.device, self.compute_dtype,
+        return evaluate_tasks(self.model, self.tokenizer, self.eval_tasks, self.device, self.autocast_dtype,
                               self.micro_batch, system_prompt=self.cfg.system_prompt)
 
     def report_evaluation(self, step: int, scalars: dict) -> None:
@@ -174,7 +174,7 @@ class Stage:
         """A checkpoint every save_steps steps (after checking the weights are finite)."""
         cfg = self.cfg
         if cfg.save_steps > 0 and step % cfg.save_steps == 0:
-            check_model_finite(self.model, step, cfg.output_dir, self.device, self.compute_dtype)
+            check_model_finite(self.model, step, cfg.output_dir, self.device, self.autocast_dtype)
             path = save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, self.tokenizer,
                                    self.training_args, cfg.save_total_limit, self.adapter_config,
                                    data_signature=self.data_signature)
@@ -183,7 +183,7 @@ class Stage:
     def finish(self) -> None:
         """The final model directory (the adapter alone for LoRA), then the plots."""
         cfg = self.cfg
-        check_model_finite(self.model, self.num_steps, cfg.output_dir, self.device, self.compute_dtype)
+        check_model_finite(self.model, self.num_steps, cfg.output_dir, self.device, self.autocast_dtype)
         save_model_dir(cfg.output_dir, self.model, self.tokenizer, self.training_args, self.adapter_config)
         if self.logger is not None:
             self.logger.close()
@@ -191,113 +191,6 @@ class Stage:
                 plot_run(cfg.output_dir)  # output_dir/plots/*.png
         what = "adapter" if self.lora else "model"
         print0(f"done in {self.progress.elapsed()}; {what} directory: {cfg.output_dir}")
-
-
-def resolve_resume(cfg, world_size: int) -> str | None:
-    """The checkpoint to continue from, or None for a fresh run. Rank 0 runs this
-    first (main_process_first): it alone moves or removes anything.
-
-    A fresh run never replaces a finished model or checkpoints unless
-    overwrite_output_dir. --resume auto takes the newest intact checkpoint: a
-    damaged one (a crash mid-copy, a full disk, a hand edit) is moved aside to
-    damaged-checkpoint-N with a warning. A resumed run must be the same run:
-    see check_resume_settings."""
-    output_dir = cfg.output_dir
-    main = int(os.environ.get("RANK", "0")) == 0
-    if not cfg.resume:
-        old = list_checkpoints(output_dir)
-        if old and not cfg.overwrite_output_dir:
-            raise UserError(f"output_dir {output_dir} already holds checkpoints; continue it with --resume auto, "
-                            f"pick another --output_dir, or pass --overwrite_output_dir true to start over")
-        check_output_dir(output_dir, cfg.overwrite_output_dir)
-        if old and main:
-            print0(f"overwrite_output_dir: removing {len(old)} old checkpoint(s) in {output_dir}")
-            for _, path in old:
-                shutil.rmtree(path)
-        return None
-    check_output_dir(output_dir, overwrite=True)  # a resumed run replaces its own final model
-    if main and os.path.isdir(output_dir):  # what a save killed half-way left behind
-        for name in os.listdir(output_dir):
-            if name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
-                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-    if cfg.resume == "auto":
-        found = None
-        for _, path in reversed(list_checkpoints(output_dir)):
-            problem = checkpoint_problem(path)
-            if problem is None:
-                found = path
-                break
-            aside = os.path.join(output_dir, "damaged-" + os.path.basename(path))
-            if main:
-                shutil.rmtree(aside, ignore_errors=True)
-                os.rename(path, aside)
-                print0(f"warning: {path} is damaged ({problem}); moved it to {aside}")
-        if found is None:  # then it is a fresh run, and must not replace a finished model either
-            check_output_dir(output_dir, cfg.overwrite_output_dir)
-        print0(f"resuming from {found}" if found else f"resume=auto: no checkpoint in {output_dir}, starting fresh")
-    else:
-        found = cfg.resume
-        if not os.path.isdir(found):
-            raise UserError(f"resume: {found} is not a directory")
-        problem = checkpoint_problem(found)
-        if problem:
-            raise UserError(f"resume: {found} is not an intact checkpoint ({problem})")
-        print0(f"resuming from {found}")
-    if found:
-        check_resume_settings(cfg, world_size, found)
-    return found
-
-
-# Keys that may change between a run and its resumption without changing what
-# is trained: cadence, where things go, and how fast the same math runs.
-RESUME_SAFE_KEYS = ("logging_steps", "eval_steps", "eval_batches", "save_steps", "save_total_limit",
-                    "use_tensorboard", "plot", "resume", "output_dir", "overwrite_output_dir", "allow_schedule_change",
-                    "collective_timeout_minutes", "cache_dir", "preprocessing_num_workers",
-                    "max_chosen_logp_drop", "eval_tasks", "eval_num_fewshot", "compile", "kernels", "enable_gradient_checkpointing")
-# The learning-rate schedule: changed only when asked (allow_schedule_change).
-RESUME_SCHEDULE_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "min_lr_ratio", "max_steps",
-                        "num_epochs")
-# How the global batch is split: free, as long as the global batch stays the same.
-RESUME_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
-
-
-def check_resume_settings(cfg, world_size: int, checkpoint: str) -> None:
-    """Refuse a resumption that would not continue the same run (naming the key and
-    both values); print the changes that are allowed."""
-    args_file = os.path.join(checkpoint, "training_args.yaml")
-    with open(args_file, encoding="utf-8") as f:
-        before = yaml.safe_load(f)
-    now = config_to_dict(cfg)
-    state = read_trainer_state(checkpoint)
-    old_world = state["world_size"]
-
-    def rows(settings: dict, world: int) -> tuple[int, str]:
-        micro, accum = settings["train_micro_batch_size_per_gpu"], settings["gradient_accumulation_steps"]
-        return micro * accum * world, f"{micro} x {accum} x {world} ranks"
-
-    if all(key in before for key in RESUME_BATCH_KEYS):
-        (old_rows, old_split), (new_rows, new_split) = rows(before, old_world), rows(now, world_size)
-        if old_rows != new_rows:
-            raise UserError(f"resume: the global batch (train_micro_batch_size_per_gpu x gradient_accumulation_steps "
-                            f"x world size) was {old_split} = {old_rows} rows in {checkpoint}, now {new_split} = "
-                            f"{new_rows}; keep it to continue the same run")
-        if old_split != new_split:
-            print0(f"resume: global batch {new_rows} rows split as {new_split} (was {old_split})")
-    if state.get("data") and state["data"] != files_signature(cfg.dataset_path):
-        raise UserError(f"resume: the data files of dataset_path {cfg.dataset_path} are not those {checkpoint} "
-                        f"was trained on (files added, removed or changed in size)")
-    for key, value in now.items():
-        if key not in before or before[key] == value or key in RESUME_BATCH_KEYS:
-            continue
-        change = f"key '{key}' was {before[key]!r} in {args_file}, now {value!r}"
-        if key in RESUME_SAFE_KEYS or (key in RESUME_SCHEDULE_KEYS and cfg.allow_schedule_change):
-            print0(f"resume: {change}")
-        elif key in RESUME_SCHEDULE_KEYS:
-            raise UserError(f"resume: {change}; this changes the learning-rate schedule: pass "
-                            f"--allow_schedule_change true if that is intended")
-        else:
-            raise UserError(f"resume: {change}; resuming with it changed would not continue the same run "
-                            f"(use the original value, or start a new output_dir)")
 
 
 def format_duration(seconds: float) -> str:
@@ -383,7 +276,7 @@ def tokenized_data(cfg, tokenizer, info, kind: str, make_dataset):
     return make_dataset(train), make_dataset(held_out) if held_out else None
 
 
-def rank_batches(num_batches: int, info) -> list[tuple[int, float]]:
+def share_batches(num_batches: int, info) -> list[tuple[int, float]]:
     """The batches this rank runs when ranks share out work such as validation, as
     (batch index, weight): ranks take turns. With a sharded model every rank must
     run the same number of forward passes, so a rank short of batches runs batch 0

@@ -24,6 +24,7 @@ from nanobumble.model.lora import (
     is_lora_param,
     lora_layers,
     lora_scaling,
+    lora_settings_problem,
     parse_target_modules,
 )
 from nanobumble.store.tensor_files import open_file, read_into, write_gathered
@@ -96,14 +97,10 @@ def validate_adapter_config(config: dict, source: str) -> dict:
            "target_modules": config["target_modules"], "use_rslora": config.get("use_rslora", False)}
     if not isinstance(out["base_model_name_or_path"], str):
         raise UserError(f"{source}: base_model_name_or_path must be a string")
-    if isinstance(out["r"], bool) or not isinstance(out["r"], int) or out["r"] < 1:
-        raise UserError(f"{source}: r must be a positive integer, got {out['r']!r}")
-    if isinstance(out["lora_alpha"], bool) or not isinstance(out["lora_alpha"], (int, float)) \
-            or out["lora_alpha"] <= 0:
-        raise UserError(f"{source}: lora_alpha must be a positive number, got {out['lora_alpha']!r}")
-    dropout = out["lora_dropout"]
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise UserError(f"{source}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    problem = lora_settings_problem(out["r"], out["lora_alpha"], out["lora_dropout"],
+                                    names=("r", "lora_alpha", "lora_dropout"))
+    if problem:
+        raise UserError(f"{source}: {problem}")
     if not isinstance(out["use_rslora"], bool):
         raise UserError(f"{source}: use_rslora must be true or false, got {out['use_rslora']!r}")
     if not isinstance(out["target_modules"], list) or not all(isinstance(t, str) for t in out["target_modules"]):

@@ -53,6 +53,7 @@ from nanobumble.store.model_dir import (
     expected_weight_shapes,
     load_model_config,
     load_model_weights,
+    read_training_args,
     save_model_dir,
 )
 from nanobumble.store.tensor_files import DamagedFile, header_shapes, open_file, read_into, write_gathered
@@ -159,9 +160,7 @@ def checkpoint_problem(path: str) -> str | None:
         for name in ("training_args.yaml", "rng_state.safetensors", "optimizer.safetensors"):
             if not os.path.isfile(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) == 0:
                 return f"{os.path.join(path, name)}: missing or empty"
-        with open(os.path.join(path, "training_args.yaml"), encoding="utf-8") as f:
-            if not isinstance(yaml.safe_load(f), dict):
-                return "training_args.yaml is not a mapping"
+        read_training_args(path)  # a mapping of keys, or UserError
         header_shapes(os.path.join(path, "rng_state.safetensors"))
         load_tokenizer(path)
         with torch.device("meta"):

@@ -48,7 +48,6 @@ import re
 import sys
 
 import torch
-import yaml
 from safetensors.torch import save_file
 
 from nanobumble.base.errors import DataError, UserError
@@ -59,7 +58,14 @@ from nanobumble.data.shards import read_meta
 from nanobumble.data.tokenizer import SPACE_PIECE, SPECIAL_TOKENS, UNK_ID, Tokenizer, load_tokenizer
 from nanobumble.model.transformer import ModelConfig
 from nanobumble.store.checkpoint import read_trainer_state
-from nanobumble.store.model_dir import check_model_dir, check_output_dir, load_model_dir, model_state_dict
+from nanobumble.store.model_dir import (
+    check_model_dir,
+    check_output_dir,
+    load_model_dir,
+    model_state_dict,
+    read_metrics,
+    read_training_args,
+)
 from nanobumble.store.tensor_files import DamagedFile
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -258,22 +264,6 @@ def write_weights(save_path: str, state: dict[str, torch.Tensor], max_bytes: int
 
 # --- what the model directory says about its training ---------------------------------------------------
 
-def read_training_args(model_dir: str) -> dict:
-    """training_args.yaml as a dict; {} when the directory has none."""
-    path = os.path.join(model_dir, "training_args.yaml")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            args = yaml.safe_load(f)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if args is None:
-        return {}
-    if not isinstance(args, dict):
-        raise UserError(f"{path}: expected a mapping of keys, got {type(args).__name__}")
-    return args
-
 
 def trained_system_prompt(args: dict) -> str:
     """The system prompt SFT/DPO rendered conversations with (config.FinetuneConfig's key);
@@ -346,18 +336,13 @@ def final_metrics(model_dir: str, args: dict) -> tuple[str, dict[str, tuple[int,
             return "", {}
         path = os.path.join(run_dir, "metrics.jsonl")
     last: dict[str, tuple[int, float]] = {}
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-                step = record["step"]
-            except (json.JSONDecodeError, TypeError, KeyError):
-                continue  # a damaged line (a killed run) does not stop the export
-            if not isinstance(step, int) or step > last_step:
-                continue
-            for key, value in record.items():
-                if key != "step" and key not in HOUSEKEEPING_METRICS and isinstance(value, (int, float)):
-                    last[key] = (step, float(value))
+    records, _ = read_metrics(path)  # a damaged line (a killed run) does not stop the export
+    for record in records:
+        if record["step"] > last_step:
+            continue
+        for key, value in record.items():
+            if key != "step" and key not in HOUSEKEEPING_METRICS and isinstance(value, (int, float)):
+                last[key] = (record["step"], float(value))
     return path, last
 
 

@@ -1,6 +1,6 @@
 """Start from a Hugging Face Qwen2 model directory (what `save_pretrained` writes,
 e.g. Qwen2.5-0.5B): its config.json becomes a ModelConfig, and its weights load
-by name. The other direction is export_hf.py.
+by name. The other direction is hf_export.py.
 
     config.json                        model_type: qwen2
     model.safetensors                  or model-0000N-of-0000M.safetensors + model.safetensors.index.json

@@ -1,0 +1,127 @@
+"""The resume policy: what a run does with its output_dir before it starts.
+
+A fresh run never replaces a finished model or checkpoints unless
+overwrite_output_dir (then it removes the old checkpoints). --resume auto takes
+the newest intact checkpoint and moves a damaged one aside; --resume DIR takes
+that checkpoint or stops. A resumed run must be the same run: the same global
+batch, data files and settings, except those listed below as safe to change.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from nanobumble.base.distributed import print0
+from nanobumble.base.errors import UserError
+from nanobumble.data.records import files_signature
+from nanobumble.run.config import config_to_dict
+from nanobumble.store.checkpoint import checkpoint_problem, list_checkpoints, read_trainer_state
+from nanobumble.store.model_dir import check_output_dir, read_training_args
+
+
+def resolve_resume(cfg, world_size: int) -> str | None:
+    """The checkpoint to continue from, or None for a fresh run. Rank 0 runs this
+    first (main_process_first): it alone moves or removes anything.
+
+    A fresh run never replaces a finished model or checkpoints unless
+    overwrite_output_dir. --resume auto takes the newest intact checkpoint: a
+    damaged one (a crash mid-copy, a full disk, a hand edit) is moved aside to
+    damaged-checkpoint-N with a warning. A resumed run must be the same run:
+    see check_resume_settings."""
+    output_dir = cfg.output_dir
+    main = int(os.environ.get("RANK", "0")) == 0
+    if not cfg.resume:
+        old = list_checkpoints(output_dir)
+        if old and not cfg.overwrite_output_dir:
+            raise UserError(f"output_dir {output_dir} already holds checkpoints; continue it with --resume auto, "
+                            f"pick another --output_dir, or pass --overwrite_output_dir true to start over")
+        check_output_dir(output_dir, cfg.overwrite_output_dir)
+        if old and main:
+            print0(f"overwrite_output_dir: removing {len(old)} old checkpoint(s) in {output_dir}")
+            for _, path in old:
+                shutil.rmtree(path)
+        return None
+    check_output_dir(output_dir, overwrite=True)  # a resumed run replaces its own final model
+    if main and os.path.isdir(output_dir):  # what a save killed half-way left behind
+        for name in os.listdir(output_dir):
+            if name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    if cfg.resume == "auto":
+        found = None
+        for _, path in reversed(list_checkpoints(output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                found = path
+                break
+            aside = os.path.join(output_dir, "damaged-" + os.path.basename(path))
+            if main:
+                shutil.rmtree(aside, ignore_errors=True)
+                os.rename(path, aside)
+                print0(f"warning: {path} is damaged ({problem}); moved it to {aside}")
+        if found is None:  # then it is a fresh run, and must not replace a finished model either
+            check_output_dir(output_dir, cfg.overwrite_output_dir)
+        print0(f"resuming from {found}" if found else f"resume=auto: no checkpoint in {output_dir}, starting fresh")
+    else:
+        found = cfg.resume
+        if not os.path.isdir(found):
+            raise UserError(f"resume: {found} is not a directory")
+        problem = checkpoint_problem(found)
+        if problem:
+            raise UserError(f"resume: {found} is not an intact checkpoint ({problem})")
+        print0(f"resuming from {found}")
+    if found:
+        check_resume_settings(cfg, world_size, found)
+    return found
+
+# Keys that may change between a run and its resumption without changing what
+# is trained: cadence, where things go, and how fast the same math runs.
+RESUME_SAFE_KEYS = ("logging_steps", "eval_steps", "eval_batches", "save_steps", "save_total_limit",
+                    "use_tensorboard", "plot", "resume", "output_dir", "overwrite_output_dir", "allow_schedule_change",
+                    "collective_timeout_minutes", "cache_dir", "preprocessing_num_workers",
+                    "max_chosen_logp_drop", "eval_tasks", "eval_num_fewshot", "compile", "kernels", "enable_gradient_checkpointing")
+
+# The learning-rate schedule: changed only when asked (allow_schedule_change).
+RESUME_SCHEDULE_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "min_lr_ratio", "max_steps",
+                        "num_epochs")
+
+# How the global batch is split: free, as long as the global batch stays the same.
+RESUME_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def check_resume_settings(cfg, world_size: int, checkpoint: str) -> None:
+    """Refuse a resumption that would not continue the same run (naming the key and
+    both values); print the changes that are allowed."""
+    args_file = os.path.join(checkpoint, "training_args.yaml")
+    before = read_training_args(checkpoint)
+    now = config_to_dict(cfg)
+    state = read_trainer_state(checkpoint)
+    old_world = state["world_size"]
+
+    def rows(settings: dict, world: int) -> tuple[int, str]:
+        micro, accum = settings["train_micro_batch_size_per_gpu"], settings["gradient_accumulation_steps"]
+        return micro * accum * world, f"{micro} x {accum} x {world} ranks"
+
+    if all(key in before for key in RESUME_BATCH_KEYS):
+        (old_rows, old_split), (new_rows, new_split) = rows(before, old_world), rows(now, world_size)
+        if old_rows != new_rows:
+            raise UserError(f"resume: the global batch (train_micro_batch_size_per_gpu x gradient_accumulation_steps "
+                            f"x world size) was {old_split} = {old_rows} rows in {checkpoint}, now {new_split} = "
+                            f"{new_rows}; keep it to continue the same run")
+        if old_split != new_split:
+            print0(f"resume: global batch {new_rows} rows split as {new_split} (was {old_split})")
+    if state.get("data") and state["data"] != files_signature(cfg.dataset_path):
+        raise UserError(f"resume: the data files of dataset_path {cfg.dataset_path} are not those {checkpoint} "
+                        f"was trained on (files added, removed or changed in size)")
+    for key, value in now.items():
+        if key not in before or before[key] == value or key in RESUME_BATCH_KEYS:
+            continue
+        change = f"key '{key}' was {before[key]!r} in {args_file}, now {value!r}"
+        if key in RESUME_SAFE_KEYS or (key in RESUME_SCHEDULE_KEYS and cfg.allow_schedule_change):
+            print0(f"resume: {change}")
+        elif key in RESUME_SCHEDULE_KEYS:
+            raise UserError(f"resume: {change}; this changes the learning-rate schedule: pass "
+                            f"--allow_schedule_change true if that is intended")
+        else:
+            raise UserError(f"resume: {change}; resuming with it changed would not continue the same run "
+                            f"(use the original value, or start a new output_dir)")
