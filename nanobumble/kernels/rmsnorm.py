@@ -87,8 +87,7 @@ def _dw_programs(n_rows: int, device: torch.device) -> int:
 
 class RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float,
-                dw_programs: int | None = None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         n_cols = x.shape[-1]
         if weight.dim() != 1 or weight.shape[0] != n_cols:
             raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match hidden size {n_cols}")
@@ -103,7 +102,6 @@ class RMSNormFunction(torch.autograd.Function):
                                             BLOCK=block, ROUND_BF16=round_bf16_first(x2.dtype), num_warps=num_warps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
-        ctx.dw_programs = dw_programs
         return y.view(x.shape)
 
     @staticmethod
@@ -114,8 +112,8 @@ class RMSNormFunction(torch.autograd.Function):
         dy2 = dy.contiguous().view(-1, n_cols)
         dx = alloc((n_rows, n_cols), x2.dtype, x2.device)
         if n_rows == 0:
-            return dx.view(ctx.x_shape), torch.zeros_like(weight), None, None
-        programs = min(ctx.dw_programs or _dw_programs(n_rows, x2.device), n_rows)
+            return dx.view(ctx.x_shape), torch.zeros_like(weight), None
+        programs = min(_dw_programs(n_rows, x2.device), n_rows)
         rows_per_program = triton.cdiv(n_rows, programs)
         programs = triton.cdiv(n_rows, rows_per_program)  # e.g. 10 rows, 4 programs -> 3 rows each -> 4 programs
         partial = alloc((programs, n_cols), torch.float32, x2.device)
@@ -123,11 +121,10 @@ class RMSNormFunction(torch.autograd.Function):
                                           dy2.stride(0), x2.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
                                           BLOCK=block, ROUND_BF16=round_bf16_first(x2.dtype), num_warps=num_warps)
         dw = partial.sum(0).to(weight.dtype)
-        return dx.view(ctx.x_shape), dw, None, None
+        return dx.view(ctx.x_shape), dw, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, dw_programs: int | None = None) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Fused RMSNorm over the last dimension of x (any leading dims, any layout).
-    Runs Triton on CUDA, and on CPU tensors under TRITON_INTERPRET=1.
-    dw_programs overrides how many programs share the weight-gradient rows."""
-    return RMSNormFunction.apply(x, weight, float(eps), dw_programs)
+    Runs Triton on CUDA, and on CPU tensors under TRITON_INTERPRET=1."""
+    return RMSNormFunction.apply(x, weight, float(eps))
