@@ -11,14 +11,23 @@ base (an empty mapping when neither has training_args.yaml).
 
 from __future__ import annotations
 
-import argparse
 import os
+from dataclasses import dataclass
 
 from nanobumble.base.errors import UserError, run_cli
 from nanobumble.data.tokenizer import has_tokenizer, load_tokenizer
 from nanobumble.model.lora import merge_lora
+from nanobumble.run.config import parse_config
 from nanobumble.store.adapter import ADAPTER_CONFIG, load_adapter
 from nanobumble.store.model_dir import check_output_dir, load_model_dir, save_model_dir
+
+
+@dataclass
+class MergeConfig:
+    base_model_path: str  # model directory the adapter was trained on
+    lora_model_path: str  # directory with adapter_model.safetensors and adapter_config.json
+    save_path: str  # where to write the merged model directory
+    overwrite_output_dir: bool = False  # replace a model already in save_path
 
 
 def _first_existing(name: str, *directories: str) -> str | None:
@@ -29,52 +38,45 @@ def _first_existing(name: str, *directories: str) -> str | None:
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nanobumble.merge_lora", description=__doc__.split("\n")[0])
-    parser.add_argument("--base_model_path", required=True, help="model directory the adapter was trained on")
-    parser.add_argument("--lora_model_path", required=True, help="directory with adapter_model.safetensors "
-                                                                 "and adapter_config.json")
-    parser.add_argument("--save_path", required=True, help="where to write the merged model directory")
-    parser.add_argument("--overwrite_output_dir", default="false", choices=["true", "false"],
-                        help="replace a model already in save_path")
-    args = parser.parse_args(argv)
+    cfg = parse_config(argv, MergeConfig)
 
-    for flag, path, needed in (("--base_model_path", args.base_model_path, "config.json"),
-                               ("--lora_model_path", args.lora_model_path, ADAPTER_CONFIG)):
+    for flag, path, needed in (("--base_model_path", cfg.base_model_path, "config.json"),
+                               ("--lora_model_path", cfg.lora_model_path, ADAPTER_CONFIG)):
         if not os.path.isdir(path):
             raise UserError(f"{flag} {path}: no such directory")
         if not os.path.isfile(os.path.join(path, needed)):
             raise UserError(f"{flag} {path}: has no {needed}")
-    for flag, path in (("--base_model_path", args.base_model_path), ("--lora_model_path", args.lora_model_path)):
-        if os.path.abspath(args.save_path) == os.path.abspath(path):
+    for flag, path in (("--base_model_path", cfg.base_model_path), ("--lora_model_path", cfg.lora_model_path)):
+        if os.path.abspath(cfg.save_path) == os.path.abspath(path):
             raise UserError(f"--save_path is {flag}: the merge would replace its own input (and a second run "
                             f"would merge the adapter twice); pick another directory")
-    check_output_dir(args.save_path, args.overwrite_output_dir == "true", "--save_path")
-    tokenizer_dir = next((d for d in (args.lora_model_path, args.base_model_path) if has_tokenizer(d)), None)
+    check_output_dir(cfg.save_path, cfg.overwrite_output_dir, "--save_path")
+    tokenizer_dir = next((d for d in (cfg.lora_model_path, cfg.base_model_path) if has_tokenizer(d)), None)
     if tokenizer_dir is None:
-        raise UserError(f"neither {args.lora_model_path} nor {args.base_model_path} has a tokenizer")
+        raise UserError(f"neither {cfg.lora_model_path} nor {cfg.base_model_path} has a tokenizer")
     tokenizer = load_tokenizer(tokenizer_dir)
 
-    model, _ = load_model_dir(args.base_model_path)
-    config = load_adapter(model, args.lora_model_path)
+    model, _ = load_model_dir(cfg.base_model_path)
+    config = load_adapter(model, cfg.lora_model_path)
     merge_lora(model)
 
-    args_file = _first_existing("training_args.yaml", args.lora_model_path)
+    args_file = _first_existing("training_args.yaml", cfg.lora_model_path)
     if args_file:
         with open(args_file, encoding="utf-8") as f:
             training_args_yaml = f.read()
     else:
         training_args_yaml = "{}\n"
-    save_model_dir(args.save_path, model, tokenizer, training_args_yaml)
+    save_model_dir(cfg.save_path, model, tokenizer, training_args_yaml)
 
     trained_on = config["base_model_name_or_path"]
-    print(f"merged {args.lora_model_path} (r={config['r']}, lora_alpha={config['lora_alpha']}, "
+    print(f"merged {cfg.lora_model_path} (r={config['r']}, lora_alpha={config['lora_alpha']}, "
           f"use_rslora={str(config['use_rslora']).lower()}, targets {','.join(config['target_modules'])}) "
-          f"into {args.base_model_path}")
-    if trained_on and os.path.abspath(trained_on) != os.path.abspath(args.base_model_path):
+          f"into {cfg.base_model_path}")
+    if trained_on and os.path.abspath(trained_on) != os.path.abspath(cfg.base_model_path):
         print(f"note: the adapter was trained on {trained_on}")
-    print(f"wrote {args.save_path}: config.json, model.safetensors ({model.num_parameters():,} parameters), "
+    print(f"wrote {cfg.save_path}: config.json, model.safetensors ({model.num_parameters():,} parameters), "
           f"{', '.join(tokenizer.files)} (from {tokenizer_dir}), training_args.yaml"
-          f"{' (from ' + args.lora_model_path + ')' if args_file else ' (empty)'}")
+          f"{' (from ' + cfg.lora_model_path + ')' if args_file else ' (empty)'}")
 
 
 if __name__ == "__main__":

@@ -5,17 +5,22 @@
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
 from nanobumble.base.errors import run_cli
+from nanobumble.run.config import parse_config
 from nanobumble.run.plots import write_plots
 
 
+@dataclass
+class PlotConfig:
+    POSITIONAL = "output_dir"  # `plot DIR` is `plot --output_dir DIR`
+    output_dir: str  # a training run's output_dir (the one holding metrics.jsonl)
+
+
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nanobumble.plot", description=__doc__.split("\n")[0])
-    parser.add_argument("output_dir", help="a training run's output_dir (the one holding metrics.jsonl)")
-    args = parser.parse_args(argv)
-    write_plots(args.output_dir)
+    cfg = parse_config(argv, PlotConfig)
+    write_plots(cfg.output_dir)
 
 
 if __name__ == "__main__":

@@ -7,60 +7,59 @@ way the output directory ends up holding the shards, meta.json and the
 tokenizer.model they were made with; train with --dataset_path pointing at it.
 """
 
-import argparse
+import math
 import os
-import sys
 import tempfile
+from dataclasses import dataclass
 
-from nanobumble.base.errors import DataError
+from nanobumble.base.errors import DataError, run_cli
 from nanobumble.data.records import iter_text_records, list_data_files
 from nanobumble.data.shards import prepare_shards
 from nanobumble.data.tokenizer import load_or_train_tokenizer
+from nanobumble.run.config import PretrainConfig, _check_range, parse_config
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m nanobumble.prepare", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset_path", required=True,
-                        help="a .json/.jsonl file, a directory of them, or a comma-separated list")
-    parser.add_argument("--output_dir", required=True, help="new shard directory (must not exist or be empty)")
-    parser.add_argument("--tokenizer_path", default="",
-                        help="tokenizer.model, or a directory holding one; trained on the data if not given")
-    parser.add_argument("--vocab_size", type=int, default=8000, help="vocabulary size when training a tokenizer")
-    parser.add_argument("--tokenizer_sample_mb", type=float, default=80.0,
-                        help="a new tokenizer learns from a seeded sample of this many MB of the text")
-    parser.add_argument("--val_ratio", type=float, default=0.01, help="fraction of documents kept for validation")
-    parser.add_argument("--num_workers", type=int, default=None, help="tokenizer processes (default: all CPUs)")
-    parser.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard file")
-    parser.add_argument("--strict", action="store_true", help="stop at the first bad record instead of skipping it")
-    return parser.parse_args(argv)
+@dataclass
+class PrepareConfig:
+    dataset_path: str  # a .json/.jsonl file, a directory of them, or a comma-separated list
+    output_dir: str  # new shard directory (must not exist or be empty)
+    tokenizer_path: str = ""  # tokenizer.model, or a directory holding one; "" = train one on the data
+    # A new tokenizer: the same defaults as train_pretrain.py's (PretrainConfig)
+    vocab_size: int = PretrainConfig.vocab_size  # vocabulary size when training a tokenizer
+    tokenizer_sample_mb: float = PretrainConfig.tokenizer_sample_mb  # it learns from a seeded sample this large
+    val_ratio: float = PretrainConfig.val_ratio  # fraction of documents kept for validation
+    num_workers: int = 0  # tokenizer processes (0: all CPUs)
+    shard_tokens: int = 100_000_000  # tokens per shard file
+    strict: bool = False  # stop at the first bad record instead of skipping it
+
+    def __post_init__(self):
+        _check_range(self, "vocab_size", lambda v: v >= 1, "at least 1")
+        _check_range(self, "tokenizer_sample_mb", lambda v: 0 < v < math.inf, "> 0 and finite")
+        _check_range(self, "val_ratio", lambda v: 0 <= v < 1, "in [0, 1)")
+        _check_range(self, "num_workers", lambda v: v >= 0, ">= 0 (0: all CPUs)")
+        _check_range(self, "shard_tokens", lambda v: 1 <= v < 2**31, "in [1, 2^31)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        files = list_data_files(args.dataset_path)
-        if os.path.exists(args.output_dir) and os.listdir(args.output_dir):
-            raise DataError(f"output directory {args.output_dir} already exists and is not empty")
-        print(f"prepare: {len(files)} file(s) from {args.dataset_path}")
-        # A new tokenizer is trained into a temporary directory (bad records are
-        # reported later, once, while tokenizing); prepare_shards copies it into
-        # the output directory together with the shards.
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer = load_or_train_tokenizer(
-                args.tokenizer_path, lambda: iter_text_records(files, strict=args.strict, quiet=True),
-                args.vocab_size, cache_dir=tmp, cache_key="prepare",
-                corpus_bytes=sum(os.path.getsize(f) for f in files), sample_mb=args.tokenizer_sample_mb)
-            meta = prepare_shards(files, tokenizer, args.output_dir, val_ratio=args.val_ratio,
-                                  shard_tokens=args.shard_tokens, num_workers=args.num_workers,
-                                  strict=args.strict)
-    except (DataError, OSError, ValueError) as e:  # bad data or tokenizer: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"prepare: wrote {args.output_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val "
+def main(argv: list[str]) -> None:
+    cfg = parse_config(argv, PrepareConfig)
+    files = list_data_files(cfg.dataset_path)
+    out = cfg.output_dir
+    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
+        raise DataError(f"output directory {out} already exists and is not empty")
+    print(f"prepare: {len(files)} file(s) from {cfg.dataset_path}")
+    # A new tokenizer is trained into a temporary directory (bad records are
+    # reported later, once, while tokenizing); prepare_shards copies it into
+    # the output directory together with the shards.
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = load_or_train_tokenizer(
+            cfg.tokenizer_path, lambda: iter_text_records(files, strict=cfg.strict, quiet=True),
+            cfg.vocab_size, cache_dir=tmp, cache_key="prepare",
+            corpus_bytes=sum(os.path.getsize(f) for f in files), sample_mb=cfg.tokenizer_sample_mb)
+        meta = prepare_shards(files, tokenizer, out, val_ratio=cfg.val_ratio, shard_tokens=cfg.shard_tokens,
+                              num_workers=cfg.num_workers or None, strict=cfg.strict)
+    print(f"prepare: wrote {out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val "
           f"tokens, vocab_size={meta['vocab_size']}, {meta['text_bytes'] / 1e6:,.1f} MB of text")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

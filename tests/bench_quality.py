@@ -44,7 +44,8 @@ from helpers import format_table, read_metrics  # noqa: E402
 from word_task import write_word_task  # noqa: E402
 
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT  # noqa: E402
-from nanobumble.evals.tasks import load_tasks, run_tasks  # noqa: E402
+from nanobumble.evals.scoring import run_tasks  # noqa: E402
+from nanobumble.evals.tasks import load_tasks  # noqa: E402
 from nanobumble.inference.loading import load_model  # noqa: E402
 
 QUIET = ["--plot", "false", "--use_tensorboard", "false"]

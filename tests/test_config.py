@@ -1,7 +1,11 @@
+from dataclasses import dataclass, field
+
 import pytest
 
 from nanobumble.base.errors import ConfigError
-from nanobumble.run.config import PretrainConfig, parse_config
+from nanobumble.evaluate import EvalConfig
+from nanobumble.plot import PlotConfig
+from nanobumble.run.config import PretrainConfig, config_to_yaml, format_help, parse_config
 
 
 def write(tmp_path, text):
@@ -106,3 +110,100 @@ def test_every_bundled_recipe_parses():
     for path in files:
         stage = os.path.basename(os.path.dirname(path))
         parse_config(["--yaml_config", path], stage_config[stage])
+
+
+# --- lists, a positional, required keys (the programs: evaluate, plot, merge_lora, prepare) ---------
+
+def test_a_list_key_takes_every_word_up_to_the_next_key():
+    cfg = parse_config(["--model_path", "m", "--tasks", "a.csv", "dir/", "--num_fewshot", "1"], EvalConfig)
+    assert cfg.tasks == ["a.csv", "dir/"] and cfg.num_fewshot == 1 and cfg.model_path == "m"
+    assert parse_config(["--tasks=a", "--model_path=m"], EvalConfig).tasks == ["a"]
+    assert parse_config(["--tasks", "a", "--model_path", "m", "--tasks", "b", "c"], EvalConfig).tasks == ["b", "c"]
+    assert parse_config(["--model_path", "m", "--tasks", "a=b", "-1"], EvalConfig).tasks == ["a=b", "-1"]
+
+
+def test_a_list_key_from_yaml(tmp_path):
+    path = write(tmp_path, "model_path: m\ntasks: [a.csv, dir/, 7]\nbatch_size: 2\n")
+    cfg = parse_config(["--yaml_config", path], EvalConfig)
+    assert cfg.tasks == ["a.csv", "dir/", "7"] and cfg.batch_size == 2
+    assert parse_config(["--yaml_config", path, "--tasks", "b"], EvalConfig).tasks == ["b"]  # command line wins
+    assert parse_config(["--yaml_config", write(tmp_path, config_to_yaml(cfg))], EvalConfig) == cfg
+    for text, message in (("model_path: m\ntasks: a.csv\n", "key 'tasks' expects list, got 'a.csv'"),
+                          ("model_path: m\ntasks: [a, {b: 1}]\n", "key 'tasks' expects a list of strings"),
+                          ("model_path: m\ntasks: [a, null]\n", "key 'tasks' expects a list of strings"),
+                          ("model_path: m\ntasks: []\n", "key 'tasks' must be one or more task files")):
+        with pytest.raises(ConfigError, match=message):
+            parse_config(["--yaml_config", write(tmp_path, text)], EvalConfig)
+
+
+@pytest.mark.parametrize("argv", [["--model_path", "m", "--tasks"], ["--tasks", "--model_path", "m"],
+                                  ["--model_path", "m", "--tasks="]])
+def test_a_list_key_without_values_is_an_error(argv):
+    with pytest.raises(ConfigError, match="key 'tasks' expects one or more values"):
+        parse_config(argv, EvalConfig)
+
+
+def test_required_keys_are_named():
+    with pytest.raises(ConfigError, match=r"^key 'tasks' is required \(--tasks\)$"):
+        parse_config(["--model_path", "m"], EvalConfig)
+    with pytest.raises(ConfigError, match=r"^keys 'model_path', 'tasks' are required \(--model_path, --tasks\)$"):
+        parse_config([], EvalConfig)
+
+
+def test_unknown_keys_still_name_the_closest():
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'task'; did you mean tasks\?"):
+        parse_config(["--model_path", "m", "--task", "a", "b"], EvalConfig)
+    with pytest.raises(ConfigError, match=r"unknown key 'num_fewshots'; did you mean num_fewshot\?"):
+        parse_config(["--model_path", "m", "--tasks", "a", "--num_fewshots", "1"], EvalConfig)
+    # A mistyped key followed by several words is named too, not its second word.
+    with pytest.raises(ConfigError, match=r"unknown key 'learnig_rate'.*learning_rate"):
+        parse_config(["--learnig_rate", "1", "2"], PretrainConfig)
+
+
+def test_a_positional_word_is_the_declared_key():
+    assert parse_config(["runs/a"], PlotConfig).output_dir == "runs/a"
+    assert parse_config(["--output_dir", "runs/a"], PlotConfig).output_dir == "runs/a"
+    assert parse_config(["--output_dir=runs/a"], PlotConfig).output_dir == "runs/a"
+    with pytest.raises(ConfigError, match=r"expected --key value, got 'runs/b'"):
+        parse_config(["runs/a", "runs/b"], PlotConfig)
+    with pytest.raises(ConfigError, match=r"^key 'output_dir' is required \(OUTPUT_DIR or --output_dir\)$"):
+        parse_config([], PlotConfig)
+    # A class that declares none still refuses a stray word.
+    with pytest.raises(ConfigError, match=r"command line: expected --key value, got 'runs/a'"):
+        parse_config(["runs/a"], PretrainConfig)
+    with pytest.raises(ConfigError, match=r"expected --key value, got 'extra'"):
+        parse_config(["--seed", "1", "extra"], PretrainConfig)
+
+
+@dataclass
+class WordListFlag:  # without `from __future__ import annotations` in this file: real types, not strings
+    POSITIONAL = "name"
+    name: str = "default"
+    words: list[str] = field(default_factory=list)
+    flag: bool = False
+    count: int = 0
+
+
+def test_positional_lists_and_flags_together():
+    cfg = parse_config(["--flag", "--count", "2", "x", "--words", "a", "b"], WordListFlag)
+    assert cfg == WordListFlag(name="x", words=["a", "b"], flag=True, count=2)
+    assert parse_config(["--words", "a", "x"], WordListFlag) == WordListFlag(words=["a", "x"])  # up to --key
+    assert parse_config([], WordListFlag) == WordListFlag()
+    with pytest.raises(ConfigError, match="key 'count' expects int"):
+        parse_config(["--count", "many"], WordListFlag)
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(["--model_path", "m", "--help"], EvalConfig)
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "usage: --yaml_config FILE --key value ...  (command line > YAML > defaults)"
+    assert lines[2:5] == ["  --model_path (required)", "  --tasks (required)  (a list: --tasks A B ...)",
+                          "  --adapter_path ''"]
+    assert len(lines) == 2 + len(EvalConfig.__dataclass_fields__)
+    assert format_help(PlotConfig).startswith("usage: OUTPUT_DIR (or --output_dir OUTPUT_DIR) --yaml_config")
+    pretrain = format_help(PretrainConfig).splitlines()
+    assert pretrain[:3] == ["usage: --yaml_config FILE --key value ...  (command line > YAML > defaults)", "keys:",
+                            "  --stage 'pretrain'"]
+    assert "  --learning_rate 0.001" in pretrain and "  --vocab_size 4096" in pretrain

@@ -1,5 +1,6 @@
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ import torch
 from helpers import write_shard
 
 from nanobumble import prepare
-from nanobumble.base.errors import DataError
+from nanobumble.base.errors import DataError, run_cli
 from nanobumble.data.records import files_fingerprint, iter_text_records, list_data_files
 from nanobumble.data.shards import (
     HEADER_BYTES,
@@ -19,6 +20,7 @@ from nanobumble.data.shards import (
     token_dtype,
 )
 from nanobumble.data.tokenizer import EOT_ID, Tokenizer, train_tokenizer
+from nanobumble.run.config import PretrainConfig, parse_config
 
 WORDS = ("bee honey flower garden model token train learn small data 蜜蜂 花园 语言 模型 学习 "
          "预训练 😀 🐝 def return x = 1").split()
@@ -282,15 +284,34 @@ def test_ensure_shards_detects_tokenizer_mismatch(shard_dir, tmp_path):
         ensure_shards(shard_dir, Tokenizer(path), str(tmp_path))
 
 
-def test_prepare_cli(tmp_path, docs, capsys):
+def test_prepare_cli(tmp_path, docs, capsys, monkeypatch):
     data = write_jsonl(tmp_path / "data.jsonl", [{"text": d} for d in docs[:40]])
     out = str(tmp_path / "out")
-    assert prepare.main(["--dataset_path", data, "--output_dir", out, "--vocab_size", "500",
-                         "--num_workers", "1"]) == 0
+    prepare.main(["--dataset_path", data, "--output_dir", out, "--vocab_size", "500", "--num_workers", "1",
+                  "--strict"])
     tok = Tokenizer(os.path.join(out, "tokenizer.model"))
     assert json.load(open(os.path.join(out, "meta.json")))["tokenizer_checksum"] == tok.checksum
-    assert prepare.main(["--dataset_path", str(tmp_path / "missing"), "--output_dir", out]) == 2
-    assert "missing" in capsys.readouterr().err
+    # One default vocabulary size for a new tokenizer: train_pretrain.py's.
+    config = parse_config(["--dataset_path", data, "--output_dir", out], prepare.PrepareConfig)
+    assert config.vocab_size == PretrainConfig().vocab_size == 4096
+    assert config.num_workers == 0 and config.strict is False
+
+    other = str(tmp_path / "other")
+    for argv, message in (
+        (["--dataset_path", str(tmp_path / "missing"), "--output_dir", other], "dataset path not found"),
+        (["--dataset_path", data, "--output_dir", out], f"output directory {out} already exists and is not empty"),
+        (["--dataset_path", data, "--output_dir", data], "already exists and is not empty"),  # a file
+        (["--dataset_path", data], "key 'output_dir' is required"),
+        (["--dataset_path", data, "--output_dir", other, "--shard_tokens", "0"], "key 'shard_tokens' must be"),
+        (["--dataset_path", data, "--output_dir", other, "--num_worker", "1"], "did you mean num_workers"),
+    ):
+        monkeypatch.setattr(sys, "argv", ["prepare", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(prepare.main)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2, err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not os.path.exists(other)
 
 
 # ---------------------------------------------------------------------------

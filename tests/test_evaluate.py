@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,9 +20,11 @@ import torch.nn.functional as F
 from helpers import generate
 
 import train_pretrain
-from nanobumble.base.errors import DataError, UserError
+from nanobumble.base.errors import ConfigError, DataError, UserError
 from nanobumble.data.tokenizer import Tokenizer, train_tokenizer
-from nanobumble.evals import tasks as evaluate
+from nanobumble.evals import scoring
+from nanobumble.evals import tasks as task_files
+from nanobumble.evaluate import main
 from nanobumble.inference.generation import GenerationConfig
 from nanobumble.inference.loading import load_model
 from nanobumble.model.layers import IGNORE_INDEX
@@ -87,9 +90,9 @@ def reference_loglikelihood(model, tokenizer, context: str, continuation: str) -
 # --- scoring --------------------------------------------------------------------------------------
 
 def test_letter_scores_match_a_float64_reference(setup):
-    task = evaluate.read_task(MMLU_TEST)
-    result = evaluate.choice_task(setup.model, setup.tokenizer, task, [], CPU, torch.float32, 3,
-                                  evaluate.ProgressLine(False))
+    task = task_files.read_task(MMLU_TEST)
+    result = scoring.choice_task(setup.model, setup.tokenizer, task, [], CPU, torch.float32, 3,
+                                  scoring.ProgressLine(False))
     correct = 0
     for question, detail in zip(task.records, result.details):
         context = ("The following are multiple choice questions (with answers) about elementary science.\n\n"
@@ -110,9 +113,9 @@ def test_padded_batches_give_the_same_loglikelihoods_as_one_at_a_time(setup):
         targets = ids[1:].tolist()
         targets[:length // 2] = [IGNORE_INDEX] * (length // 2)
         rows.append((ids[:-1].tolist(), targets))
-    batched = evaluate.target_logprobs(setup.model, rows, CPU, torch.float32, batch_size=4)
+    batched = scoring.target_logprobs(setup.model, rows, CPU, torch.float32, batch_size=4)
     for row, logprobs in zip(rows, batched):
-        alone = evaluate.target_logprobs(setup.model, [row], CPU, torch.float32, batch_size=1)[0]
+        alone = scoring.target_logprobs(setup.model, [row], CPU, torch.float32, batch_size=1)[0]
         assert logprobs.shape == (len(row[0]),)
         torch.testing.assert_close(logprobs, alone, atol=1e-5, rtol=0)
         assert (logprobs[torch.tensor(row[1]) == IGNORE_INDEX] == 0).all()
@@ -120,17 +123,17 @@ def test_padded_batches_give_the_same_loglikelihoods_as_one_at_a_time(setup):
 
 def test_a_space_ending_the_context_moves_to_the_continuation(setup):
     tokenizer = setup.tokenizer
-    assert evaluate.encode_pair(tokenizer, "Answer: ", "A") == evaluate.encode_pair(tokenizer, "Answer:", " A")
-    context_ids, continuation_ids = evaluate.encode_pair(tokenizer, "Answer:", " B")
+    assert scoring.encode_pair(tokenizer, "Answer: ", "A") == scoring.encode_pair(tokenizer, "Answer:", " A")
+    context_ids, continuation_ids = scoring.encode_pair(tokenizer, "Answer:", " B")
     assert context_ids == tokenizer.encode("Answer:")
     assert context_ids + continuation_ids == tokenizer.encode("Answer: B")
 
 
 def test_a_long_context_is_cut_from_the_left():
-    inputs, targets = evaluate.scoring_row(list(range(10, 20)), [7, 8], max_len=6, where="f:1")
+    inputs, targets = scoring.scoring_row(list(range(10, 20)), [7, 8], max_len=6, where="f:1")
     assert inputs == [15, 16, 17, 18, 19, 7] and targets == [-100, -100, -100, -100, 7, 8]
     with pytest.raises(DataError, match="f:1: a continuation of 7 tokens"):
-        evaluate.scoring_row([1], list(range(7)), max_len=6, where="f:1")
+        scoring.scoring_row([1], list(range(7)), max_len=6, where="f:1")
 
 
 def test_acc_norm_divides_by_the_length_of_the_ending_in_characters(monkeypatch, tmp_path):
@@ -144,12 +147,12 @@ def test_acc_norm_divides_by_the_length_of_the_ending_in_characters(monkeypatch,
         return [torch.tensor([0.0] * (len(row[0]) - 1) + [score], dtype=torch.float64)
                 for row, score in zip(rows, scores)]
 
-    monkeypatch.setattr(evaluate, "target_logprobs", fake_logprobs)
+    monkeypatch.setattr(scoring, "target_logprobs", fake_logprobs)
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))
     tokenizer = SimpleNamespace(encode=lambda text: [ord(c) % 50 + 4 for c in text], eot_id=1)
-    task = evaluate.read_task(str(path))
-    result = evaluate.choice_task(model, tokenizer, task, [], CPU, torch.float32, 8, evaluate.ProgressLine(False))
-    assert task.kind == evaluate.CONTINUATION
+    task = task_files.read_task(str(path))
+    result = scoring.choice_task(model, tokenizer, task, [], CPU, torch.float32, 8, scoring.ProgressLine(False))
+    assert task.kind == task_files.CONTINUATION
     assert [d["predicted"] for d in result.details] == [0, 1]
     assert result.metrics == {"acc": 0.0, "acc_norm": 0.5}  # question 1 right by acc_norm only
 
@@ -161,21 +164,21 @@ def test_fewshot_examples_come_from_the_dev_split():
                                 (CEVAL_VAL, "ceval/dev/bee_biology_dev.csv"),
                                 (CMMLU_TEST, "cmmlu/dev/daily_life.csv"),
                                 (HELLASWAG, "hellaswag_mini_dev.jsonl")):
-        task = evaluate.read_task(task_file)
-        shots = evaluate.fewshot_examples(task, 2)
-        assert shots == evaluate.read_task(os.path.join(EVAL_DATA, dev_file)).records[:2]
+        task = task_files.read_task(task_file)
+        shots = task_files.fewshot_examples(task, 2)
+        assert shots == task_files.read_task(os.path.join(EVAL_DATA, dev_file)).records[:2]
 
 
 def test_the_fewshot_prompt_is_description_solved_examples_then_the_question():
-    task = evaluate.read_task(MMLU_TEST)
-    prompt = evaluate.build_context(task, task.records[0], evaluate.fewshot_examples(task, 2))
+    task = task_files.read_task(MMLU_TEST)
+    prompt = task_files.build_context(task, task.records[0], task_files.fewshot_examples(task, 2))
     assert prompt == (
         "The following are multiple choice questions (with answers) about elementary science.\n\n"
         "What do plants need to make their own food?\nA. Sunlight\nB. Sand\nC. Plastic\nD. Salt\nAnswer: A\n\n"
         "How many legs does an insect have?\nA. Four\nB. Six\nC. Eight\nD. Ten\nAnswer: B\n\n"
         "Which planet do we live on?\nA. Mars\nB. Earth\nC. Venus\nD. Jupiter\nAnswer:")
-    task = evaluate.read_task(HELLASWAG)
-    prompt = evaluate.build_context(task, task.records[0], evaluate.fewshot_examples(task, 1))
+    task = task_files.read_task(HELLASWAG)
+    prompt = task_files.build_context(task, task.records[0], task_files.fewshot_examples(task, 1))
     assert prompt == ("A man rinses a cup of rice and puts it in a pot with water. He covers the pot and cooks the "
                       "rice over low heat.\n\nA man fills a kettle with water and puts it on the stove. When the water "
                       "boils, he")
@@ -183,36 +186,36 @@ def test_the_fewshot_prompt_is_description_solved_examples_then_the_question():
 
 def test_a_sibling_dev_file_and_the_errors_when_there_is_none(tmp_path):
     (tmp_path / "bees_test.csv").write_text("Q1,a,b,c,d,A\n", encoding="utf-8")
-    task = evaluate.read_task(str(tmp_path / "bees_test.csv"))
+    task = task_files.read_task(str(tmp_path / "bees_test.csv"))
     with pytest.raises(UserError, match=r"num_fewshot=1 needs its dev split; looked for .*bees_dev.csv"):
-        evaluate.fewshot_examples(task, 1)
+        task_files.fewshot_examples(task, 1)
     (tmp_path / "bees_dev.csv").write_text("D1,a,b,c,d,C\nD2,a,b,c,d,D\n", encoding="utf-8")
-    assert [shot.context for shot in evaluate.fewshot_examples(task, 2)] == ["D1", "D2"]
+    assert [shot.context for shot in task_files.fewshot_examples(task, 2)] == ["D1", "D2"]
     with pytest.raises(DataError, match="bees_dev.csv: 2 examples, fewer than num_fewshot=3"):
-        evaluate.fewshot_examples(task, 3)
-    assert evaluate.fewshot_examples(task, 0) == []
+        task_files.fewshot_examples(task, 3)
+    assert task_files.fewshot_examples(task, 0) == []
 
 
 # --- file layouts ---------------------------------------------------------------------------------
 
 def test_the_three_csv_layouts_and_the_jsonl_kinds():
-    ceval, cmmlu, mmlu = (evaluate.read_task(path) for path in (CEVAL_VAL, CMMLU_TEST, MMLU_TEST))
+    ceval, cmmlu, mmlu = (task_files.read_task(path) for path in (CEVAL_VAL, CMMLU_TEST, MMLU_TEST))
     assert (len(ceval.records), len(cmmlu.records), len(mmlu.records)) == (10, 8, 10)
-    assert ceval.records[0] == evaluate.Question("蜜蜂属于哪一类动物？", ["鸟类", "鱼类", "昆虫", "哺乳动物"], 2,
+    assert ceval.records[0] == task_files.Question("蜜蜂属于哪一类动物？", ["鸟类", "鱼类", "昆虫", "哺乳动物"], 2,
                                                  f"{CEVAL_VAL}:2")
     assert cmmlu.records[0].options == ["十二", "二十", "二十四", "三十"] and cmmlu.records[0].gold == 2
     assert mmlu.records[3].context == "Which animal is a mammal: a whale, a shark, a trout or a frog?"
     assert mmlu.records[3].where == f"{MMLU_TEST}:4"
-    kinds = {path: evaluate.read_task(path).kind for path in (HELLASWAG, TEXT, QA)}
+    kinds = {path: task_files.read_task(path).kind for path in (HELLASWAG, TEXT, QA)}
     assert kinds == {HELLASWAG: "continuation", TEXT: "bpb", QA: "exact_match"}
-    assert evaluate.read_task(QA).records[-1] == ("What is 7 + 5?", ["12", "twelve"])
+    assert task_files.read_task(QA).records[-1] == ("What is 7 + 5?", ["12", "twelve"])
 
 
 def test_directories_expand_to_their_task_files():
-    files = evaluate.expand_task_paths([os.path.join(EVAL_DATA, "ceval", "val"), QA])
+    files = task_files.expand_task_paths([os.path.join(EVAL_DATA, "ceval", "val"), QA])
     assert files == [CEVAL_VAL, QA]
-    assert evaluate.expand_task_paths(f"{CEVAL_VAL},{QA}") == [CEVAL_VAL, QA]
-    assert evaluate.expand_task_paths(EVAL_DATA) == [HELLASWAG, QA, TEXT]  # hellaswag_mini_dev.jsonl is left out
+    assert task_files.expand_task_paths(f"{CEVAL_VAL},{QA}") == [CEVAL_VAL, QA]
+    assert task_files.expand_task_paths(EVAL_DATA) == [HELLASWAG, QA, TEXT]  # hellaswag_mini_dev.jsonl is left out
 
 
 BAD_FILES = [
@@ -235,24 +238,24 @@ def test_a_bad_file_is_named_with_its_line(tmp_path, name, content, message):
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
     if not message:
-        evaluate.read_task(str(path))
+        task_files.read_task(str(path))
         return
     with pytest.raises(DataError) as error:
-        evaluate.read_task(str(path))
+        task_files.read_task(str(path))
     assert message in str(error.value)
 
 
 def test_bytes_that_are_not_utf8_are_named_with_their_line(tmp_path):
     (tmp_path / "bad.csv").write_bytes(b"Q,a,b,c,d,A\nQ\xff,a,b,c,d,B\n")
     with pytest.raises(DataError, match=r"bad.csv:2: not UTF-8 text"):
-        evaluate.read_task(str(tmp_path / "bad.csv"))
+        task_files.read_task(str(tmp_path / "bad.csv"))
 
 
 # --- bits per byte --------------------------------------------------------------------------------
 
 def test_bpb_is_pretrainings_val_bpb_on_the_same_text(setup, tmp_path):
     texts = [json.loads(line)["text"] for line in open(TEXT, encoding="utf-8")]
-    ours = evaluate.evaluate_tasks(setup.model, setup.tokenizer, evaluate.load_tasks([TEXT]), CPU, torch.float32,
+    ours = scoring.evaluate_tasks(setup.model, setup.tokenizer, task_files.load_tasks([TEXT]), CPU, torch.float32,
                                    batch_size=4)
 
     # Pretraining's evaluate() on the same documents, one unpadded row each, laid out as
@@ -285,7 +288,7 @@ def test_a_document_longer_than_the_context_is_scored_in_windows(setup, tmp_path
             if token_bytes[target]:
                 bits -= logprobs[position, target].item() / math.log(2)
                 total_bytes += token_bytes[target]
-    result = evaluate.evaluate_tasks(model, setup.tokenizer, evaluate.load_tasks([str(tmp_path / "long.jsonl")]), CPU,
+    result = scoring.evaluate_tasks(model, setup.tokenizer, task_files.load_tasks([str(tmp_path / "long.jsonl")]), CPU,
                                      torch.float32)
     assert result["eval/long/bpb"] == pytest.approx(bits / total_bytes, rel=1e-6)
 
@@ -293,7 +296,7 @@ def test_a_document_longer_than_the_context_is_scored_in_windows(setup, tmp_path
 # --- exact match ----------------------------------------------------------------------------------
 
 def test_exact_match_normalisation():
-    normalize = evaluate.normalize_answer
+    normalize = scoring.normalize_answer
     assert normalize("  Eltsac \n") == normalize("eltsac") == "eltsac"
     assert normalize("flower \t  flower") == "flower flower"
     assert normalize("ＡＢＣ　１２") == "abc 12"  # full-width letters, digits and space (NFKC)
@@ -303,7 +306,7 @@ def test_exact_match_normalisation():
 
 def test_batched_greedy_generation_matches_generate_one_at_a_time(setup):
     prompts = [setup.tokenizer.encode(text) for text in ("Bees live in", "计算：18 + 41", "A man fills a kettle")]
-    outputs = evaluate.greedy_generate(setup.model, prompts, 5, CPU, torch.float32, batch_size=3,
+    outputs = scoring.greedy_generate(setup.model, prompts, 5, CPU, torch.float32, batch_size=3,
                                        vocab_size=setup.tokenizer.vocab_size, finished=lambda ids: False)
     for prompt, output in zip(prompts, outputs):
         expected = generate(setup.model, prompt, GenerationConfig(max_new_tokens=5, do_sample=False,
@@ -321,13 +324,13 @@ def test_exact_match_compares_the_first_line_of_a_base_models_answer(setup, monk
         return [tokenizer.encode(t.replace("<|im_end|>", "")) + ([tokenizer.im_end_id] if "<|im_end|>" in t else [])
                 for t in texts]
 
-    monkeypatch.setattr(evaluate, "greedy_generate", fake_generate)
+    monkeypatch.setattr(scoring, "greedy_generate", fake_generate)
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n"
                             for p, a in (("2 + 2 =", "4"), ("Say hi:", "HI  THERE"), ("Name:", ["bee", "wasp"]))))
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))
-    result = evaluate.exact_match_task(model, tokenizer, evaluate.read_task(str(path)), False, "", 8, CPU,
-                                       torch.float32, 8, evaluate.ProgressLine(False))
+    result = scoring.exact_match_task(model, tokenizer, task_files.read_task(str(path)), False, "", 8, CPU,
+                                       torch.float32, 8, scoring.ProgressLine(False))
     assert [d["output"] for d in result.details] == ["4", "hi there", "Bee"]
     assert result.metrics == {"exact_match": 1.0}
 
@@ -335,7 +338,7 @@ def test_exact_match_compares_the_first_line_of_a_base_models_answer(setup, monk
 def test_evaluate_tasks_returns_every_metric_and_restores_the_mode(setup):
     model = setup.model
     model.train()
-    metrics = evaluate.evaluate_tasks(model, setup.tokenizer, evaluate.load_tasks([CEVAL_VAL, HELLASWAG, TEXT], 1),
+    metrics = scoring.evaluate_tasks(model, setup.tokenizer, task_files.load_tasks([CEVAL_VAL, HELLASWAG, TEXT], 1),
                                       CPU, torch.float32, batch_size=16)
     assert model.training
     model.eval()
@@ -367,7 +370,7 @@ def test_the_command_line_prints_the_table_and_writes_the_json(setup, tmp_path):
     report = json.load(open(os.path.join(model_dir, "eval_results.json"), encoding="utf-8"))
     assert report["mode"] == "chat" and report["num_fewshot"] == 1 and report["overall"]["n"] == 30
     assert report["tasks"]["bee_biology_val"]["n"] == 10 and len(report["tasks"]["qa_exact"]["details"]) == 10
-    in_process = evaluate.evaluate_tasks(setup.model, setup.tokenizer, evaluate.load_tasks([CEVAL_VAL, HELLASWAG], 1),
+    in_process = scoring.evaluate_tasks(setup.model, setup.tokenizer, task_files.load_tasks([CEVAL_VAL, HELLASWAG], 1),
                                          CPU, torch.float32)
     for key, value in in_process.items():
         assert report["metrics"][key] == pytest.approx(value, abs=1e-12)
@@ -386,6 +389,22 @@ def test_a_lora_run_directory_loads_its_base_model_and_adapter(setup, tmp_path):
     ids = torch.tensor([setup.tokenizer.encode("Bees live in a hive.")])
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids), model.eval()(ids))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tasks", CEVAL_VAL], "key 'model_path' is required"),
+    (["--model_path", "m"], "key 'tasks' is required"),
+    (["--model_path", "m", "--tasks", "--num_fewshot", "1"], "key 'tasks' expects one or more values"),
+    (["--model_path", "m", "--tasks", CEVAL_VAL, "--batch_size", "0"], "key 'batch_size' must be at least 1, got 0"),
+    (["--model_path", "m", "--tasks", CEVAL_VAL, "--max_new_tokens", "x"], "key 'max_new_tokens' expects int"),
+    (["--model_path", "m", "--tasks", CEVAL_VAL, "--num_fewshot", "-1"], "key 'num_fewshot' must be >= 0"),
+    (["--model_path", "m", "--tasks", CEVAL_VAL, "--mode", "raw"], "key 'mode' must be one of auto, chat"),
+    (["--model_path", "m", "--task", CEVAL_VAL, MMLU_TEST], "unknown key 'task'; did you mean tasks?"),
+    (["--model_path", "m", CEVAL_VAL], f"expected --key value, got {CEVAL_VAL!r}"),
+])
+def test_bad_arguments_are_a_config_error_naming_the_key(argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):  # run_cli: one line, exit code 2
+        main(argv)
 
 
 def test_a_bad_task_file_exits_2_naming_file_and_line(setup, tmp_path):
@@ -443,8 +462,8 @@ def test_the_same_loglikelihoods_and_accuracy_as_lm_evaluation_harness(setup, tm
         "doc_to_target": "label", "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
     theirs = lm_eval.simple_evaluate(model=lm, tasks=[letters, endings], log_samples=True, bootstrap_iters=0)
 
-    tasks = evaluate.load_tasks([CEVAL_VAL], num_fewshot=2) + evaluate.load_tasks([HELLASWAG])
-    ours = {r.name: r for r in evaluate.run_tasks(model, setup.tokenizer, tasks, CPU, torch.float32)}
+    tasks = task_files.load_tasks([CEVAL_VAL], num_fewshot=2) + task_files.load_tasks([HELLASWAG])
+    ours = {r.name: r for r in scoring.run_tasks(model, setup.tokenizer, tasks, CPU, torch.float32)}
     largest_difference = 0.0
     for task, name in (("nb_ceval", "bee_biology_val"), ("nb_hellaswag", "hellaswag_mini")):
         samples = sorted(theirs["samples"][task], key=lambda s: s["doc_id"])
@@ -466,8 +485,9 @@ import json, sys
 import torch
 from nanobumble.run.build import build_model
 from nanobumble.base.distributed import distributed_run
-from nanobumble.evals.tasks import evaluate_tasks, load_tasks
-from nanobumble.model.transformer import load_model_config
+from nanobumble.evals.scoring import evaluate_tasks
+from nanobumble.evals.tasks import load_tasks
+from nanobumble.store.model_dir import load_model_config
 from nanobumble.data.tokenizer import load_tokenizer
 model_dir, tasks, out = sys.argv[1:4]
 with distributed_run(5) as info:
@@ -492,7 +512,7 @@ def test_two_fsdp_ranks_run_the_same_forwards_and_get_one_processs_numbers(setup
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.load(open(tmp_path / f"metrics.{rank}.json")) for rank in (0, 1)]
     assert ranks[0] == ranks[1]
-    one = evaluate.evaluate_tasks(setup.model, setup.tokenizer, evaluate.load_tasks(tasks, 1), CPU, torch.float32,
+    one = scoring.evaluate_tasks(setup.model, setup.tokenizer, task_files.load_tasks(tasks, 1), CPU, torch.float32,
                                   batch_size=3, max_new_tokens=4)
     assert ranks[0] == pytest.approx(one, rel=1e-6)
 

@@ -297,6 +297,11 @@ def test_merge_cli_end_to_end(tmp_path):
     assert (out_dir / "training_args.yaml").read_text() == "stage: dpo\n"
     assert "lora" not in " ".join(load_file(str(out_dir / "model.safetensors")))
 
+    result = merge("--base_model_path", str(base_dir), "--lora_model_path", str(lora_dir))
+    assert result.returncode == 2 and result.stderr.strip() == "error: key 'save_path' is required (--save_path)"
+    result = merge("--base_model_path", str(base_dir), "--lora_model_path", str(lora_dir),
+                   "--save_path", str(tmp_path / "x"), "--overwrite_output_dir", "maybe")
+    assert result.returncode == 2 and "key 'overwrite_output_dir' expects bool" in result.stderr
     result = merge("--base_model_path", str(tmp_path / "missing"), "--lora_model_path", str(lora_dir),
                    "--save_path", str(tmp_path / "x"))
     assert result.returncode == 2 and "missing" in result.stderr and len(result.stderr.strip().splitlines()) == 1

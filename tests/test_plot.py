@@ -132,14 +132,27 @@ def test_damaged_lines_and_missing_keys_still_plot_what_is_there(tmp_path, capsy
     assert lines_by_label(only_axes(figures["lr"]))["train/lr"] == ([2], [1e-3])
 
 
+def test_cli_takes_the_directory_as_a_word_or_as_output_dir(tmp_path):
+    for name, argv in (("a", [str(tmp_path / "a")]), ("b", ["--output_dir", str(tmp_path / "b")])):
+        write_metrics(tmp_path / name, PRETRAIN)
+        main(argv)
+        assert sorted(p.name for p in (tmp_path / name / "plots").iterdir()) == \
+            ["grad_norm.png", "loss.png", "lr.png", "throughput.png", "val.png"]
+
+
 def test_cli_refuses_a_missing_directory_or_metrics_file(tmp_path, monkeypatch, capsys):
-    for output_dir, message in ((tmp_path / "nope", "no such directory"), (tmp_path, "has no metrics.jsonl")):
-        monkeypatch.setattr(sys, "argv", ["plot", str(output_dir)])
+    nope = str(tmp_path / "nope")
+    for argv, message in (([nope], "no such directory"), ([str(tmp_path)], "has no metrics.jsonl"),
+                          (["--output_dir", nope], "no such directory"),
+                          ([], "key 'output_dir' is required (OUTPUT_DIR or --output_dir)"),
+                          ([nope, nope], f"expected --key value, got {nope!r}"),
+                          (["--output", nope], "unknown key 'output'; did you mean output_dir?")):
+        monkeypatch.setattr(sys, "argv", ["plot", *argv])
         with pytest.raises(SystemExit) as exit_info:
             run_cli(main)
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
-        assert message in err and len(err.strip().splitlines()) == 1
+        assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_plot_run_never_raises(tmp_path, monkeypatch, capsys):

@@ -111,7 +111,10 @@ def test_dpo_prefers_the_chosen_answers_on_held_out_pairs(task, tmp_path, sft_we
         assert chosen_change.mean() > 0
         before = greedy_accuracy(reference, tokenizer, held_out)
         after = greedy_accuracy(policy, tokenizer, held_out)
-        assert after >= before + 0.1, (before, after)
+        # At least a tenth of the held-out words more, counted in words: as fractions,
+        # 0.325 + 0.1 > 0.425 in floating point, which failed a gain of exactly 4 of 40.
+        gained = round((after - before) * len(held_out))
+        assert gained >= len(held_out) // 10, (before, after)
 
 
 def test_precomputed_reference_gives_the_same_run(task, tmp_path):

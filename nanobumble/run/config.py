@@ -5,6 +5,11 @@
 Every key is a field of the script's config dataclass (PretrainConfig, ...). A key that does not exist, or a value of
 the wrong type, is an error that names the key (and the closest valid keys),
 so a typo never silently trains with a default.
+
+A field without a default is required. A field annotated list[str] takes every
+word after its --key up to the next --key (from YAML: a list). A class may name
+one field in POSITIONAL (a class attribute, e.g. POSITIONAL = "output_dir"): a
+word on the command line that follows no key is then that field's value.
 """
 
 from __future__ import annotations
@@ -13,13 +18,16 @@ import dataclasses
 import difflib
 import math
 import sys
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import yaml
 
 from nanobumble.base.errors import ConfigError
+from nanobumble.base.precision import PRECISIONS
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT
+from nanobumble.model.lora import lora_settings_problem
 
 
 @dataclass
@@ -73,7 +81,7 @@ class TrainConfig:
             raise ConfigError(f"key 'stage' is {type(self).stage!r} for this script, got {self.stage!r} "
                               f"(a training_args.yaml from another stage?)")
         _check_choice(self, "lr_scheduler_type", ("cosine", "linear", "constant"))
-        _check_choice(self, "train_model_precision", ("auto", "bf16", "fp32"))
+        _check_choice(self, "train_model_precision", PRECISIONS)
         _check_choice(self, "kernels", ("auto", "triton", "torch"))
         if self.preprocessing_num_workers < 0:
             raise ConfigError(f"key 'preprocessing_num_workers' must be >= 0 (0: all CPUs), "
@@ -149,8 +157,9 @@ class FinetuneConfig(TrainConfig):
         _check_choice(self, "finetuning_type", ("full", "lora"))
         if self.eval_num_fewshot < 0:
             raise ConfigError(f"key 'eval_num_fewshot' must be >= 0, got {self.eval_num_fewshot}")
-        if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError("keys 'lora_rank' >= 1, 'lora_alpha' > 0 and 'lora_dropout' in [0, 1) are required")
+        problem = lora_settings_problem(self.lora_rank, self.lora_alpha, self.lora_dropout)
+        if problem:
+            raise ConfigError(f"key {problem}")
 
 
 @dataclass
@@ -248,12 +257,36 @@ def _coerce(key: str, value: Any, kind: type, source: str) -> Any:
         if isinstance(value, (dict, list)):
             raise bad()
         return str(value)
+    if kind is list:  # list[str]: a YAML list, or the words after --key
+        if not isinstance(value, list):
+            raise bad()
+        if any(item is None or isinstance(item, (dict, list)) for item in value):
+            raise ConfigError(f"{source}: key '{key}' expects a list of strings, got {value!r}")
+        return [str(item) for item in value]
     raise TypeError(f"unsupported config field type {kind}")
 
 
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "list[str]": list}
+
+
+def _field_type(annotation: Any) -> type:
+    if isinstance(annotation, str):  # under `from __future__ import annotations`
+        return _TYPES[annotation.replace(" ", "")]
+    if typing.get_origin(annotation) is list and typing.get_args(annotation) == (str,):
+        return list
+    return annotation
+
+
 def _field_types(cls: type) -> dict[str, type]:
-    types = {"bool": bool, "int": int, "float": float, "str": str}
-    return {f.name: types[f.type] if isinstance(f.type, str) else f.type for f in fields(cls)}
+    return {f.name: _field_type(f.type) for f in fields(cls)}
+
+
+def _positional(cls: type) -> str:
+    """The field a bare command-line word sets (the class attribute POSITIONAL), or ""."""
+    name = getattr(cls, "POSITIONAL", "")
+    if name and _field_types(cls).get(name, list) is list:
+        raise TypeError(f"{cls.__name__}.POSITIONAL must name a field that is not a list, got {name!r}")
+    return name
 
 
 def _unknown_key(key: str, valid: list[str], source: str) -> ConfigError:
@@ -262,33 +295,82 @@ def _unknown_key(key: str, valid: list[str], source: str) -> ConfigError:
     return ConfigError(f"{source}: unknown key '{key}'{hint} (run with --help to list all keys)")
 
 
-def _split_command_line(argv: list[str]) -> list[tuple[str, str]]:
-    """['--a', '1', '--b=2', '--flag'] -> [('a', '1'), ('b', '2'), ('flag', 'true')]."""
-    pairs = []
+def _split_command_line(argv: list[str], types: dict[str, type] | None = None,
+                        positional: str = "") -> list[tuple[str, Any]]:
+    """['--a', '1', '--b=2', '--flag'] -> [('a', '1'), ('b', '2'), ('flag', 'true')].
+
+    A key whose type in `types` is list takes every word up to the next --key:
+    ['--l', 'x', 'y'] -> [('l', ['x', 'y'])]. So does a key not in `types`, so
+    that parse_config reports the unknown key rather than its second word. With
+    a `positional` field, the first word that follows no key is its value."""
+    types = types or {}
+    pairs: list[tuple[str, Any]] = []
+    positional_taken = False
     i = 0
     while i < len(argv):
         arg = argv[i]
+        i += 1
         if not arg.startswith("--") or len(arg) == 2:
+            if positional and not positional_taken and arg != "--":
+                pairs.append((positional, arg))
+                positional_taken = True
+                continue
             raise ConfigError(f"command line: expected --key value, got {arg!r}")
-        key = arg[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
+        key, equals, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        is_list = types.get(key) is list
+        if equals:  # --key=value
+            if is_list:
+                if not value:
+                    raise ConfigError(f"command line: key '{key}' expects one or more values")
+                value = [value]
+        elif is_list or (key not in types and key != "yaml_config"):
+            end = i
+            while end < len(argv) and not argv[end].startswith("--"):
+                end += 1
+            words, i = argv[i:end], end
+            if is_list and not words:
+                raise ConfigError(f"command line: key '{key}' expects one or more values (--{key} A B ...)")
+            value = words if is_list else words[0] if len(words) == 1 else words or "true"
+        elif i < len(argv) and not argv[i].startswith("--"):
+            value = argv[i]
             i += 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            value = argv[i + 1]
-            i += 2
         else:
             value = "true"  # a bare --flag switches a boolean on
-            i += 1
-        pairs.append((key.replace("-", "_"), value))
+        pairs.append((key, value))
     return pairs
 
 
-def format_help(cls: type, defaults: dict[str, Any] | None = None) -> str:
-    config = cls(**(defaults or {}))
-    lines = ["usage: --yaml_config FILE --key value ...  (command line > YAML > defaults)", "keys:"]
+def _required(cls: type) -> list[str]:
+    """The fields without a default: the keys a run must give."""
+    return [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+
+
+def _help_defaults(cls: type, defaults: dict[str, Any] | None) -> dict[str, Any]:
+    """Each key's default, without building the config (whose checks a default may fail)."""
+    values = {}
     for f in fields(cls):
-        lines.append(f"  --{f.name} {getattr(config, f.name)!r}")
+        if f.default is not MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            values[f.name] = f.default_factory()
+    values.update(defaults or {})
+    return values
+
+
+def format_help(cls: type, defaults: dict[str, Any] | None = None) -> str:
+    values = _help_defaults(cls, defaults)
+    types = _field_types(cls)
+    positional = _positional(cls)
+    usage = "--yaml_config FILE --key value ...  (command line > YAML > defaults)"
+    if positional:
+        usage = f"{positional.upper()} (or --{positional} {positional.upper()}) {usage}"
+    lines = [f"usage: {usage}", "keys:"]
+    for f in fields(cls):
+        shown = repr(values[f.name]) if f.name in values else "(required)"
+        if types[f.name] is list:
+            shown += f"  (a list: --{f.name} A B ...)"
+        lines.append(f"  --{f.name} {shown}")
     return "\n".join(lines)
 
 
@@ -300,7 +382,8 @@ def parse_config(argv: list[str], cls: type, defaults: dict[str, Any] | None = N
     types = _field_types(cls)
     valid = list(types)
     values: dict[str, Any] = dict(defaults or {})
-    pairs = _split_command_line(argv)
+    positional = _positional(cls)
+    pairs = _split_command_line(argv, types, positional)
 
     yaml_files = [v for k, v in pairs if k == "yaml_config"]
     if len(yaml_files) > 1:
@@ -329,6 +412,12 @@ def parse_config(argv: list[str], cls: type, defaults: dict[str, Any] | None = N
         if key not in types:
             raise _unknown_key(key, valid, "command line")
         values[key] = _coerce(key, value, types[key], "command line")
+    missing = [key for key in _required(cls) if key not in values]
+    if missing:
+        how = ", ".join(f"{key.upper()} or --{key}" if key == positional else f"--{key}" for key in missing)
+        names = ", ".join(f"'{key}'" for key in missing)
+        raise ConfigError(f"key {names} is required ({how})" if len(missing) == 1
+                          else f"keys {names} are required ({how})")
     return cls(**values)
 
 

@@ -33,7 +33,8 @@ from nanobumble.base.errors import UserError
 from nanobumble.base.precision import autocast, autocast_dtype, resolve_precision
 from nanobumble.data.records import files_signature, split_held_out
 from nanobumble.data.token_cache import tokenized_pairs, tokenized_sft
-from nanobumble.evals.tasks import evaluate_tasks, load_tasks
+from nanobumble.evals.scoring import evaluate_tasks
+from nanobumble.evals.tasks import load_tasks
 from nanobumble.model.mfu import device_peak_flops
 from nanobumble.run.build import build_model
 from nanobumble.run.config import config_to_yaml, parse_config

@@ -1,0 +1,363 @@
+"""Score a model on the tasks of tasks.py (whose docstring describes the files
+and the prompts): python -m nanobumble.evaluate, and training's eval steps.
+
+Multiple choice, scored as lm-evaluation-harness scores MMLU: the answer is the
+letter whose continuation " A" / " B" / " C" / " D" after the prompt has the
+highest log-likelihood (acc).
+
+Continuation (HellaSwag): the log-likelihood of " " + each ending after the
+context. acc takes the highest; acc_norm the highest log-likelihood divided by
+the ending's length in characters, exactly lm-evaluation-harness's acc_norm
+(its acc_bytes divides by UTF-8 bytes; the two agree on ASCII text).
+
+Multiple choice, continuation and bits per byte read the raw text (as
+lm-evaluation-harness does by default); only exact match uses the chat template.
+Log-likelihoods: a continuation's tokens are those of encode(context +
+continuation) after the tokens of encode(context), as lm-evaluation-harness
+splits them (a space ending the context moves to the continuation); a sequence
+longer than the model's context loses tokens from the left.
+
+Bits per byte, as val/bpb in pretraining: every document is
+<|endoftext|> + text + <|endoftext|> (as in the token shards, where the
+previous document's <|endoftext|> comes before it), cut into windows of the
+model's context; bpb = the nats of the predicted tokens that stand for text,
+divided by ln 2 and by the UTF-8 bytes of those tokens.
+
+Exact match: greedy decoding (plain argmax, no repetition penalty) of at most
+--max_new_tokens tokens, stopping at <|im_end|> or <|endoftext|>. In chat mode
+the prompt is the user's turn of the chat template (the model answers as the
+assistant); in completion mode the raw prompt, and the answer is the first line
+of the output (after leading whitespace). --mode auto follows chat.py: chat when the adapter's or the model's
+training_args.yaml says stage sft or dpo. Answer and output are compared after
+NFKC normalisation, casefolding, and collapsing every run of whitespace to one
+space (and stripping it at the ends).
+
+Batches are right-padded for scoring (causal attention never lets a real token
+see the padding that follows it; padded positions are not scored) and
+left-padded with an attention mask for generation. Prints a table of every task
+(n = questions, documents or prompts) and the overall accuracy over all
+multiple-choice and continuation questions; writes the same, with each
+question's log-likelihoods or output, as JSON to --output (default:
+eval_results.json in the adapter's directory, else the model's).
+
+In training, evaluate_tasks() gives the same numbers as "eval/<task>/<metric>".
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanobumble.base.errors import DataError, UserError
+from nanobumble.base.precision import autocast
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
+from nanobumble.evals.tasks import BPB, CONTINUATION, MULTIPLE_CHOICE, Question, Task, build_context, choice_texts
+from nanobumble.inference.generation import fit_to_context
+from nanobumble.model.layers import IGNORE_INDEX
+
+# --- scoring rows and answers ---------------------------------------------------------------------
+
+def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """Context and continuation ids as lm-evaluation-harness splits them: a space that
+    ends the context moves to the continuation, and the continuation is what
+    encode(context + continuation) has after encode(context)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        return [tokenizer.eot_id], tokenizer.encode(continuation)  # lm-eval's prefix token for an empty context
+    context_ids = tokenizer.encode(context)
+    return context_ids, tokenizer.encode(context + continuation)[len(context_ids):]
+
+
+def scoring_row(context_ids: list[int], continuation_ids: list[int], max_len: int, where: str
+                ) -> tuple[list[int], list[int]]:
+    """(inputs, targets): the model reads context + continuation but the last token,
+    and only the continuation's tokens are targets. Cut from the left to max_len."""
+    if not 0 < len(continuation_ids) <= max_len:
+        raise DataError(f"{where}: a continuation of {len(continuation_ids)} tokens cannot be scored in the "
+                        f"model's context of {max_len}")
+    sequence = (context_ids + continuation_ids)[-(max_len + 1):]
+    targets = [IGNORE_INDEX] * (len(sequence) - 1 - len(continuation_ids)) + continuation_ids
+    return sequence[:-1], targets
+
+
+def normalize_answer(text: str) -> str:
+    """NFKC (full-width letters and digits become ASCII), casefold, whitespace runs -> one space, stripped."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+# --- the model ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def target_logprobs(model, rows: list[tuple[list[int], list[int]]], device: torch.device, dtype: torch.dtype,
+                    batch_size: int, progress: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+    """The log-probability of every target of each (inputs, targets) row (0 where the
+    target is IGNORE_INDEX), float64 on the CPU. Rows go in batches, longest first: a fixed
+    order, so every rank of a sharded model runs the same forwards. Batches are
+    right-padded without an attention mask: a causal model never lets a real token
+    see padding that comes after it, and padded positions have no target."""
+    order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][0]), i))
+    logprobs: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = len(rows[batch[0]][0])
+        inputs = torch.zeros(len(batch), width, dtype=torch.long)
+        targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids, wanted = rows[i]
+            inputs[row, :len(ids)] = torch.tensor(ids)
+            targets[row, :len(wanted)] = torch.tensor(wanted)
+        with autocast(device, dtype):
+            # The model's fused loss: per-token losses without the [tokens x vocab] logits.
+            losses, _ = model(inputs.to(device), targets.to(device), reduction="none")
+        losses = losses.double().cpu()
+        for row, i in enumerate(batch):
+            logprobs[i] = -losses[row, :len(rows[i][0])]
+        if progress:
+            progress(len(batch))
+    return logprobs
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """flag, but True only when it is True on every rank (so all stop together)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor(int(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+@torch.no_grad()
+def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, device: torch.device, dtype: torch.dtype,
+                    batch_size: int, vocab_size: int, finished: Callable[[list[int]], bool],
+                    progress: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Greedy continuations of each prompt, in batches. A batch is left-padded (with
+    an attention mask) into a fixed-width buffer that the new tokens fill in; every
+    step runs the whole buffer, so the shape, and on CUDA the compiled attention,
+    stay the same (later slots never influence earlier positions). A batch stops
+    when every row is finished(new_ids) on every rank, or after max_new_tokens."""
+    context_len = model.config.max_position_embeddings
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        prompt_len = len(prompts[batch[0]])
+        width = min(-(-(prompt_len + max_new_tokens) // 64) * 64, context_len)  # few distinct shapes
+        steps = min(max_new_tokens, width - prompt_len)
+        buffer = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, i in enumerate(batch):
+            buffer[row, prompt_len - len(prompts[i]):prompt_len] = torch.tensor(prompts[i])
+            mask[row, prompt_len - len(prompts[i]):] = 1
+        buffer, mask = buffer.to(device), mask.to(device)
+        new: list[list[int]] = [[] for _ in batch]
+        for step in range(steps):
+            with autocast(device, dtype):
+                logits = model(buffer, attention_mask=mask)[:, prompt_len + step - 1, :vocab_size]
+            buffer[:, prompt_len + step] = logits.float().argmax(-1)
+            new = buffer[:, prompt_len:prompt_len + step + 1].tolist()
+            if all_ranks_agree(all(finished(ids) for ids in new), device):
+                break
+        for row, i in enumerate(batch):
+            outputs[i] = new[row]
+        if progress:
+            progress(len(batch))
+    return outputs
+
+
+# --- tasks ----------------------------------------------------------------------------------------
+
+class ProgressLine:
+    """One line on stderr, rewritten as batches finish (a terminal), or one line a task."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = enabled and sys.stderr.isatty()
+
+    def start(self, label: str, total: int) -> Callable[[int], None]:
+        self.label, self.total, self.done, self.started = label, total, 0, time.time()
+        return self.advance
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self.tty:
+            print(f"\r{self.label}: {self.done}/{self.total}", end="", file=sys.stderr, flush=True)
+
+    def finish(self) -> None:
+        if self.enabled:
+            print(f"{chr(13) if self.tty else ''}{self.label}: {self.done}/{self.total} in "
+                  f"{time.time() - self.started:.1f}s", file=sys.stderr, flush=True)
+
+
+@dataclass
+class TaskResult:
+    name: str
+    path: str
+    kind: str
+    n: int
+    metrics: dict[str, float]
+    details: list[dict] = field(default_factory=list)  # per question / prompt
+
+
+def choice_task(model, tokenizer, task: Task, shots: list[Question], device, dtype, batch_size,
+                line: ProgressLine) -> TaskResult:
+    max_len = model.config.max_position_embeddings
+    rows, spans = [], []  # spans[q]: the rows of question q's options
+    for question in task.records:
+        context = build_context(task, question, shots)
+        first = len(rows)
+        for option in choice_texts(question, task.kind):
+            rows.append(scoring_row(*encode_pair(tokenizer, context, " " + option), max_len, question.where))
+        spans.append(range(first, len(rows)))
+    logprobs = target_logprobs(model, rows, device, dtype, batch_size, line.start(f"{task.name}: choices", len(rows)))
+    correct = correct_norm = 0
+    details = []
+    for question, span in zip(task.records, spans):
+        loglikelihoods = np.array([logprobs[r].sum().item() for r in span])
+        lengths = np.array([len(text) for text in choice_texts(question, task.kind)], dtype=np.float64)
+        predicted = int(np.argmax(loglikelihoods))  # the first of equal maxima
+        predicted_norm = int(np.argmax(loglikelihoods / np.maximum(lengths, 1)))
+        correct += predicted == question.gold
+        correct_norm += predicted_norm == question.gold
+        details.append({"where": question.where, "gold": question.gold, "predicted": predicted,
+                        "loglikelihoods": loglikelihoods.tolist()})
+    n = len(task.records)
+    metrics = {"acc": correct / n}
+    if task.kind == CONTINUATION:
+        metrics["acc_norm"] = correct_norm / n
+    return TaskResult(task.name, task.path, task.kind, n, metrics, details)
+
+
+def bpb_task(model, tokenizer, task: Task, device, dtype, batch_size, line: ProgressLine) -> TaskResult:
+    max_len = model.config.max_position_embeddings
+    rows = []
+    for text in task.records:
+        sequence = [tokenizer.eot_id] + tokenizer.encode(text) + [tokenizer.eot_id]
+        for start in range(0, len(sequence) - 1, max_len):  # non-overlapping windows, as val_batches
+            window = sequence[start:start + max_len + 1]
+            rows.append((window[:-1], window[1:]))
+    logprobs = target_logprobs(model, rows, device, dtype, batch_size, line.start(f"{task.name}: windows", len(rows)))
+    token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()).double()
+    nats = text_bytes = 0.0
+    for (_, targets), logprob in zip(rows, logprobs):
+        nbytes = token_bytes[torch.tensor(targets)]
+        nats -= logprob[nbytes > 0].sum().item()  # special tokens stand for no text: no bytes, no bits
+        text_bytes += nbytes.sum().item()
+    return TaskResult(task.name, task.path, task.kind, len(task.records),
+                      {"bpb": nats / math.log(2) / max(text_bytes, 1)})
+
+
+def exact_match_task(model, tokenizer, task: Task, chat: bool, system_prompt: str, max_new_tokens: int, device,
+                     dtype, batch_size, line: ProgressLine) -> TaskResult:
+    context_len = model.config.max_position_embeddings
+    prompts = []
+    for prompt, _ in task.records:
+        if chat:
+            ids, _ = render([{"role": "user", "content": prompt}], tokenizer, system_prompt=system_prompt,
+                            add_generation_prompt=True)
+        else:
+            ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+        prompts.append(fit_to_context(ids, context_len, max_new_tokens)[0])
+    stop_ids = (tokenizer.im_end_id, tokenizer.eot_id)
+
+    def answer_text(ids: list[int]) -> tuple[str, bool]:
+        """The answer in the new ids, and whether it is complete."""
+        stop = next((k for k, token in enumerate(ids) if token in stop_ids), None)
+        text = tokenizer.decode(ids[:stop])
+        if not chat:  # a base model goes on past its answer: the answer is its first line
+            text = text.lstrip()
+            if "\n" in text:
+                return text[:text.index("\n")], True
+        return text, stop is not None
+
+    outputs = greedy_generate(model, prompts, max_new_tokens, device, dtype, batch_size, tokenizer.vocab_size,
+                              lambda ids: answer_text(ids)[1], line.start(f"{task.name}: prompts", len(prompts)))
+    correct = 0
+    details = []
+    for (prompt, answers), ids in zip(task.records, outputs):
+        output = answer_text(ids)[0]
+        hit = normalize_answer(output) in {normalize_answer(answer) for answer in answers}
+        correct += hit
+        details.append({"prompt": prompt, "answers": answers, "output": output, "correct": hit})
+    return TaskResult(task.name, task.path, task.kind, len(task.records), {"exact_match": correct / len(outputs)},
+                      details)
+
+
+def run_tasks(model, tokenizer, tasks: list[tuple[Task, list[Question]]], device: torch.device, dtype: torch.dtype,
+              batch_size: int = 8, chat: bool = True, max_new_tokens: int = 32,
+              system_prompt: str = DEFAULT_SYSTEM_PROMPT, progress: bool = False) -> list[TaskResult]:
+    """Each task's result, with per-question details (see evaluate_tasks)."""
+    if batch_size < 1 or max_new_tokens < 1:
+        raise UserError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    line = ProgressLine(progress)
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        for task, shots in tasks:
+            if task.kind in (MULTIPLE_CHOICE, CONTINUATION):
+                result = choice_task(model, tokenizer, task, shots, device, dtype, batch_size, line)
+            elif task.kind == BPB:
+                result = bpb_task(model, tokenizer, task, device, dtype, batch_size, line)
+            else:
+                result = exact_match_task(model, tokenizer, task, chat, system_prompt, max_new_tokens, device, dtype,
+                                          batch_size, line)
+            line.finish()
+            results.append(result)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def flat_metrics(results: list[TaskResult]) -> dict[str, float]:
+    return {f"eval/{r.name}/{metric}": value for r in results for metric, value in r.metrics.items()}
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[tuple[Task, list[Question]]], device: torch.device,
+                   dtype: torch.dtype, batch_size: int = 8, chat: bool = True, max_new_tokens: int = 32,
+                   system_prompt: str = DEFAULT_SYSTEM_PROMPT, progress: bool = False) -> dict[str, float]:
+    """{"eval/<task>/<metric>": value} for tasks from load_tasks(): acc (multiple choice),
+    acc + acc_norm (continuation), bpb, exact_match.
+
+    For a training script at eval_steps (the tasks loaded once, at the start):
+    dtype is the autocast dtype. Every rank must call it (a sharded model's
+    forwards are collectives); each rank then runs the same forwards on the same
+    batches and gets the same numbers. chat: exact match prompts go through the
+    chat template (False: the raw prompt). The model's train/eval mode is restored."""
+    return flat_metrics(run_tasks(model, tokenizer, tasks, device, dtype, batch_size, chat, max_new_tokens,
+                                  system_prompt, progress))
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+def overall_accuracy(results: list[TaskResult]) -> dict | None:
+    """acc over the questions of every multiple-choice and continuation task together."""
+    scored = [r for r in results if "acc" in r.metrics]
+    if not scored:
+        return None
+    total = sum(r.n for r in scored)
+    return {"n": total, "acc": sum(round(r.metrics["acc"] * r.n) for r in scored) / total}
+
+
+def format_table(results: list[TaskResult]) -> str:
+    metrics = [m for m in ("acc", "acc_norm", "bpb", "exact_match") if any(m in r.metrics for r in results)]
+    rows = [[r.name, r.kind, str(r.n)] + [f"{r.metrics[m]:.4f}" if m in r.metrics else "" for m in metrics]
+            for r in results]
+    overall = overall_accuracy(results)
+    if overall:
+        rows.append(["overall", "all questions", str(overall["n"])] +
+                    [f"{overall['acc']:.4f}" if m == "acc" else "" for m in metrics])
+    header = ["task", "type", "n"] + metrics
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             .rstrip() for row in [header] + rows]
+    return "\n".join(lines[:1] + ["-" * len(lines[0])] + lines[1:])
