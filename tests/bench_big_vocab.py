@@ -1,6 +1,6 @@
 """Peak host memory of one validation batch or one DPO step at vocab 151,936, with
 the full logits ("before") or the chunked LM head + loss ("after"); used by
-tests/test_bench_big_vocab.py:
+tests/bench/test_bench_big_vocab.py:
 
     python tests/bench_big_vocab.py {val,dpo} {before,after} ROWS SEQ OUT.pt
 

@@ -1,5 +1,5 @@
 """Tokenize one JSONL corpus into shards and report time and peak memory (used by
-tests/test_bench_prepare.py, one fresh process per measurement):
+tests/bench/test_bench_prepare.py, one fresh process per measurement):
 
     python tests/bench_prepare.py CORPUS.jsonl TOKENIZER.model WORKERS OUT.json
 

@@ -1,5 +1,5 @@
 """Peak host memory of each rank while saving a checkpoint of a sharded model
-(weights and AdamW state; used by tests/test_bench_save.py):
+(weights and AdamW state; used by tests/bench/test_bench_save.py):
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/bench_save.py {gathered,streamed} OUT_DIR
 

@@ -1,5 +1,5 @@
 """Train one tokenizer on a text file and report time and peak memory (used by
-tests/test_bench_tokenizer.py, one fresh process per measurement):
+tests/bench/test_bench_tokenizer.py, one fresh process per measurement):
 
     python tests/bench_tokenizer.py CORPUS.txt SAMPLE_MB VOCAB HELDOUT.txt OUT.json
 

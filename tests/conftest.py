@@ -14,9 +14,9 @@ sys.path.insert(0, REPO_ROOT)
 # Kernel tests run on CUDA when there is one, else on CPU under the interpreter.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+from helpers import format_table  # noqa: E402  (it imports the package, from REPO_ROOT above)
+
 
 def print_table(title: str, header: list, rows: list[list]) -> None:
     """A plain right-aligned text table, for the benchmarks."""
-    from helpers import format_table  # imported late: helpers imports nanobumble/kernels/, which needs TRITON_INTERPRET set
-
     print("\n" + format_table(title, header, rows))

@@ -1,4 +1,4 @@
-"""train_pretrain.py with a data error on rank 1 only (used by tests/test_distributed.py):
+"""train_pretrain.py with a data error on rank 1 only (used by tests/stages/test_distributed.py):
 rank 0 goes on into the first collective, which must not hang the job."""
 
 import os

@@ -1,5 +1,5 @@
 """A small Hugging Face Qwen2 model directory built offline, as `save_pretrained`
-writes one (used by tests/test_import_hf.py): a random Qwen2ForCausalLM, and a
+writes one (used by tests/programs/test_import_hf.py): a random Qwen2ForCausalLM, and a
 byte-level BPE tokenizer trained with the `tokenizers` library on the copy task's
 text, with the ChatML special tokens and a chat template written in the manner
 of Qwen2.5's (a default system prompt when the conversation has none)."""

@@ -1,5 +1,5 @@
 """Save a seeded model and a LoRA adapter from however many ranks torchrun starts
-(used by tests/test_save_sharded.py):
+(used by tests/unit/test_save_sharded.py):
 
     python tests/save_sharded.py OUT_DIR
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/save_sharded.py OUT_DIR

@@ -1,4 +1,4 @@
-"""train_pretrain.py with one rank misbehaving (used by tests/test_distributed.py):
+"""train_pretrain.py with one rank misbehaving (used by tests/stages/test_distributed.py):
 
     STALL=stop     rank 1 stops itself (SIGSTOP) after its second step: a hung rank;
                    the others must give up after collective_timeout_minutes

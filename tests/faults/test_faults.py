@@ -16,7 +16,7 @@ import torch
 import yaml
 from conftest import REPO_ROOT
 from helpers import read_metrics
-from test_train_pretrain import FAST, cli, run
+from runs import FAST, cli, run
 
 from nanobumble.base.errors import UserError
 from nanobumble.data.records import files_signature

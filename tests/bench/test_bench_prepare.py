@@ -1,6 +1,6 @@
 """Preparing pretraining data: throughput and peak memory of tokenizing a JSONL
 corpus into shards, with 1 process and with all cores, at two corpus sizes:
-`python -m pytest -m bench tests/test_bench_prepare.py -s`.
+`python -m pytest -m bench tests/bench/test_bench_prepare.py -s`.
 
 The corpus is generated Chinese-like text as {"text": ...} lines (see
 test_bench_tokenizer.py); the tokenizer (vocab 32K) is trained once on a 10 MB

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 from chat_helpers import save_tiny_chat_model
+from conftest import REPO_ROOT
 from helpers import generate, stream_text
 
 import chat
@@ -17,7 +18,7 @@ from nanobumble.inference.generation import GenerationConfig
 from nanobumble.store.adapter import load_adapter
 from nanobumble.store.model_dir import load_model_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 CORPUS = ("user: where do bees live?\nassistant: bees live in a hive and make honey from flowers.\n" * 5 +
           "蜜蜂住在蜂巢里，用花酿蜜。\n") * 3
 MAX_NEW = 6

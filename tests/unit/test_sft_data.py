@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from chat_helpers import assistant, small_tokenizer, system, user
+from conftest import REPO_ROOT
 
 from nanobumble.base.errors import DataError
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
@@ -13,7 +14,6 @@ from nanobumble.data.sft_data import SFTDataset, load_conversations, sample_targ
 from nanobumble.data.tokenizer import EOT_ID, IM_END_ID, IM_START_ID, Tokenizer
 from nanobumble.model.transformer import ModelConfig, Transformer
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = ("You are Bumblebee, a helpful AI assistant. system user assistant\n"
         "What is the capital of France? The capital of France is Paris.\n"
         "How many legs does a bee have? A bee has six legs. Thank you! You are welcome.\n"

@@ -1,4 +1,4 @@
-"""RMSNorm benchmarks: `python -m pytest -m bench tests/test_bench_rmsnorm.py`.
+"""RMSNorm benchmarks: `python -m pytest -m bench tests/bench/test_bench_rmsnorm.py`.
 
 bumblebee's shape: hidden 1536, bf16 activations with an fp32 weight, 4k-32k
 tokens per step. On CUDA: median time of forward and forward+backward, peak

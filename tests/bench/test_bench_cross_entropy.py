@@ -1,4 +1,4 @@
-"""Cross-entropy benchmarks: `python -m pytest -m bench tests/test_bench_cross_entropy.py`.
+"""Cross-entropy benchmarks: `python -m pytest -m bench tests/bench/test_bench_cross_entropy.py`.
 
 They print tables and assert nothing about speed. On CUDA: the Triton row kernel that
 linear_cross_entropy runs on each chunk, over bf16 logits (against F.cross_entropy on

@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
+from runs import launch
 from safetensors.torch import load_file
-from test_distributed import launch
 
 
 @pytest.fixture(scope="module")

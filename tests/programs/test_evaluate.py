@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO_ROOT
 from helpers import generate
 
 import train_pretrain
@@ -33,7 +34,7 @@ from nanobumble.model.transformer import ModelConfig, Transformer, pad_vocab_siz
 from nanobumble.store.adapter import adapter_config_for, save_adapter
 from nanobumble.store.model_dir import load_model_dir, save_model_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 EVAL_DATA = os.path.join(REPO, "datasets", "eval")
 MMLU_TEST = os.path.join(EVAL_DATA, "mmlu", "test", "elementary_science_test.csv")
 CEVAL_VAL = os.path.join(EVAL_DATA, "ceval", "val", "bee_biology_val.csv")

@@ -1,6 +1,6 @@
 """Peak host memory of a validation batch and of a DPO step at vocab 151,936, with
 the full [tokens x vocab] logits (before) and with the chunked LM head + loss
-(after): `python -m pytest -m bench tests/test_bench_big_vocab.py -s`.
+(after): `python -m pytest -m bench tests/bench/test_bench_big_vocab.py -s`.
 
 Each measurement runs in a fresh process (tests/bench_big_vocab.py), so memory
 one run freed cannot hide inside another's numbers. Prints a table; asserts

@@ -17,6 +17,7 @@ import time
 import openai
 import pytest
 from chat_helpers import save_tiny_chat_model
+from conftest import REPO_ROOT
 from helpers import generate, stream_text
 
 from nanobumble import serve
@@ -28,7 +29,7 @@ from nanobumble.model.transformer import Transformer
 from nanobumble.store.adapter import load_adapter
 from nanobumble.store.model_dir import load_model_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = REPO_ROOT
 CORPUS = ("user: where do bees live?\nassistant: bees live in a hive and make honey from flowers.\n" * 5 +
           "蜜蜂住在蜂巢里，用花酿蜜。\n") * 3
 MAX_NEW = 8  # the server's max_new_tokens: the answer length when a request leaves max_tokens out

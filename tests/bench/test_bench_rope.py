@@ -1,4 +1,4 @@
-"""Rotary embedding benchmarks: `python -m pytest -m bench tests/test_bench_rope.py`.
+"""Rotary embedding benchmarks: `python -m pytest -m bench tests/bench/test_bench_rope.py`.
 
 Bumblebee shapes: q [B, T, 12, 128] and k [B, T, 2, 128] in bf16. On CUDA: forward and
 forward+backward time of the Triton kernel, the PyTorch reference eager and under

@@ -1,8 +1,8 @@
-"""Training throughput with 1 and 2 processes: `python -m pytest -m bench tests/test_bench_distributed.py`.
+"""Training throughput with 1 and 2 processes: `python -m pytest -m bench tests/bench/test_bench_distributed.py`.
 
 Runs train_pretrain.py itself (under torchrun for 2 processes) and reads the
 tokens/s it logs after warm-up. Prints a table; asserts no speed. (bumblebee-1.5b
-tokens/s and MFU on a GPU are in tests/test_bench_pretrain.py.)
+tokens/s and MFU on a GPU are in tests/bench/test_bench_pretrain.py.)
 """
 
 import subprocess

@@ -1,6 +1,6 @@
 """Peak host memory per rank while 2 gloo ranks save a checkpoint of a sharded
 model (weights and AdamW moments), gathered whole onto rank 0 or streamed tensor
-by tensor into the files: `python -m pytest -m bench tests/test_bench_save.py -s`.
+by tensor into the files: `python -m pytest -m bench tests/bench/test_bench_save.py -s`.
 
 Each way runs in fresh processes (tests/bench_save.py), so memory one way freed
 cannot hide inside the other's numbers. Prints a table; asserts no memory.
@@ -10,7 +10,7 @@ import json
 
 import pytest
 from conftest import print_table
-from test_distributed import launch
+from runs import launch
 
 pytestmark = pytest.mark.bench
 

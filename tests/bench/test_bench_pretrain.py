@@ -1,4 +1,4 @@
-"""Pretraining benchmarks: `python -m pytest -m bench tests/test_bench_pretrain.py`.
+"""Pretraining benchmarks: `python -m pytest -m bench tests/bench/test_bench_pretrain.py`.
 
 They print tables and assert nothing about speed (machines here are noisy):
 training tokens/s, the data loader's share of a step, and shard preparation

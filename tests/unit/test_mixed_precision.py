@@ -11,7 +11,7 @@ import torch
 from conftest import DEVICE
 from copy_task import LETTERS, make_words, write_dpo_data, write_sft_data
 from helpers import read_metrics
-from test_distributed import launch
+from runs import launch
 
 from nanobumble.data.tokenizer import Tokenizer, train_tokenizer
 from nanobumble.model.transformer import ModelConfig, Transformer, pad_vocab_size

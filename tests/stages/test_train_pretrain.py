@@ -8,31 +8,18 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 from helpers import read_metrics
+from runs import FAST, cli, run
 
-import train_pretrain
 from nanobumble.base.errors import DataError, UserError
 from nanobumble.model.transformer import Transformer
 from nanobumble.run.metrics import MetricsLogger
 from nanobumble.store.checkpoint import list_checkpoints
 from nanobumble.store.model_dir import load_model_dir
 
-# Small and fast: the tiny preset on short sequences.
-FAST = ["--cutoff_len", "64", "--train_micro_batch_size_per_gpu", "4", "--logging_steps", "2",
-        "--eval_batches", "2", "--use_tensorboard", "false", "--plot", "false"]
-
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))  # the tokenizer is trained once for the module
-
-
-def run(argv):
-    cwd = os.getcwd()
-    os.chdir(REPO_ROOT)  # the default dataset_path is relative to the repository
-    try:
-        train_pretrain.main(argv)
-    finally:
-        os.chdir(cwd)
 
 
 def run_until_killed(monkeypatch, argv, step: int) -> None:
@@ -144,11 +131,6 @@ def test_existing_checkpoints_are_not_overwritten_without_resume(tmp_path, cache
     with pytest.raises(UserError, match="already holds checkpoints"):
         run(args)
     assert (tmp_path / "checkpoint-2" / "model.safetensors").read_bytes() == weights
-
-
-def cli(argv, cwd=REPO_ROOT):
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_pretrain.py")] + argv,
-                          cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def test_bad_input_stops_before_training_with_a_clear_message(tmp_path, cache_dir):

@@ -3,13 +3,11 @@ process, real sharding, resume across world sizes, failure of one rank."""
 
 import os
 import re
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REPO_ROOT
 from helpers import read_metrics
+from runs import launch
 
 FAST = ["--cutoff_len", "64", "--train_micro_batch_size_per_gpu", "4", "--logging_steps", "1",
         "--eval_batches", "2", "--use_tensorboard", "false", "--plot", "false", "--save_total_limit", "0"]
@@ -18,16 +16,6 @@ FAST = ["--cutoff_len", "64", "--train_micro_batch_size_per_gpu", "4", "--loggin
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
-
-
-def launch(nproc, argv, script="train_pretrain.py", timeout=300, env=None):
-    if nproc == 1:
-        cmd = [sys.executable, script]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
-    result = subprocess.run(cmd + argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **(env or {})})
-    return result
 
 
 def run_ok(nproc, argv):

@@ -1,7 +1,7 @@
 """Quality benchmark: pretrain -> SFT -> DPO at the scripts' defaults on the
 word-transform task of tests/word_task.py, three seeds, printing held-out exact
 match after each stage, the pretraining's val bpb and DPO's held-out reward
-accuracy and drift: `python -m pytest -m bench tests/test_bench_quality.py -s`
+accuracy and drift: `python -m pytest -m bench tests/bench/test_bench_quality.py -s`
 (about 25 minutes on 2 CPU cores; tests/bench_quality.py runs the same as a script).
 
 Asserts what the defaults promise: SFT raises held-out exact match clearly,

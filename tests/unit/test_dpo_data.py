@@ -4,13 +4,13 @@ import os
 import pytest
 import torch
 from chat_helpers import assistant, small_tokenizer, system, user
+from conftest import REPO_ROOT
 
 from nanobumble.base.errors import DataError
 from nanobumble.data.chat_template import render
 from nanobumble.data.dpo_data import PreferenceDataset, load_preference_pairs, tokenize_pairs
 from nanobumble.data.tokenizer import EOT_ID, IM_END_ID, IM_START_ID, Tokenizer
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = ("You are Bumblebee, a helpful AI assistant. system user assistant\n"
         "What is the capital of France? The capital of France is Paris. It is Rome.\n"
         "How many legs does a bee have? A bee has six legs. Eight. Thank you! You are welcome.\n"

@@ -1,6 +1,6 @@
 """Tokenizer training: time and peak memory against the sample it learns from and
 the vocabulary size, and what the sample size costs in quality (tokens per
-character of held-out text): `python -m pytest -m bench tests/test_bench_tokenizer.py -s`.
+character of held-out text): `python -m pytest -m bench tests/bench/test_bench_tokenizer.py -s`.
 
 The corpus is generated Chinese-like text (about 300 MB): words of 2-4
 characters cut from the bundled Chinese data, drawn by their frequency. Each
