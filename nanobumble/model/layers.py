@@ -31,7 +31,7 @@ def triton_available() -> bool:
 
 
 def resolve_backend(mode: str, device: torch.device) -> str:
-    """auto: Triton on CUDA when it is installed, else the PyTorch references.
+    """auto: Triton on CUDA when it is installed, else the plain PyTorch math here.
     triton: always Triton (on CPU tensors only through TRITON_INTERPRET=1)."""
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernels must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
@@ -48,7 +48,7 @@ def resolve_backend(mode: str, device: torch.device) -> str:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Plain PyTorch, the same semantics as the model's RMSNorm."""
+    """RMSNorm over the last dimension, computed in fp32, returned in x's dtype."""
     x32 = x.float()
     y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return (y * weight.float()).to(x.dtype)
@@ -65,8 +65,10 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tup
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                         sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain PyTorch rotation: computed in fp32 (or float64 for float64 inputs), stored in x's dtype."""
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q [batch, seq, heads, head_dim] and k (half-rotation layout, as Qwen2):
+    with x1, x2 the two halves of x, out = (x1 cos - x2 sin, x2 cos + x1 sin),
+    computed in fp32 (float64 for float64 inputs), stored in x's dtype."""
 
     def rotate(x: torch.Tensor) -> torch.Tensor:
         compute = torch.float64 if x.dtype == torch.float64 else torch.float32

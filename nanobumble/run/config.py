@@ -27,6 +27,7 @@ import yaml
 from nanobumble.base.errors import ConfigError
 from nanobumble.base.precision import PRECISIONS
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT
+from nanobumble.model.layers import KERNEL_MODES
 from nanobumble.model.lora import lora_settings_problem
 
 
@@ -60,7 +61,7 @@ class TrainConfig:
     train_model_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     enable_gradient_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block
-    kernels: str = "auto"  # auto (Triton on CUDA) | triton | torch (the PyTorch references)
+    kernels: str = "auto"  # auto (Triton on CUDA) | triton | torch (plain PyTorch, model/layers.py)
     # --- logging, checkpoints ---
     logging_steps: int = 10
     val_ratio: float = 0.05  # share of the data held out for validation (0: none)
@@ -82,7 +83,7 @@ class TrainConfig:
                               f"(a training_args.yaml from another stage?)")
         _check_choice(self, "lr_scheduler_type", ("cosine", "linear", "constant"))
         _check_choice(self, "train_model_precision", PRECISIONS)
-        _check_choice(self, "kernels", ("auto", "triton", "torch"))
+        _check_choice(self, "kernels", KERNEL_MODES)
         if self.preprocessing_num_workers < 0:
             raise ConfigError(f"key 'preprocessing_num_workers' must be >= 0 (0: all CPUs), "
                               f"got {self.preprocessing_num_workers}")

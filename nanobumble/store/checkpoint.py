@@ -1,12 +1,7 @@
-"""Model directories and resumable checkpoints.
+"""Resumable checkpoints.
 
-A model directory (what model_name_or_path points at):
-    config.json  model.safetensors  tokenizer.model  training_args.yaml
-(a LoRA run writes adapter_model.safetensors + adapter_config.json instead of
-model.safetensors).
-
-A checkpoint, output_dir/checkpoint-{step}/, is a model directory plus what is
-needed to continue exactly:
+A checkpoint, output_dir/checkpoint-{step}/, is a model directory (model_dir.py)
+plus what is needed to continue exactly:
     optimizer.safetensors  the AdamW moments and step counts, unsharded, one
                            tensor per parameter ("<name>.exp_avg", ...); each
                            rank of a later run reads its own rows, whatever the

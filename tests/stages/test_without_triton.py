@@ -1,12 +1,17 @@
-"""The pipeline on a machine where Triton cannot be imported (a Mac, Windows, or a
-Linux box without the wheel): the three stage scripts run as a user runs them, in
-a process where `import triton` fails, and nothing under nanobumble/kernels/ loads."""
+"""The README's first commands, as a user runs them, on a machine where Triton
+cannot be imported (a Mac, Windows, or a Linux box without the wheel):
+train_pretrain.py with no arguments at all, then SFT and DPO on its model, each
+in a process where `import triton` fails, and nothing under nanobumble/kernels/
+loads."""
 
 import os
 import subprocess
 import sys
 
 from conftest import REPO_ROOT
+from helpers import read_metrics
+
+from nanobumble.store.model_dir import load_model_dir
 
 # Runs a script as `python SCRIPT ARGS` would, after making `import triton` fail.
 # At the end it says whether any Triton kernel module was imported.
@@ -42,8 +47,22 @@ def test_pretrain_sft_dpo_run_where_triton_cannot_be_imported(tmp_path):
     os.symlink(os.path.join(REPO_ROOT, "datasets"), tmp_path / "datasets")
     quiet = ["--use_tensorboard", "false", "--plot", "false"]
 
-    run_without_triton(tmp_path, "train_pretrain.py")  # no arguments at all
-    assert os.path.isfile(tmp_path / "checkpoints/pretrain/tiny_base/model.safetensors")
+    out = run_without_triton(tmp_path, "train_pretrain.py")  # no arguments at all
+    base = tmp_path / "checkpoints/pretrain/tiny_base"
+    assert "eta" in out and "tok/s" in out and "plots/loss.png" in out
+    files = set(os.listdir(base))
+    assert {"config.json", "model.safetensors", "tokenizer.model", "training_args.yaml", "metrics.jsonl",
+            "plots"} <= files
+    assert any(n.startswith("checkpoint-") for n in files) and any(n.startswith("events.out.tfevents") for n in files)
+    assert sorted(os.listdir(base / "plots")) == ["grad_norm.png", "loss.png", "lr.png", "throughput.png", "val.png"]
+    metrics = read_metrics(str(base))
+    losses = [m["train/loss"] for m in metrics if "train/loss" in m]
+    assert losses[-1] < losses[0] - 1.0  # clearly falling
+    val = [m for m in metrics if "val/loss" in m]
+    assert val and 0 < val[-1]["val/bpb"] < val[-1]["val/loss"] * 2
+    assert {"train/lr", "train/grad_norm", "train/tokens_per_sec"} <= set(metrics[0])
+    model, _ = load_model_dir(str(base))  # the final directory loads as a model
+    assert model.num_parameters() > 1e6
 
     run_without_triton(tmp_path, "train_sft.py", "--max_steps", "4", "--eval_steps", "2", *quiet)
     assert os.path.isfile(tmp_path / "checkpoints/sft/tiny_instruct/model.safetensors")
