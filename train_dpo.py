@@ -31,7 +31,7 @@ from nanobumble.model.layers import IGNORE_INDEX
 from nanobumble.model.lora import disable_adapters
 from nanobumble.run.build import lora_settings, open_starting_model
 from nanobumble.run.config import DPOConfig
-from nanobumble.run.stage import Stage, share_batches, run_stage, tokenized_data
+from nanobumble.run.stage import Stage, run_stage, share_batches, tokenized_data
 
 
 def main(argv: list[str]) -> None:

@@ -18,14 +18,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nanobumble.base.distributed import (
-    all_reduce_mean,
-    all_reduce_sum,
-    local_bytes,
-    main_process_first,
-    optimizer_state_bytes,
-    print0,
-)
+from nanobumble.base.distributed import (all_reduce_mean, all_reduce_sum, local_bytes, main_process_first,
+                                         optimizer_state_bytes, print0)
 from nanobumble.base.errors import run_cli
 from nanobumble.base.precision import autocast, precision_summary
 from nanobumble.data.records import files_fingerprint, iter_text_records, list_data_files
@@ -34,7 +28,7 @@ from nanobumble.data.tokenizer import Tokenizer, has_tokenizer, load_or_train_to
 from nanobumble.model.mfu import training_flops_per_token
 from nanobumble.run.build import check_model_fits
 from nanobumble.run.config import PretrainConfig
-from nanobumble.run.stage import Stage, share_batches, run_stage
+from nanobumble.run.stage import Stage, run_stage, share_batches
 from nanobumble.store.model_dir import model_config_for
 
 

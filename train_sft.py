@@ -24,7 +24,7 @@ from nanobumble.data.sft_data import SFTDataset
 from nanobumble.model.layers import IGNORE_INDEX
 from nanobumble.run.build import lora_settings, open_starting_model
 from nanobumble.run.config import SFTConfig
-from nanobumble.run.stage import Stage, share_batches, run_stage, tokenized_data
+from nanobumble.run.stage import Stage, run_stage, share_batches, tokenized_data
 
 
 def main(argv: list[str]) -> None:

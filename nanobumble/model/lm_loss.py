@@ -65,8 +65,8 @@ def _check_reduction(reduction: str) -> None:
 
 
 def _rows_torch(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, write_grad: bool) -> torch.Tensor:
-    """The same as the Triton row kernel (kernels/cross_entropy.py), with plain torch ops. logits is scratch: it is overwritten
-    (by the gradient when write_grad)."""
+    """The same as the Triton row kernel (kernels/cross_entropy.py), with plain torch ops.
+    logits is scratch: it is overwritten (by the gradient when write_grad)."""
     x = logits.float()  # fp32 logits: x *is* logits, and the math below runs in place on it
     valid = targets != IGNORE_INDEX
     safe_targets = torch.where(valid, targets, 0).long()
@@ -144,7 +144,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # Tiny scaled values would otherwise round (or underflow, in fp16) twice.
         one = torch.ones((), dtype=torch.float32, device=hidden.device)
 
-        grad_hidden = torch.empty((n_rows, hidden_size), dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+        grad_hidden = torch.empty((n_rows, hidden_size), dtype=hidden.dtype, device=hidden.device) \
+            if need_hidden else None
         grad_weight = torch.zeros((vocab_size, hidden_size), dtype=torch.float32, device=weight.device) \
             if need_weight else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)

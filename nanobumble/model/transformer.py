@@ -250,7 +250,7 @@ class Transformer(nn.Module):
         With a kv_cache (generation), input_ids continue the cached sequence: they
         sit at positions cache.length.. and attend to everything cached before
         them; the cache then grows by their length. This path uses the plain
-        PyTorch kernels."""
+        PyTorch math (model/layers.py), never the Triton kernels."""
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.max_position_embeddings:

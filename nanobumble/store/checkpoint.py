@@ -36,21 +36,10 @@ from nanobumble.base.errors import DataError, UserError
 from nanobumble.base.files import atomic_write_text
 from nanobumble.data.tokenizer import load_tokenizer
 from nanobumble.model.transformer import Transformer
-from nanobumble.store.adapter import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    adapter_param_name,
-    load_adapter,
-    read_adapter_config,
-)
-from nanobumble.store.model_dir import (
-    check_weight_names,
-    expected_weight_shapes,
-    load_model_config,
-    load_model_weights,
-    read_training_args,
-    save_model_dir,
-)
+from nanobumble.store.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_param_name, load_adapter,
+                                      read_adapter_config)
+from nanobumble.store.model_dir import (check_weight_names, expected_weight_shapes, load_model_config,
+                                        load_model_weights, read_training_args, save_model_dir)
 from nanobumble.store.tensor_files import DamagedFile, header_shapes, open_file, read_into, write_gathered
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")

@@ -10,15 +10,8 @@ from helpers import write_shard
 from nanobumble import prepare
 from nanobumble.base.errors import DataError, run_cli
 from nanobumble.data.records import files_fingerprint, iter_text_records, list_data_files
-from nanobumble.data.shards import (
-    HEADER_BYTES,
-    MAGIC,
-    TokenShards,
-    ensure_shards,
-    prepare_shards,
-    read_shard,
-    token_dtype,
-)
+from nanobumble.data.shards import (HEADER_BYTES, MAGIC, TokenShards, ensure_shards, prepare_shards, read_shard,
+                                    token_dtype)
 from nanobumble.data.tokenizer import EOT_ID, Tokenizer, train_tokenizer
 from nanobumble.run.config import PretrainConfig, parse_config
 

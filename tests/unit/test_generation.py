@@ -6,16 +6,8 @@ import torch.nn as nn
 from helpers import generate, stream_text
 
 from nanobumble.data.tokenizer import EOT_ID, IM_END_ID, Tokenizer, train_tokenizer
-from nanobumble.inference.generation import (
-    GenerationConfig,
-    TextStreamer,
-    apply_repetition_penalty,
-    fit_to_context,
-    generate_stream,
-    next_token,
-    top_k_filter,
-    top_p_filter,
-)
+from nanobumble.inference.generation import (GenerationConfig, TextStreamer, apply_repetition_penalty, fit_to_context,
+                                             generate_stream, next_token, top_k_filter, top_p_filter)
 from nanobumble.model.transformer import KVCache, ModelConfig, Transformer
 
 GREEDY = GenerationConfig(do_sample=False, repetition_penalty=1.0, max_new_tokens=30)

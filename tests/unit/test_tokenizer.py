@@ -3,15 +3,8 @@ import os
 import pytest
 
 from nanobumble.base.errors import DataError
-from nanobumble.data.tokenizer import (
-    EOT_ID,
-    IM_END_ID,
-    IM_START_ID,
-    SPECIAL_TOKENS,
-    Tokenizer,
-    load_or_train_tokenizer,
-    train_tokenizer,
-)
+from nanobumble.data.tokenizer import (EOT_ID, IM_END_ID, IM_START_ID, SPECIAL_TOKENS, Tokenizer,
+                                       load_or_train_tokenizer, train_tokenizer)
 
 ENGLISH = """The quick brown fox jumps over the lazy dog. A small language model learns
 to predict the next token from the tokens before it. Training happens in three
