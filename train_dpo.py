@@ -125,7 +125,8 @@ def train(cfg: DPOConfig, info) -> None:
     # --- schedule, then optimizer, resume and logger ---
     stage.plan(dataset.num_pairs)
     pairs_per_step, micro_batch = stage.batch_rows, stage.micro_batch
-    print0(f"data: {dataset.num_pairs} pairs; {stage.batch_arithmetic} pairs; {stage.num_steps} steps")
+    print0(f"data: {dataset.num_pairs} pairs; global batch {stage.batch_arithmetic} pairs; "
+           f"{stage.num_steps} steps")
     stage.start(model, tokenizer)
 
     # --- the loop ---

@@ -103,8 +103,8 @@ def train(cfg: PretrainConfig, info) -> None:
     stage.plan(windows)
     batch_rows, steps_per_epoch = stage.batch_rows, stage.steps_per_epoch
     tokens_per_step = batch_rows * cfg.cutoff_len
-    print0(f"data: {train_data.num_tokens:,} training tokens; {stage.batch_arithmetic} rows "
-           f"x {cfg.cutoff_len} = {tokens_per_step:,} tokens per step; "
+    print0(f"data: {train_data.num_tokens:,} training tokens; global batch {stage.batch_arithmetic} rows "
+           f"of {cfg.cutoff_len} = {tokens_per_step:,} tokens per step; "
            f"{stage.num_steps} steps = {stage.num_steps / steps_per_epoch:.2f} epochs of {windows:,} windows")
     if windows % batch_rows:
         print0(f"data: an epoch is not a whole number of steps ({steps_per_epoch:.2f}): the step that "

@@ -72,7 +72,8 @@ def train(cfg: SFTConfig, info) -> None:
     # --- schedule, then optimizer, resume and logger ---
     stage.plan(dataset.num_rows)
     print0(f"data: {dataset.num_rows} rows ({'packed' if cfg.packing else 'padded'}), "
-           f"{dataset.num_target_tokens:,} trainable tokens; {stage.batch_arithmetic} rows; {stage.num_steps} steps")
+           f"{dataset.num_target_tokens:,} trainable tokens; global batch {stage.batch_arithmetic} rows; "
+           f"{stage.num_steps} steps")
     stage.start(model, tokenizer)
 
     # --- the loop ---

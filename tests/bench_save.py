@@ -20,11 +20,11 @@ import torch  # noqa: E402
 from host_memory import measure  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from nanobumble.base.distributed import barrier, distributed_run  # noqa: E402
+from nanobumble.base.distributed import barrier, distributed_run, is_main  # noqa: E402
 from nanobumble.model.transformer import ModelConfig  # noqa: E402
 from nanobumble.run.build import build_model  # noqa: E402
 from nanobumble.run.optim import build_optimizer  # noqa: E402
-from nanobumble.store import checkpoint  # noqa: E402
+from nanobumble.store import checkpoint, model_dir  # noqa: E402
 
 # About 123M parameters, 470 MiB in fp32 (and twice that of AdamW moments); the
 # largest tensor is the 125 MiB embedding.
@@ -34,9 +34,9 @@ CONFIG = ModelConfig(vocab_size=32000, hidden_size=1024, num_layers=8, num_heads
 
 def gathered_save(path, model, optimizer) -> None:
     """Rank 0 holds everything at once, then writes."""
-    weights = checkpoint.gather_full_on_main(checkpoint._weights(model))
-    moments = checkpoint.gather_full_on_main(checkpoint._optimizer_tensors(model, optimizer)[1])
-    if checkpoint._is_main():
+    weights = model_dir.gather_full_on_main(model_dir._weights(model))
+    moments = model_dir.gather_full_on_main(checkpoint._optimizer_tensors(model, optimizer)[1])
+    if is_main():
         os.makedirs(path, exist_ok=True)
         save_file(weights, os.path.join(path, "model.safetensors"))
         save_file(moments, os.path.join(path, "optimizer.safetensors"))

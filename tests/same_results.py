@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 
-# Keys of metrics.jsonl that measure speed, not results (training.py, Progress.report):
+# Keys of metrics.jsonl that measure speed, not results (run/stage.py, Progress.report):
 # throughput, and model FLOPs utilisation (logged on CUDA only; derived from throughput).
 TIMING_KEYS = ("train/tokens_per_sec", "train/mfu")
 

@@ -23,8 +23,15 @@ import torch
 
 from nanobumble.base.errors import DataError
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, generation_prompt, render, validate_messages
-from nanobumble.data.records import (EpochOrder, alpaca_prompt, conversation_shape, describe_keys, openai_messages,
-                                     read_records, sharegpt_messages)
+from nanobumble.data.records import (
+    EpochOrder,
+    alpaca_prompt,
+    conversation_shape,
+    describe_keys,
+    openai_messages,
+    read_records,
+    sharegpt_messages,
+)
 from nanobumble.data.tokenizer import EOT_ID, Tokenizer
 from nanobumble.model.layers import IGNORE_INDEX
 

@@ -27,8 +27,17 @@ import torch
 
 from nanobumble.base.errors import DataError
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render_turn, validate_messages, with_system_prompt
-from nanobumble.data.records import (CONVERSATION_SHAPES, EpochOrder, alpaca_prompt, conversation_shape, describe_keys,
-                                     openai_messages, read_records, sharegpt_messages, string_field)
+from nanobumble.data.records import (
+    CONVERSATION_SHAPES,
+    EpochOrder,
+    alpaca_prompt,
+    conversation_shape,
+    describe_keys,
+    openai_messages,
+    read_records,
+    sharegpt_messages,
+    string_field,
+)
 from nanobumble.data.tokenizer import EOT_ID, Tokenizer
 from nanobumble.model.layers import IGNORE_INDEX
 

@@ -33,8 +33,13 @@ import torch
 
 from nanobumble.base.errors import DataError
 from nanobumble.base.files import atomic_directory
-from nanobumble.data.records import (EpochOrder, files_fingerprint, is_validation_document, iter_text_records,
-                                     list_data_files)
+from nanobumble.data.records import (
+    EpochOrder,
+    files_fingerprint,
+    is_validation_document,
+    iter_text_records,
+    list_data_files,
+)
 from nanobumble.data.tokenizer import Tokenizer, load_tokenizer, map_in_workers
 
 MAGIC = int.from_bytes(b"nbsh", "little")  # reads "nbsh" in a hex dump

@@ -22,7 +22,8 @@ from nanobumble.base.errors import ConfigError, UserError
 from nanobumble.base.precision import PRECISIONS
 from nanobumble.data.tokenizer import load_tokenizer
 from nanobumble.store.adapter import ADAPTER_CONFIG, load_adapter, read_adapter_config
-from nanobumble.store.model_dir import check_model_dir, load_model_dir, read_training_args
+from nanobumble.store.model_dir import check_model_dir, load_model_dir
+from nanobumble.store.run_files import read_training_args
 
 CHAT_STAGES = ("sft", "dpo")
 

@@ -7,7 +7,8 @@ lm_loss.py), and the model loads this package only when a run chooses Triton
     rope.py           rotary position embedding of q and k
     cross_entropy.py  loss and gradient of each row of a chunk of logits (for model/lm_loss.py)
     interpreter.py    what the kernels do to match a GPU when run under TRITON_INTERPRET=1
-    alloc.py          the kernels' output buffers, and POISON_OUTPUTS (tests: outputs start as NaN)
+
+Their output buffers come from base/alloc.py (in tests, POISON_OUTPUTS makes them start as NaN).
 """
 
 from nanobumble.kernels.cross_entropy import cross_entropy_rows

@@ -19,13 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nanobumble.kernels.alloc import alloc
+from nanobumble.base.alloc import alloc
 from nanobumble.kernels.interpreter import round_bf16_first, round_to_bf16
-
-# ---------------------------------------------------------------------------------------------
-# Plain PyTorch references (the test oracle, and what the torch backend is checked against)
-# ---------------------------------------------------------------------------------------------
-
 
 # ---------------------------------------------------------------------------------------------
 # The Triton kernel: loss and gradient of one row per program

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanobumble.kernels.alloc import alloc
+from nanobumble.base.alloc import alloc
 from nanobumble.kernels.interpreter import round_bf16_first, round_to_bf16
 
 MAX_HIDDEN = 65536  # one row must fit in one block

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanobumble.kernels.alloc import alloc_like
+from nanobumble.base.alloc import alloc_like
 from nanobumble.kernels.interpreter import round_bf16_first, round_to_bf16
 
 

@@ -80,9 +80,16 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return rotate(q), rotate(k)
 
 
+_triton_kernels = None
+
+
 def triton_kernels():
     """The Triton kernels (nanobumble/kernels/), imported on first use: the one place
-    the package imports a module late, so that everything else runs without Triton."""
-    import nanobumble.kernels as kernels
+    the package imports a module late, so that everything else runs without Triton.
+    Kept after that, so the forward pass (and torch.compile tracing it) only reads a global."""
+    global _triton_kernels
+    if _triton_kernels is None:
+        import nanobumble.kernels as kernels
 
-    return kernels
+        _triton_kernels = kernels
+    return _triton_kernels

@@ -1,8 +1,9 @@
 """The LM head and its cross-entropy, a chunk of tokens at a time, without the full logits.
 
 linear_cross_entropy(hidden [N, H], weight [V, H], targets [N]):
-    The loss of F.cross_entropy(hidden @ weight.T, targets), but the
-    tokens go through in chunks, so only one chunk of logits exists at a time.
+    The loss of F.cross_entropy(hidden @ weight.T, targets) (0, not NaN, when every
+    target is ignored), but the tokens go through in chunks, so only one chunk of
+    logits exists at a time.
     For each chunk the forward pass computes logits_c = hidden_c @ weight.T (in
     the input dtype, as the model would), turns them into grad_logits_c in place
     (the Triton row kernel, nanobumble/kernels/cross_entropy.py, or the same
@@ -35,6 +36,7 @@ import functools
 
 import torch
 
+from nanobumble.base.alloc import alloc
 from nanobumble.model.layers import IGNORE_INDEX, resolve_backend, triton_kernels
 
 # linear_cross_entropy's default chunk: as many rows as keep one chunk of logits,
@@ -144,8 +146,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # Tiny scaled values would otherwise round (or underflow, in fp16) twice.
         one = torch.ones((), dtype=torch.float32, device=hidden.device)
 
-        grad_hidden = torch.empty((n_rows, hidden_size), dtype=hidden.dtype, device=hidden.device) \
-            if need_hidden else None
+        grad_hidden = alloc((n_rows, hidden_size), hidden.dtype, hidden.device) if need_hidden else None
         grad_weight = torch.zeros((vocab_size, hidden_size), dtype=torch.float32, device=weight.device) \
             if need_weight else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)

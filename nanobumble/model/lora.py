@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import zlib
 from typing import Iterator
 
@@ -121,11 +122,11 @@ def lora_settings_problem(rank, alpha, dropout, names: tuple[str, str, str] = ("
     """What is wrong with a LoRA rank, alpha and dropout, named as the caller's keys
     (the config's, or adapter_config.json's r / lora_alpha / lora_dropout), or None."""
     rank_key, alpha_key, dropout_key = names
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
         return f"{rank_key} must be a positive integer, got {rank!r}"
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
         return f"{alpha_key} must be a positive number, got {alpha!r}"
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         return f"{dropout_key} must be a number in [0, 1), got {dropout!r}"
     return None
 

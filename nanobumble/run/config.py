@@ -158,7 +158,8 @@ class FinetuneConfig(TrainConfig):
         _check_choice(self, "finetuning_type", ("full", "lora"))
         if self.eval_num_fewshot < 0:
             raise ConfigError(f"key 'eval_num_fewshot' must be >= 0, got {self.eval_num_fewshot}")
-        problem = lora_settings_problem(self.lora_rank, self.lora_alpha, self.lora_dropout)
+        problem = lora_settings_problem(self.lora_rank, self.lora_alpha, self.lora_dropout,
+                                        names=("'lora_rank'", "'lora_alpha'", "'lora_dropout'"))
         if problem:
             raise ConfigError(f"key {problem}")
 
@@ -385,6 +386,8 @@ def parse_config(argv: list[str], cls: type, defaults: dict[str, Any] | None = N
     values: dict[str, Any] = dict(defaults or {})
     positional = _positional(cls)
     pairs = _split_command_line(argv, types, positional)
+    if positional and sum(key == positional for key, _ in pairs) > 1:
+        raise ConfigError(f"command line: {positional} given twice ({positional.upper()} and --{positional})")
 
     yaml_files = [v for k, v in pairs if k == "yaml_config"]
     if len(yaml_files) > 1:

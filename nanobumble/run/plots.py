@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 from nanobumble.base.errors import UserError
 from nanobumble.base.files import atomic_path
-from nanobumble.store.model_dir import read_metrics
+from nanobumble.store.run_files import read_metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

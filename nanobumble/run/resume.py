@@ -17,7 +17,8 @@ from nanobumble.base.errors import UserError
 from nanobumble.data.records import files_signature
 from nanobumble.run.config import config_to_dict
 from nanobumble.store.checkpoint import checkpoint_problem, list_checkpoints, read_trainer_state
-from nanobumble.store.model_dir import check_output_dir, read_training_args
+from nanobumble.store.model_dir import check_output_dir
+from nanobumble.store.run_files import read_training_args
 
 
 def resolve_resume(cfg, world_size: int) -> str | None:
@@ -93,7 +94,7 @@ def check_resume_settings(cfg, world_size: int, checkpoint: str) -> None:
     """Refuse a resumption that would not continue the same run (naming the key and
     both values); print the changes that are allowed."""
     args_file = os.path.join(checkpoint, "training_args.yaml")
-    before = read_training_args(checkpoint)
+    before = read_training_args(checkpoint, required=True)
     now = config_to_dict(cfg)
     state = read_trainer_state(checkpoint)
     old_world = state["world_size"]

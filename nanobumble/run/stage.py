@@ -95,8 +95,8 @@ class Stage:
         self.steps_per_epoch = examples_per_epoch / self.batch_rows
         self.num_steps = total_steps(cfg.max_steps, cfg.num_epochs, self.steps_per_epoch)
         self.warmup_steps = int(cfg.warmup_ratio * self.num_steps)
-        self.batch_arithmetic = (f"global batch {self.batch_rows} = {self.micro_batch} per micro-step x "
-                                 f"{cfg.gradient_accumulation_steps} accumulation x {self.info.world_size} ranks")
+        self.batch_arithmetic = (f"{self.micro_batch} per micro-step x {cfg.gradient_accumulation_steps} accumulation x "
+                                 f"{self.info.world_size} ranks = {self.batch_rows}")
 
     def start(self, model, tokenizer, flops_per_token: float | None = None) -> None:
         """Optimizer, the checkpoint to resume from, logger and progress line (with MFU

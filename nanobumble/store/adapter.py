@@ -18,8 +18,15 @@ import torch.nn as nn
 from nanobumble.base.distributed import is_main
 from nanobumble.base.errors import UserError
 from nanobumble.base.files import atomic_write_text
-from nanobumble.model.lora import (ALL_MODULES, inject_lora, is_lora_param, lora_layers, lora_scaling,
-                                   lora_settings_problem, parse_target_modules)
+from nanobumble.model.lora import (
+    ALL_MODULES,
+    inject_lora,
+    is_lora_param,
+    lora_layers,
+    lora_scaling,
+    lora_settings_problem,
+    parse_target_modules,
+)
 from nanobumble.store.tensor_files import open_file, read_into, write_gathered
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

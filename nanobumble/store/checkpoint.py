@@ -36,10 +36,21 @@ from nanobumble.base.errors import DataError, UserError
 from nanobumble.base.files import atomic_write_text
 from nanobumble.data.tokenizer import load_tokenizer
 from nanobumble.model.transformer import Transformer
-from nanobumble.store.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_param_name, load_adapter,
-                                      read_adapter_config)
-from nanobumble.store.model_dir import (check_weight_names, expected_weight_shapes, load_model_config,
-                                        load_model_weights, read_training_args, save_model_dir)
+from nanobumble.store.adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_param_name,
+    load_adapter,
+    read_adapter_config,
+)
+from nanobumble.store.model_dir import (
+    check_weight_names,
+    expected_weight_shapes,
+    load_model_config,
+    load_model_weights,
+    save_model_dir,
+)
+from nanobumble.store.run_files import read_training_args
 from nanobumble.store.tensor_files import DamagedFile, header_shapes, open_file, read_into, write_gathered
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -144,7 +155,7 @@ def checkpoint_problem(path: str) -> str | None:
         for name in ("training_args.yaml", "rng_state.safetensors", "optimizer.safetensors"):
             if not os.path.isfile(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) == 0:
                 return f"{os.path.join(path, name)}: missing or empty"
-        read_training_args(path)  # a mapping of keys, or UserError
+        read_training_args(path, required=True)  # a mapping of keys, or UserError
         header_shapes(os.path.join(path, "rng_state.safetensors"))
         load_tokenizer(path)
         with torch.device("meta"):

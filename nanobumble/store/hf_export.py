@@ -55,8 +55,8 @@ from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT
 from nanobumble.data.tokenizer import SPACE_PIECE, SPECIAL_TOKENS, UNK_ID, Tokenizer, load_tokenizer
 from nanobumble.model.transformer import ModelConfig
 from nanobumble.store.model_card import model_card
-from nanobumble.store.model_dir import (check_model_dir, check_output_dir, load_model_dir, model_state_dict,
-                                        read_training_args)
+from nanobumble.store.model_dir import check_model_dir, check_output_dir, load_model_dir, model_state_dict
+from nanobumble.store.run_files import read_training_args
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -254,7 +254,7 @@ def write_weights(save_path: str, state: dict[str, torch.Tensor], max_bytes: int
 
 
 def trained_system_prompt(args: dict) -> str:
-    """The system prompt SFT/DPO rendered conversations with (config.FinetuneConfig's key);
+    """The system prompt SFT/DPO rendered conversations with (run/config.py: FinetuneConfig's key);
     a pretrained model never saw one, so it keeps the default."""
     if "system_prompt" not in args:
         return DEFAULT_SYSTEM_PROMPT

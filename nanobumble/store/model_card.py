@@ -14,7 +14,7 @@ from nanobumble.data.records import list_data_files
 from nanobumble.data.shards import read_meta
 from nanobumble.model.transformer import ModelConfig
 from nanobumble.store.checkpoint import read_trainer_state
-from nanobumble.store.model_dir import read_metrics, read_training_args
+from nanobumble.store.run_files import read_metrics, read_training_args
 from nanobumble.store.tensor_files import DamagedFile
 
 

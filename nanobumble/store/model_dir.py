@@ -2,7 +2,6 @@
 writes at the root of its output_dir when it finishes.
 
     config.json  model.safetensors  tokenizer.model  training_args.yaml
-    (and, from the run, metrics.jsonl: read_metrics is its one reader)
 
 (a LoRA run writes adapter_model.safetensors + adapter_config.json instead of
 model.safetensors, see adapter.py; a Hugging Face Qwen2 directory is read too,
@@ -17,7 +16,6 @@ import json
 import os
 
 import torch
-import yaml
 
 from nanobumble.base.distributed import barrier, is_main
 from nanobumble.base.errors import ConfigError, UserError
@@ -163,7 +161,6 @@ def load_model_weights(model: Transformer, directory: str) -> None:
     file that does not match the model raises DamagedFile naming it."""
 
 
-
     params = {name: p for name, p in model.named_parameters() if not is_lora_param(name)}
     files = weight_files(directory)
     where: dict[str, tuple[str, str]] = {}  # our name -> (file, the name inside it)
@@ -230,39 +227,3 @@ def model_config_json(cfg: ModelConfig) -> str:
     return json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
 
 
-def read_training_args(model_dir: str) -> dict:
-    """training_args.yaml as a dict; {} when the directory has none."""
-    path = os.path.join(model_dir, "training_args.yaml")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            args = yaml.safe_load(f)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if args is None:
-        return {}
-    if not isinstance(args, dict):
-        raise UserError(f"{path}: expected a mapping of keys, got {type(args).__name__}")
-    return args
-
-
-def read_metrics(path: str) -> tuple[list[dict], int]:
-    """The records of a metrics.jsonl and the number of damaged lines skipped
-    (not JSON, not an object, or without an integer "step")."""
-    records, skipped = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                skipped += 1
-                continue
-            step = record.get("step") if isinstance(record, dict) else None
-            if isinstance(step, int) and not isinstance(step, bool):
-                records.append(record)
-            else:
-                skipped += 1
-    return records, skipped

@@ -34,7 +34,7 @@ import torch
 from conftest import REPO_ROOT, print_table
 from references import linear_cross_entropy_reference
 
-import nanobumble.kernels.alloc as alloc_mod
+import nanobumble.base.alloc as alloc_mod
 from nanobumble.base.distributed import DistInfo
 from nanobumble.base.precision import autocast
 from nanobumble.kernels.rmsnorm import rms_norm

@@ -166,6 +166,8 @@ def test_a_positional_word_is_the_declared_key():
     assert parse_config(["--output_dir=runs/a"], PlotConfig).output_dir == "runs/a"
     with pytest.raises(ConfigError, match=r"expected --key value, got 'runs/b'"):
         parse_config(["runs/a", "runs/b"], PlotConfig)
+    with pytest.raises(ConfigError, match=r"output_dir given twice \(OUTPUT_DIR and --output_dir\)"):
+        parse_config(["--output_dir", "runs/a", "runs/b"], PlotConfig)
     with pytest.raises(ConfigError, match=r"^key 'output_dir' is required \(OUTPUT_DIR or --output_dir\)$"):
         parse_config([], PlotConfig)
     # A class that declares none still refuses a stray word.

@@ -16,7 +16,7 @@ import torch
 from conftest import DEVICE
 from references import cross_entropy_reference, linear_cross_entropy_reference
 
-import nanobumble.kernels.alloc as kernel_alloc
+import nanobumble.base.alloc as kernel_alloc
 import nanobumble.kernels.cross_entropy as ce
 import nanobumble.model.lm_loss as lm_loss
 from nanobumble.model.layers import IGNORE_INDEX

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
-import nanobumble.kernels.alloc as kernel_alloc
+import nanobumble.base.alloc as kernel_alloc
 import nanobumble.kernels.rmsnorm as rmsnorm_kernel
 from nanobumble.kernels.rmsnorm import RMSNormFunction, rms_norm
 from nanobumble.model.layers import rms_norm as rms_norm_reference

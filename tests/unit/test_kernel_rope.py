@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import DEVICE
 
-import nanobumble.kernels.alloc as kernel_alloc
+import nanobumble.base.alloc as kernel_alloc
 from nanobumble.kernels.rope import apply_rope
 from nanobumble.model.layers import apply_rope as apply_rope_reference
 from nanobumble.model.layers import rope_cos_sin

@@ -20,6 +20,8 @@ LAYERS = ("base", "kernels", "model", "data", "store", "inference", "evals", "ru
 PROGRAMS = len(LAYERS)  # nanobumble/<program>.py, above every folder
 SCRIPTS = len(LAYERS) + 1  # train_*.py and chat.py at the repository root
 
+IMPORT_CALLS = ("__import__", "importlib.import_module", "import_module", "importlib.util.find_spec", "find_spec")
+
 # the one lazy project import: the Triton kernels load only when a run chooses them
 LAZY_ALLOWED = {("nanobumble/model/layers.py", "triton_kernels", "nanobumble.kernels")}
 
@@ -46,17 +48,20 @@ def layer_of(module: str) -> int:
     return PROGRAMS
 
 
-def imported_modules(node: ast.AST, importer: str, known: set[str]) -> list[str]:
-    """The project modules an import statement loads (a from-import of a submodule counts as it)."""
+def imported_modules(node: ast.AST, importer: str, known: set[str], is_package: bool = False) -> list[str]:
+    """The project modules an import statement loads (a from-import of a submodule counts as it).
+    Project modules: the package's, and the scripts at the root (train_sft, chat, ...)."""
+    tops = {PACKAGE} | {name for name in known if "." not in name}
     if isinstance(node, ast.Import):
-        return [a.name for a in node.names if a.name.split(".")[0] == PACKAGE]
+        return [a.name for a in node.names if a.name.split(".")[0] in tops]
     assert isinstance(node, ast.ImportFrom)
-    if node.level:
-        base = importer.split(".")[: len(importer.split(".")) - node.level]
+    if node.level:  # relative: from the importer's package (a package's __init__ is its own)
+        parts = importer.split(".")
+        base = parts[: len(parts) - node.level + (1 if is_package else 0)]
         target = ".".join(base + ([node.module] if node.module else []))
     else:
         target = node.module or ""
-    if target.split(".")[0] != PACKAGE:
+    if target.split(".")[0] not in tops:
         return []
     found = [target]
     found += [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in known]
@@ -78,17 +83,18 @@ def scan() -> tuple[dict[str, set[str]], list[str]]:
         def visit(node: ast.AST, function: str | None) -> None:
             for child in ast.iter_child_nodes(node):
                 if isinstance(child, (ast.Import, ast.ImportFrom)):
-                    for target in imported_modules(child, name, known):
+                    for target in imported_modules(child, name, known, path.name == "__init__.py"):
                         if function is None:
                             graph[name].add(target)
                         elif (rel, function, target) not in LAZY_ALLOWED:
                             problems.append(f"{rel}:{child.lineno}: {target} imported inside {function}()")
-                if isinstance(child, ast.Call):
+                if isinstance(child, ast.Call) and ast.unparse(child.func) in IMPORT_CALLS:
                     func = ast.unparse(child.func)
-                    texts = [a.value for a in child.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
-                    if func in ("__import__", "importlib.import_module", "import_module", "importlib.util.find_spec") \
-                            and any(t.split(".")[0] == PACKAGE for t in texts):
-                        problems.append(f"{rel}:{child.lineno}: {func}({texts[0]!r}) loads a project module by name")
+                    first = child.args[0] if child.args else None
+                    if not (isinstance(first, ast.Constant) and isinstance(first.value, str)):
+                        problems.append(f"{rel}:{child.lineno}: {func}() of a computed name")
+                    elif first.value.split(".")[0] == PACKAGE:
+                        problems.append(f"{rel}:{child.lineno}: {func}({first.value!r}) loads a project module by name")
                 inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
                 visit(child, inner)
 
@@ -129,9 +135,11 @@ def test_no_import_cycle():
 
 
 def test_the_layers_are_the_folders():
-    """Every folder of the package is a named layer, so none escapes the rule above."""
-    folders = {p.name for p in (ROOT / PACKAGE).iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    """Every folder of the package that holds Python is a named layer (and a package),
+    so none escapes the rules above."""
+    folders = {p.name for p in (ROOT / PACKAGE).iterdir() if p.is_dir() and any(p.rglob("*.py"))}
     assert folders == set(LAYERS)
+    assert all((ROOT / PACKAGE / folder / "__init__.py").is_file() for folder in LAYERS)
 
 
 def test_the_checker_sees_what_it_must_refuse(tmp_path):
@@ -142,3 +150,8 @@ def test_the_checker_sees_what_it_must_refuse(tmp_path):
     assert found == [["nanobumble.run.stage"], ["nanobumble.data", "nanobumble.data.records"]]
     assert layer_of("nanobumble.run.stage") > layer_of("nanobumble.model.x")
     assert layer_of("nanobumble.serve") == PROGRAMS and layer_of("train_sft") == SCRIPTS
+    # a relative import in a package's __init__ starts from that package; a script counts too
+    tree = ast.parse("from .lora import x\nfrom ..run import stage\nimport train_sft\n")
+    found = [imported_modules(n, "nanobumble.model", {"nanobumble.run.stage", "train_sft"}, is_package=True)
+             for n in tree.body]
+    assert found == [["nanobumble.model.lora"], ["nanobumble.run", "nanobumble.run.stage"], ["train_sft"]]

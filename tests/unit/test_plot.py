@@ -10,7 +10,7 @@ import pytest
 from nanobumble.base.errors import run_cli
 from nanobumble.plot import main
 from nanobumble.run.plots import build_figures, plot_run, write_plots
-from nanobumble.store.model_dir import read_metrics as read_records
+from nanobumble.store.run_files import read_metrics as read_records
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

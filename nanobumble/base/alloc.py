@@ -1,7 +1,8 @@
-"""Output buffers for the kernels: `alloc` and `alloc_like`, and the POISON_OUTPUTS switch.
+"""Output buffers that a kernel or a chunked loop fills: `alloc` and `alloc_like`, and
+the POISON_OUTPUTS switch (used by nanobumble/kernels/ and model/lm_loss.py).
 
 Tests set POISON_OUTPUTS = True (here, the one place it is read) so that outputs start
-as NaN: an element a kernel forgets to write then fails the comparison instead of
+as NaN: an element a kernel (or a chunk loop) forgets to write then fails the comparison instead of
 passing by luck. Otherwise the buffers are uninitialised, as torch.empty leaves them.
 """
 
