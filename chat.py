@@ -20,6 +20,13 @@ Ctrl-D) quits, Ctrl-C stops the answer being generated. Without one (input
 piped on stdin) every line is a message, answered in turn until EOF. --prompt
 answers one message and exits.
 
+Errors. A model's own chat template (a Hugging Face model's) is compiled before
+anything is said: one that is not Jinja ends chat.py with one line
+"error: <its file>: ..." and exit code 2. One that fails on a conversation (an
+undefined name, a sandbox refusal, no output, an output longer than the context
+could hold) does the same with --prompt or piped input; at a terminal the line
+is shown, the message is dropped, and the conversation goes on.
+
 Output. The answer goes to stdout, streamed as whole characters; everything
 else (loading, warnings, "[12 tokens, 40.1 tokens/s]" after each answer) goes
 to stderr, so `python chat.py --prompt ... > answer.txt` holds only the answer.
@@ -32,13 +39,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from nanobumble.base.errors import ConfigError, UserError, run_cli
+from nanobumble.base.errors import ConfigError, DataError, UserError, run_cli
 from nanobumble.base.precision import resolve_precision
-from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, check_template, render
 from nanobumble.data.tokenizer import Tokenizer
 from nanobumble.inference.generation import GenerationConfig, TextStreamer, fit_to_context, generate_stream
 from nanobumble.inference.loading import check_sampling_keys, load_model, log, resolve_device, resolve_mode
-from nanobumble.run.config import parse_config
+from nanobumble.run.config import check_numbers, parse_config
 
 
 @dataclass
@@ -60,6 +67,7 @@ class ChatConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
 
     def __post_init__(self):
+        check_numbers(self)  # ranges: NUMBERS in run/config.py
         if self.mode not in ("auto", "chat", "completion"):
             raise ConfigError(f"key 'mode' must be one of auto, chat, completion, got {self.mode!r}")
         try:
@@ -139,10 +147,13 @@ def main(argv: list[str]) -> None:
     start = time.time()
     model, tokenizer, model_path, adapter_path = load_model(cfg.model_path, cfg.adapter_path, device, dtype)
     mode, why = resolve_mode(cfg.mode, model_path, adapter_path)
+    if mode == "chat":
+        check_template(tokenizer)  # a template that is not Jinja fails now, not at the first message
     log(f"model: {model_path} ({model.num_parameters() / 1e6:.1f}M parameters, context "
         f"{model.config.max_position_embeddings}) on {device} {str(dtype).removeprefix('torch.')}, "
         f"loaded in {time.time() - start:.1f}s; mode: {mode} ({why})")
-    if not cfg.prompt and sys.stdin.isatty():
+    interactive = not cfg.prompt and sys.stdin.isatty()
+    if interactive:
         log("/reset clears the history, /exit quits, Ctrl-C stops an answer")
 
     messages: list[dict] = []
@@ -166,7 +177,15 @@ def main(argv: list[str]) -> None:
         if not cfg.history:
             messages = []
         messages.append({"role": "user", "content": text})
-        prompt_ids, _ = render(messages, tokenizer, system_prompt=cfg.system_prompt, add_generation_prompt=True)
+        try:
+            prompt_ids, _ = render(messages, tokenizer, system_prompt=cfg.system_prompt, add_generation_prompt=True,
+                                   context_len=model.config.max_position_embeddings)
+        except DataError as e:  # the model's chat template failed on this conversation
+            if not interactive:
+                raise
+            log(f"error: {e}")
+            messages.pop()
+            continue
         messages.append({"role": "assistant", "content": answer(model, tokenizer, prompt_ids, gen)})
 
 

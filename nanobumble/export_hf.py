@@ -6,14 +6,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from nanobumble.base.errors import ConfigError, run_cli
 from nanobumble.inference.generation import GenerationConfig
-from nanobumble.run.config import parse_config
+from nanobumble.run.config import check_numbers, parse_config
 from nanobumble.store.hf_export import DTYPES, GIB, write_hf_model
 
 
@@ -26,10 +25,9 @@ class ExportConfig:
     overwrite_output_dir: bool = False  # replace a model already in save_path
 
     def __post_init__(self):
+        check_numbers(self)  # ranges: NUMBERS in run/config.py
         if self.dtype not in DTYPES:
             raise ConfigError(f"key 'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if not 0 < self.max_shard_size_gb < math.inf:
-            raise ConfigError(f"key 'max_shard_size_gb' must be > 0 and finite, got {self.max_shard_size_gb}")
 
 
 def export_hf(model_path: str, save_path: str, dtype: torch.dtype = torch.float32, overwrite: bool = False,

@@ -7,16 +7,16 @@ way the output directory ends up holding the shards, meta.json and the
 tokenizer.model they were made with; train with --dataset_path pointing at it.
 """
 
-import math
 import os
 import tempfile
 from dataclasses import dataclass
 
-from nanobumble.base.errors import DataError, run_cli
+from nanobumble.base.errors import run_cli
+from nanobumble.base.output_guard import publish_directory
 from nanobumble.data.records import iter_text_records, list_data_files
 from nanobumble.data.shards import prepare_shards
 from nanobumble.data.tokenizer import load_or_train_tokenizer
-from nanobumble.run.config import PretrainConfig, _check_range, parse_config
+from nanobumble.run.config import PretrainConfig, check_numbers, parse_config
 
 
 @dataclass
@@ -33,29 +33,26 @@ class PrepareConfig:
     strict: bool = False  # stop at the first bad record instead of skipping it
 
     def __post_init__(self):
-        _check_range(self, "vocab_size", lambda v: v >= 1, "at least 1")
-        _check_range(self, "tokenizer_sample_mb", lambda v: 0 < v < math.inf, "> 0 and finite")
-        _check_range(self, "val_ratio", lambda v: 0 <= v < 1, "in [0, 1)")
-        _check_range(self, "num_workers", lambda v: v >= 0, ">= 0 (0: all CPUs)")
-        _check_range(self, "shard_tokens", lambda v: 1 <= v < 2**31, "in [1, 2^31)")
+        check_numbers(self)  # ranges: NUMBERS in run/config.py
 
 
 def main(argv: list[str]) -> None:
     cfg = parse_config(argv, PrepareConfig)
     files = list_data_files(cfg.dataset_path)
     out = cfg.output_dir
-    if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
-        raise DataError(f"output directory {out} already exists and is not empty")
+    inputs = {f"--dataset_path {path}": path for path in [*cfg.dataset_path.split(","), *files]}
+    inputs["--tokenizer_path"] = cfg.tokenizer_path
     print(f"prepare: {len(files)} file(s) from {cfg.dataset_path}")
-    # A new tokenizer is trained into a temporary directory (bad records are
-    # reported later, once, while tokenizing); prepare_shards copies it into
-    # the output directory together with the shards.
-    with tempfile.TemporaryDirectory() as tmp:
+    # The shard directory appears whole or not at all (base/output_guard.py). A new
+    # tokenizer is trained into a temporary directory (bad records are reported
+    # later, once, while tokenizing); prepare_shards copies it beside the shards.
+    with publish_directory(out, inputs, overwrite=False, flag="--output_dir", overwrite_flag=None) as tmp, \
+            tempfile.TemporaryDirectory() as tokenizer_tmp:
         tokenizer = load_or_train_tokenizer(
             cfg.tokenizer_path, lambda: iter_text_records(files, strict=cfg.strict, quiet=True),
-            cfg.vocab_size, cache_dir=tmp, cache_key="prepare",
+            cfg.vocab_size, cache_dir=tokenizer_tmp, cache_key="prepare",
             corpus_bytes=sum(os.path.getsize(f) for f in files), sample_mb=cfg.tokenizer_sample_mb)
-        meta = prepare_shards(files, tokenizer, out, val_ratio=cfg.val_ratio, shard_tokens=cfg.shard_tokens,
+        meta = prepare_shards(files, tokenizer, tmp, val_ratio=cfg.val_ratio, shard_tokens=cfg.shard_tokens,
                               num_workers=cfg.num_workers or None, strict=cfg.strict)
     print(f"prepare: wrote {out}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val "
           f"tokens, vocab_size={meta['vocab_size']}, {meta['text_bytes'] / 1e6:,.1f} MB of text")

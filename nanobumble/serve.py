@@ -20,13 +20,21 @@ Endpoints:
 
 Both completion endpoints take `stream` (server-sent events ending in
 `data: [DONE]`; `stream_options: {"include_usage": true}` adds the counts),
-`max_tokens`, `temperature` (0: greedy), `top_p`, `stop` (up to 4 strings; the
-answer ends before the first one), `seed` (the same seed gives the same answer)
-and, named as vLLM names them, `top_k` and `repetition_penalty`. Settings a
-request leaves out take the server's keys below, whose defaults are chat.py's.
-A prompt that leaves no room for max_tokens in the model's context is refused
-(400, context_length_exceeded), never cut. Errors have OpenAI's shape:
-{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}.
+`max_tokens`, `temperature` (0: greedy), `top_p`, `stop` (up to 4 strings of
+up to 1,000 characters; the answer ends before the first one), `seed` (the same
+seed gives the same answer) and, named as vLLM names them, `top_k` and
+`repetition_penalty`. Settings a request leaves out take the server's keys
+below, whose defaults are chat.py's; fields it does not implement (UNSUPPORTED)
+are refused, not ignored. A prompt that leaves no room for max_tokens in the
+model's context is refused (400, context_length_exceeded), never cut.
+
+Every refusal is a 4xx in OpenAI's error shape:
+{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}: a body over
+1 MB (413, read no further), JSON that is not standard (NaN, Infinity, numbers
+beyond a float) or holds a lone UTF-16 surrogate (no text: "\\ud800"), wrong
+types and values, and a conversation the model's chat template fails on (its
+file named, see chat_template.py). The chat template is compiled, and the port
+bound once, before the model loads: either failing is one line and exit code 2.
 
 One generation at a time: an asyncio.Lock admits one request at a time to the
 model, and the others wait their turn. The model work runs on a single worker
@@ -44,25 +52,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from nanobumble.base.errors import ConfigError, DataError, UserError, run_cli
+from nanobumble.base.errors import DataError, UserError, run_cli
 from nanobumble.base.precision import resolve_precision
-from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render, validate_messages
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, check_template, render, shorten, validate_messages
 from nanobumble.inference.generation import GenerationConfig, TextStreamer, generate_stream
 from nanobumble.inference.loading import check_sampling_keys, load_model, log, resolve_device, resolve_mode
-from nanobumble.run.config import parse_config
+from nanobumble.run.config import check_numbers, parse_config
 
 WEB_PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "web", "chat.html")
 SHUTDOWN_GRACE_SECONDS = 5
 MAX_STOP_STRINGS = 4  # as OpenAI
-# Request fields this server does not implement: refused rather than silently ignored.
-UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "tools", "functions", "suffix", "echo", "best_of")
+MAX_STOP_CHARS = 1000  # each: holding back a possible start costs its length squared, under the model's lock
+MAX_BODY_BYTES = 1 << 20  # a request body beyond this is refused unread (the context holds far less text)
+# Request fields this server does not implement: refused rather than silently ignored (a value that
+# means "off" -- false, 0, [] -- is no request, and passes).
+UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "tools", "functions", "suffix", "echo", "best_of",
+               "min_p", "min_tokens", "ignore_eos", "stop_token_ids")
 
 
 @dataclass
@@ -82,9 +96,8 @@ class ServeConfig:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
 
     def __post_init__(self):
+        check_numbers(self)  # ranges (port, sampling): NUMBERS in run/config.py
         check_sampling_keys(self)  # the keys shared with chat.py, by its rules
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"key 'port' must be in 1..65535, got {self.port}")
 
 
 class APIError(Exception):
@@ -112,6 +125,7 @@ def field(body: dict, key: str, kind: type | tuple[type, ...], default=None):
         return default
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        require(abs(value) < 2**1023, key, "the number is too large.")  # float() would overflow
         value = float(value)
     if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         expected = " or ".join(TYPE_NAMES[k] for k in kinds)
@@ -139,6 +153,8 @@ class Settings:
 def read_settings(body: dict, cfg: ServeConfig) -> Settings:
     for key in UNSUPPORTED:
         require(not body.get(key), key, "not supported by this server.")
+    response_format = field(body, "response_format", dict, {"type": "text"})
+    require(response_format.get("type") == "text", "response_format", "only {\"type\": \"text\"} is supported.")
     for key in ("presence_penalty", "frequency_penalty"):
         require(not field(body, key, float), key, "not supported by this server; use 'repetition_penalty'.")
     require(field(body, "n", int, 1) == 1, "n", "this server gives one choice per request (n = 1).")
@@ -157,6 +173,8 @@ def read_settings(body: dict, cfg: ServeConfig) -> Settings:
     stop = [stop] if isinstance(stop, str) else stop
     require(all(isinstance(s, str) for s in stop), "stop", "must be a string or an array of strings.")
     require(len(stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}.")
+    require(all(len(s) <= MAX_STOP_CHARS for s in stop), "stop",
+            f"a stop string may have at most {MAX_STOP_CHARS} characters, got {max(map(len, stop), default=0)}.")
     stream = field(body, "stream", bool, False)
     include_usage = stream and bool(field(body, "stream_options", dict, {}).get("include_usage"))
     generation = GenerationConfig(temperature=temperature, top_p=top_p, top_k=top_k,
@@ -245,7 +263,7 @@ class Engine:
         name = field(body, "model", str)
         require(name is not None, "model", "a model id is required.")
         if name != self.model_id:
-            raise APIError(404, f"The model `{name}` does not exist. This server has `{self.model_id}`.",
+            raise APIError(404, f"The model `{shorten(name)}` does not exist. This server has `{self.model_id}`.",
                            param="model", code="model_not_found")
 
     def max_tokens(self, prompt_tokens: int, requested: int | None, param: str) -> int:
@@ -339,6 +357,48 @@ async def respond(request, engine: Engine, prompt_ids: list[int], settings: Sett
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+async def read_body(request) -> bytes:
+    """The request body, refused (413) beyond MAX_BODY_BYTES: by its Content-Length before
+    reading any of it, and while reading (a chunked body has no length)."""
+    too_large = APIError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes, the most this server "
+                              f"reads.", code="request_too_large")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > MAX_BODY_BYTES:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def not_json(constant: str):
+    """NaN, Infinity and -Infinity: Python's JSON parser takes them, JSON does not."""
+    raise APIError(400, f"{constant} is not a JSON number. The body must be valid JSON.", code="invalid_json")
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400
+        raise APIError(400, f"The number {shorten(text)} is beyond a float. The body must be valid JSON.",
+                       code="invalid_json")
+    return value
+
+
+def check_text(body: dict) -> None:
+    """Refuse a lone UTF-16 surrogate ("\\ud800" in JSON): valid JSON, but no text that
+    a tokenizer (or the UTF-8 of an answer) can take."""
+    for key, value in body.items():
+        try:
+            json.dumps([key, value], ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            clean = key.encode("utf-8", "replace").decode("utf-8")
+            raise APIError(400, f"Invalid value for '{shorten(clean)}': it holds a lone UTF-16 surrogate, "
+                                f"which is not text.", param=clean, code="invalid_value") from None
+
+
 def create_app(engine: Engine):
     """The FastAPI app. Its routes take the request as it comes (Starlette style) and
     read the JSON themselves, so that every refusal has OpenAI's error shape."""
@@ -352,17 +412,22 @@ def create_app(engine: Engine):
     async def api_error(request, error: APIError):
         return JSONResponse(error.body(), status_code=error.status)
 
+    async def server_error(request, error: Exception):  # a bug: still OpenAI's shape (uvicorn logs the traceback)
+        return JSONResponse(APIError(500, "The server had an error while processing your request.",
+                                     kind="server_error").body(), status_code=500)
+
     async def http_error(request, error: HTTPException):  # unknown paths and methods, in the same shape
         return JSONResponse(APIError(error.status_code, str(error.detail)).body(), status_code=error.status_code)
 
     async def read_json(request) -> dict:
         try:
-            body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+            body = json.loads(await read_body(request), parse_constant=not_json, parse_float=finite_float)
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise APIError(400, "We could not parse the JSON body of your request. The body must be valid JSON.",
                            code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "The JSON body must be an object.", code="invalid_json")
+        check_text(body)
         return body
 
     def model_card() -> dict:
@@ -382,9 +447,9 @@ def create_app(engine: Engine):
         settings = read_settings(body, engine.cfg)
         try:
             prompt_ids, _ = render(messages, engine.tokenizer, system_prompt=engine.cfg.system_prompt,
-                                   add_generation_prompt=True)
-        except DataError as e:  # a Hugging Face template may refuse a conversation
-            raise APIError(400, str(e), param="messages") from None
+                                   add_generation_prompt=True, context_len=engine.context_len)
+        except DataError as e:  # a Hugging Face template may refuse (or fail on) a conversation
+            raise APIError(400, str(e), param="messages", code="invalid_value") from None
         return await respond(request, engine, prompt_ids, settings, chat=True)
 
     async def completions(request):
@@ -406,6 +471,7 @@ def create_app(engine: Engine):
             return HTMLResponse(f.read())
 
     app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(Exception, server_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_route("/v1/models", list_models, methods=["GET"])
     app.add_route("/v1/models/{name:path}", get_model, methods=["GET"])
@@ -419,6 +485,19 @@ def model_id(model_path: str) -> str:
     return os.path.basename(os.path.normpath(model_path))
 
 
+def check_port(host: str, port: int) -> None:
+    """Bind the address as uvicorn will (reusing TIME_WAIT addresses), and let it go:
+    a busy port is one line before the model loads, not after."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, protocol, _, address in addresses:
+            with socket.socket(family, kind, protocol) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(address)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def create_server(cfg: ServeConfig):
     """Load the model and build the (not yet started) uvicorn server."""
     try:
@@ -426,10 +505,12 @@ def create_server(cfg: ServeConfig):
         import uvicorn
     except ImportError:
         raise UserError("serving needs FastAPI and uvicorn: pip install fastapi uvicorn") from None
+    check_port(cfg.host, cfg.port)
     device = resolve_device(cfg.device)
     dtype = resolve_precision(cfg.precision, device)
     start = time.time()
     model, tokenizer, model_path, adapter_path = load_model(cfg.model_path, cfg.adapter_path, device, dtype)
+    check_template(tokenizer)  # a template that is not Jinja would fail every chat
     mode, why = resolve_mode("auto", model_path, adapter_path)
     engine = Engine(model, tokenizer, model_id(cfg.model_path), cfg)
     log(f"model: {engine.model_id} from {model_path} ({model.num_parameters() / 1e6:.1f}M parameters, context "

@@ -39,17 +39,27 @@ def atomic_write_text(path: str, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(directory: str) -> Iterator[str]:
+def atomic_directory(directory: str, replace: bool = False) -> Iterator[str]:
     """A new temporary directory beside `directory` to fill. When the block ends
-    without an error it is renamed to `directory` (which may exist only empty);
-    otherwise it is removed. So `directory` is complete or absent. If `directory`
-    appeared meanwhile (another process), FileExistsError is raised."""
-    parent = os.path.dirname(os.path.abspath(directory))
+    without an error it is renamed to `directory`; otherwise it is removed. So
+    `directory` is complete or absent. `directory` may exist only empty, unless
+    replace: then the old one is moved aside, the new one renamed in, and the old
+    one removed. If `directory` appeared meanwhile (another process),
+    FileExistsError is raised."""
+    parent, name = os.path.split(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(directory))}.tmp-")
+    # the pid in the name lets a later program sweep what a killed one left (output_guard.py)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp-{os.getpid()}-")
     os.chmod(tmp, 0o755)  # mkdtemp makes the directory private
     try:
         yield tmp
+        if replace and os.path.lexists(directory):
+            # not a temporary name: a kill between the two renames must not get it swept
+            old = os.path.join(parent, f".{name}.replaced-{os.getpid()}")
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old)
+            return
         try:
             if os.path.isdir(directory) and not os.listdir(directory):
                 os.rmdir(directory)

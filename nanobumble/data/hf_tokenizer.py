@@ -13,17 +13,19 @@ Needs the `tokenizers` library (requirements.txt), imported only here.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from nanobumble.base.errors import DataError
+from nanobumble.base.reading import MB, cut, decode, parse_json, read_bytes
 
 # What a model directory keeps, stage after stage (newer transformers write the
-# chat template to its own file, older ones into tokenizer_config.json).
-FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+# chat template to its own file, older ones into tokenizer_config.json), and the
+# most each may hold: tokenizer.json is the whole vocabulary and merges (7 to 11 MB
+# for Qwen's 151k tokens), tokenizer_config.json lists the added tokens.
+FILES = {"tokenizer.json": 64 * MB, "tokenizer_config.json": 16 * MB, "chat_template.jinja": 1 * MB}
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -47,24 +49,23 @@ class HFTokenizer:
 
         self.model_file = os.path.join(directory, "tokenizer.json")
         self.files: dict[str, bytes] = {}
-        for name in FILES:
-            try:
-                with open(os.path.join(directory, name), "rb") as f:
-                    self.files[name] = f.read()
-            except FileNotFoundError:
-                continue
-            except OSError as e:
-                raise DataError(f"{os.path.join(directory, name)}: cannot read: {e}") from None
+        texts: dict[str, str] = {}
+        for name, max_bytes in FILES.items():
+            path = os.path.join(directory, name)
+            if os.path.lexists(path):
+                self.files[name] = read_bytes(path, max_bytes, DataError)  # the checksum is of the bytes
+                texts[name] = decode(self.files[name], path, DataError)
         if "tokenizer.json" not in self.files:
             raise DataError(f"tokenizer model not found: {self.model_file}")
+        config_file = os.path.join(directory, "tokenizer_config.json")
+        config = parse_json(texts.get("tokenizer_config.json", "{}"), config_file, DataError)
         try:
-            self.tk = FastTokenizer.from_str(self.files["tokenizer.json"].decode("utf-8"))
-            config = json.loads(self.files.get("tokenizer_config.json", b"{}"))
+            self.tk = FastTokenizer.from_str(texts["tokenizer.json"])
         except Exception as e:  # the library raises plain Exceptions for a malformed file
-            raise DataError(f"{self.model_file}: not a Hugging Face tokenizer ({e})") from None
+            raise DataError(f"{self.model_file}: not a Hugging Face tokenizer ({cut(str(e))})") from None
         self.tk.encode_special_tokens = True  # text stays text: specials enter only as ids
-        self.chat_template = self.files["chat_template.jinja"].decode("utf-8") if "chat_template.jinja" in self.files \
-            else config.get("chat_template") if isinstance(config.get("chat_template"), str) else None
+        template = config.get("chat_template") if isinstance(config, dict) else None
+        self.chat_template = texts.get("chat_template.jinja", template if isinstance(template, str) else None)
         self.checksum = hashlib.sha256(b"".join(self.files[name] for name in sorted(self.files))).hexdigest()
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
         ids = {name: self.tk.token_to_id(name) for name in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from nanobumble.base.errors import DataError
+from nanobumble.base.reading import TOO_DEEP, cut, depth_problem
 from nanobumble.data.chat_template import validate_messages
 
 MAX_REPORTED_PROBLEMS = 20  # per call of iter_text_records or read_records; the rest are only counted
@@ -98,7 +99,10 @@ def _lone_surrogate(value: object) -> str | None:
 
 
 def _checked(record: object) -> object:
-    """The record, or a ValueError when one of its strings is not valid Unicode."""
+    """The record, or a ValueError when it nests too deep or one of its strings is not valid Unicode."""
+    too_deep = depth_problem(record)  # first: the walks below and after recurse
+    if too_deep:
+        return ValueError(too_deep)
     surrogate = _lone_surrogate(record)
     if surrogate:
         return ValueError(f"invalid Unicode: lone surrogate \\u{ord(surrogate):04x}")
@@ -122,8 +126,12 @@ def iter_file_records(path: str) -> Iterator[tuple[str, object]]:
                                 f"jq -c '.[]' {path} > {os.path.splitext(path)[0]}.jsonl")
             try:
                 records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: not valid JSON: {e}") from e
+            except UnicodeDecodeError:
+                raise  # named by the caller: not UTF-8 text
+            except ValueError as e:
+                raise DataError(f"{path}: not valid JSON: {cut(str(e))}") from None
+            except RecursionError:  # so deep that the parser gave up: no record of the file can be read
+                raise DataError(f"{path}: not valid JSON: {TOO_DEEP}") from None
             for i, record in enumerate(records):
                 yield f"{path}:record {i}", _checked(record)
             return
@@ -131,9 +139,12 @@ def iter_file_records(path: str) -> Iterator[tuple[str, object]]:
             if not line.strip():
                 continue
             try:
-                yield f"{path}:{line_number}", _checked(json.loads(line))
-            except json.JSONDecodeError as e:
-                yield f"{path}:{line_number}", ValueError(f"malformed JSON: {e}")
+                record = json.loads(line)
+            except ValueError as e:  # not JSON, or an integer of more digits than Python converts
+                record = ValueError(f"malformed JSON: {cut(str(e))}")
+            except RecursionError:  # the parser gave up hundreds of levels down
+                record = ValueError(TOO_DEEP)
+            yield f"{path}:{line_number}", record if isinstance(record, ValueError) else _checked(record)
 
 
 def report_skipped(problem: str, count: int) -> None:

@@ -23,7 +23,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,6 +32,8 @@ import torch
 
 from nanobumble.base.errors import DataError
 from nanobumble.base.files import atomic_directory
+from nanobumble.base.output_guard import sweep_leftovers
+from nanobumble.base.reading import read_json
 from nanobumble.data.records import (
     EpochOrder,
     files_fingerprint,
@@ -211,6 +212,7 @@ def prepare_shards(
     if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)):
         raise DataError(f"output directory {out_dir} already exists and is not empty")
     num_workers = num_workers or os.cpu_count() or 1
+    sweep_leftovers(os.path.dirname(os.path.abspath(out_dir)), locked=False)  # what a killed preparation left
     try:
         with atomic_directory(out_dir) as tmp_dir:
             meta = _write_shards(files, tokenizer, tmp_dir, val_ratio, shard_tokens, num_workers, strict)
@@ -244,7 +246,9 @@ def _write_shards(files: Sequence[str], tokenizer: Tokenizer, out_dir: str, val_
     _print_progress(stats, time.time() - start)
     print()
 
-    shutil.copyfile(tokenizer.model_file, os.path.join(out_dir, "tokenizer.model"))
+    for name, data in tokenizer.files.items():  # tokenizer.model, or a Hugging Face tokenizer's files
+        with open(os.path.join(out_dir, name), "wb") as f:
+            f.write(data)
     meta = {
         "format_version": META_VERSION,
         "tokenizer_checksum": tokenizer.checksum,
@@ -280,13 +284,12 @@ def _print_progress(stats: dict, seconds: float) -> None:
 
 def read_meta(shard_dir: str) -> dict:
     path = os.path.join(shard_dir, "meta.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{shard_dir} is not a shard directory (no meta.json)") from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON: {e}") from e
+    if not os.path.lexists(path):
+        raise DataError(f"{shard_dir} is not a shard directory (no meta.json)")
+    meta = read_json(path, error=DataError)
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def ensure_shards(
@@ -351,6 +354,13 @@ class TokenShards:
                             f"expected {META_VERSION}")
         self.vocab_size: int = self.meta["vocab_size"]
         self.shards = [read_shard(os.path.join(shard_dir, name)) for name in self.meta[f"{split}_shards"]]
+        for name, tokens in zip(self.meta[f"{split}_shards"], self.shards):
+            # an id beyond the embedding is an IndexError on the CPU and a device-side assert on CUDA
+            top = max((int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24)), default=-1)
+            if top >= self.vocab_size:
+                raise DataError(f"{os.path.join(shard_dir, name)}: token id {top} is beyond the vocabulary "
+                                f"(meta.json: vocab_size {self.vocab_size}); the shards are damaged or were made "
+                                f"with another tokenizer")
         self.num_tokens = sum(len(s) for s in self.shards)
         self._order: EpochOrder | None = None  # of the windows, for the cutoff_len last asked
         if self.num_tokens != self.meta[f"{split}_tokens"]:

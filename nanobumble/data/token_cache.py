@@ -33,6 +33,7 @@ import numpy as np
 
 from nanobumble.base.errors import DataError
 from nanobumble.base.files import atomic_directory
+from nanobumble.base.output_guard import sweep_leftovers
 from nanobumble.data.chat_template import CHATML_RENDERER
 from nanobumble.data.dpo_data import load_preference_pairs, pairs_summary, tokenize_pairs
 from nanobumble.data.records import files_fingerprint, list_data_files
@@ -215,6 +216,7 @@ def _write(directory: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Write into a temporary directory and rename it: a cache directory is complete or absent."""
     from safetensors.numpy import save_file
 
+    sweep_leftovers(os.path.dirname(os.path.abspath(directory)), locked=False)  # what a killed run left
     try:
         with atomic_directory(directory) as tmp:
             save_file(arrays, os.path.join(tmp, "tokens.safetensors"))

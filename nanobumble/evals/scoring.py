@@ -27,7 +27,8 @@ Exact match: greedy decoding (plain argmax, no repetition penalty) of at most
 --max_new_tokens tokens, stopping at <|im_end|> or <|endoftext|>. In chat mode
 the prompt is the user's turn of the chat template (the model answers as the
 assistant); in completion mode the raw prompt, and the answer is the first line
-of the output (after leading whitespace). --mode auto follows chat.py: chat when the adapter's or the model's
+of the output (after leading whitespace). Few-shot examples come first, as
+tasks.py lays them out. --mode auto follows chat.py: chat when the adapter's or the model's
 training_args.yaml says stage sft or dpo. Answer and output are compared after
 NFKC normalisation, casefolding, and collapsing every run of whitespace to one
 space (and stripping it at the ends).
@@ -58,8 +59,19 @@ import torch.distributed as dist
 
 from nanobumble.base.errors import DataError, UserError
 from nanobumble.base.precision import autocast
-from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
-from nanobumble.evals.tasks import BPB, CONTINUATION, MULTIPLE_CHOICE, Question, Task, build_context, choice_texts
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, check_template, render
+from nanobumble.evals.tasks import (
+    BPB,
+    CONTINUATION,
+    EXACT_MATCH,
+    MULTIPLE_CHOICE,
+    Question,
+    Task,
+    build_context,
+    choice_texts,
+    exact_match_messages,
+    exact_match_prompt,
+)
 from nanobumble.inference.generation import fit_to_context
 from nanobumble.model.layers import IGNORE_INDEX
 
@@ -206,6 +218,7 @@ class TaskResult:
     n: int
     metrics: dict[str, float]
     details: list[dict] = field(default_factory=list)  # per question / prompt
+    num_fewshot: int = 0  # the solved examples before each question (bits per byte: none)
 
 
 def choice_task(model, tokenizer, task: Task, shots: list[Question], device, dtype, batch_size,
@@ -252,20 +265,21 @@ def bpb_task(model, tokenizer, task: Task, device, dtype, batch_size, line: Prog
         nbytes = token_bytes[torch.tensor(targets)]
         nats -= logprob[nbytes > 0].sum().item()  # special tokens stand for no text: no bytes, no bits
         text_bytes += nbytes.sum().item()
-    return TaskResult(task.name, task.path, task.kind, len(task.records),
-                      {"bpb": nats / math.log(2) / max(text_bytes, 1)})
+    if not text_bytes:  # (read_task refuses empty texts; a tokenizer could still make no bytes of them)
+        raise DataError(f"{task.path}: no bytes of text to score bits per byte on")
+    return TaskResult(task.name, task.path, task.kind, len(task.records), {"bpb": nats / math.log(2) / text_bytes})
 
 
 def exact_match_task(model, tokenizer, task: Task, chat: bool, system_prompt: str, max_new_tokens: int, device,
-                     dtype, batch_size, line: ProgressLine) -> TaskResult:
+                     dtype, batch_size, line: ProgressLine, shots: list | None = None) -> TaskResult:
     context_len = model.config.max_position_embeddings
     prompts = []
     for prompt, _ in task.records:
         if chat:
-            ids, _ = render([{"role": "user", "content": prompt}], tokenizer, system_prompt=system_prompt,
-                            add_generation_prompt=True)
+            ids, _ = render(exact_match_messages(prompt, shots or []), tokenizer, system_prompt=system_prompt,
+                            add_generation_prompt=True, context_len=context_len)
         else:
-            ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+            ids = tokenizer.encode(exact_match_prompt(prompt, shots or [])) or [tokenizer.eot_id]
         prompts.append(fit_to_context(ids, context_len, max_new_tokens)[0])
     stop_ids = (tokenizer.im_end_id, tokenizer.eot_id)
 
@@ -292,12 +306,14 @@ def exact_match_task(model, tokenizer, task: Task, chat: bool, system_prompt: st
                       details)
 
 
-def run_tasks(model, tokenizer, tasks: list[tuple[Task, list[Question]]], device: torch.device, dtype: torch.dtype,
+def run_tasks(model, tokenizer, tasks: list[tuple[Task, list]], device: torch.device, dtype: torch.dtype,
               batch_size: int = 8, chat: bool = True, max_new_tokens: int = 32,
               system_prompt: str = DEFAULT_SYSTEM_PROMPT, progress: bool = False) -> list[TaskResult]:
     """Each task's result, with per-question details (see evaluate_tasks)."""
     if batch_size < 1 or max_new_tokens < 1:
         raise UserError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    if chat and any(task.kind == EXACT_MATCH for task, _ in tasks):
+        check_template(tokenizer)  # a broken one fails before any task runs
     line = ProgressLine(progress)
     was_training = model.training
     model.eval()
@@ -310,7 +326,8 @@ def run_tasks(model, tokenizer, tasks: list[tuple[Task, list[Question]]], device
                 result = bpb_task(model, tokenizer, task, device, dtype, batch_size, line)
             else:
                 result = exact_match_task(model, tokenizer, task, chat, system_prompt, max_new_tokens, device, dtype,
-                                          batch_size, line)
+                                          batch_size, line, shots)
+            result.num_fewshot = len(shots)
             line.finish()
             results.append(result)
     finally:
@@ -322,7 +339,7 @@ def flat_metrics(results: list[TaskResult]) -> dict[str, float]:
     return {f"eval/{r.name}/{metric}": value for r in results for metric, value in r.metrics.items()}
 
 
-def evaluate_tasks(model, tokenizer, tasks: list[tuple[Task, list[Question]]], device: torch.device,
+def evaluate_tasks(model, tokenizer, tasks: list[tuple[Task, list]], device: torch.device,
                    dtype: torch.dtype, batch_size: int = 8, chat: bool = True, max_new_tokens: int = 32,
                    system_prompt: str = DEFAULT_SYSTEM_PROMPT, progress: bool = False) -> dict[str, float]:
     """{"eval/<task>/<metric>": value} for tasks from load_tasks(): acc (multiple choice),

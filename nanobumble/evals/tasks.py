@@ -39,13 +39,21 @@ Continuation (HellaSwag): the context, followed by " " + each ending. The text i
 used as it is: lm-evaluation-harness's own HellaSwag task first cleans the
 WikiHow markup and prefixes the activity label (its "query" and "choices").
 
-Few-shot (--num_fewshot K, multiple choice and continuation only): the first K
-records of the task's dev split, each with its answer, before the question,
-separated by blank lines. The dev split of DIR/SUBJECT[_SPLIT].EXT (SPLIT one
-of test, val, validation) is the first of these that exists:
+Exact match: the prompt as it is (in chat mode, the user's turn).
+
+Few-shot (--num_fewshot K): the first K records of the task's dev split, each
+with its answer, before the question: separated by blank lines, or in chat mode
+(exact match) as K earlier user and assistant turns. An exact-match example is
+"{prompt} {first answer}". Bits per byte scores its texts as they are, 0-shot
+whatever K (the results say so per task). The dev split of
+DIR/SUBJECT[_SPLIT].EXT (SPLIT one of test, val, validation) is the first of
+these that exists (none is an error, not a silent 0-shot):
     DIR/SUBJECT_dev.EXT          a sibling file
     DIR/../dev/SUBJECT_dev.EXT   C-Eval and MMLU (dev/ beside val/ or test/)
     DIR/../dev/SUBJECT.EXT       CMMLU
+
+A task with nothing to score (no records; bits per byte whose texts are all
+empty) is refused, naming its file.
 """
 
 from __future__ import annotations
@@ -231,6 +239,8 @@ def read_task(path: str) -> Task:
             raise DataError(f"{path}: no questions")
     elif extension in (".jsonl", ".json"):
         kind, records = read_jsonl(path)
+        if kind == BPB and not any(records):  # no bytes: bits per byte would print a meaningless 0
+            raise DataError(f"{path}: every text is empty: no bytes to score bits per byte on")
     else:
         raise UserError(f"task file {path}: expected a .csv or .jsonl file")
     return Task(name, path, kind, records)
@@ -277,9 +287,9 @@ def dev_candidates(path: str) -> list[str]:
     return [c for c in candidates if c != os.path.abspath(path)]
 
 
-def fewshot_examples(task: Task, num_fewshot: int) -> list[Question]:
-    """The first num_fewshot records of the task's dev split."""
-    if num_fewshot <= 0 or task.kind not in (MULTIPLE_CHOICE, CONTINUATION):
+def fewshot_examples(task: Task, num_fewshot: int) -> list:
+    """The first num_fewshot records of the task's dev split (none for bits per byte)."""
+    if num_fewshot <= 0 or task.kind == BPB:
         return []
     candidates = dev_candidates(task.path)
     dev_path = next((c for c in candidates if os.path.isfile(c)), None)
@@ -294,7 +304,7 @@ def fewshot_examples(task: Task, num_fewshot: int) -> list[Question]:
     return dev.records[:num_fewshot]
 
 
-def load_tasks(paths: str | Sequence[str], num_fewshot: int = 0) -> list[tuple[Task, list[Question]]]:
+def load_tasks(paths: str | Sequence[str], num_fewshot: int = 0) -> list[tuple[Task, list]]:
     """Every task file read and checked (with its few-shot examples), before any model work."""
     if num_fewshot < 0:
         raise UserError(f"num_fewshot must be >= 0, got {num_fewshot}")
@@ -327,3 +337,15 @@ def build_context(task: Task, question: Question, shots: list[Question]) -> str:
     parts.append(question_text(question, task.kind))
     prefix = DESCRIPTION.format(split_subject(task.path).replace("_", " ")) if task.kind == MULTIPLE_CHOICE else ""
     return prefix + SHOT_SEPARATOR.join(parts)
+
+
+def exact_match_prompt(prompt: str, shots: list[tuple[str, list[str]]]) -> str:
+    """Completion mode: the solved examples, then the prompt."""
+    return SHOT_SEPARATOR.join([f"{shot} {answers[0]}" for shot, answers in shots] + [prompt])
+
+
+def exact_match_messages(prompt: str, shots: list[tuple[str, list[str]]]) -> list[dict]:
+    """Chat mode: each solved example a user turn and the assistant's answer, then the prompt."""
+    turns = [[{"role": "user", "content": shot}, {"role": "assistant", "content": answers[0]}]
+             for shot, answers in shots]
+    return [message for turn in turns for message in turn] + [{"role": "user", "content": prompt}]

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 import zlib
 from typing import Iterator
 
@@ -34,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanobumble.base.errors import UserError
+from nanobumble.base.reading import Number, cut
 from nanobumble.model.transformer import copy_full_into
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -85,7 +85,7 @@ def parse_target_modules(target_modules: list[str] | str) -> list[str]:
         return list(ALL_MODULES)
     unknown = [n for n in names if n not in ALL_MODULES]
     if unknown or not names:
-        raise UserError(f"lora_target_modules: unknown module(s) {unknown or repr(target_modules)}; "
+        raise UserError(f"lora_target_modules: unknown module(s) {cut(unknown or repr(target_modules))}; "
                         f"valid: {', '.join(ALL_MODULES)} (or all)")
     return list(dict.fromkeys(names))  # keep order, drop repeats
 
@@ -117,17 +117,22 @@ def init_lora_weights(model: nn.Module, seed: int = 0) -> None:
         copy_full_into(param, value.to(param.dtype))
 
 
+# The values each LoRA setting accepts, for the training configs (run/config.py's
+# table) and adapter_config.json alike. A rank past a few thousand is more than a
+# layer's width and only costs memory; an alpha past 2^16 scales the update absurdly.
+LORA_RANK = Number(1, 4096, integer=True)
+LORA_ALPHA = Number(0, 2**16, low_open=True)
+LORA_DROPOUT = Number(0, 1, high_open=True)
+
+
 def lora_settings_problem(rank, alpha, dropout, names: tuple[str, str, str] = ("lora_rank", "lora_alpha",
                                                                                "lora_dropout")) -> str | None:
-    """What is wrong with a LoRA rank, alpha and dropout, named as the caller's keys
-    (the config's, or adapter_config.json's r / lora_alpha / lora_dropout), or None."""
-    rank_key, alpha_key, dropout_key = names
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        return f"{rank_key} must be a positive integer, got {rank!r}"
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
-        return f"{alpha_key} must be a positive number, got {alpha!r}"
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
-        return f"{dropout_key} must be a number in [0, 1), got {dropout!r}"
+    """"key 'X' must be ..., got V" for the first bad LoRA rank, alpha or dropout, or
+    None; the keys named as the caller's (a config's lora_rank, or adapter_config.json's r)."""
+    for name, rule, value in zip(names, (LORA_RANK, LORA_ALPHA, LORA_DROPOUT), (rank, alpha, dropout)):
+        problem = rule.problem(name, value)
+        if problem:
+            return problem
     return None
 
 

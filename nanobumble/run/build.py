@@ -17,7 +17,7 @@ from nanobumble.base.errors import UserError
 from nanobumble.data.tokenizer import load_tokenizer
 from nanobumble.model.lora import init_lora_weights, inject_lora
 from nanobumble.model.transformer import Transformer
-from nanobumble.store.model_dir import check_model_dir, load_model_config, load_model_weights
+from nanobumble.store.model_dir import check_model_dir, check_stored_weights, load_model_config, load_model_weights
 
 
 def lora_settings(cfg) -> dict | None:
@@ -66,6 +66,8 @@ def build_model(model_cfg, info: DistInfo, seed: int, weights_from: str | None,
     if compile:
         for block in model.layers:
             block.compile()  # per block: compiles once, reused by all layers
+    if weights_from:
+        check_stored_weights(model, weights_from)  # config.json against the files, before allocating
     if info.sharded:
         shard_model(model, info, param_dtype)
     model.to_empty(device=info.device)

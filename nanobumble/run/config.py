@@ -10,13 +10,20 @@ A field without a default is required. A field annotated list[str] takes every
 word after its --key up to the next --key (from YAML: a list). A class may name
 one field in POSITIONAL (a class attribute, e.g. POSITIONAL = "output_dir"): a
 word on the command line that follows no key is then that field's value.
+
+Every numeric key of every config class (the programs' too: prepare, evaluate,
+serve, ...) has its range in one table, NUMBERS below: finite, its bounds, an
+integer or not, and a ceiling where a huge value would only exhaust memory.
+parse_config and each config's __post_init__ apply it; a numeric field without
+an entry is an error (a TypeError, and tests/unit/test_number_table.py walks the
+table for every class). Rules between keys stay in the classes' __post_init__.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
+import functools
 import sys
 import typing
 from dataclasses import MISSING, dataclass, fields
@@ -26,9 +33,97 @@ import yaml
 
 from nanobumble.base.errors import ConfigError
 from nanobumble.base.precision import PRECISIONS
+from nanobumble.base.reading import Number, cut, read_yaml
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT
 from nanobumble.model.layers import KERNEL_MODES
-from nanobumble.model.lora import lora_settings_problem
+from nanobumble.model.lora import LORA_ALPHA, LORA_DROPOUT, LORA_RANK
+
+# Tokens in one micro-step (micro-batch x cutoff_len): 32 MB of int64 ids on the
+# host, and far past what a GPU's activations hold; beyond it a run can only die
+# of memory, so it is refused before anything is loaded.
+MAX_MICRO_BATCH_TOKENS = 2**22
+FEWSHOT = Number(0, 100, integer=True)  # solved examples before each question
+
+# The values every numeric key accepts, by key name (a key means the same in every
+# class that has it); "Class.key" where one class's key means something else.
+# Ceilings (2^40 steps, 1024 workers, ...) are where a value stops being a setting.
+NUMBERS: dict[str, Number] = {
+    # TrainConfig: every training stage
+    "preprocessing_num_workers": Number(0, 1024, integer=True, note="0: all CPUs"),
+    "cutoff_len": Number(1, MAX_MICRO_BATCH_TOKENS, integer=True),
+    "num_epochs": Number(0, 1e6, note="used when max_steps <= 0"),
+    "max_steps": Number(-1, 2**40, integer=True, note="<= 0: num_epochs decides"),
+    "learning_rate": Number(0, low_open=True),
+    "weight_decay": Number(0),
+    "warmup_ratio": Number(0, 1, high_open=True),
+    "min_lr_ratio": Number(0, 1),
+    "adam_beta1": Number(0, 1, high_open=True),
+    "adam_beta2": Number(0, 1, high_open=True),
+    "max_grad_norm": Number(note="<= 0: no clipping"),
+    "train_micro_batch_size_per_gpu": Number(1, MAX_MICRO_BATCH_TOKENS, integer=True),
+    "gradient_accumulation_steps": Number(1, 2**16, integer=True),
+    "logging_steps": Number(1, 2**40, integer=True),
+    "val_ratio": Number(0, 1, high_open=True),
+    "eval_steps": Number(-1, 2**40, integer=True, note="<= 0: only at the end"),
+    "eval_batches": Number(1, 2**20, integer=True),
+    "save_steps": Number(-1, 2**40, integer=True, note="<= 0: only the final model"),
+    "save_total_limit": Number(-1, 2**20, integer=True, note="<= 0: keeps all"),
+    "seed": Number(0, 2**32, integer=True, high_open=True),  # numpy's seeds are 32-bit
+    "collective_timeout_minutes": Number(0, 1e5, low_open=True),
+    # PretrainConfig, and prepare.py's PrepareConfig
+    "vocab_size": Number(1, 2**20, integer=True),
+    "tokenizer_sample_mb": Number(0, 2**20, low_open=True),
+    # FinetuneConfig (SFT and DPO): LoRA's ranges are model/lora.py's, also applied to adapter_config.json
+    "lora_rank": LORA_RANK,
+    "lora_alpha": LORA_ALPHA,
+    "lora_dropout": LORA_DROPOUT,
+    "eval_num_fewshot": FEWSHOT,
+    # DPOConfig
+    "pref_beta": Number(0, low_open=True),
+    "label_smoothing": Number(0, 0.5, high_open=True),
+    "ld_alpha": Number(0, 1),
+    "sft_weight": Number(0),  # negative would train the chosen answers' likelihood down
+    "max_chosen_logp_drop": Number(note="<= 0: never warn"),
+    # The programs: prepare, evaluate, export_hf, serve, chat
+    "num_workers": Number(0, 1024, integer=True, note="0: all CPUs"),
+    "shard_tokens": Number(1, 2**31, integer=True, high_open=True),
+    "num_fewshot": FEWSHOT,
+    "batch_size": Number(1, 4096, integer=True),
+    "max_new_tokens": Number(1, 2**20, integer=True),
+    "max_shard_size_gb": Number(0, low_open=True),
+    "port": Number(1, 65535, integer=True),
+    "temperature": Number(0, note="0: greedy"),
+    "top_p": Number(0, 1, low_open=True),
+    "top_k": Number(-1, 2**20, integer=True, note="<= 0: off"),
+    "repetition_penalty": Number(0, low_open=True),
+    "ChatConfig.seed": Number(-1, 2**32, integer=True, high_open=True, note="-1: a random seed"),
+}
+
+
+def number_rule(cls: type, key: str) -> Number:
+    """The entry of NUMBERS for a numeric key of cls. None is a TypeError: a new
+    numeric key needs its range stated before any config holding it is built."""
+    own = (NUMBERS.get(f"{klass.__name__}.{key}") for klass in cls.__mro__)
+    rule = next((rule for rule in own if rule), NUMBERS.get(key))
+    integer = _field_types(cls)[key] is int
+    if rule is None or rule.integer != integer:
+        raise TypeError(f"{cls.__name__}.{key}: no {'integer' if integer else 'number'} range for it in NUMBERS "
+                        f"(nanobumble/run/config.py)")
+    return rule
+
+
+def _check_values(cls: type, values: dict[str, Any]) -> None:
+    for key, kind in _field_types(cls).items():
+        if kind in (int, float):
+            rule = number_rule(cls, key)
+            if key in values:
+                rule.check(key, values[key])
+
+
+def check_numbers(config) -> None:
+    """Every numeric key of a config (a dataclass) within its range in NUMBERS, or
+    a ConfigError naming the key: the first line of each config's __post_init__."""
+    _check_values(type(config), vars(config))
 
 
 @dataclass
@@ -78,47 +173,33 @@ class TrainConfig:
     collective_timeout_minutes: float = 10.0  # ranks give up on a rank that stops answering after this long
 
     def __post_init__(self):
+        check_numbers(self)
         if self.stage != type(self).stage:
             raise ConfigError(f"key 'stage' is {type(self).stage!r} for this script, got {self.stage!r} "
                               f"(a training_args.yaml from another stage?)")
         _check_choice(self, "lr_scheduler_type", ("cosine", "linear", "constant"))
         _check_choice(self, "train_model_precision", PRECISIONS)
         _check_choice(self, "kernels", KERNEL_MODES)
-        if self.preprocessing_num_workers < 0:
-            raise ConfigError(f"key 'preprocessing_num_workers' must be >= 0 (0: all CPUs), "
-                              f"got {self.preprocessing_num_workers}")
-        for key in ("cutoff_len", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "logging_steps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"key '{key}' must be at least 1, got {getattr(self, key)}")
-        if not 0.0 <= self.val_ratio < 1.0:
-            raise ConfigError(f"key 'val_ratio' must be in [0, 1), got {self.val_ratio}")
-        if self.eval_batches < 1:
-            raise ConfigError(f"key 'eval_batches' must be at least 1, got {self.eval_batches}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"key 'warmup_ratio' must be in [0, 1), got {self.warmup_ratio}")
-        # Ranges of the numeric keys: a NaN fails every comparison, so it is refused too.
-        _check_range(self, "learning_rate", lambda v: v > 0, "> 0")
-        _check_range(self, "weight_decay", lambda v: v >= 0, ">= 0")
-        _check_range(self, "min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]")
-        _check_range(self, "adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)")
-        _check_range(self, "adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)")
-        _check_range(self, "max_grad_norm", lambda v: v <= 0 or math.isfinite(v), "finite (<= 0: no clipping)")
-        _check_range(self, "num_epochs", lambda v: math.isfinite(v), "finite")
-        _check_range(self, "seed", lambda v: 0 <= v < 2**32, "in [0, 2^32)")
-        _check_range(self, "collective_timeout_minutes", lambda v: 0 < v < math.inf, "> 0 and finite")
         if self.max_steps <= 0 and self.num_epochs <= 0:
-            raise ConfigError("set max_steps > 0 or num_epochs > 0")
+            raise ConfigError(f"set key 'max_steps' > 0 or key 'num_epochs' > 0, got {self.max_steps} and "
+                              f"{self.num_epochs}")
+        tokens = self.train_micro_batch_size_per_gpu * self.cutoff_len
+        if tokens > MAX_MICRO_BATCH_TOKENS:
+            raise ConfigError(f"keys 'train_micro_batch_size_per_gpu' x 'cutoff_len' must be at most "
+                              f"{MAX_MICRO_BATCH_TOKENS:,} tokens per micro-step, got "
+                              f"{self.train_micro_batch_size_per_gpu} x {self.cutoff_len}")
 
 
 def _check_range(config, key: str, ok, what: str) -> None:
+    """A rule NUMBERS cannot state (e.g. a list that must not be empty)."""
     value = getattr(config, key)
     if not ok(value):
-        raise ConfigError(f"key '{key}' must be {what}, got {value}")
+        raise ConfigError(f"key '{key}' must be {what}, got {cut(value)}")
 
 
 def _check_choice(config, key: str, allowed: tuple[str, ...]) -> None:
     if getattr(config, key) not in allowed:
-        raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
+        raise ConfigError(f"key '{key}' must be one of {', '.join(allowed)}, got {cut(repr(getattr(config, key)))}")
 
 
 @dataclass
@@ -131,12 +212,6 @@ class PretrainConfig(TrainConfig):
     vocab_size: int = 4096  # size of a tokenizer trained on the data
     tokenizer_sample_mb: float = 80.0  # a new tokenizer learns from this much of the text (bounds its memory)
     val_ratio: float = 0.01  # share of documents held out for validation
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.vocab_size < 1:
-            raise ConfigError("key 'vocab_size' must be at least 1")
-        _check_range(self, "tokenizer_sample_mb", lambda v: 0 < v < math.inf, "> 0 and finite")
 
 
 @dataclass
@@ -156,12 +231,6 @@ class FinetuneConfig(TrainConfig):
     def __post_init__(self):
         super().__post_init__()
         _check_choice(self, "finetuning_type", ("full", "lora"))
-        if self.eval_num_fewshot < 0:
-            raise ConfigError(f"key 'eval_num_fewshot' must be >= 0, got {self.eval_num_fewshot}")
-        problem = lora_settings_problem(self.lora_rank, self.lora_alpha, self.lora_dropout,
-                                        names=("'lora_rank'", "'lora_alpha'", "'lora_dropout'"))
-        if problem:
-            raise ConfigError(f"key {problem}")
 
 
 @dataclass
@@ -199,15 +268,9 @@ class DPOConfig(FinetuneConfig):
     def __post_init__(self):
         super().__post_init__()
         _check_choice(self, "pref_loss", ("sigmoid", "ipo", "hinge"))
-        if self.pref_beta <= 0:
-            raise ConfigError(f"key 'pref_beta' must be > 0, got {self.pref_beta}")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"key 'label_smoothing' must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.pref_loss != "sigmoid":  # cDPO smooths the sigmoid loss; others ignore it
             raise ConfigError(f"key 'label_smoothing' ({self.label_smoothing}) is conservative DPO, for "
                               f"pref_loss 'sigmoid' only; key 'pref_loss' {self.pref_loss!r} would ignore it")
-        if not 0.0 <= self.ld_alpha <= 1.0:
-            raise ConfigError(f"key 'ld_alpha' must be in [0, 1], got {self.ld_alpha}")
 
 
 _TRUE = {"true", "1", "yes", "on"}
@@ -217,7 +280,7 @@ _FALSE = {"false", "0", "no", "off"}
 def _coerce(key: str, value: Any, kind: type, source: str) -> Any:
     """Convert a YAML or command-line value to the field's type, or explain why not."""
     def bad() -> ConfigError:
-        return ConfigError(f"{source}: key '{key}' expects {kind.__name__}, got {value!r}")
+        return ConfigError(f"{source}: key '{key}' expects {kind.__name__}, got {cut(repr(value))}")
 
     if kind is bool:
         if isinstance(value, bool):
@@ -263,7 +326,7 @@ def _coerce(key: str, value: Any, kind: type, source: str) -> Any:
         if not isinstance(value, list):
             raise bad()
         if any(item is None or isinstance(item, (dict, list)) for item in value):
-            raise ConfigError(f"{source}: key '{key}' expects a list of strings, got {value!r}")
+            raise ConfigError(f"{source}: key '{key}' expects a list of strings, got {cut(repr(value))}")
         return [str(item) for item in value]
     raise TypeError(f"unsupported config field type {kind}")
 
@@ -279,6 +342,7 @@ def _field_type(annotation: Any) -> type:
     return annotation
 
 
+@functools.cache  # a class's fields never change; the number checks ask for them per key
 def _field_types(cls: type) -> dict[str, type]:
     return {f.name: _field_type(f.type) for f in fields(cls)}
 
@@ -294,7 +358,7 @@ def _positional(cls: type) -> str:
 def _unknown_key(key: str, valid: list[str], source: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return ConfigError(f"{source}: unknown key '{key}'{hint} (run with --help to list all keys)")
+    return ConfigError(f"{source}: unknown key '{cut(key)}'{hint} (run with --help to list all keys)")
 
 
 def _split_command_line(argv: list[str], types: dict[str, type] | None = None,
@@ -317,7 +381,7 @@ def _split_command_line(argv: list[str], types: dict[str, type] | None = None,
                 pairs.append((positional, arg))
                 positional_taken = True
                 continue
-            raise ConfigError(f"command line: expected --key value, got {arg!r}")
+            raise ConfigError(f"command line: expected --key value, got {cut(repr(arg))}")
         key, equals, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         is_list = types.get(key) is list
@@ -394,13 +458,7 @@ def parse_config(argv: list[str], cls: type, defaults: dict[str, Any] | None = N
         raise ConfigError("command line: --yaml_config given more than once")
     if yaml_files:
         path = yaml_files[0]
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"--yaml_config: file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        loaded = read_yaml(path, error=ConfigError)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -422,6 +480,7 @@ def parse_config(argv: list[str], cls: type, defaults: dict[str, Any] | None = N
         names = ", ".join(f"'{key}'" for key in missing)
         raise ConfigError(f"key {names} is required ({how})" if len(missing) == 1
                           else f"keys {names} are required ({how})")
+    _check_values(cls, values)  # before __post_init__, whose rules between keys expect numbers in range
     return cls(**values)
 
 

@@ -6,6 +6,7 @@ import json
 import os
 
 from nanobumble.base.files import atomic_write_text
+from nanobumble.base.output_guard import record
 
 
 class MetricsLogger:
@@ -19,8 +20,11 @@ class MetricsLogger:
         self.writer = None
         if use_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
+            before = set(os.listdir(output_dir))
             # purge_step hides events a killed run wrote after the checkpoint we resume from
             self.writer = SummaryWriter(log_dir=output_dir, purge_step=resume_step + 1 if resume_step else None)
+            record(output_dir, *(name for name in os.listdir(output_dir)
+                                 if name not in before and name.startswith("events.out.tfevents")))
 
     def _drop_after(self, step: int) -> None:
         """A run killed after its last checkpoint logged steps that will be redone,

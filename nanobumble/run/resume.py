@@ -1,7 +1,7 @@
 """The resume policy: what a run does with its output_dir before it starts.
 
 A fresh run never replaces a finished model or checkpoints unless
-overwrite_output_dir (then it removes the old checkpoints). --resume auto takes
+overwrite_output_dir (then it removes what the earlier run wrote, and nothing else). --resume auto takes
 the newest intact checkpoint and moves a damaged one aside; --resume DIR takes
 that checkpoint or stops. A resumed run must be the same run: the same global
 batch, data files and settings, except those listed below as safe to change.
@@ -10,20 +10,28 @@ batch, data files and settings, except those listed below as safe to change.
 from __future__ import annotations
 
 import os
-import shutil
 
 from nanobumble.base.distributed import print0
 from nanobumble.base.errors import UserError
+from nanobumble.base.output_guard import RECORD, foreign, record, remove_recorded
 from nanobumble.data.records import files_signature
 from nanobumble.run.config import config_to_dict
 from nanobumble.store.checkpoint import checkpoint_problem, list_checkpoints, read_trainer_state
-from nanobumble.store.model_dir import check_output_dir
+from nanobumble.store.model_dir import COMPLETE, MODEL_FILES, check_output_dir
 from nanobumble.store.run_files import read_training_args
+
+# What a run writes at the root of its output_dir (besides checkpoint-N and
+# TensorBoard's event files): recorded when the run claims the directory, so
+# --overwrite_output_dir may later remove them, and a stranger of the same name
+# (a file nanobumble did not write) stops the run instead of being replaced.
+RUN_FILES = (*MODEL_FILES, "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+             "training_args.yaml", COMPLETE, "metrics.jsonl", "plots")
 
 
 def resolve_resume(cfg, world_size: int) -> str | None:
     """The checkpoint to continue from, or None for a fresh run. Rank 0 runs this
-    first (main_process_first): it alone moves or removes anything.
+    first (main_process_first), holding output_dir's lock (base/output_guard.py):
+    it alone moves or removes anything, and only what nanobumble wrote there.
 
     A fresh run never replaces a finished model or checkpoints unless
     overwrite_output_dir. --resume auto takes the newest intact checkpoint: a
@@ -32,22 +40,14 @@ def resolve_resume(cfg, world_size: int) -> str | None:
     see check_resume_settings."""
     output_dir = cfg.output_dir
     main = int(os.environ.get("RANK", "0")) == 0
+    if cfg.resume and cfg.overwrite_output_dir:
+        raise UserError(f"--resume {cfg.resume} continues the run in {output_dir} while --overwrite_output_dir "
+                        f"true starts it over: pass one of them")
     if not cfg.resume:
-        old = list_checkpoints(output_dir)
-        if old and not cfg.overwrite_output_dir:
-            raise UserError(f"output_dir {output_dir} already holds checkpoints; continue it with --resume auto, "
-                            f"pick another --output_dir, or pass --overwrite_output_dir true to start over")
-        check_output_dir(output_dir, cfg.overwrite_output_dir)
-        if old and main:
-            print0(f"overwrite_output_dir: removing {len(old)} old checkpoint(s) in {output_dir}")
-            for _, path in old:
-                shutil.rmtree(path)
+        start_fresh(output_dir, cfg.overwrite_output_dir, main)
         return None
-    check_output_dir(output_dir, overwrite=True)  # a resumed run replaces its own final model
-    if main and os.path.isdir(output_dir):  # what a save killed half-way left behind
-        for name in os.listdir(output_dir):
-            if name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
-                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    if main:  # the user says this run is theirs: adopt what it wrote (a run from before the record had none)
+        record(output_dir, *RUN_FILES, *(os.path.basename(path) for _, path in list_checkpoints(output_dir)))
     if cfg.resume == "auto":
         found = None
         for _, path in reversed(list_checkpoints(output_dir)):
@@ -55,13 +55,13 @@ def resolve_resume(cfg, world_size: int) -> str | None:
             if problem is None:
                 found = path
                 break
-            aside = os.path.join(output_dir, "damaged-" + os.path.basename(path))
             if main:
-                shutil.rmtree(aside, ignore_errors=True)
+                aside = free_name(os.path.join(output_dir, "damaged-" + os.path.basename(path)))
+                record(output_dir, os.path.basename(aside))
                 os.rename(path, aside)
-                print0(f"warning: {path} is damaged ({problem}); moved it to {aside}")
+                print0(f"warning: {path} is damaged ({problem[:200]}); moved it to {aside}")
         if found is None:  # then it is a fresh run, and must not replace a finished model either
-            check_output_dir(output_dir, cfg.overwrite_output_dir)
+            start_fresh(output_dir, False, main)
         print0(f"resuming from {found}" if found else f"resume=auto: no checkpoint in {output_dir}, starting fresh")
     else:
         found = cfg.resume
@@ -69,11 +69,42 @@ def resolve_resume(cfg, world_size: int) -> str | None:
             raise UserError(f"resume: {found} is not a directory")
         problem = checkpoint_problem(found)
         if problem:
-            raise UserError(f"resume: {found} is not an intact checkpoint ({problem})")
+            raise UserError(f"resume: {found} is not an intact checkpoint ({problem[:200]})")
         print0(f"resuming from {found}")
     if found:
         check_resume_settings(cfg, world_size, found)
     return found
+
+
+def start_fresh(output_dir: str, overwrite: bool, main: bool) -> None:
+    """A fresh run into output_dir: refuse to replace a finished model or
+    checkpoints unless overwrite (then remove everything an earlier run wrote), and
+    anything nanobumble did not write that the run would replace."""
+    check_output_dir(output_dir, overwrite)
+    old = list_checkpoints(output_dir)
+    if old and not overwrite:
+        raise UserError(f"output_dir {output_dir} already holds checkpoints; continue it with --resume auto, "
+                        f"pick another --output_dir, or pass --overwrite_output_dir true to start over")
+    strangers = foreign(output_dir, (*RUN_FILES, *(os.path.basename(path) for _, path in old)))
+    if strangers:
+        raise UserError(f"output_dir {output_dir} holds {', '.join(strangers[:5])}, which nanobumble did not write "
+                        f"there (not in {RECORD}; or an older nanobumble wrote it): this run would replace it; "
+                        f"move it away or pick another --output_dir")
+    if main:
+        if overwrite:
+            removed = remove_recorded(output_dir)
+            if removed:
+                print0(f"overwrite_output_dir: removed {len(removed)} entries an earlier run wrote in {output_dir}")
+        record(output_dir, *RUN_FILES)
+
+
+def free_name(path: str) -> str:
+    """path, or path-2, path-3, ...: the first that does not exist."""
+    candidate, n = path, 1
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = f"{path}-{n}"
+    return candidate
 
 # Keys that may change between a run and its resumption without changing what
 # is trained: cadence, where things go, and how fast the same math runs.

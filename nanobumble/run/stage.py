@@ -28,9 +28,10 @@ import time
 
 import torch
 
-from nanobumble.base.distributed import all_reduce_sum, distributed_run, main_process_first, print0
+from nanobumble.base.distributed import distributed_run, main_process_first, print0
 from nanobumble.base.errors import UserError
-from nanobumble.base.precision import autocast, autocast_dtype, resolve_precision
+from nanobumble.base.output_guard import abandon_run_dir, claim_run_dir
+from nanobumble.base.precision import autocast_dtype, resolve_precision
 from nanobumble.data.records import files_signature, split_held_out
 from nanobumble.data.token_cache import tokenized_pairs, tokenized_sft
 from nanobumble.evals.scoring import evaluate_tasks
@@ -44,7 +45,7 @@ from nanobumble.run.plots import plot_run
 from nanobumble.run.resume import resolve_resume
 from nanobumble.store.adapter import adapter_config_for
 from nanobumble.store.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from nanobumble.store.model_dir import save_model_dir
+from nanobumble.store.model_dir import save_model_dir, weights_usable
 
 
 def run_stage(train, config_class, argv: list[str]) -> None:
@@ -52,7 +53,12 @@ def run_stage(train, config_class, argv: list[str]) -> None:
     line), then train(cfg, info) in the process group torchrun set up (or alone)."""
     cfg = parse_config(argv, config_class)
     with distributed_run(cfg.collective_timeout_minutes) as info:
-        train(cfg, info)
+        try:
+            train(cfg, info)
+        except BaseException:
+            if info.is_main:
+                abandon_run_dir(cfg.output_dir)  # refused before writing: leave no empty output_dir behind
+            raise
 
 
 class Stage:
@@ -68,10 +74,17 @@ class Stage:
 
     def open_output_dir(self) -> str | None:
         """Claim output_dir for this run and return the checkpoint to resume from (None:
-        a fresh run). This is where files may move: a fresh run with
-        overwrite_output_dir removes the old checkpoints, and --resume auto moves a
-        damaged checkpoint aside (run/resume.py). Rank 0 acts first, alone."""
-        self.resume_dir = main_process_first(lambda: resolve_resume(self.cfg, self.info.world_size))
+        a fresh run). Rank 0 takes output_dir's lock for the run's lifetime, after
+        checking that output_dir lies apart from every input (base/output_guard.py).
+        This is where files may move: a fresh run with overwrite_output_dir removes
+        what an earlier run wrote, and --resume auto moves a damaged checkpoint aside
+        (run/resume.py). Rank 0 acts first, alone."""
+        def claim_and_resolve():
+            if self.info.is_main:
+                self.lock = claim_run_dir(self.cfg.output_dir, run_inputs(self.cfg))
+            return resolve_resume(self.cfg, self.info.world_size)
+
+        self.resume_dir = main_process_first(claim_and_resolve)
         return self.resume_dir
 
     def build_model(self, model_cfg, weights_from: str | None, lora: dict | None = None, frozen: bool = False):
@@ -194,6 +207,21 @@ class Stage:
         print0(f"done in {self.progress.elapsed()}; {what} directory: {cfg.output_dir}")
 
 
+# The keys that name what a run reads: its output_dir must lie apart from each.
+INPUT_KEYS = ("model_name_or_path", "dataset_path", "eval_dataset_path", "tokenizer_path", "cache_dir", "eval_tasks")
+
+
+def run_inputs(cfg) -> dict[str, str]:
+    """What the run reads, by key (a comma-separated dataset_path and eval_tasks' list give several)."""
+    inputs = {}
+    for key in INPUT_KEYS:
+        value = getattr(cfg, key, "")
+        paths = value if isinstance(value, list) else [p for p in str(value or "").split(",") if p.strip()]
+        for i, path in enumerate(paths):
+            inputs[key if len(paths) == 1 else f"{key}[{i}]"] = path.strip()
+    return inputs
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
     h, rem = divmod(seconds, 3600)
@@ -226,25 +254,10 @@ def check_finite(step: int, loss: float, grad_norm: float, output_dir: str) -> N
                         f"update; the last good checkpoint is {last or 'none (nothing saved yet)'}")
 
 
-@torch.no_grad()
 def check_model_finite(model, step: int, output_dir: str, device: torch.device, dtype: torch.dtype) -> None:
-    """Before a checkpoint or the final model is written: every weight finite, and
-    a forward pass through them too (a diverged update can leave huge but finite
-    weights that give NaN logits). Every rank calls this (the forward pass is a
-    collective when the model is sharded)."""
-    bad = torch.zeros((), device=device)
-    for param in model.parameters():
-        local = param.to_local() if hasattr(param, "to_local") else param
-        bad += (~torch.isfinite(local)).sum()
-    length = min(model.config.vocab_size, model.config.max_position_embeddings + 1, 33)
-    probe = torch.arange(length, device=device)[None]
-    was_training = model.training
-    model.eval()  # no dropout: the probe draws no random numbers
-    with autocast(device, dtype):
-        loss = model(probe[:, :-1], probe[:, 1:])
-    model.train(was_training)
-    bad += ~torch.isfinite(loss.float())
-    if all_reduce_sum(bad).item() > 0:
+    """Before a checkpoint or the final model is written: the weights usable
+    (store/model_dir.py: weights_usable). Every rank calls this."""
+    if not weights_usable(model, device, dtype):
         last = latest_checkpoint(output_dir)
         raise UserError(f"step {step}: the weights are no longer usable (non-finite values or a non-finite "
                         f"forward pass; learning_rate too high?); nothing is saved; the last good checkpoint is "

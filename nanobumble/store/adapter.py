@@ -18,6 +18,7 @@ import torch.nn as nn
 from nanobumble.base.distributed import is_main
 from nanobumble.base.errors import UserError
 from nanobumble.base.files import atomic_write_text
+from nanobumble.base.reading import cut, read_json
 from nanobumble.model.lora import (
     ALL_MODULES,
     inject_lora,
@@ -80,13 +81,13 @@ def validate_adapter_config(config: dict, source: str) -> dict:
     if not isinstance(config, dict):
         raise UserError(f"{source}: expected a JSON object")
     if config.get("peft_type", "LORA") != "LORA" or config.get("task_type") not in (None, "CAUSAL_LM"):
-        raise UserError(f"{source}: peft_type {config.get('peft_type')!r} / task_type {config.get('task_type')!r}: "
-                        f"only LORA adapters for CAUSAL_LM are supported")
+        raise UserError(f"{source}: peft_type {cut(repr(config.get('peft_type')))} / task_type "
+                        f"{cut(repr(config.get('task_type')))}: only LORA adapters for CAUSAL_LM are supported")
     for key, value in config.items():
         if key in ADAPTER_CONFIG_KEYS or key in PEFT_IGNORED_KEYS:
             continue
         if not (value in (None, False, "none") or value == [] or value == {}):
-            raise UserError(f"{source}: {key}={value!r} is not supported (nanobumble's LoRA implements "
+            raise UserError(f"{source}: {cut(key)}={cut(repr(value))} is not supported (nanobumble's LoRA implements "
                             f"{', '.join(ADAPTER_CONFIG_KEYS[1:])} only; an unknown key or an option that "
                             f"changes the math)")
     missing = [k for k in ("r", "lora_alpha", "target_modules") if k not in config]
@@ -102,7 +103,7 @@ def validate_adapter_config(config: dict, source: str) -> dict:
     if problem:
         raise UserError(f"{source}: {problem}")
     if not isinstance(out["use_rslora"], bool):
-        raise UserError(f"{source}: use_rslora must be true or false, got {out['use_rslora']!r}")
+        raise UserError(f"{source}: use_rslora must be true or false, got {cut(repr(out['use_rslora']))}")
     if not isinstance(out["target_modules"], list) or not all(isinstance(t, str) for t in out["target_modules"]):
         raise UserError(f"{source}: target_modules must be a list of names")
     try:
@@ -115,14 +116,9 @@ def validate_adapter_config(config: dict, source: str) -> dict:
 def read_adapter_config(path: str) -> dict:
     """adapter_config.json from an adapter directory (or the file itself), validated."""
     config_file = path if path.endswith(".json") else os.path.join(path, ADAPTER_CONFIG)
-    if not os.path.isfile(config_file):
+    if not os.path.exists(config_file):
         raise UserError(f"{config_file}: not found (not a LoRA adapter directory?)")
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{config_file}: not valid JSON ({e})") from None
-    return validate_adapter_config(config, config_file)
+    return validate_adapter_config(read_json(config_file), config_file)
 
 
 def save_adapter(path: str, model: nn.Module, adapter_config: dict) -> None:

@@ -34,6 +34,8 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from nanobumble.base.distributed import barrier, is_main
 from nanobumble.base.errors import DataError, UserError
 from nanobumble.base.files import atomic_write_text
+from nanobumble.base.output_guard import record, remove_entry
+from nanobumble.base.reading import read_json
 from nanobumble.data.tokenizer import load_tokenizer
 from nanobumble.model.transformer import Transformer
 from nanobumble.store.adapter import (
@@ -51,7 +53,15 @@ from nanobumble.store.model_dir import (
     save_model_dir,
 )
 from nanobumble.store.run_files import read_training_args
-from nanobumble.store.tensor_files import DamagedFile, header_shapes, open_file, read_into, write_gathered
+from nanobumble.store.tensor_files import (
+    DamagedFile,
+    check_float,
+    header_dtypes,
+    header_shapes,
+    open_file,
+    read_into,
+    write_gathered,
+)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
@@ -110,32 +120,29 @@ def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: t
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if is_main():
-        if os.path.exists(final):  # a resumed run saving the same step again
+        record(output_dir, os.path.basename(final))
+        if os.path.lexists(final):  # a resumed run saving the same step again
             old = os.path.join(output_dir, f".old-checkpoint-{step}")
             shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
             os.rename(tmp, final)
-            shutil.rmtree(old)
+            remove_entry(old)
         else:
             os.rename(tmp, final)
         if save_total_limit > 0:
             for _, path in list_checkpoints(output_dir)[:-save_total_limit]:
-                shutil.rmtree(path)
+                remove_entry(path)
     barrier()
     return final
 
 
 def read_trainer_state(path: str) -> dict:
     state_file = os.path.join(path, "trainer_state.json")
-    if not os.path.isfile(state_file):
+    if not os.path.lexists(state_file):  # anything else by that name is read_json's to name
         old = " (written by an older nanobumble, trainer_state.pt)" \
             if os.path.exists(os.path.join(path, "trainer_state.pt")) else ""
         raise DamagedFile(f"{state_file}: not found{old}")
-    try:
-        with open(state_file, encoding="utf-8") as f:
-            state = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DamagedFile(f"{state_file}: not valid JSON ({e})") from None
+    state = read_json(state_file, error=DamagedFile)
     if not isinstance(state, dict) or not all(isinstance(state.get(k), int) and state[k] >= 0
                                               for k in ("step", "world_size")):
         raise DamagedFile(f"{state_file}: expected {{\"step\": <int>, \"world_size\": <int>}}")
@@ -156,25 +163,29 @@ def checkpoint_problem(path: str) -> str | None:
             if not os.path.isfile(os.path.join(path, name)) or os.path.getsize(os.path.join(path, name)) == 0:
                 return f"{os.path.join(path, name)}: missing or empty"
         read_training_args(path, required=True)  # a mapping of keys, or UserError
-        header_shapes(os.path.join(path, "rng_state.safetensors"))
         load_tokenizer(path)
         with torch.device("meta"):
             model = Transformer(load_model_config(os.path.join(path, "config.json")))
         if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
             read_adapter_config(path)
-            trained = {adapter_param_name(key): shape
-                       for key, shape in header_shapes(os.path.join(path, ADAPTER_WEIGHTS)).items()}
+            weights_file = os.path.join(path, ADAPTER_WEIGHTS)
+            trained = {adapter_param_name(key): shape for key, shape in header_shapes(weights_file).items()}
         else:
             weights_file = os.path.join(path, "model.safetensors")
             trained = header_shapes(weights_file)
             if model.config.tie_word_embeddings:
                 trained.pop("lm_head.weight", None)
             check_weight_names(weights_file, trained, expected_weight_shapes(model))
-        moments = {name.removesuffix(".exp_avg"): shape
-                   for name, shape in header_shapes(os.path.join(path, "optimizer.safetensors")).items()
-                   if name.endswith(".exp_avg")}
-        if moments != trained:
-            return "optimizer.safetensors does not match the weights"
+        optimizer_file = os.path.join(path, "optimizer.safetensors")
+        stored = header_shapes(optimizer_file)
+        expected = {f"{name}.{key}": shape for name, shape in trained.items() for key in ("exp_avg", "exp_avg_sq")}
+        expected |= {f"{name}.step": () for name in trained}  # AdamW's count, one per parameter
+        if stored != expected:
+            wrong = sorted(set(stored) ^ set(expected)) or sorted(k for k in stored if stored[k] != expected[k])
+            return f"{optimizer_file} does not match the weights ({', '.join(wrong[:3])})"
+        check_float(weights_file, header_dtypes(weights_file))
+        check_float(optimizer_file, header_dtypes(optimizer_file))
+        check_rng_file(os.path.join(path, "rng_state.safetensors"))
     except (DamagedFile, UserError, DataError, ValueError, TypeError, OSError, RuntimeError, yaml.YAMLError) as e:
         return str(e)
     return None
@@ -201,6 +212,17 @@ def load_checkpoint(path: str, model: Transformer, optimizer: torch.optim.Optimi
     with open_file(os.path.join(path, "rng_state.safetensors")) as f:
         set_rng_state({name: f.get_tensor(name) for name in f.keys()})
     return read_trainer_state(path)["step"]
+
+
+def check_rng_file(path: str) -> None:
+    """rng_state.safetensors as rng_state() writes it: "torch" (and "cuda.N") byte vectors."""
+    shapes, dtypes = header_shapes(path), header_dtypes(path)
+    names = set(shapes)
+    if "torch" not in names or any(not re.fullmatch(r"torch|cuda\.\d+", name) for name in names):
+        raise DamagedFile(f"{path}: expected the tensors torch and cuda.N, got {sorted(names)[:5]}")
+    for name in names:
+        if dtypes[name] != "U8" or len(shapes[name]) != 1:
+            raise DamagedFile(f"{path}: tensor {name} is {dtypes[name]} {list(shapes[name])}, expected a U8 vector")
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 
 import torch
@@ -51,11 +50,12 @@ from safetensors.torch import save_file
 
 from nanobumble.base.errors import UserError
 from nanobumble.base.files import atomic_write_bytes, atomic_write_text
+from nanobumble.base.output_guard import publish_directory
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT
 from nanobumble.data.tokenizer import SPACE_PIECE, SPECIAL_TOKENS, UNK_ID, Tokenizer, load_tokenizer
 from nanobumble.model.transformer import ModelConfig
 from nanobumble.store.model_card import model_card
-from nanobumble.store.model_dir import check_model_dir, check_output_dir, load_model_dir, model_state_dict
+from nanobumble.store.model_dir import check_model_dir, load_model_dir, model_state_dict
 from nanobumble.store.run_files import read_training_args
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,7 +64,6 @@ GIB = 2**30
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"  # transformers' names, numbered from 1
-SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype, tokenizer) -> dict:
@@ -218,39 +217,18 @@ def plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str
 
 
 def write_weights(save_path: str, state: dict[str, torch.Tensor], max_bytes: int) -> list[str]:
-    """model.safetensors, or shards plus the index when the weights exceed max_bytes.
-    Returns the weight file names.
-
-    Every file is written under a temporary name first. Then the weight files of an
-    earlier export go (all but those about to be replaced), the new files are renamed
-    into place, and the index comes last. Removing first matters: transformers loads a
-    model.safetensors in preference to an index, and an old index names old shards; so a
-    crash in between leaves an export that fails to load, never a silent mix."""
+    """model.safetensors, or shards plus the index when the weights exceed max_bytes,
+    into a new directory. Returns the weight file names."""
     shards = plan_shards(state, max_bytes)
     names = [WEIGHTS_NAME] if len(shards) == 1 else \
         [SHARD_NAME.format(i, len(shards)) for i in range(1, len(shards) + 1)]
-    temporary = []
-    try:
-        for name, shard in zip(names, shards):
-            temporary.append(os.path.join(save_path, f"{name}.tmp-{os.getpid()}"))
-            save_file(shard, temporary[-1], metadata={"format": "pt"})
-    except BaseException:
-        for path in temporary:
-            if os.path.exists(path):
-                os.remove(path)
-        raise
-    for old in os.listdir(save_path):
-        stale_weights = (old == WEIGHTS_NAME or SHARD_RE.match(old)) and old not in names
-        if old == INDEX_NAME or stale_weights:
-            os.remove(os.path.join(save_path, old))
-    for name, tmp in zip(names, temporary):
-        os.replace(tmp, os.path.join(save_path, name))
+    for name, shard in zip(names, shards):
+        save_file(shard, os.path.join(save_path, name), metadata={"format": "pt"})
     if len(names) > 1:  # transformers' index format
         total = sum(t.numel() * t.element_size() for t in state.values())
         weight_map = {tensor: name for name, shard in zip(names, shards) for tensor in shard}
         write_json(os.path.join(save_path, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
     return names
-
 
 
 def trained_system_prompt(args: dict) -> str:
@@ -265,28 +243,31 @@ def write_hf_model(model_path: str, save_path: str, sampling, dtype: torch.dtype
                    overwrite: bool = False, max_shard_size: int = 5 * GIB) -> None:
     """Export model_path to save_path; sampling (a GenerationConfig) gives generation_config.json's defaults."""
     check_model_dir(model_path, "model_path")
-    if os.path.abspath(model_path) == os.path.abspath(save_path):
-        raise UserError("save_path must differ from model_path (the file formats share names)")
-    check_output_dir(save_path, overwrite, "save_path")
     args = read_training_args(model_path)
     system_prompt = trained_system_prompt(args)
-    model, cfg = load_model_dir(model_path)
-    state = hf_state_dict(model_state_dict(model), cfg, dtype)
-    os.makedirs(save_path, exist_ok=True)
-    weight_files = write_weights(save_path, state, max_shard_size)
-    tokenizer = load_tokenizer(model_path)
-    write_json(os.path.join(save_path, "config.json"), hf_config(cfg, dtype, tokenizer))
-    write_json(os.path.join(save_path, "generation_config.json"), hf_generation_config(tokenizer, sampling))
-    if "tokenizer.model" in tokenizer.files:
-        write_json(os.path.join(save_path, "tokenizer.json"), hf_tokenizer_json(tokenizer))
-        write_json(os.path.join(save_path, "tokenizer_config.json"), hf_tokenizer_config(system_prompt))
-    # A model imported from Hugging Face keeps its own tokenizer files, chat template included
-    # (it was trained with that template); nanobumble's keeps its sentencepiece model beside.
-    for name, data in tokenizer.files.items():
-        atomic_write_bytes(os.path.join(save_path, name), data)
-    atomic_write_text(os.path.join(save_path, "README.md"),
-                      model_card(model_path, args, cfg, model.num_parameters(), HF_DTYPE_NAMES[dtype],
-                                 system_prompt))
+    # the export appears whole or not at all, never in place of its input (base/output_guard.py)
+    with publish_directory(save_path, {"model_path": model_path}, overwrite, "save_path") as tmp:
+        model, cfg = load_model_dir(model_path)
+        state = hf_state_dict(model_state_dict(model), cfg, dtype)
+        bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
+        if bad:
+            name = HF_DTYPE_NAMES[dtype]
+            raise UserError(f"{model_path}: {len(bad)} weights are not finite in {name} (e.g. {bad[0]}; NaN/inf "
+                            f"in the model, or values beyond the range of {name}); nothing is exported")
+        weight_files = write_weights(tmp, state, max_shard_size)
+        tokenizer = load_tokenizer(model_path)
+        write_json(os.path.join(tmp, "config.json"), hf_config(cfg, dtype, tokenizer))
+        write_json(os.path.join(tmp, "generation_config.json"), hf_generation_config(tokenizer, sampling))
+        if "tokenizer.model" in tokenizer.files:
+            write_json(os.path.join(tmp, "tokenizer.json"), hf_tokenizer_json(tokenizer))
+            write_json(os.path.join(tmp, "tokenizer_config.json"), hf_tokenizer_config(system_prompt))
+        # A model imported from Hugging Face keeps its own tokenizer files, chat template included
+        # (it was trained with that template); nanobumble's keeps its sentencepiece model beside.
+        for name, data in tokenizer.files.items():
+            atomic_write_bytes(os.path.join(tmp, name), data)
+        atomic_write_text(os.path.join(tmp, "README.md"),
+                          model_card(model_path, args, cfg, model.num_parameters(), HF_DTYPE_NAMES[dtype],
+                                     system_prompt))
     shards = f", {len(weight_files)} shards" if len(weight_files) > 1 else ""
     print(f"exported {model_path} -> {save_path} (Qwen2ForCausalLM, {HF_DTYPE_NAMES[dtype]}, "
           f"{model.num_parameters() / 1e6:.1f}M parameters{shards})", file=sys.stderr)

@@ -17,9 +17,12 @@ import os
 
 import torch
 
-from nanobumble.base.distributed import barrier, is_main
+from nanobumble.base.distributed import all_reduce_sum, barrier, is_main
 from nanobumble.base.errors import ConfigError, UserError
 from nanobumble.base.files import atomic_write_bytes, atomic_write_text
+from nanobumble.base.output_guard import check_writable, record
+from nanobumble.base.precision import autocast
+from nanobumble.base.reading import read_json
 from nanobumble.data.tokenizer import has_tokenizer
 from nanobumble.model.lora import is_lora_param
 from nanobumble.model.transformer import PRESETS, ModelConfig, Transformer, pad_vocab_size
@@ -28,6 +31,9 @@ from nanobumble.store.import_hf import is_hf_config, model_config_from_hf, weigh
 from nanobumble.store.tensor_files import DamagedFile, open_file, read_into, write_gathered
 
 MODEL_FILES = ("config.json", "model.safetensors", "adapter_config.json", "adapter_model.safetensors")
+# Written last into every model directory nanobumble writes: {"files": {name: size}}.
+# Loaders require it, so a directory whose writing was cut short never loads.
+COMPLETE = "complete.json"
 
 
 def gather_full_on_main(named_tensors) -> dict[str, torch.Tensor]:
@@ -71,23 +77,6 @@ def check_output_dir(path: str, overwrite: bool, flag: str = "output_dir") -> No
     check_writable(path, flag)
 
 
-def check_writable(path: str, flag: str) -> None:
-    """Fail early, naming the key, when path (or, before it exists, the directory
-    that will hold it) cannot be written to: not hours later at the first save."""
-    existing = os.path.abspath(path)
-    while not os.path.isdir(existing):
-        if os.path.exists(existing):
-            raise UserError(f"{flag} {path}: {existing} is a file, not a directory")
-        existing = os.path.dirname(existing)
-    probe = os.path.join(existing, f".write-test-{os.getpid()}")
-    try:
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"{flag} {path} is not writable ({existing}: {e.strerror})") from None
-
-
 def check_model_dir(path: str, key: str) -> None:
     """A full model directory to start from or load (what pretraining or SFT
     wrote, or a Hugging Face Qwen2 one); key names the setting in the error."""
@@ -106,18 +95,31 @@ def check_model_dir(path: str, key: str) -> None:
         raise UserError(f"{key} {path}: no model.safetensors {expected}")
     if not has_tokenizer(path):
         raise UserError(f"{key} {path}: no tokenizer.model or tokenizer.json {expected}")
+    check_complete(path)
 
 
 def save_model_dir(path: str, model: Transformer, tokenizer, training_args_yaml: str,
                    adapter_config: dict | None = None) -> None:
-    """Write (or overwrite, file by file atomically) a model directory: the full
-    weights, or for a LoRA run (adapter_config given) only the adapter, beside
-    config.json, the tokenizer's files and training_args.yaml. tokenizer is a
+    """Write (or overwrite) a model directory: the full weights, or for a LoRA run
+    (adapter_config given) only the adapter, beside config.json, the tokenizer's
+    files and training_args.yaml, and last complete.json. Its old complete.json
+    goes first, so a directory cut short in between does not load. tokenizer is a
     loaded tokenizer (its files are kept in memory: the directory it came from
     may be a checkpoint that rotation deletes) or the path of a tokenizer.model.
     Every rank calls it (to gather shards); rank 0 writes."""
+    if isinstance(tokenizer, str):
+        with open(tokenizer, "rb") as f:
+            tokenizer_files = {"tokenizer.model": f.read()}
+    else:
+        tokenizer_files = tokenizer.files
+    weights = ("adapter_model.safetensors", "adapter_config.json") if adapter_config is not None \
+        else ("model.safetensors",)
+    names = (*weights, "config.json", *tokenizer_files, "training_args.yaml", COMPLETE)
     if is_main():
         os.makedirs(path, exist_ok=True)
+        record(path, *names)
+        if os.path.lexists(os.path.join(path, COMPLETE)):
+            os.remove(os.path.join(path, COMPLETE))
     barrier()
     if adapter_config is not None:
         save_adapter(path, model, adapter_config)
@@ -126,14 +128,63 @@ def save_model_dir(path: str, model: Transformer, tokenizer, training_args_yaml:
     if not is_main():
         return
     atomic_write_text(os.path.join(path, "config.json"), model_config_json(model.config))
-    if isinstance(tokenizer, str):
-        with open(tokenizer, "rb") as f:
-            tokenizer_files = {"tokenizer.model": f.read()}
-    else:
-        tokenizer_files = tokenizer.files
     for name, data in tokenizer_files.items():
         atomic_write_bytes(os.path.join(path, name), data)
     atomic_write_text(os.path.join(path, "training_args.yaml"), training_args_yaml)
+    sizes = {name: os.path.getsize(os.path.join(path, name)) for name in names if name != COMPLETE}
+    atomic_write_text(os.path.join(path, COMPLETE), json.dumps({"files": sizes}, indent=1) + "\n")
+
+
+def check_complete(directory: str) -> None:
+    """Refuse a model directory nanobumble was still writing: its complete.json
+    (written last) is missing, or names a file that is not there. Directories
+    that are complete by construction pass without one: a Hugging Face model (not
+    ours) and a checkpoint (written aside and renamed, checked on resume). Sizes
+    are recorded but not compared: a file edited by hand is the readers' to judge."""
+    if os.path.isfile(os.path.join(directory, "trainer_state.json")) or _is_hf_directory(directory):
+        return
+    path = os.path.join(directory, COMPLETE)
+    if not os.path.isfile(path):
+        raise UserError(f"{directory} is incomplete: no {COMPLETE}, which nanobumble writes last (the program "
+                        f"writing it was stopped before it finished, or an older nanobumble wrote it; if you "
+                        f"know its files are whole, write {{}} into {path})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            names = list(json.load(f).get("files", {}))
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise UserError(f"{path}: damaged ({str(e)[:200]})") from None
+    missing = [name for name in names if not os.path.isfile(os.path.join(directory, name))]
+    if missing:
+        raise UserError(f"{directory} is incomplete: {', '.join(missing[:5])} missing ({path} lists it)")
+
+
+def _is_hf_directory(directory: str) -> bool:
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            return is_hf_config(json.load(f))
+    except (OSError, ValueError):
+        return False
+
+
+@torch.no_grad()
+def weights_usable(model: Transformer, device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """Every weight finite, and a forward pass through them too (a diverged update
+    can leave huge but finite weights that give NaN logits): checked before any
+    model is published. Every rank calls this (with a sharded model the forward
+    pass is a collective)."""
+    bad = torch.zeros((), device=device)
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        bad += (~torch.isfinite(local)).sum()
+    length = min(model.config.vocab_size, model.config.max_position_embeddings + 1, 33)
+    probe = torch.arange(length, device=device)[None]
+    was_training = model.training
+    model.eval()  # no dropout: the probe draws no random numbers
+    with autocast(device, dtype):
+        loss = model(probe[:, :-1], probe[:, 1:])
+    model.train(was_training)
+    bad += ~torch.isfinite(loss.float())
+    return all_reduce_sum(bad).item() == 0
 
 
 def expected_weight_shapes(model: Transformer) -> dict[str, tuple[int, ...]]:
@@ -153,17 +204,14 @@ def check_weight_names(weights_file: str, stored: dict, expected: dict) -> None:
             raise DamagedFile(f"{weights_file}: tensor {name} has shape {shape}, config.json says {expected[name]}")
 
 
-@torch.no_grad()
-def load_model_weights(model: Transformer, directory: str) -> None:
-    """Load the full weights of a model directory (model.safetensors, or the shards
-    of a Hugging Face model) into a model, sharded or not: each rank reads only
-    its own rows. LoRA adapter parameters, if injected, are not in the files. A
-    file that does not match the model raises DamagedFile naming it."""
-
-
-    params = {name: p for name, p in model.named_parameters() if not is_lora_param(name)}
+def check_stored_weights(model: Transformer, directory: str) -> tuple[list[str], dict[str, tuple[str, str]]]:
+    """The weight files of a model directory against the model (which may still be
+    on the meta device: so absurd sizes in config.json are caught from the headers
+    before anything is allocated). Returns the files and where each weight is:
+    our name -> (file, the name inside it). A mismatch raises DamagedFile."""
+    check_complete(directory)
     files = weight_files(directory)
-    where: dict[str, tuple[str, str]] = {}  # our name -> (file, the name inside it)
+    where: dict[str, tuple[str, str]] = {}
     stored: dict[str, tuple[int, ...]] = {}
     for path in files:
         with open_file(path) as f:
@@ -172,16 +220,30 @@ def load_model_weights(model: Transformer, directory: str) -> None:
                 stored[weight_name(key)] = tuple(f.get_slice(key).get_shape())
     if model.config.tie_word_embeddings:  # a tied weight is listed once, as embed_tokens.weight
         stored.pop("lm_head.weight", None)
+        where.pop("lm_head.weight", None)
     check_weight_names(files[0] if len(files) == 1 else directory, stored, expected_weight_shapes(model))
+    return files, where
+
+
+@torch.no_grad()
+def load_model_weights(model: Transformer, directory: str) -> None:
+    """Load the full weights of a model directory (model.safetensors, or the shards
+    of a Hugging Face model) into a model, sharded or not: each rank reads only
+    its own rows. LoRA adapter parameters, if injected, are not in the files. A
+    file that does not match the model raises DamagedFile naming it."""
+    files, where = check_stored_weights(model, directory)
+    params = {name: p for name, p in model.named_parameters() if not is_lora_param(name)}
     for path in files:
         with open_file(path) as f:
-            for name in stored:
-                if where[name][0] == path:
-                    read_into(f, where[name][1], params[name], path)
+            for name, (file, key) in where.items():
+                if file == path:
+                    read_into(f, key, params[name], path)
 
 
 def load_model_dir(path: str) -> tuple[Transformer, ModelConfig]:
     cfg = load_model_config(os.path.join(path, "config.json"))
+    with torch.device("meta"):
+        check_stored_weights(Transformer(cfg), path)  # before the weights are allocated
     model = Transformer(cfg)
     load_model_weights(model, path)
     return model, cfg
@@ -201,13 +263,7 @@ def model_config_for(name_or_path: str, vocab_size: int) -> ModelConfig:
 
 def load_model_config(config_file: str) -> ModelConfig:
     """A model directory's config.json; anything wrong with it is a ConfigError naming the file."""
-    try:
-        with open(config_file, encoding="utf-8") as f:
-            data = json.load(f)
-    except OSError as e:
-        raise ConfigError(f"{config_file}: cannot read: {e.strerror}") from None
-    except ValueError as e:  # not JSON, or not UTF-8
-        raise ConfigError(f"{config_file}: not valid JSON: {e}") from None
+    data = read_json(config_file, error=ConfigError)
     if not isinstance(data, dict):
         raise ConfigError(f"{config_file}: expected a JSON object of model keys, got {type(data).__name__}")
 

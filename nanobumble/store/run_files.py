@@ -5,27 +5,21 @@ per logged step). Plain files: reading them needs no torch.
 
 from __future__ import annotations
 
-import json
 import os
 
-import yaml
-
 from nanobumble.base.errors import UserError
+from nanobumble.base.reading import loads, read_yaml
 
 
 def read_training_args(directory: str, required: bool = False) -> dict:
     """directory/training_args.yaml as a dict: {} when there is none (or it is empty),
     unless required (a checkpoint's must be there and hold its keys)."""
     path = os.path.join(directory, "training_args.yaml")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         if required:
             raise UserError(f"{path}: not found")
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            args = yaml.safe_load(f)
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    args = read_yaml(path)  # a directory or a dangling link by that name is an error, not "no file"
     if args is None and not required:
         return {}
     if not isinstance(args, dict):
@@ -42,8 +36,8 @@ def read_metrics(path: str) -> tuple[list[dict], int]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = loads(line)
+            except ValueError:  # not JSON, or nested too deep
                 skipped += 1
                 continue
             step = record.get("step") if isinstance(record, dict) else None

@@ -91,10 +91,28 @@ def open_file(path: str):
         raise DamagedFile(f"{path}: not a readable safetensors file ({e})") from None
 
 
+FLOAT_NAMES = ("F64", "F32", "BF16", "F16")
+
+
 def header_shapes(path: str) -> dict[str, tuple[int, ...]]:
     """Each tensor's shape, from the header only (nothing else is read)."""
     with open_file(path) as f:
         return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def header_dtypes(path: str) -> dict[str, str]:
+    """Each tensor's dtype as the header names it ("F32", "U8", ...)."""
+    with open_file(path) as f:
+        return {name: f.get_slice(name).get_dtype() for name in f.keys()}
+
+
+def check_float(path: str, dtypes: dict[str, str]) -> None:
+    """Weights and optimizer moments are floating point: integer bytes would load as
+    numbers of another meaning (and pass every finite check)."""
+    for name, dtype in dtypes.items():
+        if dtype not in FLOAT_NAMES:
+            raise DamagedFile(f"{path}: tensor {name} is {dtype}, expected a floating-point tensor "
+                              f"({'/'.join(FLOAT_NAMES)})")
 
 
 @torch.no_grad()
@@ -104,6 +122,8 @@ def read_into(f, name: str, target: torch.Tensor, source: str) -> None:
     stored = tuple(f.get_slice(name).get_shape())
     if stored != tuple(target.shape):
         raise DamagedFile(f"{source}: tensor {name} has shape {stored}, expected {tuple(target.shape)}")
+    if target.is_floating_point():
+        check_float(source, {name: f.get_slice(name).get_dtype()})
     rows = shard_rows(target)
     if rows is None:
         target.copy_(f.get_tensor(name))

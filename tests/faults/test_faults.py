@@ -18,7 +18,7 @@ from conftest import REPO_ROOT
 from helpers import read_metrics
 from runs import FAST, cli, run
 
-from nanobumble.base.errors import UserError
+from nanobumble.base.errors import DataError, UserError
 from nanobumble.data.records import files_signature
 from nanobumble.export_hf import export_hf
 from nanobumble.merge_lora import main as merge_main
@@ -78,8 +78,8 @@ def payload_bytes(marker: str, torch_format: bool) -> bytes:
     return buffer.getvalue()
 
 
-CHECKPOINT_FILES = ["config.json", "model.safetensors", "optimizer.safetensors", "rng_state.safetensors",
-                    "tokenizer.model", "trainer_state.json", "training_args.yaml"]
+CHECKPOINT_FILES = [".nanobumble-files", "complete.json", "config.json", "model.safetensors", "optimizer.safetensors",
+                    "rng_state.safetensors", "tokenizer.model", "trainer_state.json", "training_args.yaml"]
 
 
 def test_checkpoint_files_are_safetensors_json_yaml_and_the_tokenizer(base_run):
@@ -90,7 +90,7 @@ def test_checkpoint_files_are_safetensors_json_yaml_and_the_tokenizer(base_run):
         assert head[:1] != b"\x80" and head != b"PK", f"{name} looks like a pickle or a torch zip"
 
 
-@pytest.mark.parametrize("planted", CHECKPOINT_FILES)
+@pytest.mark.parametrize("planted", CHECKPOINT_FILES[2:])  # the record and complete.json are not read on resume
 def test_a_planted_pickle_never_runs_on_resume(base_run, tmp_path, cache_dir, capsys, planted):
     out = copy_run(base_run, tmp_path)
     markers = []
@@ -122,7 +122,30 @@ DAMAGE = {
     "truncated optimizer": lambda c: truncate(c / "optimizer.safetensors", 0.9),
     "empty tokenizer": lambda c: (c / "tokenizer.model").write_bytes(b""),
     "garbage trainer state": lambda c: (c / "trainer_state.json").write_text('{"step": "three"}'),
+    # the checks cover every tensor and key a resume loads, with its dtype
+    "integer weights": lambda c: retype(c / "model.safetensors", torch.int32),
+    "integer moments": lambda c: retype(c / "optimizer.safetensors", torch.int8),
+    "a missing moment": lambda c: drop_tensor(c / "optimizer.safetensors", ".exp_avg_sq"),
+    "rng state of other keys": lambda c: save_tensors(c / "rng_state.safetensors", {"numpy": torch.zeros(4)}),
 }
+
+
+def save_tensors(path, tensors):
+    from safetensors.torch import save_file
+    save_file(tensors, str(path))
+
+
+def retype(path, dtype):
+    """The same names and shapes, the bytes of another dtype (a lie the header tells)."""
+    from safetensors.torch import load_file
+    save_tensors(path, {k: v.to(dtype) for k, v in load_file(str(path)).items()})
+
+
+def drop_tensor(path, suffix):
+    from safetensors.torch import load_file
+    tensors = load_file(str(path))
+    del tensors[next(name for name in sorted(tensors) if name.endswith(suffix))]
+    save_tensors(path, tensors)
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
@@ -260,13 +283,13 @@ def test_merge_and_export_refuse_to_overwrite(base_run, tmp_path):
     base_weights = (tmp_path / "base" / "model.safetensors").read_bytes()
     merge = ["--base_model_path", str(tmp_path / "base"), "--lora_model_path", str(tmp_path / "adapter")]
 
-    with pytest.raises(UserError, match="--save_path is --base_model_path"):
+    with pytest.raises(UserError, match="--save_path .* is --base_model_path"):
         merge_main(merge + ["--save_path", str(tmp_path / "base"), "--overwrite_output_dir", "true"])
     assert (tmp_path / "base" / "model.safetensors").read_bytes() == base_weights
 
     tiny_model_dir(tmp_path / "other", tokenizer, seed=5)
     other = (tmp_path / "other" / "model.safetensors").read_bytes()
-    with pytest.raises(UserError, match="already holds a model"):
+    with pytest.raises(UserError, match="exists and is not empty"):
         merge_main(merge + ["--save_path", str(tmp_path / "other")])
     assert (tmp_path / "other" / "model.safetensors").read_bytes() == other
     merge_main(merge + ["--save_path", str(tmp_path / "other"), "--overwrite_output_dir", "true"])
@@ -274,7 +297,7 @@ def test_merge_and_export_refuse_to_overwrite(base_run, tmp_path):
 
     export_hf(str(tmp_path / "base"), str(tmp_path / "hf"))
     exported = (tmp_path / "hf" / "model.safetensors").read_bytes()
-    with pytest.raises(UserError, match="save_path .* already holds a model"):
+    with pytest.raises(UserError, match="save_path .* exists and is not empty"):
         export_hf(str(tmp_path / "other"), str(tmp_path / "hf"))
     assert (tmp_path / "hf" / "model.safetensors").read_bytes() == exported
     export_hf(str(tmp_path / "other"), str(tmp_path / "hf"), overwrite=True)
@@ -298,7 +321,7 @@ def test_damaged_weights_are_one_line_in_every_tool(base_run, tmp_path, tool, da
 
     model = tmp_path / "model"
     model.mkdir()
-    for name in ("config.json", "model.safetensors", "tokenizer.model", "training_args.yaml"):
+    for name in ("config.json", "model.safetensors", "tokenizer.model", "training_args.yaml", "complete.json"):
         shutil.copy(base_run / name, model / name)
     if damage == "truncated":
         truncate(model / "model.safetensors")
@@ -470,3 +493,141 @@ def test_twenty_random_kills_then_resume_equal_an_uninterrupted_run(tmp_path, ca
     expected, got = load_file(str(straight / "model.safetensors")), load_file(str(killed / "model.safetensors"))
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     assert not [name for name in os.listdir(killed) if name.startswith((".tmp", ".old", "damaged"))]
+
+
+# --- the output guard (base/output_guard.py): one door out ------------------------------------------------
+
+
+def test_a_second_program_on_a_locked_output_dir_is_refused(base_run, tmp_path, cache_dir):
+    import fcntl
+
+    out = copy_run(base_run, tmp_path)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a live run holds it
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        result = cli(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out), "--resume", "auto"])
+    finally:
+        os.close(fd)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"pid {os.getpid()}" in result.stderr and "in use" in result.stderr
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_resume_with_overwrite_is_refused(base_run, tmp_path, cache_dir):
+    out = copy_run(base_run, tmp_path)
+    with pytest.raises(UserError, match="pass one of them"):
+        run(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out), "--resume", "auto",
+                     "--overwrite_output_dir", "true"])
+
+
+def test_an_output_dir_inside_the_data_is_refused(tmp_path, cache_dir):
+    data = tmp_path / "data"
+    shutil.copytree(os.path.join(REPO_ROOT, "datasets", "pretrain"), data)
+    with pytest.raises(UserError, match="lies inside dataset_path"):
+        run(STEPS + ["--cache_dir", cache_dir, "--dataset_path", str(data), "--output_dir", str(data / "run")])
+    assert not (data / "run").exists()
+
+
+def test_overwrite_removes_only_what_nanobumble_wrote(base_run, tmp_path, cache_dir):
+    out = copy_run(base_run, tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    os.symlink(outside, out / "checkpoint-7")  # not written by nanobumble: never followed, never removed
+    (out / "notes.txt").write_text("a person's notes")
+    with pytest.raises(UserError, match="checkpoint-7, which nanobumble did not write"):
+        run(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out), "--overwrite_output_dir", "true"])
+    os.remove(out / "checkpoint-7")
+    shutil.rmtree(out / "checkpoint-1")
+    os.symlink(outside, out / "checkpoint-1")  # a checkpoint it wrote, now a link: the link goes, not its target
+    run(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out), "--overwrite_output_dir", "true",
+                 "--max_steps", "1", "--save_steps", "0"])
+    assert (outside / "keep.txt").read_text() == "mine"
+    assert (out / "notes.txt").read_text() == "a person's notes" and list_checkpoints(str(out)) == []
+
+
+def test_resume_auto_keeps_what_is_already_in_damaged_checkpoint(base_run, tmp_path, cache_dir, capsys):
+    out = copy_run(base_run, tmp_path)
+    (out / "damaged-checkpoint-3").mkdir()
+    (out / "damaged-checkpoint-3" / "notes.txt").write_text("looked at this one")
+    (out / ".tmp-checkpoint-9").mkdir()  # what a killed save left: swept
+    truncate(out / "checkpoint-3" / "model.safetensors")
+    run(STEPS + ["--cache_dir", cache_dir, "--output_dir", str(out), "--resume", "auto"])
+    assert (out / "damaged-checkpoint-3" / "notes.txt").read_text() == "looked at this one"
+    assert (out / "damaged-checkpoint-3-2" / "model.safetensors").is_file()
+    assert not (out / ".tmp-checkpoint-9").exists()
+
+
+def test_a_model_directory_cut_short_does_not_load(base_run, tmp_path):
+    from nanobumble.inference.loading import load_model
+
+    model = tmp_path / "model"
+    tiny_model_dir(model, base_run / "tokenizer.model")
+    load_model(str(model), "", torch.device("cpu"), torch.float32)
+    (model / "training_args.yaml").unlink()  # as a kill before its last files were written
+    with pytest.raises(UserError, match="incomplete"):
+        load_model(str(model), "", torch.device("cpu"), torch.float32)
+    (model / "complete.json").unlink()
+    with pytest.raises(UserError, match="no complete.json"):
+        load_model(str(model), "", torch.device("cpu"), torch.float32)
+
+
+def test_absurd_sizes_in_config_json_are_refused_before_allocating(base_run, tmp_path):
+    model = tmp_path / "model"
+    tiny_model_dir(model, base_run / "tokenizer.model")
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_size=2**17, intermediate_size=2**19, num_heads=2**10, num_kv_heads=2**10)
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "complete.json").write_text("{}")
+    with pytest.raises(UserError, match="config.json"):  # not an allocation failure of ~100 GB
+        load_model_dir(str(model))
+
+
+def test_merge_and_export_refuse_an_output_linked_to_their_input_and_non_finite_weights(base_run, tmp_path):
+    tokenizer = base_run / "tokenizer.model"
+    base = tiny_model_dir(tmp_path / "base", tokenizer)
+    base_weights = (tmp_path / "base" / "model.safetensors").read_bytes()
+    inject_lora(base, 2, 4.0, 0.0, "q_proj", False, seed=1)
+    with torch.no_grad():
+        for name, param in base.named_parameters():
+            if name.endswith("lora_B"):
+                param.fill_(float("nan"))
+    save_adapter(str(tmp_path / "adapter"), base, adapter_config_for(base, str(tmp_path / "base")))
+    os.symlink(tmp_path / "base", tmp_path / "link")
+    merge = ["--base_model_path", str(tmp_path / "base"), "--lora_model_path", str(tmp_path / "adapter")]
+    with pytest.raises(UserError, match="is --base_model_path"):
+        merge_main(merge + ["--save_path", str(tmp_path / "link"), "--overwrite_output_dir", "true"])
+    with pytest.raises(UserError, match="save_path .* is model_path"):
+        export_hf(str(tmp_path / "base"), str(tmp_path / "link"), overwrite=True)
+    assert (tmp_path / "base" / "model.safetensors").read_bytes() == base_weights
+    with pytest.raises(UserError, match="not finite"):
+        merge_main(merge + ["--save_path", str(tmp_path / "merged")])
+    assert not (tmp_path / "merged").exists()
+
+
+def test_evaluate_never_writes_over_a_models_file(base_run, tmp_path):
+    from nanobumble.evaluate import main as evaluate_main
+
+    model = tmp_path / "model"
+    tiny_model_dir(model, base_run / "tokenizer.model")
+    weights = (model / "model.safetensors").read_bytes()
+    (tmp_path / "text.jsonl").write_text('{"text": "hello world"}\n')
+    with pytest.raises(UserError, match="model.safetensors"):
+        evaluate_main(["--model_path", str(model), "--tasks", str(tmp_path / "text.jsonl"), "--output",
+                       str(model / "model.safetensors")])
+    assert (model / "model.safetensors").read_bytes() == weights
+
+
+def test_shard_ids_beyond_the_vocabulary_are_refused_when_opened(tmp_path):
+    import numpy as np
+    from helpers import write_shard
+
+    from nanobumble.data.shards import META_VERSION, TokenShards
+
+    write_shard(str(tmp_path / "train_000.bin"), np.array([1, 2, 300, 4], dtype=np.int64), 65536)
+    (tmp_path / "meta.json").write_text(json.dumps({"format_version": META_VERSION, "vocab_size": 256,
+                                                    "train_shards": ["train_000.bin"], "train_tokens": 4}))
+    with pytest.raises(DataError, match="token id 300 is beyond the vocabulary"):
+        TokenShards(str(tmp_path), "train")

@@ -1,5 +1,6 @@
 """chat.py end to end on a tiny model directory: --prompt, piped stdin with history
-and /reset, completion mode, a LoRA adapter, an over-long prompt."""
+and /reset, completion mode, a LoRA adapter, an over-long prompt, and a model's
+own chat template that fails."""
 
 import os
 import subprocess
@@ -13,10 +14,12 @@ from helpers import generate, stream_text
 
 import chat
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
+from nanobumble.data.hf_tokenizer import HFTokenizer
 from nanobumble.data.tokenizer import Tokenizer
 from nanobumble.inference.generation import GenerationConfig
+from nanobumble.model.transformer import ModelConfig, Transformer, pad_vocab_size
 from nanobumble.store.adapter import load_adapter
-from nanobumble.store.model_dir import load_model_dir
+from nanobumble.store.model_dir import load_model_dir, save_model_dir
 
 REPO = REPO_ROOT
 CORPUS = ("user: where do bees live?\nassistant: bees live in a hive and make honey from flowers.\n" * 5 +
@@ -122,3 +125,80 @@ def test_a_cuda_device_beyond_the_count_is_refused(monkeypatch):
     assert chat.resolve_device("auto") == torch.device("cuda")
     with pytest.raises(UserError, match="device cuda:3: there are only 1 CUDA devices"):
         chat.resolve_device("cuda:3")
+
+
+# --- a model's own chat template ------------------------------------------------------------------
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def hf_chat_model(root, name: str, template: str) -> str:
+    """A tiny chat model with a Hugging Face tokenizer (byte-level BPE) that brings this template."""
+    from tokenizers import Tokenizer as FastTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    source = root / f"{name}-tokenizer"
+    source.mkdir()
+    fast = FastTokenizer(models.BPE())
+    fast.pre_tokenizer, fast.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    fast.train_from_iterator([CORPUS], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast.save(str(source / "tokenizer.json"))
+    (source / "chat_template.jinja").write_text(template, encoding="utf-8")
+    tokenizer = HFTokenizer(str(source))
+    cfg = ModelConfig(vocab_size=pad_vocab_size(tokenizer.vocab_size), hidden_size=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, intermediate_size=48, max_position_embeddings=96)
+    save_model_dir(str(root / name), Transformer(cfg), tokenizer, "stage: sft\n")
+    return str(root / name)
+
+
+def run_in_process(monkeypatch, capsys, argv: list[str], lines: list[str] | None = None):
+    """chat.py's run_cli(main) in this process: (exit code, stdout, stderr lines). lines: typed at a terminal."""
+    if lines is not None:
+        typed = iter(lines)
+
+        def type_a_line(prompt=""):
+            line = next(typed, None)
+            if line is None:
+                raise EOFError
+            return line
+
+        monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+        monkeypatch.setattr("builtins.input", type_a_line)
+    monkeypatch.setattr(sys, "argv", ["chat.py", *argv])
+    code = 0
+    try:
+        chat.run_cli(chat.main)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err.strip().splitlines()
+
+
+def test_a_chat_template_that_is_not_jinja_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    model = hf_chat_model(tmp_path, "broken", "{% for m in messages %}{{ m['content'] }")
+    code, out, err = run_in_process(monkeypatch, capsys, ["--model_path", model, "--prompt", "hi", *GREEDY])
+    assert code == 2 and out == "" and len(err) == 1, err
+    assert err[0].startswith(f"error: {model}/chat_template.jinja:1: the chat template failed: TemplateSyntaxError")
+
+
+UNDEFINED_ON_HI = "{% if messages[-1]['content'] == 'hi' %}{{ nothing.at_all }}{% endif %}" + CHATML
+
+
+def test_a_chat_template_that_fails_on_the_prompt_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    model = hf_chat_model(tmp_path, "undefined", UNDEFINED_ON_HI)
+    code, out, err = run_in_process(monkeypatch, capsys, ["--model_path", model, "--prompt", "hi", *GREEDY])
+    assert code == 2 and out == "" and not any("Traceback" in line for line in err), err
+    assert err[-1] == f"error: {model}/chat_template.jinja: the chat template failed: UndefinedError: " \
+                      f"'nothing' is undefined"
+
+
+def test_at_a_terminal_a_failing_template_drops_the_message_and_the_chat_goes_on(tmp_path, monkeypatch, capsys):
+    model = hf_chat_model(tmp_path, "undefined", UNDEFINED_ON_HI)
+    code, _, err = run_in_process(monkeypatch, capsys, ["--model_path", model, *GREEDY], lines=["hi", "bees"])
+    assert code == 0 and not any("Traceback" in line for line in err), err
+    assert f"error: {model}/chat_template.jinja: the chat template failed: UndefinedError: 'nothing' is undefined" \
+        in err
+    assert sum("tokens/s" in line for line in err) == 1  # "bees" was answered, in a conversation without "hi"

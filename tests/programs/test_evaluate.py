@@ -1,7 +1,8 @@
 """nanobumble.evaluate: log-likelihood scoring against a float64 reference,
-padding, few-shot prompts, acc_norm, bits per byte against pretraining's
-val/bpb, exact match, the command line, bad files; and (slow) the same
-numbers as lm-evaluation-harness on the Hugging Face export."""
+padding, few-shot prompts (exact match's too; none for bits per byte, and the
+results say so), acc_norm, bits per byte against pretraining's val/bpb, exact
+match, the command line, bad files and empty tasks; and (slow) the same numbers
+as lm-evaluation-harness on the Hugging Face export."""
 
 import csv
 import json
@@ -65,6 +66,16 @@ def tiny_model(vocab_size: int, context: int = 512, scale: float = 8.0, tie: boo
             if p.dim() == 2:
                 p.mul_(scale)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def qa(tmp_path_factory) -> str:
+    """qa_exact.jsonl beside a dev split of its own (datasets/eval has none)."""
+    root = tmp_path_factory.mktemp("qa")
+    shutil.copy(QA, root / "qa_exact.jsonl")
+    (root / "qa_exact_dev.jsonl").write_text('{"prompt": "What is 1 + 1?", "answer": ["2", "two"]}\n'
+                                             '{"prompt": "蜜蜂有几条腿？", "answer": "6"}\n', encoding="utf-8")
+    return str(root / "qa_exact.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +208,28 @@ def test_a_sibling_dev_file_and_the_errors_when_there_is_none(tmp_path):
     assert task_files.fewshot_examples(task, 0) == []
 
 
+def test_exact_match_puts_its_dev_examples_before_the_prompt(setup, qa, monkeypatch):
+    (task, shots), = task_files.load_tasks([qa], 2)
+    assert shots == [("What is 1 + 1?", ["2", "two"]), ("蜜蜂有几条腿？", ["6"])]
+    seen = []  # the prompts the model is given
+
+    def fake_generate(model, prompts, *args, **kwargs):
+        seen.extend(setup.tokenizer.decode(prompt) for prompt in prompts)
+        return [[setup.tokenizer.im_end_id] for _ in prompts]
+
+    monkeypatch.setattr(scoring, "greedy_generate", fake_generate)
+    chat, completion = (scoring.run_tasks(setup.model, setup.tokenizer, [(task, shots)], CPU, torch.float32,
+                                          chat=chat, system_prompt="")[0] for chat in (True, False))
+    assert chat.num_fewshot == completion.num_fewshot == 2
+    first = task.records[0][0]
+    assert seen[0] == (f"<|im_start|>user\nWhat is 1 + 1?<|im_end|>\n<|im_start|>assistant\n2<|im_end|>\n"
+                       f"<|im_start|>user\n蜜蜂有几条腿？<|im_end|>\n<|im_start|>assistant\n6<|im_end|>\n"
+                       f"<|im_start|>user\n{first}<|im_end|>\n<|im_start|>assistant\n")
+    assert seen[len(task.records)] == f"What is 1 + 1? 2\n\n蜜蜂有几条腿？ 6\n\n{first}"
+    with pytest.raises(UserError, match=r"num_fewshot=1 needs its dev split; looked for .*qa_exact_dev.jsonl"):
+        task_files.load_tasks([QA], 1)  # none: an error, not a silent 0-shot
+
+
 # --- file layouts ---------------------------------------------------------------------------------
 
 def test_the_three_csv_layouts_and_the_jsonl_kinds():
@@ -231,6 +264,8 @@ BAD_FILES = [
     ("bad.jsonl", '{"ctx": "c", "endings": ["a", "b"], "label": 2}\n', "bad.jsonl:1: answer 2 is not one of A, B"),
     ("bad.jsonl", '{"text": "a"}\n[1]\n', "bad.jsonl:2: expected a JSON object"),
     ("bad.jsonl", "", "bad.jsonl: no records"),
+    ("bad.jsonl", '{"text": ""}\n\n{"text": ""}\n', "bad.jsonl: every text is empty"),  # bpb would be 0.0000
+    ("bad.jsonl", '{"text": ""}\n{"text": " "}\n', ""),  # one byte to score
 ]
 
 
@@ -355,9 +390,9 @@ def run_cli(args: list[str]) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_the_command_line_prints_the_table_and_writes_the_json(setup, tmp_path):
+def test_the_command_line_prints_the_table_and_writes_the_json(setup, qa, tmp_path):
     model_dir = str(setup.root / "sft")
-    tasks = [os.path.join(EVAL_DATA, "ceval", "val"), MMLU_TEST, HELLASWAG, TEXT, QA]
+    tasks = [os.path.join(EVAL_DATA, "ceval", "val"), MMLU_TEST, HELLASWAG, TEXT, qa]
     result = run_cli(["--model_path", model_dir, "--tasks", *tasks, "--num_fewshot", "1", "--max_new_tokens", "3",
                       "--batch_size", "16"])
     assert result.returncode == 0, result.stderr
@@ -367,10 +402,13 @@ def test_the_command_line_prints_the_table_and_writes_the_json(setup, tmp_path):
     assert names == ["bee_biology_val", "elementary_science_test", "hellaswag_mini", "text_bpb", "qa_exact", "overall"]
     assert lines[-1].split()[:4] == ["overall", "all", "questions", "30"]
     assert "exact match in chat mode" in result.stderr and "qa_exact: prompts: 10/10" in result.stderr
+    assert "5 task files, 1-shot (bits per byte: 0-shot)," in result.stderr  # as many as were used
 
     report = json.load(open(os.path.join(model_dir, "eval_results.json"), encoding="utf-8"))
     assert report["mode"] == "chat" and report["num_fewshot"] == 1 and report["overall"]["n"] == 30
     assert report["tasks"]["bee_biology_val"]["n"] == 10 and len(report["tasks"]["qa_exact"]["details"]) == 10
+    assert {name: task["num_fewshot"] for name, task in report["tasks"].items()} == {
+        "bee_biology_val": 1, "elementary_science_test": 1, "hellaswag_mini": 1, "text_bpb": 0, "qa_exact": 1}
     in_process = scoring.evaluate_tasks(setup.model, setup.tokenizer, task_files.load_tasks([CEVAL_VAL, HELLASWAG], 1),
                                          CPU, torch.float32)
     for key, value in in_process.items():
@@ -406,6 +444,21 @@ def test_a_lora_run_directory_loads_its_base_model_and_adapter(setup, tmp_path):
 def test_bad_arguments_are_a_config_error_naming_the_key(argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)):  # run_cli: one line, exit code 2
         main(argv)
+
+
+def test_an_output_that_is_a_directory_is_one_line_before_the_model_loads(monkeypatch, capsys, tmp_path):
+    from nanobumble import evaluate
+
+    def load_model(*args):
+        raise AssertionError("the model was loaded before --output was checked")
+
+    monkeypatch.setattr(evaluate, "load_model", load_model)
+    monkeypatch.setattr(sys, "argv", ["evaluate", "--model_path", "m", "--tasks", QA, "--output", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.run_cli(evaluate.main)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --output {tmp_path}: is a directory; expected the results file's name"]
 
 
 def test_a_bad_task_file_exits_2_naming_file_and_line(setup, tmp_path):
@@ -501,12 +554,12 @@ with distributed_run(5) as info:
 
 
 @pytest.mark.slow
-def test_two_fsdp_ranks_run_the_same_forwards_and_get_one_processs_numbers(setup, tmp_path):
+def test_two_fsdp_ranks_run_the_same_forwards_and_get_one_processs_numbers(setup, qa, tmp_path):
     """Every forward of a sharded model is a collective: a rank that ran one more or
     one fewer (batching, generation length) would hang; gloo times out after 5 min."""
     script = tmp_path / "evaluate_sharded.py"
     script.write_text(FSDP_SCRIPT)
-    tasks = ",".join([CEVAL_VAL, HELLASWAG, TEXT, QA])
+    tasks = ",".join([CEVAL_VAL, HELLASWAG, TEXT, qa])
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(script), str(setup.root / "sft"), tasks, str(tmp_path / "metrics")], cwd=REPO,
                             capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})

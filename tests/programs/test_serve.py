@@ -1,12 +1,14 @@
 """python -m nanobumble.serve on a tiny model: the official openai client (streaming
 and not), answers equal to chat.py's greedy ones, usage counts, stop strings and
-seeds, OpenAI-shaped errors, concurrent clients, a client that hangs up, Ctrl-C,
-and the web page driven in a headless Chromium."""
+seeds, OpenAI-shaped errors (every bad request a 4xx, bounded: the body, stop
+strings, a model's chat template), concurrent clients, a client that hangs up,
+Ctrl-C, a busy port, and the web page driven in a headless Chromium."""
 
 import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,7 +23,7 @@ from conftest import REPO_ROOT
 from helpers import generate, stream_text
 
 from nanobumble import serve
-from nanobumble.base.errors import UserError
+from nanobumble.base.errors import DataError, UserError
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
 from nanobumble.data.tokenizer import EOT_ID, IM_END_ID, load_tokenizer
 from nanobumble.inference.generation import GenerationConfig
@@ -238,6 +240,91 @@ def test_errors_have_openai_shape_and_status(server, client, model_dir):
     assert error.value.code == "model_not_found"
 
 
+def check_error(status, body, expected_status, param=None, code=None, message=""):
+    """An answer in OpenAI's error shape, with this status, param, code and words in its message."""
+    assert status == expected_status, body
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert (body["error"]["param"], body["error"]["code"]) == (param, code), body
+    assert message in body["error"]["message"] and len(body["error"]["message"]) < 400, body
+
+
+GOOD = {"model": "bee-sft", "messages": [user("hi")], "max_tokens": 1}
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", b'{"model": "bee-sft", "messages": [{"role": "user", "content": "bees \\ud800"}]}',
+     "messages"),
+    ("/v1/completions", b'{"model": "bee-sft", "prompt": "\\ud800"}', "prompt"),
+    ("/v1/completions", b'{"model": "bee-sft", "prompt": "bees", "stop": ["\\udc00"]}', "stop"),
+    ("/v1/completions", b'{"model": "\\ud800", "prompt": "bees"}', "model"),
+])
+def test_a_lone_surrogate_is_a_400(server, path, body, param):
+    check_error(*post(server, path, body), 400, param, "invalid_value", "lone UTF-16 surrogate")
+
+
+def test_a_stop_string_has_at_most_1000_characters(server):
+    status, body = post(server, "/v1/completions", {"model": "bee-sft", "prompt": "bees", "stop": ["x" * 1000]})
+    assert status == 200, body
+    check_error(*post(server, "/v1/completions", {"model": "bee-sft", "prompt": "bees", "stop": ["a", "x" * 1001]}),
+                400, "stop", "invalid_value", "at most 1000 characters, got 1001")
+
+
+def test_a_body_over_1_mb_is_refused_unread(server):
+    # Its Content-Length is enough: the server answers without waiting for a byte of it.
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.putrequest("POST", "/v1/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(2 << 20))
+    connection.endheaders()
+    response = connection.getresponse()
+    check_error(response.status, json.loads(response.read()), 413, code="request_too_large", message="1048576 bytes")
+    connection.close()
+    # Chunked, with no length: the reading stops at 1 MB.
+    text = json.dumps({"model": "bee-sft", "prompt": "bees " * 210_000, "max_tokens": 1}).encode()
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("POST", "/v1/completions", body=(text[i:i + 65536] for i in range(0, len(text), 65536)),
+                       headers={"Content-Type": "application/json"}, encode_chunked=True)
+    response = connection.getresponse()
+    check_error(response.status, json.loads(response.read()), 413, code="request_too_large")
+    connection.close()
+
+
+@pytest.mark.parametrize("path, body, status, param, code", [
+    # JSON that Python's parser takes but JSON does not: NaN, Infinity, numbers beyond a float
+    ("/v1/completions", b'{"model": "bee-sft", "prompt": "bees", "repetition_penalty": Infinity}', 400, None,
+     "invalid_json"),
+    ("/v1/completions", b'{"model": "bee-sft", "prompt": "bees", "top_p": NaN}', 400, None, "invalid_json"),
+    ("/v1/completions", b'{"model": "bee-sft", "prompt": "bees", "repetition_penalty": 1e400}', 400, None,
+     "invalid_json"),
+    ("/v1/completions", b'{"model": "bee-sft", "prompt": "bees", "temperature": 1' + b"0" * 400 + b"}", 400,
+     "temperature", "invalid_value"),
+    ("/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, None, "invalid_json"),  # nested past the stack
+    # fields this server does not implement
+    ("/v1/chat/completions", {**GOOD, "min_p": 0.1}, 400, "min_p", "invalid_value"),
+    ("/v1/chat/completions", {**GOOD, "min_tokens": 4}, 400, "min_tokens", "invalid_value"),
+    ("/v1/chat/completions", {**GOOD, "ignore_eos": True}, 400, "ignore_eos", "invalid_value"),
+    ("/v1/completions", {"model": "bee-sft", "prompt": "bees", "stop_token_ids": [5]}, 400, "stop_token_ids",
+     "invalid_value"),
+    ("/v1/chat/completions", {**GOOD, "response_format": {"type": "json_object"}}, 400, "response_format",
+     "invalid_value"),
+    ("/v1/chat/completions", {**GOOD, "response_format": "json"}, 400, "response_format", "invalid_type"),
+    # wrong types and values
+    ("/v1/chat/completions", {**GOOD, "n": 10**30}, 400, "n", "invalid_value"),
+    ("/v1/chat/completions", {**GOOD, "max_tokens": -5}, 400, "max_tokens", "invalid_value"),
+    ("/v1/chat/completions", {**GOOD, "top_k": 1.5}, 400, "top_k", "invalid_type"),
+    ("/v1/chat/completions", {**GOOD, "stream": "yes"}, 400, "stream", "invalid_type"),
+    ("/v1/chat/completions", {**GOOD, "seed": 2**64}, 400, "seed", "invalid_value"),
+    ("/v1/chat/completions", {**GOOD, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages", "invalid_value"),
+    ("/v1/chat/completions", {**GOOD, "messages": [{"role": "x" * 10_000, "content": "hi"}]}, 400, "messages",
+     "invalid_value"),
+    ("/v1/completions", {"model": "bee-sft", "prompt": [1, 2, 3]}, 400, "prompt", "invalid_value"),
+    ("/v1/completions", {"model": "x" * 10_000, "prompt": "bees"}, 404, "model", "model_not_found"),
+])
+def test_every_bad_request_is_a_4xx_in_openai_shape(server, path, body, status, param, code):
+    check_error(*post(server, path, body), status, param, code)
+
+
 def test_an_adapter_is_applied_on_top_of_the_model(model_dir):
     messages = [user("where do bees live?")]
     with running_server(model_dir, adapter_path=str(model_dir.parent / "adapter")) as server:
@@ -359,6 +446,27 @@ def test_ctrl_c_stops_a_running_answer_and_the_server(model_dir):
             process.kill()
 
 
+def run_main(monkeypatch, capsys, argv: list[str]) -> tuple[int, list[str]]:
+    """serve.main as `python -m nanobumble.serve ARGV` runs it: the exit code and the stderr lines."""
+    monkeypatch.setattr(sys, "argv", ["serve", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        serve.run_cli(serve.main)
+    return exit_.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_busy_port_is_one_line_before_the_model_loads(monkeypatch, capsys, model_dir):
+    def load_model(*args):
+        raise AssertionError("the model was loaded before the port was checked")
+
+    monkeypatch.setattr(serve, "load_model", load_model)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        code, lines = run_main(monkeypatch, capsys, ["--model_path", str(model_dir), "--port", str(port)])
+    assert (code, lines) == (2, [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"])
+
+
 def test_without_fastapi_one_line_says_what_to_install(monkeypatch, model_dir, capsys):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # import fastapi now raises ImportError
     with pytest.raises(UserError, match="pip install fastapi uvicorn"):
@@ -421,14 +529,61 @@ def test_web_chat_in_headless_chromium(server, reference, tmp_path, monkeypatch)
         browser.quit()
 
 
-def test_a_hugging_face_qwen2_directory_is_served(tmp_path):
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
     from hf_qwen2 import make_qwen2_dir, tokenizer_texts
 
-    qwen = tmp_path / "qwen"
-    make_qwen2_dir(str(qwen), tokenizer_texts())
+    return make_qwen2_dir(str(tmp_path_factory.mktemp("hf") / "qwen"), tokenizer_texts())
+
+
+def with_template(qwen_dir, directory, template: str) -> str:
+    """A copy of the Qwen2 directory with another chat template."""
+    shutil.copytree(qwen_dir, directory)
+    (directory / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return str(directory)
+
+
+def test_a_hugging_face_qwen2_directory_is_served(qwen_dir):
+    qwen = qwen_dir
     messages = [user("copy:\nabc")]
     text, prompt, new = Reference(qwen).answer(messages)  # its tokenizer.json and Jinja chat template
     with running_server(qwen) as qwen_server:
         reply = openai_client(qwen_server).chat.completions.create(model="qwen", messages=messages, temperature=0)
     assert reply.choices[0].message.content == text
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt), len(new))
+
+
+def test_a_chat_template_that_fails_on_a_conversation_is_a_400(qwen_dir, tmp_path):
+    from hf_qwen2 import CHAT_TEMPLATE
+
+    template = ("{%- set last = messages[-1]['content'] -%}"
+                "{%- if last == 'undefined' -%}{{ nothing.at_all }}"
+                "{%- elif last == 'sandbox' -%}{{ messages.append(1) }}"
+                "{%- elif last == 'empty' -%}"
+                "{%- elif last == 'huge' -%}{% for i in range(100000) %}"  # 5M characters, if nothing stops it
+                "{{ raise_exception('rendered it all') if i == 50000 else 'bees ' * 20 }}{% endfor %}"
+                "{%- else -%}" + CHAT_TEMPLATE + "{%- endif -%}")
+    model = with_template(qwen_dir, tmp_path / "qwen", template)
+    with running_server(model) as qwen_server:
+        for content, message in (("undefined", "UndefinedError: 'nothing' is undefined"),
+                                 ("sandbox", "SecurityError: access to attribute 'append'"),
+                                 ("empty", "rendered nothing"),
+                                 ("huge", "exceeds 65536 characters")):  # the 256-token context, 256 a token
+            status, body = post(qwen_server, "/v1/chat/completions", {"model": "qwen", "messages": [user(content)]})
+            check_error(status, body, 400, "messages", "invalid_value", message)
+            assert "chat_template.jinja" in body["error"]["message"]
+        status, body = post(qwen_server, "/v1/chat/completions", {"model": "qwen", "messages": [user("copy:\nab")],
+                                                                   "max_tokens": 2})
+        assert status == 200, body
+
+
+def test_a_chat_template_that_is_not_jinja_stops_the_server_before_it_starts(qwen_dir, tmp_path, monkeypatch,
+                                                                              capsys):
+    import uvicorn
+
+    model = with_template(qwen_dir, tmp_path / "qwen", "{% for message in messages %}{{ message }")
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self: pytest.fail("the server started"))
+    with pytest.raises(DataError, match="chat_template.jinja:1: the chat template failed: TemplateSyntaxError"):
+        serve.create_server(serve.ServeConfig(model_path=model, port=free_port(), device="cpu"))
+    code, lines = run_main(monkeypatch, capsys, ["--model_path", model, "--port", str(free_port())])
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {model}/chat_template.jinja:1: "), lines

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 from chat_helpers import small_tokenizer
 
@@ -89,3 +91,52 @@ def test_validate_messages_accepts_good_conversations():
     validate_messages([{"role": "user", "content": "a"}], "x")
     validate_messages([{"role": "system", "content": ""}, {"role": "user", "content": "a"},
                        {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}], "x")
+
+
+# --- a model's own (Jinja) chat template: failures are one DataError naming its file, and bounded ---
+
+class TemplateTokenizer:
+    """What render() needs of a Hugging Face tokenizer, encoding nothing of size: the
+    tests below are about the template (a real one: tests/programs/test_serve.py)."""
+
+    def __init__(self, template: str):
+        self.chat_template, self.model_file = template, os.path.join("model", "tokenizer.json")
+        self.files = {"chat_template.jinja": template.encode()}
+
+    def encode_with_offsets(self, text):
+        return ([1], [(0, len(text))]) if text else ([], [])
+
+
+TEMPLATE_FILE = os.path.join("model", "chat_template.jinja")
+LOOP_PAST_THE_CONTEXT = ("{% for i in range(100000) %}{{ raise_exception('rendered it all') if i == 99999 "
+                         "else 'bees ' * 20 }}{% endfor %}")  # 10M characters, if nothing stops it
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for %}", ":1: the chat template failed: TemplateSyntaxError: "),
+    ("{{ nothing.at_all }}", ": the chat template failed: UndefinedError: 'nothing' is undefined"),
+    ("{{ messages.append(1) }}", ": the chat template failed: SecurityError: access to attribute 'append'"),
+    ("{# nothing #}", ": the chat template rendered nothing for this conversation"),
+    ("{{ raise_exception('no' * 5000) }}", ": the chat template refused the conversation: nonono"),
+    (LOOP_PAST_THE_CONTEXT, ": the chat template's output exceeds 32768 characters"),  # 128 tokens x 256
+    ("{{ 'bees ' * 4000000 }}", ": the chat template builds a value of more than 16777216 characters (with *)"),
+    ("{% set ns = namespace(s='bees') %}{% for i in range(23) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+     ": the chat template builds a value of more than 16777216 characters (with +)"),
+    ("{# " + "x" * (1 << 20) + " #}", ": the chat template is larger than 1 MB"),
+])
+def test_a_failing_template_is_one_data_error_naming_its_file(template, message):
+    with pytest.raises(DataError) as error:
+        render([{"role": "user", "content": "Hi"}], TemplateTokenizer(template), add_generation_prompt=True,
+               context_len=128)
+    assert str(error.value).startswith(TEMPLATE_FILE + message), str(error.value)[:300]
+    assert len(str(error.value)) < 300  # a long message of the template's is cut
+
+
+def test_a_template_renders_as_before_within_its_bounds():
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] + '\\n' + m['content'] * 2 }}<|im_end|>\n"
+                "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+    captured = []
+    tokenizer = TemplateTokenizer(template)
+    tokenizer.encode_with_offsets = lambda text: captured.append(text) or ([1], [(0, len(text))])
+    render([{"role": "user", "content": "Hi"}], tokenizer, add_generation_prompt=True, context_len=128)
+    assert captured == ["<|im_start|>user\nHiHi<|im_end|>\n<|im_start|>assistant\n"]

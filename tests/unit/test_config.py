@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import pytest
 
@@ -81,6 +82,56 @@ def test_bad_yaml_files(tmp_path):
         parse_config(["--yaml_config", write(tmp_path, "- a\n- b\n")], PretrainConfig)
     with pytest.raises(ConfigError, match="expects int"):
         parse_config(["--yaml_config", write(tmp_path, "seed: [1, 2]\n")], PretrainConfig)
+
+
+def alias_bomb(levels: int = 7) -> str:
+    """~300 bytes of YAML whose last alias expands to 9^levels strings."""
+    names = "abcdefghij"[:levels]
+    lines = ["seed:", "  - &a [" + ", ".join(["lol"] * 9) + "]"]
+    lines += [f"  - &{name} [" + ", ".join([f"*{previous}"] * 9) + "]" for previous, name in pairwise(names)]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_one_short_line(tmp_path):
+    path = write(tmp_path, alias_bomb())
+    with pytest.raises(ConfigError) as error:
+        parse_config(["--yaml_config", path], PretrainConfig)
+    message = str(error.value)
+    assert message.startswith(f"{path}: not valid YAML (line 3, column 9: an alias (*name)")
+    assert len(message) < 300
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"output_dir: caf\xe9\n", "not UTF-8 text (byte 0xe9 at offset 15)"),
+    (b"seed: " + b"[" * 1000 + b"]" * 1000, "not valid YAML (line 1, column 106: nested deeper than 100 levels)"),
+    (b"seed: " + b"9" * 5000, "not valid YAML (Exceeds the limit (4300 digits) for integer string conversion"),
+    (b"seed: 1\n" + b"#" * 2**20, "1.0 MB, more than the 1.0 MB such a file may be"),
+])
+def test_a_yaml_config_that_cannot_be_read_is_one_line(tmp_path, content, message):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as error:
+        parse_config(["--yaml_config", str(path)], PretrainConfig)
+    assert str(error.value).startswith(f"{path}: {message}")
+
+
+def test_a_yaml_config_that_is_a_directory_or_has_a_byte_order_mark(tmp_path):
+    with pytest.raises(ConfigError, match=f"^{tmp_path}: is a directory, not a file$"):
+        parse_config(["--yaml_config", str(tmp_path)], PretrainConfig)
+    path = tmp_path / "bom.yaml"
+    path.write_bytes("\ufeffseed: 7\n".encode())
+    assert parse_config(["--yaml_config", str(path)], PretrainConfig).seed == 7
+    anchored = write(tmp_path, "seed: &s 7\n")  # an anchor alone expands nothing: fine
+    assert parse_config(["--yaml_config", anchored], PretrainConfig).seed == 7
+
+
+def test_long_values_are_cut_in_messages(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        parse_config(["--yaml_config", write(tmp_path, "seed: [" + "1, " * 100_000 + "1]\n")], PretrainConfig)
+    assert "key 'seed' expects int, got [1, 1, 1" in str(error.value) and len(str(error.value)) < 300
+    with pytest.raises(ConfigError) as error:
+        parse_config(["--" + "x" * 100_000, "1"], PretrainConfig)
+    assert "unknown key 'xxx" in str(error.value) and len(str(error.value)) < 300
 
 
 def test_stage_is_fixed_per_script(tmp_path):
@@ -183,16 +234,18 @@ class WordListFlag:  # without `from __future__ import annotations` in this file
     name: str = "default"
     words: list[str] = field(default_factory=list)
     flag: bool = False
-    count: int = 0
+    num_fewshot: int = 0  # a numeric key needs an entry in NUMBERS: this one has
 
 
 def test_positional_lists_and_flags_together():
-    cfg = parse_config(["--flag", "--count", "2", "x", "--words", "a", "b"], WordListFlag)
-    assert cfg == WordListFlag(name="x", words=["a", "b"], flag=True, count=2)
+    cfg = parse_config(["--flag", "--num_fewshot", "2", "x", "--words", "a", "b"], WordListFlag)
+    assert cfg == WordListFlag(name="x", words=["a", "b"], flag=True, num_fewshot=2)
     assert parse_config(["--words", "a", "x"], WordListFlag) == WordListFlag(words=["a", "x"])  # up to --key
     assert parse_config([], WordListFlag) == WordListFlag()
-    with pytest.raises(ConfigError, match="key 'count' expects int"):
-        parse_config(["--count", "many"], WordListFlag)
+    with pytest.raises(ConfigError, match="key 'num_fewshot' expects int"):
+        parse_config(["--num_fewshot", "many"], WordListFlag)
+    with pytest.raises(ConfigError, match=r"^key 'num_fewshot' must be >= 0, got -1$"):  # the table, for any class
+        parse_config(["--num_fewshot", "-1"], WordListFlag)
 
 
 def test_help_lists_every_key(capsys):

@@ -390,3 +390,61 @@ def test_a_big_json_array_is_refused_with_the_command_to_convert_it(tmp_path, mo
     monkeypatch.setattr(data_module, "MAX_JSON_ARRAY_BYTES", 100)
     with pytest.raises(DataError, match=r"big.json: a JSON array .* convert it to JSON Lines.*jq -c"):
         list(iter_text_records([str(path)]))
+
+
+# ---------------------------------------------------------------------------
+# Records nested too deep, and meta.json: one line naming the file, never a RecursionError
+
+
+def nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_a_record_nested_too_deep_is_a_bad_record(tmp_path, capsys):
+    from nanobumble.data.sft_data import load_conversations
+
+    # 600 levels parse, then overflow the checks that walk a record; 5000 overflow the parser
+    path = write_jsonl(tmp_path / "deep.jsonl", ['{"text": "first"}', '{"text": "a", "x": ' + nested(600) + "}",
+                                                 '{"text": ' + nested(5000) + "}", '{"text": "last"}'])
+    assert list(iter_text_records([path])) == ["first", "last"]
+    err = capsys.readouterr().err
+    assert f"{path}:2: nested deeper than 100 levels (skipped)" in err
+    assert f"{path}:3: nested deeper than 100 levels (skipped)" in err
+    with pytest.raises(DataError, match=f"^{path}:2: nested deeper than 100 levels$"):
+        list(iter_text_records([path], strict=True))
+
+    array = tmp_path / "deep.json"  # in a JSON array too
+    array.write_text('[{"text": "first"}, {"text": "a", "x": ' + nested(150) + '}, {"text": "last"}]')
+    assert list(iter_text_records([str(array)])) == ["first", "last"]
+    assert f"{array}:record 1: nested deeper than 100 levels (skipped)" in capsys.readouterr().err
+    array.write_text('[{"text": "first"}, ' + nested(5000) + "]")  # the parser gives up: the file is unreadable
+    with pytest.raises(DataError, match=f"^{array}: not valid JSON: nested deeper than 100 levels$"):
+        list(iter_text_records([str(array)]))
+
+    conversations = write_jsonl(tmp_path / "sft.jsonl", [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        '{"messages": [{"role": "user", "content": ' + nested(600) + "}]}"])
+    assert len(load_conversations(conversations, quiet=True)) == 1
+    with pytest.raises(DataError, match=f"^{conversations}:2: nested deeper than 100 levels$"):
+        load_conversations(conversations, strict=True, quiet=True)
+
+    within = write_jsonl(tmp_path / "within.jsonl", ['{"text": "a", "x": ' + nested(99) + "}"])
+    assert list(iter_text_records([within])) == ["a"]  # 100 levels with the record itself: fine
+
+
+def test_an_integer_of_too_many_digits_is_a_bad_record(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "digits.jsonl", ['{"text": "first"}', '{"text": "a", "n": ' + "9" * 5000 + "}"])
+    assert list(iter_text_records([path])) == ["first"]
+    assert f"{path}:2: malformed JSON: Exceeds the limit (4300 digits)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\xff\xfe{}", "meta.json: not UTF-8 text (byte 0xff at offset 0)"),
+    (nested(5000).encode(), "meta.json: not valid JSON (nested deeper than 100 levels)"),
+    (b"[1, 2]", "meta.json: expected a JSON object, got list"),
+])
+def test_a_damaged_meta_json_is_one_line(tmp_path, content, message):
+    (tmp_path / "meta.json").write_bytes(content)
+    with pytest.raises(DataError) as error:
+        TokenShards(str(tmp_path), split="train")
+    assert str(error.value) == f"{tmp_path}/{message}"

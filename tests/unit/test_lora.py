@@ -11,7 +11,7 @@ from conftest import REPO_ROOT
 from helpers import lora_state_dict
 from safetensors.torch import load_file, save_file
 
-from nanobumble.base.errors import UserError
+from nanobumble.base.errors import ConfigError, UserError
 from nanobumble.data.tokenizer import train_tokenizer
 from nanobumble.model.lora import LoRALinear, disable_adapters, init_lora_weights, inject_lora, merge_lora
 from nanobumble.model.transformer import ModelConfig, Transformer
@@ -197,10 +197,65 @@ def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(UserError, match="adapter_config.json.*lora_alpah"):
         read_adapter_config(str(tmp_path))
     config_file.write_text(json.dumps({**config, "r": 0}))
-    with pytest.raises(UserError, match="adapter_config.json.*r must be a positive integer"):
+    with pytest.raises(UserError, match="adapter_config.json: key 'r' must be at least 1, got 0$"):
         read_adapter_config(str(tmp_path))
     with pytest.raises(UserError, match="nowhere.*adapter_config.json.*not found"):
         load_adapter(tiny_model(), str(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize("text,message", [
+    ('"lora_alpha": Infinity', "key 'lora_alpha' must be a finite number in (0, 2^16], got inf"),
+    ('"lora_alpha": NaN', "key 'lora_alpha' must be a finite number in (0, 2^16], got nan"),
+    ('"lora_alpha": 1e300', "key 'lora_alpha' must be <= 2^16, got 1e+300"),
+    ('"r": 100000000000', "key 'r' must be at most 4096, got 100000000000"),
+    ('"r": 8.5', "key 'r' must be an integer, got 8.5"),
+    ('"lora_dropout": -Infinity', "key 'lora_dropout' must be a finite number in [0, 1), got -inf"),
+])
+def test_absurd_numbers_in_adapter_config_are_one_line(tmp_path, text, message):
+    """adapter_config.json holds the numbers an adapter was trained with; NaN, infinite
+    or absurd ones are refused before any layer is built, naming the file and key."""
+    config = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": ["q_proj"]}
+    body = json.dumps(config)
+    key = text.split(":")[0]
+    body = body.replace(f'{key}: {json.dumps(config[json.loads(key)])}', text)
+    (tmp_path / "adapter_config.json").write_text(body)
+    with pytest.raises(UserError) as error:
+        read_adapter_config(str(tmp_path))
+    assert str(error.value) == f"{tmp_path / 'adapter_config.json'}: {message}"
+
+
+def test_an_unreadable_adapter_config_is_one_line(tmp_path):
+    config_file = tmp_path / "adapter_config.json"
+    good = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+    config_file.write_bytes(json.dumps({**good, "base_model_name_or_path": "café"}, ensure_ascii=False)
+                            .encode("latin-1"))
+    with pytest.raises(UserError, match=r"adapter_config.json: not UTF-8 text \(byte 0xe9 at offset \d+\)$"):
+        read_adapter_config(str(tmp_path))
+    config_file.write_text(json.dumps(good)[:-1] + ', "extra": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(UserError, match=r"adapter_config.json: not valid JSON \(nested deeper than 100 levels\)$"):
+        read_adapter_config(str(tmp_path))
+    config_file.write_text(json.dumps({**good, "use_dora": "x" * 100_000}))
+    with pytest.raises(UserError) as error:  # an unsupported key's value, cut short
+        read_adapter_config(str(tmp_path))
+    assert "use_dora='xxx" in str(error.value) and len(str(error.value)) < 500
+    config_file.unlink()
+    config_file.mkdir()
+    with pytest.raises(UserError, match=r"adapter_config.json: is a directory, not a file$"):
+        read_adapter_config(str(tmp_path))
+
+
+def test_lora_settings_follow_the_configs_table():
+    """inject_lora, adapter_config.json and the training configs hold LoRA's numbers to the same ranges."""
+    from nanobumble.model.lora import LORA_ALPHA, LORA_RANK, lora_settings_problem
+    from nanobumble.run.config import NUMBERS, SFTConfig
+    assert NUMBERS["lora_rank"] is LORA_RANK and NUMBERS["lora_alpha"] is LORA_ALPHA
+    for alpha in (math.inf, math.nan, 0.0, -1.0, 2.0**17):
+        with pytest.raises(UserError, match=f"^key 'lora_alpha' must be .*, got {alpha}$"):
+            inject_lora(tiny_model(), rank=4, alpha=alpha, dropout=0.0, target_modules="q_proj")
+        with pytest.raises(ConfigError, match=f"^key 'lora_alpha' must be .*, got {alpha}$"):
+            SFTConfig(lora_alpha=alpha)
+    assert lora_settings_problem(8, 16.0, 0.0) is None
+    assert lora_settings_problem(0, 16.0, 0.0, names=("r", "a", "d")) == "key 'r' must be at least 1, got 0"
 
 
 def test_rslora_scaling():

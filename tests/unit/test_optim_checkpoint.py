@@ -50,8 +50,8 @@ def test_model_dir_round_trip(tmp_path):
     tok = tmp_path / "tok.model"
     tok.write_bytes(b"not really a tokenizer")
     save_model_dir(str(tmp_path / "m"), model, str(tok), "seed: 1\n")
-    assert sorted(os.listdir(tmp_path / "m")) == ["config.json", "model.safetensors", "tokenizer.model",
-                                                 "training_args.yaml"]
+    assert sorted(os.listdir(tmp_path / "m")) == [".nanobumble-files", "complete.json", "config.json",
+                                                 "model.safetensors", "tokenizer.model", "training_args.yaml"]
     loaded, cfg = load_model_dir(str(tmp_path / "m"))
     assert cfg == model.config
     x = torch.randint(0, 64, (1, 8))
