@@ -70,7 +70,7 @@ def tiny_model(vocab_size: int, context: int = 512, scale: float = 8.0, tie: boo
 
 @pytest.fixture(scope="module")
 def qa(tmp_path_factory) -> str:
-    """qa_exact.jsonl beside a dev split of its own (datasets/eval has none)."""
+    """qa_exact.jsonl beside a dev split of its own, with answers the test knows."""
     root = tmp_path_factory.mktemp("qa")
     shutil.copy(QA, root / "qa_exact.jsonl")
     (root / "qa_exact_dev.jsonl").write_text('{"prompt": "What is 1 + 1?", "answer": ["2", "two"]}\n'
@@ -208,7 +208,7 @@ def test_a_sibling_dev_file_and_the_errors_when_there_is_none(tmp_path):
     assert task_files.fewshot_examples(task, 0) == []
 
 
-def test_exact_match_puts_its_dev_examples_before_the_prompt(setup, qa, monkeypatch):
+def test_exact_match_puts_its_dev_examples_before_the_prompt(setup, qa, monkeypatch, tmp_path):
     (task, shots), = task_files.load_tasks([qa], 2)
     assert shots == [("What is 1 + 1?", ["2", "two"]), ("蜜蜂有几条腿？", ["6"])]
     seen = []  # the prompts the model is given
@@ -226,8 +226,9 @@ def test_exact_match_puts_its_dev_examples_before_the_prompt(setup, qa, monkeypa
                        f"<|im_start|>user\n蜜蜂有几条腿？<|im_end|>\n<|im_start|>assistant\n6<|im_end|>\n"
                        f"<|im_start|>user\n{first}<|im_end|>\n<|im_start|>assistant\n")
     assert seen[len(task.records)] == f"What is 1 + 1? 2\n\n蜜蜂有几条腿？ 6\n\n{first}"
+    shutil.copy(QA, tmp_path / "qa_exact.jsonl")  # without its dev split
     with pytest.raises(UserError, match=r"num_fewshot=1 needs its dev split; looked for .*qa_exact_dev.jsonl"):
-        task_files.load_tasks([QA], 1)  # none: an error, not a silent 0-shot
+        task_files.load_tasks([str(tmp_path / "qa_exact.jsonl")], 1)  # none: an error, not a silent 0-shot
 
 
 # --- file layouts ---------------------------------------------------------------------------------
