@@ -235,6 +235,7 @@ def test_model_card_names_the_stages_data_and_final_metrics(tmp_path, tokenizer_
 
     # no training_args.yaml, no metrics: the card says what it does not know
     os.remove(sft_dir / "training_args.yaml")
+    (sft_dir / "complete.json").write_text("{}")  # whole without it (complete.json would otherwise name it)
     export_main(["--model_path", str(sft_dir), "--save_path", str(tmp_path / "hf_bare")])
     card = (tmp_path / "hf_bare" / "README.md").read_text(encoding="utf-8")
     assert "history is unknown" in card and "Final metrics" not in card
