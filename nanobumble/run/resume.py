@@ -80,11 +80,11 @@ def start_fresh(output_dir: str, overwrite: bool, main: bool) -> None:
     """A fresh run into output_dir: refuse to replace a finished model or
     checkpoints unless overwrite (then remove everything an earlier run wrote), and
     anything nanobumble did not write that the run would replace."""
-    check_output_dir(output_dir, overwrite)
     old = list_checkpoints(output_dir)
     if old and not overwrite:
         raise UserError(f"output_dir {output_dir} already holds checkpoints; continue it with --resume auto, "
                         f"pick another --output_dir, or pass --overwrite_output_dir true to start over")
+    check_output_dir(output_dir, overwrite)
     strangers = foreign(output_dir, (*RUN_FILES, *(os.path.basename(path) for _, path in old)))
     if strangers:
         raise UserError(f"output_dir {output_dir} holds {', '.join(strangers[:5])}, which nanobumble did not write "

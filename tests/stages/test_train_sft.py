@@ -47,7 +47,8 @@ def test_sft_teaches_the_task_on_held_out_prompts(task, tmp_path, finetuning_typ
     train_sft.main(args)
 
     if finetuning_type == "lora":
-        assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors", "config.json",
+        assert sorted(os.listdir(out)) == [".lock", ".nanobumble-files", "adapter_config.json",
+                                           "adapter_model.safetensors", "complete.json", "config.json",
                                            "metrics.jsonl", "tokenizer.model", "training_args.yaml"]
         model, _ = load_model_dir(str(root / "base"))
         load_adapter(model, out)

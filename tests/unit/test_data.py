@@ -292,8 +292,8 @@ def test_prepare_cli(tmp_path, docs, capsys, monkeypatch):
     other = str(tmp_path / "other")
     for argv, message in (
         (["--dataset_path", str(tmp_path / "missing"), "--output_dir", other], "dataset path not found"),
-        (["--dataset_path", data, "--output_dir", out], f"output directory {out} already exists and is not empty"),
-        (["--dataset_path", data, "--output_dir", data], "already exists and is not empty"),  # a file
+        (["--dataset_path", data, "--output_dir", out], f"--output_dir {out} exists and is not empty"),
+        (["--dataset_path", data, "--output_dir", data], "must lie apart from every input"),  # its own input
         (["--dataset_path", data], "key 'output_dir' is required"),
         (["--dataset_path", data, "--output_dir", other, "--shard_tokens", "0"], "key 'shard_tokens' must be"),
         (["--dataset_path", data, "--output_dir", other, "--num_worker", "1"], "did you mean num_workers"),
