@@ -11,16 +11,20 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import REPO_ROOT
-from helpers import read_metrics
+from helpers import read_metrics, write_shard
 from runs import FAST, cli, run
 
 from nanobumble.base.errors import DataError, UserError
 from nanobumble.data.records import files_signature
+from nanobumble.data.shards import META_VERSION, TokenShards
+from nanobumble.evaluate import main as evaluate_main
 from nanobumble.export_hf import export_hf
+from nanobumble.inference.loading import load_model
 from nanobumble.merge_lora import main as merge_main
 from nanobumble.model.lora import inject_lora
 from nanobumble.model.transformer import ModelConfig, Transformer
@@ -561,8 +565,6 @@ def test_resume_auto_keeps_what_is_already_in_damaged_checkpoint(base_run, tmp_p
 
 
 def test_a_model_directory_cut_short_does_not_load(base_run, tmp_path):
-    from nanobumble.inference.loading import load_model
-
     model = tmp_path / "model"
     tiny_model_dir(model, base_run / "tokenizer.model")
     load_model(str(model), "", torch.device("cpu"), torch.float32)
@@ -608,8 +610,6 @@ def test_merge_and_export_refuse_an_output_linked_to_their_input_and_non_finite_
 
 
 def test_evaluate_never_writes_over_a_models_file(base_run, tmp_path):
-    from nanobumble.evaluate import main as evaluate_main
-
     model = tmp_path / "model"
     tiny_model_dir(model, base_run / "tokenizer.model")
     weights = (model / "model.safetensors").read_bytes()
@@ -621,11 +621,6 @@ def test_evaluate_never_writes_over_a_models_file(base_run, tmp_path):
 
 
 def test_shard_ids_beyond_the_vocabulary_are_refused_when_opened(tmp_path):
-    import numpy as np
-    from helpers import write_shard
-
-    from nanobumble.data.shards import META_VERSION, TokenShards
-
     write_shard(str(tmp_path / "train_000.bin"), np.array([1, 2, 300, 4], dtype=np.int64), 65536)
     (tmp_path / "meta.json").write_text(json.dumps({"format_version": META_VERSION, "vocab_size": 256,
                                                     "train_shards": ["train_000.bin"], "train_tokens": 4}))
