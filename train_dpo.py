@@ -57,12 +57,12 @@ def precompute_reference(reference, dataset: PreferenceDataset, cfg: DPOConfig, 
 @torch.no_grad()
 def evaluate(model, val_data: PreferenceDataset, val_reference: torch.Tensor, cfg: DPOConfig, info, dtype,
              ld_alpha: float | None) -> dict:
-    """On held-out pairs (up to eval_batches batches, the same ones every time): the
+    """On the first eval_rows held-out pairs (the same ones every time): the
     preference loss, reward accuracy and margins, the policy's log-probs, and the
     drift of each answer's mean log-prob per token from the reference's."""
     model.eval()
     n = cfg.train_micro_batch_size_per_gpu
-    count = min(val_data.num_pairs, n * cfg.eval_batches)
+    count = min(val_data.num_pairs, cfg.eval_rows)
     groups = [list(range(i, min(i + n, count))) for i in range(0, count, n)]
     sums: dict[str, torch.Tensor] = {}
     for i, weight in share_batches(len(groups), info):
@@ -93,7 +93,7 @@ def train(cfg: DPOConfig, info) -> None:
     tokenizer, model_cfg = open_starting_model(cfg)
 
     # --- preference pairs -> prompt + chosen / rejected tokens (tokenized once, cached) ---
-    dataset, val_data = tokenized_data(cfg, tokenizer, info, "dpo", PreferenceDataset)
+    dataset, val_data, data_sha256 = tokenized_data(cfg, tokenizer, info, "dpo", PreferenceDataset)
 
     # --- policy, and the reference it is measured against ---
     lora = lora_settings(cfg)
@@ -127,7 +127,7 @@ def train(cfg: DPOConfig, info) -> None:
     pairs_per_step, micro_batch = stage.batch_rows, stage.micro_batch
     print0(f"data: {dataset.num_pairs} pairs; global batch {stage.batch_arithmetic} pairs; "
            f"{stage.num_steps} steps")
-    stage.start(model, tokenizer)
+    stage.start(model, tokenizer, data_sha256)
 
     # --- the loop ---
     for step in stage.steps():

@@ -56,7 +56,7 @@ def evaluate(model, val_data: TokenShards, cfg: PretrainConfig, token_bytes: tor
     """Mean validation loss (nats per token) and bits per byte (comparable across
     tokenizers). Ranks share the batches out (share_batches)."""
     model.eval()
-    batches = list(val_data.val_batches(cfg.cutoff_len, cfg.train_micro_batch_size_per_gpu, cfg.eval_batches))
+    batches = list(val_data.val_batches(cfg.cutoff_len, cfg.train_micro_batch_size_per_gpu, cfg.eval_rows))
     totals = torch.zeros(4, dtype=torch.float64, device=info.device)  # nats, tokens, text nats, text bytes
     for i, weight in share_batches(len(batches), info):
         x, y = (t.to(info.device) for t in batches[i])
@@ -111,7 +111,8 @@ def train(cfg: PretrainConfig, info) -> None:
                f"crosses into the next epoch takes its last rows from it, newly shuffled")
 
     # --- optimizer, resume, logger (rank 0 writes) ---
-    stage.start(model, tokenizer, flops_per_token=training_flops_per_token(model_cfg, cfg.cutoff_len))
+    stage.start(model, tokenizer, train_data.meta.get("data_sha256", ""),
+                flops_per_token=training_flops_per_token(model_cfg, cfg.cutoff_len))
     device = info.device
     token_bytes = torch.from_numpy(tokenizer.token_byte_lengths()).to(device)
     token_bytes = F.pad(token_bytes, (0, model_cfg.vocab_size - len(token_bytes)))

@@ -33,11 +33,11 @@ def main(argv: list[str]) -> None:
 
 @torch.no_grad()
 def evaluate(model, val_data: SFTDataset, cfg: SFTConfig, info, dtype) -> dict:
-    """Validation loss: mean nats per assistant token over up to eval_batches batches
-    of held-out rows (the same rows every time). Ranks share the batches out."""
+    """Validation loss: mean nats per assistant token over the first eval_rows
+    held-out rows (the same rows every time). Ranks share the batches out."""
     model.eval()
     n = cfg.train_micro_batch_size_per_gpu
-    rows = min(val_data.num_rows, n * cfg.eval_batches)
+    rows = min(val_data.num_rows, cfg.eval_rows)
     batches = [range(first, min(first + n, rows)) for first in range(0, rows, n)]
     totals = torch.zeros(2, dtype=torch.float64, device=info.device)  # nats, trained tokens
     for i, weight in share_batches(len(batches), info):
@@ -59,8 +59,8 @@ def train(cfg: SFTConfig, info) -> None:
     tokenizer, model_cfg = open_starting_model(cfg)
 
     # --- conversations -> tokens + assistant masks (tokenized once, cached) -> rows ---
-    dataset, val_data = tokenized_data(cfg, tokenizer, info, "sft",
-                                       lambda samples: SFTDataset(samples, cfg.cutoff_len, packing=cfg.packing))
+    dataset, val_data, data_sha256 = tokenized_data(
+        cfg, tokenizer, info, "sft", lambda samples: SFTDataset(samples, cfg.cutoff_len, packing=cfg.packing))
 
     # --- model: the base weights, plus adapters for LoRA ---
     model = stage.build_model(model_cfg, cfg.model_name_or_path, lora_settings(cfg))
@@ -74,7 +74,7 @@ def train(cfg: SFTConfig, info) -> None:
     print0(f"data: {dataset.num_rows} rows ({'packed' if cfg.packing else 'padded'}), "
            f"{dataset.num_target_tokens:,} trainable tokens; global batch {stage.batch_arithmetic} rows; "
            f"{stage.num_steps} steps")
-    stage.start(model, tokenizer)
+    stage.start(model, tokenizer, data_sha256)
 
     # --- the loop ---
     device = info.device

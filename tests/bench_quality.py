@@ -14,7 +14,7 @@ tests/word_task.py (its data drawn with that seed):
 
 Each script runs as a subprocess, as a user would run it; only the paths, the
 seed and --plot/--use_tensorboard false are passed (DPO also gets
---eval_dataset_path and --eval_batches to score all the held-out pairs;
+--eval_dataset_path and --eval_rows to score all the held-out pairs;
 --sft_args / --dpo_args add overrides, for experiments). After each stage:
 greedy exact match on the held-out prompts (nanobumble.evaluate's exact-match
 task, through the chat template with the system prompt training used), counted
@@ -99,7 +99,7 @@ def sft_and_dpo(work_dir: str, base: str, cache_dir: str, seed: int, sizes: tupl
     row["sft_val_loss"] = last_value(sft_dir, "val/loss")
     row["dpo_seconds"] = run_script("train_dpo.py", ["--model_name_or_path", sft_dir, "--dataset_path", paths["dpo"],
                                                      "--eval_dataset_path", paths["held_out_pairs"],
-                                                     "--eval_batches", "1000", "--output_dir", dpo_dir]
+                                                     "--eval_rows", "100000", "--output_dir", dpo_dir]
                                     + common + list(dpo_args), os.path.join(root, "dpo.log"))
     row["dpo_em"] = exact_match(sft_dir, paths["held_out"], adapter_path=dpo_dir)
     row["reward_acc"] = last_value(dpo_dir, "val/rewards/accuracies")

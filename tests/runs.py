@@ -11,7 +11,7 @@ import train_pretrain
 
 # Small and fast: the tiny preset on short sequences.
 FAST = ["--cutoff_len", "64", "--train_micro_batch_size_per_gpu", "4", "--logging_steps", "2",
-        "--eval_batches", "2", "--use_tensorboard", "false", "--plot", "false"]
+        "--eval_rows", "8", "--use_tensorboard", "false", "--plot", "false"]
 
 
 def run(argv):

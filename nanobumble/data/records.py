@@ -7,7 +7,8 @@
     alpaca_prompt, ...    the conversation shapes SFT and DPO both read (Alpaca, ShareGPT, messages)
 
 A bad record is reported as `file:line: reason` and skipped, or raises
-DataError when strict. Also here: the fingerprints that say whether data
+DataError when strict. The readers also hash what they read (the data's
+identity, iter_file_records). Also here: the fingerprint that says whether data
 changed, the rule that holds out validation items, and the shuffled order of
 items over epochs that every stage's batches follow.
 """
@@ -15,6 +16,7 @@ items over epochs that every stage's batches follow.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import sys
@@ -23,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from nanobumble.base.errors import DataError
+from nanobumble.base.output_guard import RECORD
 from nanobumble.base.reading import TOO_DEEP, cut, depth_problem
 from nanobumble.data.chat_template import validate_messages
 
@@ -35,7 +38,11 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 
 def list_data_files(dataset_path: str | list[str]) -> list[str]:
-    """A file, a directory (every *.json / *.jsonl below it), or a comma-separated list."""
+    """A file, a directory (every *.json / *.jsonl below it), or a comma-separated list.
+
+    In a directory, hidden names and every directory nanobumble wrote (a run's
+    output_dir, a model, prepared shards, a cache: they hold a .nanobumble-files
+    record) are passed over: what nanobumble writes is never read back as data."""
     paths = dataset_path.split(",") if isinstance(dataset_path, str) else list(dataset_path)
     paths = [p.strip() for p in paths if p.strip()]
     if not paths:
@@ -45,15 +52,24 @@ def list_data_files(dataset_path: str | list[str]) -> list[str]:
         if os.path.isfile(path):
             files.append(path)
         elif os.path.isdir(path):
+            if _written_by_nanobumble(path):
+                raise DataError(f"dataset path {path} is a directory nanobumble wrote (it holds {RECORD}): "
+                                f"a run, a model or a cache, not data")
             found = []
-            for root, _, names in os.walk(path):
-                found += [os.path.join(root, n) for n in names if n.endswith((".json", ".jsonl"))]
+            for root, dirs, names in os.walk(path):
+                dirs[:] = [d for d in dirs
+                           if not d.startswith(".") and not _written_by_nanobumble(os.path.join(root, d))]
+                found += [os.path.join(root, n) for n in names if n.endswith((".json", ".jsonl")) and n[0] != "."]
             files += sorted(found)
         else:
             raise DataError(f"dataset path not found: {path}")
     if not files:
         raise DataError(f"no .json or .jsonl files found in {dataset_path}")
     return files
+
+
+def _written_by_nanobumble(directory: str) -> bool:
+    return os.path.lexists(os.path.join(directory, RECORD))
 
 
 def _record_text(record: object) -> str:
@@ -72,13 +88,35 @@ def _record_text(record: object) -> str:
 MAX_JSON_ARRAY_BYTES = 256 * 2**20
 
 
-def _first_character(f) -> str:
-    """The first character of a text file that is not whitespace ("" if there is none)."""
-    while chunk := f.read(4096):
-        chunk = chunk.lstrip()
-        if chunk:
-            return chunk[0]
-    return ""
+def _starts_with_bracket(path: str) -> bool:
+    """Whether the first byte of the file that is not JSON whitespace (after a
+    byte order mark) is "[": then it is one JSON array."""
+    with open(path, "rb") as f:
+        start = f.read(3)
+        chunk = start[3:] if start == b"\xef\xbb\xbf" else start
+        while True:
+            chunk = chunk.lstrip(b" \t\r\n")
+            if chunk:
+                return chunk.startswith(b"[")
+            chunk = f.read(4096)
+            if not chunk:
+                return False
+
+
+class _Hashing(io.RawIOBase):
+    """A binary file that feeds every byte read from it into a digest: the data's
+    content hash comes from the one pass that parses it."""
+
+    def __init__(self, raw, digest):
+        self.raw, self.digest = raw, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.raw.readinto(buffer)
+        self.digest.update(memoryview(buffer)[:n])
+        return n
 
 
 def _lone_surrogate(value: object) -> str | None:
@@ -109,15 +147,23 @@ def _checked(record: object) -> object:
     return record
 
 
-def iter_file_records(path: str) -> Iterator[tuple[str, object]]:
+def iter_file_records(path: str, digest=None) -> Iterator[tuple[str, object]]:
     """Yield (location, record or ValueError) for every record of one file.
+
+    digest (a hashlib object), when given, is fed the file's size in decimal, a NUL
+    byte, then every byte of the file. Fed file after file, sha256 gives the data's
+    identity (data_sha256), which checkpoints record and a resumed run compares: it
+    comes from the one pass that parses the files.
 
     The format is decided by the first character that is not whitespace: "[" is
     one JSON array, anything else JSON Lines."""
-    with open(path, encoding="utf-8-sig") as f:  # -sig: accept a leading byte order mark
-        first = _first_character(f)
-        f.seek(0)
-        if first == "[":
+    is_array = _starts_with_bracket(path)
+    with open(path, "rb", buffering=0) as raw:
+        if digest is not None:
+            digest.update(f"{os.fstat(raw.fileno()).st_size}\0".encode())  # where one file ends and the next starts
+            raw = _Hashing(raw, digest)
+        f = io.TextIOWrapper(io.BufferedReader(raw, 1 << 20), encoding="utf-8-sig")  # -sig: a byte order mark
+        if is_array:
             size = os.path.getsize(path)
             if size > MAX_JSON_ARRAY_BYTES:
                 raise DataError(f"{path}: a JSON array is read into memory whole, and this one is "
@@ -162,8 +208,9 @@ def iter_text_records(files: Sequence[str], strict: bool = False, stats: dict | 
 
     A bad record is reported on stderr as `file:line: reason` (unless quiet) and
     skipped, or raises DataError when strict. stats (if given) counts documents,
-    skipped, empty and bytes (UTF-8 bytes of the yielded texts). Files without a
-    single non-empty text raise DataError once they are read.
+    skipped, empty and bytes (UTF-8 bytes of the yielded texts), and once every
+    file is read, data_sha256 (the data's identity: iter_file_records). Files without a single non-empty
+    text raise DataError once they are read.
     """
     if stats is None:
         stats = {}
@@ -171,9 +218,10 @@ def iter_text_records(files: Sequence[str], strict: bool = False, stats: dict | 
         stats.setdefault(key, 0)
     reported = 0
     documents = 0
+    digest = hashlib.sha256()
     for path in files:
         try:
-            for location, record in iter_file_records(path):
+            for location, record in iter_file_records(path, digest):
                 try:
                     if isinstance(record, ValueError):
                         raise record
@@ -200,6 +248,7 @@ def iter_text_records(files: Sequence[str], strict: bool = False, stats: dict | 
     if documents == 0:
         raise DataError(f"no documents with text in {', '.join(files)} "
                         f"({stats['skipped']} bad records, {stats['empty']} empty texts)")
+    stats["data_sha256"] = digest.hexdigest()
 
 
 def read_records(dataset_path: str | list[str], detect: Callable[[object, str], Callable],
@@ -208,15 +257,17 @@ def read_records(dataset_path: str | list[str], detect: Callable[[object, str], 
     from the file's first record. A bad record is reported as `file:line: reason`
     and skipped (raised when strict); an unknown shape always raises. Unless
     quiet, prints one summary line ("<stage> data: N <what> from ...").
-    stats, when given, receives {"files": n, "skipped": n, "formats": {format name: records}}."""
+    stats, when given, receives {"files": n, "skipped": n, "formats": {format name: records},
+    "data_sha256": the data's identity (iter_file_records)}."""
     stats = {} if stats is None else stats
     stats.update({"files": 0, "skipped": 0, "formats": {}})
     items = []
+    digest = hashlib.sha256()
     for path in list_data_files(dataset_path):
         stats["files"] += 1
         convert = None
         try:
-            for where, record in iter_file_records(path):
+            for where, record in iter_file_records(path, digest):
                 try:
                     if isinstance(record, ValueError):  # malformed JSON or invalid Unicode
                         raise DataError(f"{where}: {record}")
@@ -238,6 +289,7 @@ def read_records(dataset_path: str | list[str], detect: Callable[[object, str], 
             raise DataError(f"{path}: cannot read: {e}") from e
     if not items:
         raise DataError(f"no usable {what} in {dataset_path} ({stats['skipped']} bad records skipped)")
+    stats["data_sha256"] = digest.hexdigest()
     if not quiet:
         formats = ", ".join(f"{name} {count}" for name, count in stats["formats"].items())
         print(f"{stage} data: {len(items)} {what} from {stats['files']} files ({formats}), "
@@ -336,17 +388,6 @@ def files_fingerprint(files: Sequence[str]) -> str:
     for path in files:
         info = os.stat(path)
         digest.update(f"{os.path.abspath(path)}\0{info.st_size}\0{info.st_mtime_ns}\0".encode())
-    return digest.hexdigest()
-
-
-def files_signature(dataset_path: str | list[str]) -> str:
-    """sha256 hex of each data file's name and size: what a resumed run checks to
-    know it reads the same data. Unlike files_fingerprint it ignores where the
-    files lie and when they were written (copied or checked out again, they are
-    still the same data)."""
-    digest = hashlib.sha256()
-    for path in list_data_files(dataset_path):
-        digest.update(f"{os.path.basename(path)}\0{os.path.getsize(path)}\0".encode())
     return digest.hexdigest()
 
 

@@ -32,7 +32,7 @@ import torch
 
 from nanobumble.base.errors import DataError
 from nanobumble.base.files import atomic_directory
-from nanobumble.base.output_guard import sweep_leftovers
+from nanobumble.base.output_guard import record, sweep_leftovers
 from nanobumble.base.reading import read_json
 from nanobumble.data.records import (
     EpochOrder,
@@ -263,6 +263,7 @@ def _write_shards(files: Sequence[str], tokenizer: Tokenizer, out_dir: str, val_
         "skipped": stats["skipped"],
         "empty": stats["empty"],
         "text_bytes": stats["bytes"],
+        "data_sha256": stats["data_sha256"],  # the source files' content (records.iter_file_records)
         "val_ratio": val_ratio,
         "source_files": [os.path.abspath(f) for f in files],
     }
@@ -311,12 +312,15 @@ def ensure_shards(
         return dataset_path
 
     files = list_data_files(dataset_path)
-    key = f"{files_fingerprint(files)}\0{tokenizer.checksum}\0{val_ratio}\0{META_VERSION}"
+    # "data_sha256": made since meta.json records the data's content (older ones are tokenized again)
+    key = f"{files_fingerprint(files)}\0{tokenizer.checksum}\0{val_ratio}\0{META_VERSION}\0data_sha256"
     shard_dir = os.path.join(cache_dir, f"shards-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
     if os.path.isfile(os.path.join(shard_dir, "meta.json")):
         print(f"shards: reusing cached {shard_dir}")
         return shard_dir
     print(f"shards: preparing {len(files)} file(s) into {shard_dir}")
+    os.makedirs(cache_dir, exist_ok=True)
+    record(cache_dir, os.path.basename(shard_dir))  # the record also keeps the cache from being read as data
     try:
         prepare_shards(files, tokenizer, shard_dir, val_ratio=val_ratio, num_workers=num_workers, strict=strict)
     except DataError:
@@ -408,24 +412,16 @@ class TokenShards:
         batch = torch.from_numpy(rows)
         return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
-    def val_batches(self, cutoff_len: int, batch_size: int, max_batches: int | None = None
+    def val_batches(self, cutoff_len: int, batch_size: int, max_rows: int | None = None
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Consecutive windows from the start of the split (inputs do not overlap;
-        every token after the first of a shard is a target once). The last batch
-        may be smaller. Same output every time."""
+        """The first max_rows (None: all) consecutive windows of the split, in batches
+        of batch_size (the last may be smaller). Inputs do not overlap; every token
+        after the first of a shard is a target once. The same windows whatever the
+        batch size."""
         self._check_fits(cutoff_len)
-        rows: list[np.ndarray] = []
-        produced = 0
-        for shard in self.shards:
-            for offset in range(0, len(shard) - cutoff_len, cutoff_len):
-                rows.append(shard[offset:offset + cutoff_len + 1])
-                if len(rows) == batch_size:
-                    yield _rows_to_batch(rows)
-                    rows = []
-                    produced += 1
-                    if max_batches is not None and produced >= max_batches:
-                        return
-        if rows:
+        windows = ((shard, offset) for shard in self.shards for offset in range(0, len(shard) - cutoff_len, cutoff_len))
+        windows = itertools.islice(windows, max_rows)
+        while rows := [shard[offset:offset + cutoff_len + 1] for shard, offset in itertools.islice(windows, batch_size)]:
             yield _rows_to_batch(rows)
 
 

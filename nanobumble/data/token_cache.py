@@ -33,14 +33,15 @@ import numpy as np
 
 from nanobumble.base.errors import DataError
 from nanobumble.base.files import atomic_directory
-from nanobumble.base.output_guard import sweep_leftovers
+from nanobumble.base.output_guard import record, sweep_leftovers
+from nanobumble.base.reading import read_json
 from nanobumble.data.chat_template import CHATML_RENDERER
 from nanobumble.data.dpo_data import load_preference_pairs, pairs_summary, tokenize_pairs
 from nanobumble.data.records import files_fingerprint, list_data_files
 from nanobumble.data.sft_data import load_conversations, sft_summary, tokenize_sft
 from nanobumble.data.tokenizer import load_tokenizer, map_in_workers
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: stats record data_sha256
 CHUNK_ITEMS = 512  # conversations or pairs per task sent to a worker process
 
 
@@ -108,7 +109,7 @@ def _cached(kind: str, dataset_path, tokenizer, cutoff_len: int, system_prompt: 
     start = time.time()
     items, counts = _tokenize_in_parallel(kind, records, tokenizer, cutoff_len, system_prompt, num_workers, quiet)
     del records
-    stats = {"files": stats["files"], "skipped": stats["skipped"], **counts}
+    stats = {"files": stats["files"], "skipped": stats["skipped"], "data_sha256": stats["data_sha256"], **counts}
     if not quiet:
         print(f"{summary(stats, cutoff_len)}; {time.time() - start:.1f}s")
     meta = {"format_version": CACHE_VERSION, "kind": kind, "files": [os.path.abspath(f) for f in files],
@@ -199,13 +200,14 @@ def _read(directory: str, fields: Sequence[str]) -> tuple[list[dict], dict] | No
     if not os.path.isfile(os.path.join(directory, "meta.json")):
         return None
     try:
-        with open(os.path.join(directory, "meta.json")) as f:
-            meta = json.load(f)
+        stats = read_json(os.path.join(directory, "meta.json"))["stats"]
+        if not isinstance(stats.get("data_sha256"), str):
+            raise ValueError("meta.json: stats has no data_sha256")
         arrays = load_file(os.path.join(directory, "tokens.safetensors"))
         for field in fields:
             if arrays[f"{field}.lengths"].sum() != len(arrays[field]):
                 raise ValueError(f"{field}: lengths do not add up")
-        return _unpack(arrays, fields), meta["stats"]
+        return _unpack(arrays, fields), stats
     except Exception as e:  # a torn or foreign file: the data is simply tokenized again
         print(f"warning: {directory} is damaged ({e}); tokenizing again", file=sys.stderr)
         shutil.rmtree(directory, ignore_errors=True)
@@ -216,7 +218,10 @@ def _write(directory: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Write into a temporary directory and rename it: a cache directory is complete or absent."""
     from safetensors.numpy import save_file
 
-    sweep_leftovers(os.path.dirname(os.path.abspath(directory)), locked=False)  # what a killed run left
+    cache_dir = os.path.dirname(os.path.abspath(directory))
+    sweep_leftovers(cache_dir, locked=False)  # what a killed run left
+    os.makedirs(cache_dir, exist_ok=True)
+    record(cache_dir, os.path.basename(directory))  # the record also keeps the cache from being read as data
     try:
         with atomic_directory(directory) as tmp:
             save_file(arrays, os.path.join(tmp, "tokens.safetensors"))

@@ -65,7 +65,7 @@ NUMBERS: dict[str, Number] = {
     "logging_steps": Number(1, 2**40, integer=True),
     "val_ratio": Number(0, 1, high_open=True),
     "eval_steps": Number(-1, 2**40, integer=True, note="<= 0: only at the end"),
-    "eval_batches": Number(1, 2**20, integer=True),
+    "eval_rows": Number(1, 2**24, integer=True),
     "save_steps": Number(-1, 2**40, integer=True, note="<= 0: only the final model"),
     "save_total_limit": Number(-1, 2**20, integer=True, note="<= 0: keeps all"),
     "seed": Number(0, 2**32, integer=True, high_open=True),  # numpy's seeds are 32-bit
@@ -161,7 +161,8 @@ class TrainConfig:
     logging_steps: int = 10
     val_ratio: float = 0.05  # share of the data held out for validation (0: none)
     eval_steps: int = 100  # validate every N steps, and at the end (<= 0: only at the end)
-    eval_batches: int = 20  # validation batches per evaluation
+    # held-out rows (DPO: pairs) per evaluation: the same ones every time, whatever the ranks or batch sizes
+    eval_rows: int = 160
     save_steps: int = 100  # <= 0: only the final model
     save_total_limit: int = 2  # newest checkpoints kept; <= 0 keeps all
     use_tensorboard: bool = True
@@ -355,9 +356,15 @@ def _positional(cls: type) -> str:
     return name
 
 
+# Keys that were renamed: the old name, and what to write now.
+RENAMED = {"eval_batches": "eval_rows (held-out rows, not batches: the old value x train_micro_batch_size_per_gpu)"}
+
+
 def _unknown_key(key: str, valid: list[str], source: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
+    if key in RENAMED:
+        hint = f"; it is now {RENAMED[key]}"
     return ConfigError(f"{source}: unknown key '{cut(key)}'{hint} (run with --help to list all keys)")
 
 

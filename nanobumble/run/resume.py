@@ -14,7 +14,6 @@ import os
 from nanobumble.base.distributed import print0
 from nanobumble.base.errors import UserError
 from nanobumble.base.output_guard import RECORD, foreign, record, remove_recorded
-from nanobumble.data.records import files_signature
 from nanobumble.run.config import config_to_dict
 from nanobumble.store.checkpoint import checkpoint_problem, list_checkpoints, read_trainer_state
 from nanobumble.store.model_dir import COMPLETE, MODEL_FILES, check_output_dir
@@ -108,7 +107,7 @@ def free_name(path: str) -> str:
 
 # Keys that may change between a run and its resumption without changing what
 # is trained: cadence, where things go, and how fast the same math runs.
-RESUME_SAFE_KEYS = ("logging_steps", "eval_steps", "eval_batches", "save_steps", "save_total_limit",
+RESUME_SAFE_KEYS = ("logging_steps", "eval_steps", "eval_rows", "save_steps", "save_total_limit",
                     "use_tensorboard", "plot", "resume", "output_dir", "overwrite_output_dir", "allow_schedule_change",
                     "collective_timeout_minutes", "cache_dir", "preprocessing_num_workers",
                     "max_chosen_logp_drop", "eval_tasks", "eval_num_fewshot", "compile", "kernels", "enable_gradient_checkpointing")
@@ -116,6 +115,21 @@ RESUME_SAFE_KEYS = ("logging_steps", "eval_steps", "eval_batches", "save_steps",
 # The learning-rate schedule: changed only when asked (allow_schedule_change).
 RESUME_SCHEDULE_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "min_lr_ratio", "max_steps",
                         "num_epochs")
+
+def check_resume_data(checkpoint: str, data_sha256: str, dataset_path) -> None:
+    """Refuse to resume on other data: the checkpoint's data_sha256 (the content hash
+    of the data it was trained on) must be this run's. A checkpoint or shard
+    directory from before data_sha256 existed resumes with a warning."""
+    recorded = read_trainer_state(checkpoint).get("data_sha256")
+    if recorded and data_sha256 and recorded != data_sha256:
+        raise UserError(f"resume: the data of dataset_path {dataset_path} is not the data {checkpoint} was trained "
+                        f"on (content hash {data_sha256[:12]}, the checkpoint's {str(recorded)[:12]}); "
+                        f"use that data, or start a new output_dir")
+    if not (recorded and data_sha256):
+        where = f"the shard directory {dataset_path}" if recorded else checkpoint
+        print0(f"warning: resume: {where} does not record the data's content hash (written by an older "
+               f"nanobumble), so the data was not verified to be the data {checkpoint} was trained on")
+
 
 # How the global batch is split: free, as long as the global batch stays the same.
 RESUME_BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -142,9 +156,6 @@ def check_resume_settings(cfg, world_size: int, checkpoint: str) -> None:
                             f"{new_rows}; keep it to continue the same run")
         if old_split != new_split:
             print0(f"resume: global batch {new_rows} rows split as {new_split} (was {old_split})")
-    if state.get("data") and state["data"] != files_signature(cfg.dataset_path):
-        raise UserError(f"resume: the data files of dataset_path {cfg.dataset_path} are not those {checkpoint} "
-                        f"was trained on (files added, removed or changed in size)")
     for key, value in now.items():
         if key not in before or before[key] == value or key in RESUME_BATCH_KEYS:
             continue

@@ -5,7 +5,7 @@ particular to its stage: its data, its model, and its forward and backward pass.
     resume_dir = stage.open_output_dir()          # which checkpoint to resume (run/resume.py)
     model = stage.build_model(model_cfg, weights)
     stage.plan(examples_per_epoch)                # global batch and number of steps
-    stage.start(model, tokenizer)                 # optimizer, resume, logger, eval task files
+    stage.start(model, tokenizer, data_sha256)    # optimizer, resume (same data?), logger, eval task files
     for step in stage.steps():
         for rows in stage.micro_batches(step): ...  # this rank's rows of each micro-step
         ... forward and backward ...
@@ -23,6 +23,7 @@ SFT / DPO data, how ranks share out validation batches, and the progress line.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 
@@ -32,7 +33,7 @@ from nanobumble.base.distributed import distributed_run, main_process_first, pri
 from nanobumble.base.errors import UserError
 from nanobumble.base.output_guard import abandon_run_dir, claim_run_dir
 from nanobumble.base.precision import autocast_dtype, resolve_precision
-from nanobumble.data.records import files_signature, split_held_out
+from nanobumble.data.records import split_held_out
 from nanobumble.data.token_cache import tokenized_pairs, tokenized_sft
 from nanobumble.evals.scoring import evaluate_tasks
 from nanobumble.evals.tasks import load_tasks
@@ -42,7 +43,7 @@ from nanobumble.run.config import config_to_yaml, parse_config
 from nanobumble.run.metrics import MetricsLogger
 from nanobumble.run.optim import build_optimizer, lr_at
 from nanobumble.run.plots import plot_run
-from nanobumble.run.resume import resolve_resume
+from nanobumble.run.resume import check_resume_data, resolve_resume
 from nanobumble.store.adapter import adapter_config_for
 from nanobumble.store.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from nanobumble.store.model_dir import save_model_dir, weights_usable
@@ -111,14 +112,17 @@ class Stage:
         self.batch_arithmetic = (f"{self.micro_batch} per micro-step x {cfg.gradient_accumulation_steps} accumulation x "
                                  f"{self.info.world_size} ranks = {self.batch_rows}")
 
-    def start(self, model, tokenizer, flops_per_token: float | None = None) -> None:
-        """Optimizer, the checkpoint to resume from, logger and progress line (with MFU
+    def start(self, model, tokenizer, data_sha256: str, flops_per_token: float | None = None) -> None:
+        """Optimizer, the checkpoint to resume from (refused when its data_sha256, the
+        training data's content hash, differs), logger and progress line (with MFU
         when flops_per_token is given on a known GPU), and the eval_tasks files, read
         and checked now, before the first step."""
         cfg, info = self.cfg, self.info
         self.model, self.tokenizer = model, tokenizer
         self.adapter_config = adapter_config_for(model, cfg.model_name_or_path) if self.lora else None
-        self.data_signature = files_signature(cfg.dataset_path)  # recorded in checkpoints: resume checks it
+        self.data_sha256 = data_sha256  # recorded in checkpoints
+        if self.resume_dir:
+            check_resume_data(self.resume_dir, data_sha256, cfg.dataset_path)
         self.eval_tasks = load_tasks(cfg.eval_tasks, cfg.eval_num_fewshot) if getattr(cfg, "eval_tasks", "") else None
         self.optimizer = build_optimizer(model, cfg.learning_rate, cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2))
         self.start_step = load_checkpoint(self.resume_dir, model, self.optimizer) if self.resume_dir else 0
@@ -191,7 +195,7 @@ class Stage:
             check_model_finite(self.model, step, cfg.output_dir, self.device, self.autocast_dtype)
             path = save_checkpoint(cfg.output_dir, step, self.model, self.optimizer, self.tokenizer,
                                    self.training_args, cfg.save_total_limit, self.adapter_config,
-                                   data_signature=self.data_signature)
+                                   data_sha256=self.data_sha256)
             print0(f"saved {path}")
 
     def finish(self) -> None:
@@ -268,17 +272,21 @@ def tokenized_data(cfg, tokenizer, info, kind: str, make_dataset):
     """SFT samples or DPO pairs, as make_dataset(items) for training and for
     validation (None without held-out items): eval_dataset_path's, or a val_ratio
     share of dataset_path's held out. Tokenized once, by rank 0, into the cache
-    that every rank then reads (token_cache.py)."""
+    that every rank then reads (token_cache.py). Also returns the data's identity
+    (data_sha256, of dataset_path's files, and eval_dataset_path's when given)."""
     tokenize = {"sft": tokenized_sft, "dpo": tokenized_pairs}[kind]
 
-    def tokenized(path: str) -> list:
-        return main_process_first(lambda: tokenize(path, tokenizer, cfg.cutoff_len, cfg.system_prompt, cfg.cache_dir,
-                                                   cfg.strict, cfg.preprocessing_num_workers or None,
-                                                   quiet=not info.is_main))[0]
+    def tokenized(path: str) -> tuple[list, str]:
+        items, stats = main_process_first(lambda: tokenize(path, tokenizer, cfg.cutoff_len, cfg.system_prompt,
+                                                           cfg.cache_dir, cfg.strict,
+                                                           cfg.preprocessing_num_workers or None,
+                                                           quiet=not info.is_main))
+        return items, stats["data_sha256"]
 
-    items = tokenized(cfg.dataset_path)
+    items, data_sha256 = tokenized(cfg.dataset_path)
     if cfg.eval_dataset_path:
-        train, held_out = items, tokenized(cfg.eval_dataset_path)
+        held_out, eval_sha256 = tokenized(cfg.eval_dataset_path)
+        train, data_sha256 = items, hashlib.sha256(f"{data_sha256}\0{eval_sha256}".encode()).hexdigest()
         where = f"from {cfg.eval_dataset_path}"
     else:
         train, held_out = split_held_out(items, cfg.val_ratio)
@@ -287,7 +295,7 @@ def tokenized_data(cfg, tokenizer, info, kind: str, make_dataset):
         raise UserError(f"{cfg.dataset_path}: " + ("no conversation has a trainable token left" if kind == "sft"
                                                    else "no usable preference pair left"))
     print0(f"validation: {len(held_out)} held-out {'conversations' if kind == 'sft' else 'pairs'} {where}")
-    return make_dataset(train), make_dataset(held_out) if held_out else None
+    return make_dataset(train), make_dataset(held_out) if held_out else None, data_sha256
 
 
 def share_batches(num_batches: int, info) -> list[tuple[int, float]]:

@@ -98,9 +98,9 @@ def _optimizer_tensors(model: Transformer, optimizer: torch.optim.Optimizer) -> 
 
 def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: torch.optim.Optimizer,
                     tokenizer, training_args_yaml: str, save_total_limit: int,
-                    adapter_config: dict | None = None, data_signature: str = "") -> str:
+                    adapter_config: dict | None = None, data_sha256: str = "") -> str:
     """Every rank calls this. Written under a temporary name, renamed by rank 0.
-    data_signature (records.files_signature) lets a resumed run check its data."""
+    data_sha256 (the training data's content hash) lets a resumed run check its data."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
     if is_main():
@@ -114,7 +114,7 @@ def save_checkpoint(output_dir: str, step: int, model: Transformer, optimizer: t
             write_gathered(os.path.join(tmp, "rng_state.safetensors"), list(rng_state().items()))
             world_size = dist.get_world_size() if dist.is_initialized() else 1
             atomic_write_text(os.path.join(tmp, "trainer_state.json"),
-                              json.dumps({"step": step, "world_size": world_size, "data": data_signature}) + "\n")
+                              json.dumps({"step": step, "world_size": world_size, "data_sha256": data_sha256}) + "\n")
     except BaseException:
         if is_main():  # a full disk: free what the half-written checkpoint took
             shutil.rmtree(tmp, ignore_errors=True)

@@ -119,7 +119,7 @@ def test_pretraining_skips_a_lone_surrogate_and_strict_names_its_line(tmp_path):
     lines.insert(3, LONE_SURROGATE)
     data.write_text("\n".join(lines) + "\n")
     common = ["--dataset_path", str(data), "--max_steps", "1", "--cutoff_len", "16",
-              "--train_micro_batch_size_per_gpu", "2", "--eval_batches", "1", "--use_tensorboard", "false", "--plot", "false"]
+              "--train_micro_batch_size_per_gpu", "2", "--eval_rows", "2", "--use_tensorboard", "false", "--plot", "false"]
     result = run_script("train_pretrain.py", *common, "--output_dir", str(tmp_path / "run"),
                         "--cache_dir", str(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr[-3000:]

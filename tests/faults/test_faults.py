@@ -20,7 +20,6 @@ from helpers import read_metrics, write_shard
 from runs import FAST, cli, run
 
 from nanobumble.base.errors import DataError, UserError
-from nanobumble.data.records import files_signature
 from nanobumble.data.shards import META_VERSION, TokenShards
 from nanobumble.evaluate import main as evaluate_main
 from nanobumble.export_hf import export_hf
@@ -222,22 +221,6 @@ def test_the_refusal_names_the_key_and_both_values(tmp_path):
     check_resume_settings(SFTConfig(finetuning_type="full", gradient_accumulation_steps=2), 1, str(checkpoint))
     with pytest.raises(UserError, match="stage"):
         check_resume_settings(PretrainConfig(), 2, str(checkpoint))
-
-
-def test_resume_refuses_changed_data_files(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "a.jsonl").write_text('{"text": "one"}\n')
-    checkpoint = tmp_path / "checkpoint-5"
-    checkpoint.mkdir()
-    cfg = SFTConfig(dataset_path=str(data))
-    (checkpoint / "training_args.yaml").write_text(yaml.safe_dump(cfg.__dict__))
-    (checkpoint / "trainer_state.json").write_text(
-        json.dumps({"step": 5, "world_size": 1, "data": files_signature(str(data))}))
-    check_resume_settings(cfg, 1, str(checkpoint))
-    (data / "b.jsonl").write_text('{"text": "two"}\n')
-    with pytest.raises(UserError, match=r"data files of dataset_path .* are not those"):
-        check_resume_settings(cfg, 1, str(checkpoint))
 
 
 # --- a finished model is not overwritten ----------------------------------------------------------------------

@@ -300,7 +300,7 @@ def test_bpb_is_pretrainings_val_bpb_on_the_same_text(setup, tmp_path):
     eot = setup.tokenizer.eot_id
     sequences = [torch.tensor([eot] + setup.tokenizer.encode(text) + [eot]) for text in texts]
     val_data = SimpleNamespace(val_batches=lambda *args: [(s[None, :-1], s[None, 1:]) for s in sequences])
-    cfg = SimpleNamespace(cutoff_len=512, train_micro_batch_size_per_gpu=1, eval_batches=None)
+    cfg = SimpleNamespace(cutoff_len=512, train_micro_batch_size_per_gpu=1, eval_rows=None)
     info = SimpleNamespace(rank=0, world_size=1, device=CPU)
     token_bytes = torch.from_numpy(setup.tokenizer.token_byte_lengths())
     token_bytes = F.pad(token_bytes, (0, setup.model.config.vocab_size - len(token_bytes)))

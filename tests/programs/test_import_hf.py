@@ -123,7 +123,7 @@ def test_every_stage_runs_on_a_qwen2_model(qwen, tmp_path):
     # continued pretraining reads the text with the model's own tokenizer
     run_in_repo(train_pretrain.main, COMMON + ["--model_name_or_path", base, "--output_dir", str(tmp_path / "pre"),
                                                "--cache_dir", str(tmp_path / "cache"), "--max_steps", "2",
-                                               "--eval_batches", "1"])
+                                               "--eval_rows", "4"])
     assert sorted(n for n in os.listdir(tmp_path / "pre") if "tokenizer" in n or n.endswith(".jinja")) == \
         TOKENIZER_FILES
     # LoRA SFT, LoRA DPO and full DPO from the Hugging Face directory

@@ -10,7 +10,7 @@ from helpers import read_metrics
 from runs import launch
 
 FAST = ["--cutoff_len", "64", "--train_micro_batch_size_per_gpu", "4", "--logging_steps", "1",
-        "--eval_batches", "2", "--use_tensorboard", "false", "--plot", "false", "--save_total_limit", "0"]
+        "--eval_rows", "8", "--use_tensorboard", "false", "--plot", "false", "--save_total_limit", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +60,11 @@ def test_resume_across_world_sizes(tmp_path, cache_dir):
     checkpoint = os.path.join(straight, "checkpoint-4")
     assert os.path.isfile(os.path.join(checkpoint, "optimizer.safetensors"))  # unsharded: any world size reads it
 
-    # Continue the 2-process checkpoint with 1 process (same global batch) and with 2.
-    for nproc, extra in [(1, ["--gradient_accumulation_steps", "2"]), (2, [])]:
-        out = str(tmp_path / f"resumed{nproc}")
+    # Continue the 2-process checkpoint with 1 process (same global batch, in 2 micro-steps or in one of 8 rows)
+    # and with 2. Validation takes the same eval_rows rows whatever the micro-batch.
+    for i, (nproc, extra) in enumerate([(1, ["--gradient_accumulation_steps", "2"]), (2, []),
+                                        (1, ["--train_micro_batch_size_per_gpu", "8"])]):
+        out = str(tmp_path / f"resumed{i}")
         run_ok(nproc, common + extra + ["--output_dir", out, "--resume", checkpoint])
         resumed = losses(out)
         assert sorted(resumed) == [5, 6, 7, 8]

@@ -161,7 +161,7 @@ def test_validation_metrics_are_the_final_policys_on_the_held_out_pairs(task, tm
     root = task["root"]
     out = tmp_path / "dpo"
     train_dpo.main(dpo_args(task, out, "--max_steps", "20", "--learning_rate", "2e-3", "--logging_steps", "10",
-                            "--eval_steps", "10", "--eval_batches", "50", "--lora_dropout", "0", "--pref_beta", "0.1",
+                            "--eval_steps", "10", "--eval_rows", "400", "--lora_dropout", "0", "--pref_beta", "0.1",
                             "--eval_dataset_path", str(root / "held_out.jsonl")))
     val = [m for m in read_metrics(str(out)) if "val/drift/chosen" in m]
     assert [m["step"] for m in val] == [10, 20]

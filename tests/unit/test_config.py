@@ -50,6 +50,8 @@ def test_unknown_key_names_the_closest(tmp_path):
     path = write(tmp_path, "save_step: 10\n")
     with pytest.raises(ConfigError, match=r"c.yaml: unknown key 'save_step'.*save_steps"):
         parse_config(["--yaml_config", path], PretrainConfig)
+    with pytest.raises(ConfigError, match=r"unknown key 'eval_batches'; it is now eval_rows \(held-out rows"):
+        parse_config(["--eval_batches", "2"], PretrainConfig)
 
 
 @pytest.mark.parametrize("argv,key", [

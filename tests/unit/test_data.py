@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import sys
@@ -142,6 +143,8 @@ def test_iter_records_skips_and_reports(tmp_path, capsys):
     path = bad_jsonl(tmp_path)
     stats = {}
     assert list(iter_text_records([path], stats=stats)) == ["first", "last"]
+    assert stats.pop("data_sha256") == hashlib.sha256(f"{os.path.getsize(path)}\0".encode()
+                                                      + open(path, "rb").read()).hexdigest()
     assert stats == {"documents": 2, "skipped": 4, "empty": 1, "bytes": len("firstlast")}
     err = capsys.readouterr().err
     assert f"{path}:3: malformed JSON" in err
@@ -362,10 +365,13 @@ def test_an_epoch_visits_every_window_exactly_once(shard_dir):
 
 def test_val_batches(shard_dir):
     shards = TokenShards(shard_dir, split="val")
-    batches = list(shards.val_batches(cutoff_len=16, batch_size=2, max_batches=3))
-    assert len(batches) == 3
-    again = list(shards.val_batches(cutoff_len=16, batch_size=2, max_batches=3))
+    batches = list(shards.val_batches(cutoff_len=16, batch_size=2, max_rows=5))
+    assert [len(x) for x, _ in batches] == [2, 2, 1]
+    again = list(shards.val_batches(cutoff_len=16, batch_size=2, max_rows=5))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    # the same rows whatever the batch size (validation after resuming on other ranks)
+    assert torch.equal(torch.cat([x for x, _ in batches]),
+                       torch.cat([x for x, _ in shards.val_batches(cutoff_len=16, batch_size=3, max_rows=5)]))
     # Consecutive, non-overlapping inputs from the start of the split.
     inputs = torch.cat([x for x, _ in batches]).flatten().numpy()
     assert (inputs == np.asarray(shards.shards[0][:len(inputs)])).all()
@@ -378,7 +384,7 @@ def test_dataset_too_small(shard_dir):
     with pytest.raises(DataError, match="dataset too small for cutoff_len=100000"):
         shards.batch(0, [0], cutoff_len=100_000)
     with pytest.raises(DataError, match="dataset too small"):
-        next(shards.val_batches(cutoff_len=100_000, batch_size=1, max_batches=1))
+        next(shards.val_batches(cutoff_len=100_000, batch_size=1, max_rows=1))
 
 
 def test_a_big_json_array_is_refused_with_the_command_to_convert_it(tmp_path, monkeypatch):

@@ -123,7 +123,7 @@ def assert_agree(a: list[dict], b: list[dict], keys: list[str], tol: float) -> N
 def test_pretraining_bf16_two_ranks_match_one_with_triton_and_torch_kernels(tmp_path, small_task):
     argv = ["--model_name_or_path", str(small_task / "base"), "--dataset_path", str(small_task / "text.jsonl"),
             "--cache_dir", str(tmp_path / "cache"), "--cutoff_len", "16", "--train_micro_batch_size_per_gpu", "2",
-            "--max_steps", "3", "--logging_steps", "1", "--eval_steps", "0", "--eval_batches", "1",
+            "--max_steps", "3", "--logging_steps", "1", "--eval_steps", "0", "--eval_rows", "2",
             "--save_steps", "0", "--use_tensorboard", "false", "--plot", "false", "--learning_rate", "1e-2"]
     runs = {(n, k): bf16_run(n, "train_pretrain.py", argv + ["--kernels", k], str(tmp_path / f"{n}{k}"))
             for k in ("triton", "torch") for n in (1, 2)}

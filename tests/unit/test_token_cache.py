@@ -145,7 +145,7 @@ def test_parallel_tokenization_gives_the_same_samples_in_order(setup, capsys, mo
 def test_a_damaged_cache_is_tokenized_again(setup, capsys, tmp_path):
     root, (tok, _) = setup
     first, _ = token_cache.tokenized_sft(str(root / "sft.jsonl"), tok, 40, "", str(tmp_path))
-    (directory,) = tmp_path.iterdir()
+    (directory,) = [d for d in tmp_path.iterdir() if d.is_dir()]  # beside it: the cache's .nanobumble-files
     tokens = directory / "tokens.safetensors"
     tokens.write_bytes(tokens.read_bytes()[:-7])  # torn
     second, _ = token_cache.tokenized_sft(str(root / "sft.jsonl"), tok, 40, "", str(tmp_path))
