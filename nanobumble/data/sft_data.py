@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from nanobumble.base.errors import DataError
-from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render_turn, validate_messages, with_system_prompt
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render, validate_messages
 from nanobumble.data.records import (
     CONVERSATION_SHAPES,
     EpochOrder,
@@ -91,7 +91,9 @@ def tokenize_sft(conversations: Sequence[dict], tokenizer: Tokenizer, cutoff_len
                  system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, quiet: bool = False
                  ) -> tuple[list[tuple[list[int], list[bool]]], dict]:
     """(ids, mask) per conversation, at most cutoff_len + 1 tokens (a row of
-    cutoff_len inputs predicting cutoff_len targets).
+    cutoff_len inputs predicting cutoff_len targets), rendered by
+    chat_template.render: the model's own chat template when it has one, as DPO,
+    chat and serve render it.
 
     A conversation that is too long loses whole user + assistant exchanges from
     the end first; if even the first exchange does not fit, its tokens are cut
@@ -103,19 +105,19 @@ def tokenize_sft(conversations: Sequence[dict], tokenizer: Tokenizer, cutoff_len
              "tokens": 0, "target_tokens": 0}
     samples = []
     for conversation in conversations:
-        messages = with_system_prompt(conversation["messages"], system_prompt)
-        turns = [render_turn(m["role"], m["content"], tokenizer) for m in messages]
+        messages = conversation["messages"]
         head = 1 if messages[0]["role"] == "system" else 0
-        end = len(turns)
-        length = sum(len(ids) for ids, _ in turns)
-        while length > limit and end - head > 2:
-            drop = 2 if (end - head) % 2 == 0 else 1  # a whole exchange (or a lone trailing turn)
-            length -= sum(len(ids) for ids, _ in turns[end - drop:end])
-            end -= drop
-        ids = [t for turn_ids, _ in turns[:end] for t in turn_ids][:limit]
-        mask = [m for _, turn_mask in turns[:end] for m in turn_mask][:limit]
-        if end < len(turns) or length > limit:
+        end = len(messages)
+        try:
+            ids, mask = render(messages, tokenizer, system_prompt)
+            while len(ids) > limit and end - head > 2:
+                end -= 2 if (end - head) % 2 == 0 else 1  # a whole exchange (or a lone trailing turn)
+                ids, mask = render(messages[:end], tokenizer, system_prompt)
+        except DataError as e:  # the model's template refused this conversation
+            raise DataError(f"{conversation.get('where', 'a conversation')}: {e}") from None
+        if end < len(messages) or len(ids) > limit:
             stats["truncated"] += 1
+        ids, mask = ids[:limit], mask[:limit]
         trained = sum(mask[1:])
         if trained == 0:
             stats["dropped"] += 1

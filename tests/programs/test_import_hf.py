@@ -18,7 +18,8 @@ import train_dpo
 import train_pretrain
 import train_sft
 from nanobumble.base.errors import ConfigError
-from nanobumble.data.chat_template import render
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
+from nanobumble.data.token_cache import tokenized_sft
 from nanobumble.data.tokenizer import load_tokenizer
 from nanobumble.export_hf import export_hf
 from nanobumble.store.adapter import load_adapter
@@ -97,6 +98,32 @@ def test_chat_tokens_equal_apply_chat_template(qwen, messages):
     custom, _ = render(messages[-2:-1], tokenizer, system_prompt="Answer in one word.", add_generation_prompt=True)
     system = [{"role": "system", "content": "Answer in one word."}]
     assert custom == reference(system + messages[-2:-1], add_generation_prompt=True)
+
+
+def test_sft_trains_on_the_tokens_of_the_models_template(qwen, tmp_path):
+    """The SFT data path itself (the token cache, its worker processes, tokenize_sft), not render() alone."""
+    tokenizer = load_tokenizer(str(qwen / "tied"))
+    hf = transformers.AutoTokenizer.from_pretrained(str(qwen / "tied"))
+
+    def reference(msgs):
+        ids = hf.apply_chat_template(msgs, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS))
+    samples, _ = tokenized_sft(str(data), tokenizer, 512, DEFAULT_SYSTEM_PROMPT, str(tmp_path / "cache"),
+                               num_workers=2)
+    assert [list(map(int, ids)) for ids, _ in samples] == [reference(m) for m in CONVERSATIONS]
+    for (ids, mask), messages in zip(samples, CONVERSATIONS):
+        answers = [m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant"]
+        assert tokenizer.decode([int(i) for i, keep in zip(ids, mask) if keep]) == "".join(answers)
+
+    # too long: whole exchanges leave from the end, the template renders what is left
+    data.write_text(json.dumps({"messages": CONVERSATIONS[1]}) + "\n")
+    first_exchange = reference(CONVERSATIONS[1][:3])
+    samples, stats = tokenized_sft(str(data), tokenizer, len(first_exchange) - 1, DEFAULT_SYSTEM_PROMPT,
+                                   str(tmp_path / "cache"), num_workers=2)
+    assert [list(map(int, ids)) for ids, _ in samples] == [first_exchange] and stats["truncated"] == 1
 
 
 def test_text_never_forges_a_special_token(qwen):
