@@ -32,6 +32,7 @@ from collections.abc import Iterator
 
 from nanobumble.base.errors import UserError
 from nanobumble.base.files import atomic_directory, atomic_path, atomic_write_text
+from nanobumble.base.reading import read_json
 
 try:
     import fcntl
@@ -97,13 +98,13 @@ def check_apart(output: str, inputs: dict[str, str], flag: str) -> None:
 def recorded(directory: str) -> set[str]:
     """The names nanobumble wrote in directory (its .nanobumble-files record)."""
     path = os.path.join(directory, RECORD)
-    try:
-        with open(path, encoding="utf-8") as f:
-            names = json.load(f).get("written", [])
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return set()
-    except (OSError, ValueError, AttributeError) as e:
-        raise UserError(f"{path}: damaged ({str(e)[:200]}); remove it by hand if the directory is yours") from None
+    content = read_json(path)
+    names = content.get("written") if isinstance(content, dict) else None
+    if not isinstance(names, list):
+        raise UserError(f'{path}: damaged (expected {{"written": [names]}}); remove it by hand if the directory '
+                        f"is yours")
     return {name for name in names if isinstance(name, str)}
 
 

@@ -148,11 +148,10 @@ def check_complete(directory: str) -> None:
         raise UserError(f"{directory} is incomplete: no {COMPLETE}, which nanobumble writes last (the program "
                         f"writing it was stopped before it finished, or an older nanobumble wrote it; if you "
                         f"know its files are whole, write {{}} into {path})")
-    try:
-        with open(path, encoding="utf-8") as f:
-            names = list(json.load(f).get("files", {}))
-    except (OSError, ValueError, AttributeError, TypeError) as e:
-        raise UserError(f"{path}: damaged ({str(e)[:200]})") from None
+    content = read_json(path)
+    names = content.get("files", {}) if isinstance(content, dict) else None
+    if not isinstance(names, dict):
+        raise UserError(f'{path}: damaged (expected {{"files": {{name: size}}}})')
     missing = [name for name in names if not os.path.isfile(os.path.join(directory, name))]
     if missing:
         raise UserError(f"{directory} is incomplete: {', '.join(missing[:5])} missing ({path} lists it)")
@@ -160,9 +159,9 @@ def check_complete(directory: str) -> None:
 
 def _is_hf_directory(directory: str) -> bool:
     try:
-        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
-            return is_hf_config(json.load(f))
-    except (OSError, ValueError):
+        config = read_json(os.path.join(directory, "config.json"))
+        return isinstance(config, dict) and is_hf_config(config)
+    except UserError:  # no config.json, or a damaged one: the loaders say which
         return False
 
 
