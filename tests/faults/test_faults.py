@@ -580,21 +580,21 @@ def test_merge_and_export_refuse_an_output_linked_to_their_input_and_non_finite_
             if name.endswith("lora_B"):
                 param.fill_(float("nan"))
     save_adapter(str(tmp_path / "adapter"), base, adapter_config_for(base, str(tmp_path / "base")))
-    os.symlink(tmp_path / "base", tmp_path / "link")
     merge = ["--base_model_path", str(tmp_path / "base"), "--lora_model_path", str(tmp_path / "adapter")]
+    with pytest.raises(UserError, match="not finite"):
+        merge_main(merge + ["--save_path", str(tmp_path / "merged")])
+    assert not (tmp_path / "merged").exists()
+
+    os.symlink(tmp_path / "base", tmp_path / "link")
     with pytest.raises(UserError, match="is --base_model_path"):
         merge_main(merge + ["--save_path", str(tmp_path / "link"), "--overwrite_output_dir", "true"])
     with pytest.raises(UserError, match="save_path .* is model_path"):
         export_hf(str(tmp_path / "base"), str(tmp_path / "link"), overwrite=True)
     assert (tmp_path / "base" / "model.safetensors").read_bytes() == base_weights
-    with pytest.raises(UserError, match="not finite"):
-        merge_main(merge + ["--save_path", str(tmp_path / "merged")])
-    assert not (tmp_path / "merged").exists()
 
 
 def test_evaluate_never_writes_over_a_models_file(base_run, tmp_path):
-    model = tmp_path / "model"
-    tiny_model_dir(model, base_run / "tokenizer.model")
+    model = copy_run(base_run, tmp_path)  # a trained model: the evaluation itself would succeed
     weights = (model / "model.safetensors").read_bytes()
     (tmp_path / "text.jsonl").write_text('{"text": "hello world"}\n')
     with pytest.raises(UserError, match="model.safetensors"):

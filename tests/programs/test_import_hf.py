@@ -17,6 +17,7 @@ from helpers import read_metrics
 import train_dpo
 import train_pretrain
 import train_sft
+from nanobumble import prepare
 from nanobumble.base.errors import ConfigError
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
 from nanobumble.data.token_cache import tokenized_sft
@@ -143,6 +144,18 @@ def run_in_repo(main, argv):
 
 COMMON = ["--cutoff_len", "128", "--use_tensorboard", "false", "--plot", "false", "--logging_steps", "1", "--save_steps", "0",
           "--train_micro_batch_size_per_gpu", "4"]
+
+
+def test_shards_prepared_with_a_hf_tokenizer_carry_it_and_train(qwen, tmp_path):
+    shards = tmp_path / "shards"
+    prepare.main(["--dataset_path", os.path.join(REPO_ROOT, "datasets", "pretrain", "en.jsonl"),
+                  "--output_dir", str(shards), "--tokenizer_path", str(qwen / "tied"), "--num_workers", "1"])
+    assert "tokenizer.json" in os.listdir(shards) and "tokenizer.model" not in os.listdir(shards)
+    assert load_tokenizer(str(shards)).checksum == load_tokenizer(str(qwen / "tied")).checksum
+    run_in_repo(train_pretrain.main, COMMON + ["--model_name_or_path", str(qwen / "tied"), "--dataset_path",
+                                               str(shards), "--output_dir", str(tmp_path / "pre"),
+                                               "--max_steps", "1", "--eval_rows", "4"])
+    assert [m["step"] for m in read_metrics(str(tmp_path / "pre")) if "train/loss" in m] == [1]
 
 
 def test_every_stage_runs_on_a_qwen2_model(qwen, tmp_path):

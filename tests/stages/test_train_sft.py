@@ -100,6 +100,22 @@ def test_sft_refuses_an_adapter_or_missing_model(task, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_lora_run_over_a_full_model_leaves_no_full_model_behind(task, tmp_path):
+    """--overwrite_output_dir removes what the full run wrote: no mixed directory whose old
+    model.safetensors a loader would take instead of the adapter."""
+    root, out = task["root"], str(tmp_path / "sft")
+    args = FAST + ["--model_name_or_path", str(root / "base"), "--dataset_path", str(root / "train.jsonl"),
+                   "--output_dir", out, "--max_steps", "2", "--logging_steps", "1"]
+    train_sft.main(args)
+    assert "model.safetensors" in os.listdir(out)
+    train_sft.main(args + ["--finetuning_type", "lora", "--overwrite_output_dir", "true", "--lora_dropout", "0"])
+    names = os.listdir(out)
+    assert "adapter_model.safetensors" in names and "model.safetensors" not in names
+    model, _ = load_model_dir(str(root / "base"))
+    load_adapter(model, out)
+    assert read_metrics(out)[0]["step"] == 1 and len([m for m in read_metrics(out) if "train/loss" in m]) == 2
+
+
 def test_loss_weighs_every_trained_token_equally(task, tmp_path):
     # Two micro-steps of 8 rows with different numbers of answer tokens must give
     # the same first-step loss and gradient norm as one micro-step of 16 rows.

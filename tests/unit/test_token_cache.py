@@ -5,12 +5,15 @@ cache is tokenized again rather than trusted."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 from copy_task import LETTERS, write_dpo_data, write_sft_data
 
 from nanobumble.base.errors import DataError
 from nanobumble.data import token_cache
+from nanobumble.data.shards import ensure_shards
 from nanobumble.data.dpo_data import load_preference_pairs, tokenize_pairs
 from nanobumble.data.sft_data import load_conversations, tokenize_sft
 from nanobumble.data.tokenizer import Tokenizer, train_tokenizer
@@ -153,3 +156,24 @@ def test_a_damaged_cache_is_tokenized_again(setup, capsys, tmp_path):
     assert "is damaged" in captured.err and captured.out.count("tokenizing 1 file(s)") == 2
     assert as_lists(second) == as_lists(first)
     assert json.loads((directory / "meta.json").read_text())["stats"]["samples"] == len(first)
+
+
+def test_what_a_killed_preparation_left_in_the_cache_is_swept(setup, tmp_path):
+    """A hidden temporary directory of a process that has ended is removed by the next
+    writer; one of a live process (another run preparing the same cache) is kept."""
+    root, (tok, _) = setup
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    cache = tmp_path / "cache"
+    dead, live = cache / f".sft-0123.tmp-{ended.pid}-x", cache / f".shards-0123.tmp-{os.getpid()}-x"
+    for leftover in (dead, live):
+        leftover.mkdir(parents=True)
+        (leftover / "tokens.safetensors").write_bytes(b"half written")
+    token_cache.tokenized_sft(str(root / "sft.jsonl"), tok, 40, "", str(cache))
+    assert not dead.exists() and live.exists()
+
+    dead.mkdir()  # the pretraining shards' writer sweeps the same way
+    text = tmp_path / "text.jsonl"
+    text.write_text(json.dumps({"text": " ".join(WORDS)}) + "\n")
+    ensure_shards(str(text), tok, str(cache), num_workers=1)
+    assert not dead.exists() and live.exists()
