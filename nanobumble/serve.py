@@ -97,7 +97,7 @@ class ServeConfig:
 
     def __post_init__(self):
         check_numbers(self)  # ranges (port, sampling): NUMBERS in run/config.py
-        check_sampling_keys(self)  # the keys shared with chat.py, by its rules
+        check_sampling_keys(self)  # the other keys shared with chat.py
 
 
 class APIError(Exception):

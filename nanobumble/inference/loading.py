@@ -33,7 +33,8 @@ def log(message: str) -> None:
 
 
 def check_sampling_keys(cfg) -> None:
-    """The keys chat.py and the server share: device, precision and sampling settings."""
+    """The keys chat.py and the server share that are not numbers: device, precision,
+    system prompt (their numbers are held to NUMBERS in run/config.py, by check_numbers)."""
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"key 'precision' must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
@@ -42,14 +43,6 @@ def check_sampling_keys(cfg) -> None:
         cfg.system_prompt.encode("utf-8")
     except UnicodeEncodeError:  # bytes that were not UTF-8 come from the command line as lone surrogates
         raise ConfigError("key 'system_prompt' is not UTF-8 text") from None
-    if cfg.max_new_tokens < 1:
-        raise ConfigError(f"key 'max_new_tokens' must be at least 1, got {cfg.max_new_tokens}")
-    if cfg.temperature < 0:
-        raise ConfigError(f"key 'temperature' must be >= 0, got {cfg.temperature}")
-    if not 0.0 < cfg.top_p <= 1.0:
-        raise ConfigError(f"key 'top_p' must be in (0, 1], got {cfg.top_p}")
-    if cfg.repetition_penalty <= 0:
-        raise ConfigError(f"key 'repetition_penalty' must be > 0, got {cfg.repetition_penalty}")
 
 
 def read_stage(directory: str) -> str | None:
