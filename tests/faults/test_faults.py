@@ -559,6 +559,40 @@ def test_a_model_directory_cut_short_does_not_load(base_run, tmp_path):
         load_model(str(model), "", torch.device("cpu"), torch.float32)
 
 
+# Runs a module as `python -m` would, dying like kill -9 at its first rename (os.replace / os.rename): every
+# file and directory is written under a temporary name and renamed, so this stops it in the middle of writing.
+KILLED_AT_FIRST_RENAME = """
+import os, runpy, sys
+os.replace = os.rename = lambda *args, **kwargs: os._exit(9)
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("module", ["nanobumble.merge_lora", "nanobumble.export_hf"])
+def test_a_merge_or_export_killed_while_writing_leaves_nothing_at_save_path(base_run, tmp_path, module):
+    tokenizer = base_run / "tokenizer.model"
+    base = tiny_model_dir(tmp_path / "base", tokenizer)
+    inject_lora(base, 2, 4.0, 0.0, "q_proj", False, seed=1)
+    save_adapter(str(tmp_path / "adapter"), base, adapter_config_for(base, str(tmp_path / "base")))
+    argv = {"nanobumble.merge_lora": ["--base_model_path", str(tmp_path / "base"),
+                                      "--lora_model_path", str(tmp_path / "adapter")],
+            "nanobumble.export_hf": ["--model_path", str(tmp_path / "base")]}[module]
+    argv += ["--save_path", str(tmp_path / "out")]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_FIRST_RENAME, module, *argv], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+    leftovers = [name for name in os.listdir(tmp_path) if name.startswith(".") and not name.endswith(".lock")]
+    assert leftovers, os.listdir(tmp_path)  # what it was writing, beside the output
+
+    done = subprocess.run([sys.executable, "-m", module, *argv], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not any(os.path.exists(tmp_path / name) for name in leftovers)  # swept
+    assert (tmp_path / "out" / ("complete.json" if "merge" in module else "config.json")).is_file()
+
+
 def test_absurd_sizes_in_config_json_are_refused_before_allocating(base_run, tmp_path):
     model = tmp_path / "model"
     tiny_model_dir(model, base_run / "tokenizer.model")
