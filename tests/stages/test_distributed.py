@@ -133,7 +133,8 @@ def test_sft_and_dpo_on_two_processes_match_one(tmp_path, copy_task_dir, script,
     result = launch(2, subprocess_args("two") + ["--save_steps", "2", "--cache_dir", str(tmp_path / "cache")],
                     script=script)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("tokenizing 1 file(s)") == 1 and len(os.listdir(tmp_path / "cache")) == 1
+    assert result.stdout.count("tokenizing 1 file(s)") == 1
+    assert len([name for name in os.listdir(tmp_path / "cache") if name != ".nanobumble-files"]) == 1
     # the 2-process checkpoint (LoRA adapter or full weights, with their AdamW state) continued by 1 process
     result = launch(1, subprocess_args("resumed") + ["--gradient_accumulation_steps", "2", "--save_steps", "2",
                                                      "--resume", str(tmp_path / "two" / "checkpoint-2")],
