@@ -209,8 +209,8 @@ def iter_text_records(files: Sequence[str], strict: bool = False, stats: dict | 
     A bad record is reported on stderr as `file:line: reason` (unless quiet) and
     skipped, or raises DataError when strict. stats (if given) counts documents,
     skipped, empty and bytes (UTF-8 bytes of the yielded texts), and once every
-    file is read, data_sha256 (the data's identity: iter_file_records). Files without a single non-empty
-    text raise DataError once they are read.
+    file is read, data_sha256 (the data's identity: iter_file_records). Files
+    without a single non-empty text raise DataError once they are read.
     """
     if stats is None:
         stats = {}

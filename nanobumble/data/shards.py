@@ -419,9 +419,10 @@ class TokenShards:
         after the first of a shard is a target once. The same windows whatever the
         batch size."""
         self._check_fits(cutoff_len)
-        windows = ((shard, offset) for shard in self.shards for offset in range(0, len(shard) - cutoff_len, cutoff_len))
+        windows = (shard[offset:offset + cutoff_len + 1]
+                   for shard in self.shards for offset in range(0, len(shard) - cutoff_len, cutoff_len))
         windows = itertools.islice(windows, max_rows)
-        while rows := [shard[offset:offset + cutoff_len + 1] for shard, offset in itertools.islice(windows, batch_size)]:
+        while rows := list(itertools.islice(windows, batch_size)):
             yield _rows_to_batch(rows)
 
 

@@ -116,6 +116,7 @@ RESUME_SAFE_KEYS = ("logging_steps", "eval_steps", "eval_rows", "save_steps", "s
 RESUME_SCHEDULE_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "min_lr_ratio", "max_steps",
                         "num_epochs")
 
+
 def check_resume_data(checkpoint: str, data_sha256: str, dataset_path) -> None:
     """Refuse to resume on other data: the checkpoint's data_sha256 (the content hash
     of the data it was trained on) must be this run's. A checkpoint or shard
