@@ -273,6 +273,8 @@ def read_records(dataset_path: str | list[str], detect: Callable[[object, str], 
                         raise DataError(f"{where}: {record}")
                     if convert is None:
                         convert = detect(record, where)
+                    if not isinstance(record, dict):  # the converters read keys
+                        raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
                     items.append(convert(record, where))
                     name = convert.__name__.lstrip("_")
                     stats["formats"][name] = stats["formats"].get(name, 0) + 1
@@ -299,7 +301,7 @@ def read_records(dataset_path: str | list[str], detect: Callable[[object, str], 
 
 def describe_keys(record: object) -> str:
     if isinstance(record, dict):
-        return f"keys {sorted(record)}"
+        return f"keys {cut(repr(sorted(record)))}"
     return f"a JSON {type(record).__name__}, not an object"
 
 
@@ -358,7 +360,7 @@ def sharegpt_messages(record: dict, where: str) -> list[dict]:
         if not isinstance(turn, dict):
             raise DataError(f"{where}: conversations[{i}] must be an object")
         speaker = turn.get("from")
-        if speaker not in SHAREGPT_ROLES:
+        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
             raise DataError(f'{where}: conversations[{i}] has "from": {speaker!r}, expected one of '
                             f"{', '.join(SHAREGPT_ROLES)}")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": string_field(turn, "value", f"{where}: turn {i}")})

@@ -92,7 +92,10 @@ def next_token(logits: torch.Tensor, seen_ids: torch.Tensor, cfg: GenerationConf
     logits = apply_repetition_penalty(logits.float(), seen_ids, cfg.repetition_penalty)
     if cfg.greedy:
         return int(logits.argmax())  # the lowest id among equal maxima
-    logits = top_p_filter(top_k_filter(logits / cfg.temperature, cfg.top_k), cfg.top_p)
+    scaled = logits / cfg.temperature
+    if not torch.isfinite(scaled).all():  # a temperature so small that the logits overflow: greedy, its limit
+        return int(logits.argmax())
+    logits = top_p_filter(top_k_filter(scaled, cfg.top_k), cfg.top_p)
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 

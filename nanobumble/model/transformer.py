@@ -21,9 +21,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from nanobumble.base.errors import ConfigError
+from nanobumble.base.reading import cut
 from nanobumble.model.attention import document_attention_mask, flex_attention_op
 from nanobumble.model.layers import apply_rope, resolve_backend, rms_norm, rope_cos_sin, triton_kernels
 from nanobumble.model.lm_loss import linear_cross_entropy
+
+
+MAX_MODEL_SIZE = 2**24  # any size of a model (width, layers, vocabulary, positions): far above real ones
 
 
 @dataclass
@@ -47,8 +51,9 @@ class ModelConfig:
             if field.type == "bool" and not isinstance(value, bool):
                 raise ConfigError(f"model key '{field.name}' must be true or false, got {value!r}")
             # bool is an int to Python, but never a size
-            if field.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"model key '{field.name}' must be a positive integer, got {value!r}")
+            if field.type == "int" and (isinstance(value, bool) or not isinstance(value, int)
+                                        or not 1 <= value <= MAX_MODEL_SIZE):
+                raise ConfigError(f"model key '{field.name}' must be an integer in [1, 2^24], got {cut(repr(value))}")
             if field.type == "float" and (isinstance(value, bool) or not isinstance(value, (int, float))
                                           or not 0 < value < math.inf):
                 raise ConfigError(f"model key '{field.name}' must be a positive number, got {value!r}")

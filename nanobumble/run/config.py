@@ -309,13 +309,13 @@ def _coerce(key: str, value: Any, kind: type, source: str) -> Any:
     if kind is float:
         if isinstance(value, bool):
             raise bad()
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
+        if isinstance(value, (int, float, str)):
             try:
                 return float(value)  # YAML 1.1 reads "1e-4" as a string
             except ValueError:
                 raise bad() from None
+            except OverflowError:  # an integer of hundreds of digits
+                raise ConfigError(f"{source}: key '{key}' is beyond any float, got {cut(repr(value))}") from None
         raise bad()
     if kind is str:
         if value is None:
@@ -365,7 +365,7 @@ def _unknown_key(key: str, valid: list[str], source: str) -> ConfigError:
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     if key in RENAMED:
         hint = f"; it is now {RENAMED[key]}"
-    return ConfigError(f"{source}: unknown key '{cut(key)}'{hint} (run with --help to list all keys)")
+    return ConfigError(f"{source}: unknown key {cut(repr(key))}{hint} (run with --help to list all keys)")
 
 
 def _split_command_line(argv: list[str], types: dict[str, type] | None = None,

@@ -22,7 +22,7 @@ from nanobumble.base.errors import ConfigError, UserError
 from nanobumble.base.files import atomic_write_bytes, atomic_write_text
 from nanobumble.base.output_guard import check_writable, record
 from nanobumble.base.precision import autocast
-from nanobumble.base.reading import read_json
+from nanobumble.base.reading import cut, read_json
 from nanobumble.data.tokenizer import has_tokenizer
 from nanobumble.model.lora import is_lora_param
 from nanobumble.model.transformer import PRESETS, ModelConfig, Transformer, pad_vocab_size
@@ -271,7 +271,7 @@ def load_model_config(config_file: str) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"{config_file}: unknown model keys {unknown} (known: {', '.join(sorted(known))})")
+        raise ConfigError(f"{config_file}: unknown model keys {cut(repr(unknown))} (known: {', '.join(sorted(known))})")
     try:
         return ModelConfig(**data)
     except ConfigError as e:
