@@ -83,7 +83,8 @@ def test_lora_reference_is_the_base_model(task):
     assert not torch.allclose(adapted, reference)
 
 
-@pytest.mark.parametrize("sft_weight", [0.0, 1.0])
+# Each variant trains 150 steps; plain DPO (sft_weight 0) runs under -m slow, to keep the default run short
+@pytest.mark.parametrize("sft_weight", [pytest.param(0.0, marks=pytest.mark.slow), 1.0])
 def test_dpo_prefers_the_chosen_answers_on_held_out_pairs(task, tmp_path, sft_weight):
     root, tokenizer, held_out = task["root"], task["tokenizer"], task["held_out"]
     out = tmp_path / "dpo"
