@@ -110,17 +110,22 @@ class TookTooLong(BaseException):
 
 @contextlib.contextmanager
 def time_limit(seconds: float = CASE_SECONDS):
+    running = [True]
+
     def expire(signum, frame):
-        raise TookTooLong(f"still running after {seconds} s")
+        if running[0]:
+            raise TookTooLong(f"still running after {seconds} s")
 
     old = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    # Again every second after that: raised where Python cannot pass it on (a gc callback), it is lost
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1)
     hung = False
     try:
         yield
     except TookTooLong:
         hung = True  # its traceback (holding whatever the code under test had built) is dropped here
     finally:
+        running[0] = False
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
     if hung:  # out of the code under test: a failure hypothesis reports and shrinks

@@ -489,7 +489,7 @@ def test_the_same_loglikelihoods_and_accuracy_as_lm_evaluation_harness(setup, tm
     from nanobumble.export_hf import export_hf
 
     started = time.time()
-    model = tiny_model(setup.tokenizer.vocab_size, scale=4.0, tie=False)
+    model = tiny_model(setup.tokenizer.vocab_size, tie=False)
     save_model_dir(str(tmp_path / "model"), model, setup.tokenizer.model_file, "stage: sft\n")
     export_hf(str(tmp_path / "model"), str(tmp_path / "hf"))
     model, _ = load_model_dir(str(tmp_path / "model"))
