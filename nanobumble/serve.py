@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import math
 import os
@@ -59,7 +60,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from dataclasses import field as field_
+
+import torch
 
 from nanobumble.base.errors import DataError, UserError, run_cli
 from nanobumble.base.precision import resolve_precision
@@ -73,10 +77,15 @@ SHUTDOWN_GRACE_SECONDS = 5
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 1000  # each: holding back a possible start costs its length squared, under the model's lock
 MAX_BODY_BYTES = 1 << 20  # a request body beyond this is refused unread (the context holds far less text)
-# Request fields this server does not implement: refused rather than silently ignored (a value that
-# means "off" -- false, 0, [] -- is no request, and passes).
-UNSUPPORTED = ("logprobs", "top_logprobs", "logit_bias", "tools", "functions", "suffix", "echo", "best_of",
-               "min_p", "min_tokens", "ignore_eos", "stop_token_ids")
+MAX_CHOICES = 8  # n
+MAX_LOGPROBS = 5  # completions' logprobs (top alternatives per token), as OpenAI
+API_KEY_ENV = "NANOBUMBLE_API_KEY"  # the key when --api_key is not given (as vLLM reads VLLM_API_KEY)
+# The request fields each endpoint implements. Any other field is refused (400 naming it), whatever its
+# value: a server that ignored response_format or min_p would answer something else than was asked.
+SAMPLING_FIELDS = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k",
+                   "repetition_penalty", "stop", "seed", "n", "presence_penalty", "frequency_penalty"}
+CHAT_FIELDS = SAMPLING_FIELDS | {"messages", "max_completion_tokens"}
+COMPLETION_FIELDS = SAMPLING_FIELDS | {"prompt", "echo", "logprobs"}
 
 
 @dataclass
@@ -94,6 +103,8 @@ class ServeConfig:
     repetition_penalty: float = 1.1
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:1 ...
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    api_key: str = ""  # every /v1 request must send "Authorization: Bearer KEY"; "" = $NANOBUMBLE_API_KEY, or none
+    served_model_name: str = ""  # the model id of /v1/models and requests; "" = the last directory of model_path
 
     def __post_init__(self):
         check_numbers(self)  # ranges (port, sampling): NUMBERS in run/config.py
@@ -144,20 +155,28 @@ def require(ok: bool, key: str, message: str) -> None:
 class Settings:
     """How to answer one request."""
     generation: GenerationConfig
-    max_tokens: int | None  # None: as many as fit, up to the server's max_new_tokens
+    max_tokens: int | None  # None: as many as fit, up to the server's max_new_tokens; 0: echo only
     stop: list[str]
     stream: bool
     include_usage: bool  # streaming: a last chunk with the token counts
+    n: int = 1  # choices
+    echo: bool = False  # completions: the prompt comes before the answer
+    logprobs: int | None = None  # completions: log-probabilities of every token, with this many alternatives
 
 
-def read_settings(body: dict, cfg: ServeConfig) -> Settings:
-    for key in UNSUPPORTED:
-        require(not body.get(key), key, "not supported by this server.")
-    response_format = field(body, "response_format", dict, {"type": "text"})
-    require(response_format.get("type") == "text", "response_format", "only {\"type\": \"text\"} is supported.")
+def check_fields(body: dict, allowed: set[str]) -> None:
+    for key in body:
+        if key not in allowed:
+            raise APIError(400, f"Unsupported parameter: '{shorten(key)}' is not supported by this server.",
+                           param=key, code="unsupported_parameter")
+
+
+def read_settings(body: dict, cfg: ServeConfig, chat: bool) -> Settings:
+    check_fields(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
     for key in ("presence_penalty", "frequency_penalty"):
         require(not field(body, key, float), key, "not supported by this server; use 'repetition_penalty'.")
-    require(field(body, "n", int, 1) == 1, "n", "this server gives one choice per request (n = 1).")
+    n = field(body, "n", int, 1)
+    require(1 <= n <= MAX_CHOICES, "n", f"must be between 1 and {MAX_CHOICES}, got {n}.")
     temperature = field(body, "temperature", float, cfg.temperature)
     require(0 <= temperature <= 2, "temperature", f"must be between 0 and 2, got {temperature}.")
     top_p = field(body, "top_p", float, cfg.top_p)
@@ -165,8 +184,13 @@ def read_settings(body: dict, cfg: ServeConfig) -> Settings:
     top_k = field(body, "top_k", int, cfg.top_k)  # <= 0: off
     repetition_penalty = field(body, "repetition_penalty", float, cfg.repetition_penalty)
     require(repetition_penalty > 0, "repetition_penalty", f"must be > 0, got {repetition_penalty}.")
+    echo = field(body, "echo", bool, False)
+    logprobs = field(body, "logprobs", int)
+    require(logprobs is None or 0 <= logprobs <= MAX_LOGPROBS, "logprobs",
+            f"must be between 0 and {MAX_LOGPROBS}, got {logprobs}.")
     max_tokens = field(body, "max_tokens", int, field(body, "max_completion_tokens", int))
-    require(max_tokens is None or max_tokens >= 1, "max_tokens", f"must be at least 1, got {max_tokens}.")
+    require(max_tokens is None or max_tokens >= 1 or (max_tokens == 0 and echo), "max_tokens",
+            f"must be at least 1 (0 only with echo), got {max_tokens}.")
     seed = field(body, "seed", int)
     require(seed is None or -2**63 <= seed < 2**63, "seed", "must be a 64-bit integer.")
     stop = field(body, "stop", (str, list), [])
@@ -176,10 +200,32 @@ def read_settings(body: dict, cfg: ServeConfig) -> Settings:
     require(all(len(s) <= MAX_STOP_CHARS for s in stop), "stop",
             f"a stop string may have at most {MAX_STOP_CHARS} characters, got {max(map(len, stop), default=0)}.")
     stream = field(body, "stream", bool, False)
+    require(not (stream and logprobs is not None), "logprobs", "not supported with stream.")
     include_usage = stream and bool(field(body, "stream_options", dict, {}).get("include_usage"))
     generation = GenerationConfig(temperature=temperature, top_p=top_p, top_k=top_k,
                                   repetition_penalty=repetition_penalty, do_sample=temperature > 0, seed=seed)
-    return Settings(generation, max_tokens, [s for s in stop if s], stream, include_usage)
+    return Settings(generation, max_tokens, [s for s in stop if s], stream, include_usage, n, echo, logprobs)
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice i of a seeded request samples with seed + i (wrapped to 64 bits): the choices differ, and
+    each is the answer a request with n = 1 and that seed gets."""
+    return None if seed is None else (seed + index + 2**63) % 2**64 - 2**63
+
+
+def read_prompt(body: dict, vocab_size: int) -> str | list[int]:
+    """A completions prompt: text, or token ids (as lm-evaluation-harness sends them); an array of one
+    of either is that prompt (OpenAI takes a batch of prompts; this server takes one per request)."""
+    prompt = field(body, "prompt", (str, list))
+    require(prompt is not None, "prompt", "a prompt is required.")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        require(all(isinstance(i, int) and not isinstance(i, bool) for i in prompt), "prompt",
+                "expected a string, an array of token ids, or an array of one of either.")
+        bad = [i for i in prompt if not 0 <= i < vocab_size]
+        require(not bad, "prompt", f"token id {bad[0] if bad else 0} is not in the vocabulary (0..{vocab_size - 1}).")
+    return prompt
 
 
 def read_messages(body: dict) -> list[dict]:
@@ -242,6 +288,7 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int = 0  # tokens generated (the end-of-turn token is not counted)
     finish_reason: str = "length"  # "stop": end of turn or a stop string; "length": max_tokens or the context
+    token_ids: list[int] = field_(default_factory=list)  # the tokens generated
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -251,8 +298,9 @@ class Answer:
 class Engine:
     """The model and its tokenizer, used by one request at a time (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, model_id: str, cfg: ServeConfig):
+    def __init__(self, model, tokenizer, model_id: str, cfg: ServeConfig, api_key: str = ""):
         self.model, self.tokenizer, self.model_id, self.cfg = model, tokenizer, model_id, cfg
+        self.api_key = api_key  # "" = no key
         self.context_len = model.config.max_position_embeddings
         self.lock = asyncio.Lock()
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
@@ -272,12 +320,33 @@ class Engine:
         if requested is None and room > 0:
             return min(self.cfg.max_new_tokens, room)
         if requested is None or requested > room:
-            requested = requested or 1
+            requested = 1 if requested is None else requested
             raise APIError(400, f"This model's maximum context length is {self.context_len} tokens. However, you "
                                 f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, "
                                 f"{requested} in the completion). Please reduce the length of the prompt or "
                                 f"completion.", param=param, code="context_length_exceeded")
         return requested
+
+    @torch.inference_mode()
+    def score(self, ids: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
+        """For each token after the first: its log-probability given the tokens before it, and the `top`
+        most likely tokens there with theirs. The model's own distribution (no temperature, penalty or
+        filter), in float64 from one forward pass over the whole sequence."""
+        device = next(self.model.parameters()).device
+        logits = self.model(torch.tensor(ids[:-1], device=device)[None])[0, :, :self.tokenizer.vocab_size]
+        scored = []
+        for start in range(0, logits.shape[0], 64):  # float64 a few positions at a time: vocabularies are large
+            logprobs = torch.log_softmax(logits[start:start + 64].double(), dim=-1).cpu()
+            targets = torch.tensor(ids[start + 1:start + 1 + len(logprobs)])
+            chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+            values, indices = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], logprobs[:, :0].long())
+            scored += [(c, list(zip(i, v))) for c, i, v in zip(chosen, indices.tolist(), values.tolist())]
+        return scored
+
+    async def run(self, function, *args):
+        """function(*args) on the model's worker thread, in its turn."""
+        async with self.lock:
+            return await asyncio.get_running_loop().run_in_executor(self.worker, function, *args)
 
     async def generate(self, prompt_ids: list[int], gen: GenerationConfig, stops: list[str],
                        answer: Answer) -> AsyncIterator[str]:
@@ -295,6 +364,7 @@ class Engine:
                     if token is None:
                         text = cutter.push(streamer.flush(), last=True)
                     else:
+                        answer.token_ids.append(token)
                         text = cutter.push(streamer.put(token))
                     if text:
                         yield text
@@ -314,43 +384,146 @@ def server_sent_event(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+class ClientGone(Exception):
+    """The client hung up before its (not streamed) answer was ready."""
+
+
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """The text each token adds to the decoded sequence, in whole characters: a character made of
+    several byte tokens belongs to its last one. They join to the decoded text."""
+    streamer = TextStreamer(tokenizer)
+    texts = [streamer.put(i) for i in ids]
+    if texts:
+        texts[-1] += streamer.flush()
+    return texts
+
+
+def logprobs_layout(engine: Engine, prompt_ids: list[int], answer: Answer, text: str, echo: bool,
+                    scored: list) -> dict:
+    """OpenAI's legacy completions logprobs: tokens, token_logprobs (null for the first token of an
+    echoed prompt, which nothing predicts), top_logprobs ({token: logprob}, the most likely tokens and the
+    chosen one) and text_offset (where each token starts in the choice's text). Where a stop string cut
+    the answer, the tokens end with the one the cut falls in (its text cut there too)."""
+    ids = prompt_ids + answer.token_ids
+    texts = token_texts(engine.tokenizer, ids)
+    prompt = texts[:len(prompt_ids)]
+    released = len(text) - (len("".join(prompt)) if echo else 0)  # of the answer's text
+    completion = texts[len(prompt_ids):]
+    if len("".join(completion)) > released:
+        kept, start = [], 0
+        for piece in completion:
+            if start >= released:
+                break
+            kept.append(piece[:released - start])
+            start += len(piece)
+        completion = kept
+    first = 0 if echo else len(prompt_ids)
+    layout: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for position, piece in zip(range(first, len(prompt_ids) + len(completion)), (prompt if echo else []) + completion):
+        logprob, top = None, None
+        if position > 0:
+            logprob, alternatives = scored[position - 1]
+            top = {engine.tokenizer.decode([i]): v for i, v in alternatives}
+            top.setdefault(engine.tokenizer.decode([ids[position]]), logprob)
+        layout["tokens"].append(piece)
+        layout["token_logprobs"].append(logprob)
+        layout["top_logprobs"].append(top)
+        layout["text_offset"].append(offset)
+        offset += len(piece)
+    return layout
+
+
 async def respond(request, engine: Engine, prompt_ids: list[int], settings: Settings, chat: bool):
-    """The whole answer as one JSON object, or streamed as server-sent events."""
+    """The choices as one JSON object, or streamed as server-sent events."""
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-    settings.generation.max_new_tokens = engine.max_tokens(len(prompt_ids), settings.max_tokens,
-                                                           param="messages" if chat else "prompt")
-    answer = Answer(prompt_tokens=len(prompt_ids))
-    pieces = engine.generate(prompt_ids, settings.generation, settings.stop, answer)
+    max_new = engine.max_tokens(len(prompt_ids), settings.max_tokens, param="messages" if chat else "prompt")
+    answers = [Answer(prompt_tokens=len(prompt_ids)) for _ in range(settings.n)]
+    echoed = "".join(token_texts(engine.tokenizer, prompt_ids)) if settings.echo else ""
+
+    async def pieces(i: int) -> AsyncIterator[str]:
+        """Choice i's text in pieces (the echoed prompt first)."""
+        if echoed:
+            yield echoed
+        if max_new == 0:  # echo only: score the prompt
+            return
+        gen = replace(settings.generation, max_new_tokens=max_new, seed=choice_seed(settings.generation.seed, i))
+        async with contextlib.aclosing(engine.generate(prompt_ids, gen, settings.stop, answers[i])) as generated:
+            async for piece in generated:
+                yield piece
+
     kind = ("chat.completion.chunk" if settings.stream else "chat.completion") if chat else "text_completion"
     head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "object": kind,
             "created": int(time.time()), "model": engine.model_id}
 
-    if not settings.stream:
-        text = []
-        async with contextlib.aclosing(pieces):
-            async for piece in pieces:
-                text.append(piece)
-                if await request.is_disconnected():  # nobody is waiting for the rest
-                    return Response(status_code=499)  # (nginx's "client closed request", for the log)
-        choice = {"message": {"role": "assistant", "content": "".join(text)}} if chat else {"text": "".join(text)}
-        return JSONResponse({**head, "choices": [{"index": 0, **choice, "logprobs": None,
-                                                  "finish_reason": answer.finish_reason}],
-                             "usage": answer.usage()})
+    def usage() -> dict:  # the prompt counts once, as OpenAI counts it
+        completion = sum(answer.completion_tokens for answer in answers)
+        return {"prompt_tokens": len(prompt_ids), "completion_tokens": completion,
+                "total_tokens": len(prompt_ids) + completion}
 
-    def chunk(choice: dict, finish_reason: str | None = None) -> str:
-        return server_sent_event({**head, "choices": [{"index": 0, **choice, "logprobs": None,
+    if not settings.stream:
+        async def collect(i: int) -> dict:
+            text = []
+            async with contextlib.aclosing(pieces(i)) as generated:
+                async for piece in generated:
+                    text.append(piece)
+                    if await request.is_disconnected():  # nobody is waiting for the rest
+                        raise ClientGone
+            text = "".join(text)
+            logprobs = None
+            if settings.logprobs is not None:
+                ids = prompt_ids + answers[i].token_ids
+                scored = await engine.run(engine.score, ids, settings.logprobs) if len(ids) > 1 else []
+                logprobs = logprobs_layout(engine, prompt_ids, answers[i], text, settings.echo, scored)
+            choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            return {"index": i, **choice, "logprobs": logprobs, "finish_reason": answers[i].finish_reason}
+
+        gone = False
+        try:
+            async with asyncio.TaskGroup() as group:  # the first to fail cancels the others
+                tasks = [group.create_task(collect(i)) for i in range(settings.n)]
+        except* ClientGone:
+            gone = True
+        if gone:
+            return Response(status_code=499)  # (nginx's "client closed request", for the log)
+        return JSONResponse({**head, "choices": [task.result() for task in tasks], "usage": usage()})
+
+    def chunk(i: int, choice: dict, finish_reason: str | None = None) -> str:
+        return server_sent_event({**head, "choices": [{"index": i, **choice, "logprobs": None,
                                                        "finish_reason": finish_reason}]})
 
     async def events() -> AsyncIterator[str]:
-        async with contextlib.aclosing(pieces):  # a client that hangs up stops the generation here
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int) -> None:  # choice i's pieces into the queue, then (i, None, error or None)
+            error = None
+            try:
+                async with contextlib.aclosing(pieces(i)) as generated:
+                    async for piece in generated:
+                        queue.put_nowait((i, piece, None))
+            except Exception as e:  # a bug: the response ends with it
+                error = e
+            queue.put_nowait((i, None, error))
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(settings.n)]
+        try:  # a client that hangs up cancels this generator, and so the generations (finally)
             if chat:
-                yield chunk({"delta": {"role": "assistant", "content": ""}})
-            async for piece in pieces:
-                yield chunk({"delta": {"content": piece}} if chat else {"text": piece})
-        yield chunk({"delta": {}} if chat else {"text": ""}, answer.finish_reason)
+                for i in range(settings.n):
+                    yield chunk(i, {"delta": {"role": "assistant", "content": ""}})
+            for _ in range(settings.n):
+                while (item := await queue.get())[1] is not None:
+                    yield chunk(item[0], {"delta": {"content": item[1]}} if chat else {"text": item[1]})
+                i, _, error = item
+                if error:
+                    raise error
+                yield chunk(i, {"delta": {}} if chat else {"text": ""}, answers[i].finish_reason)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         if settings.include_usage:
-            yield server_sent_event({**head, "choices": [], "usage": answer.usage()})
+            yield server_sent_event({**head, "choices": [], "usage": usage()})
         yield server_sent_event("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream",
@@ -440,11 +613,16 @@ def create_app(engine: Engine):
         engine.check_model({"model": request.path_params["name"]})
         return JSONResponse(model_card())
 
+    async def health(request):  # for load balancers and scripts: the model is loaded (and not shutting down)
+        if engine.closing:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": engine.model_id})
+
     async def chat_completions(request):
         body = await read_json(request)
         engine.check_model(body)
         messages = read_messages(body)
-        settings = read_settings(body, engine.cfg)
+        settings = read_settings(body, engine.cfg, chat=True)
         try:
             prompt_ids, _ = render(messages, engine.tokenizer, system_prompt=engine.cfg.system_prompt,
                                    add_generation_prompt=True, context_len=engine.context_len)
@@ -455,15 +633,11 @@ def create_app(engine: Engine):
     async def completions(request):
         body = await read_json(request)
         engine.check_model(body)
-        prompt = field(body, "prompt", (str, list))
-        if isinstance(prompt, list):  # OpenAI takes a batch of prompts; this server answers one at a time
-            require(len(prompt) == 1 and isinstance(prompt[0], str), "prompt",
-                    "expected a string (or an array of one string).")
-            prompt = prompt[0]
-        require(prompt is not None, "prompt", "a prompt is required.")
-        settings = read_settings(body, engine.cfg)
+        prompt = read_prompt(body, engine.tokenizer.vocab_size)
+        settings = read_settings(body, engine.cfg, chat=False)
+        prompt_ids = engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         # An empty prompt starts a new document: what follows <|endoftext|> in pretraining.
-        prompt_ids = engine.tokenizer.encode(prompt) or [engine.tokenizer.eot_id]
+        prompt_ids = prompt_ids or [engine.tokenizer.eot_id]
         return await respond(request, engine, prompt_ids, settings, chat=False)
 
     async def chat_page(request):
@@ -478,7 +652,34 @@ def create_app(engine: Engine):
     app.add_route("/v1/chat/completions", chat_completions, methods=["POST"])
     app.add_route("/v1/completions", completions, methods=["POST"])
     app.add_route("/", chat_page, methods=["GET"])
+    app.add_route("/health", health, methods=["GET"])
+    if engine.api_key:
+        app.add_middleware(KeyCheck, key=engine.api_key)
     return app
+
+
+class KeyCheck:
+    """Every request under /v1 must carry "Authorization: Bearer KEY", else 401 in OpenAI's error
+    shape. As vLLM's --api-key: only /v1 is guarded; /health and the chat page (which asks for the
+    key and sends it) stay open. A plain ASGI middleware, so that streaming and the notice of a client
+    that hangs up pass through untouched."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and (path == "/v1" or path.startswith("/v1/")):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):  # in constant time
+                from fastapi.responses import JSONResponse
+
+                error = APIError(401, "Incorrect API key provided. Send it as 'Authorization: Bearer KEY'.",
+                                 code="invalid_api_key")
+                response = JSONResponse(error.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def model_id(model_path: str) -> str:
@@ -512,13 +713,15 @@ def create_server(cfg: ServeConfig):
     model, tokenizer, model_path, adapter_path = load_model(cfg.model_path, cfg.adapter_path, device, dtype)
     check_template(tokenizer)  # a template that is not Jinja would fail every chat
     mode, why = resolve_mode("auto", model_path, adapter_path)
-    engine = Engine(model, tokenizer, model_id(cfg.model_path), cfg)
+    api_key = cfg.api_key or os.environ.get(API_KEY_ENV, "")
+    engine = Engine(model, tokenizer, cfg.served_model_name or model_id(cfg.model_path), cfg, api_key)
     log(f"model: {engine.model_id} from {model_path} ({model.num_parameters() / 1e6:.1f}M parameters, context "
         f"{engine.context_len}) on {device} {str(dtype).removeprefix('torch.')}, loaded in "
         f"{time.time() - start:.1f}s")
     if mode == "completion":
         log(f"note: a base model ({why}): /v1/completions continues text; chats may make little sense")
-    log(f"chat page: http://{cfg.host}:{cfg.port}/   API: http://{cfg.host}:{cfg.port}/v1")
+    log(f"chat page: http://{cfg.host}:{cfg.port}/   API: http://{cfg.host}:{cfg.port}/v1"
+        + (f" (API key required: {'--api_key' if cfg.api_key else '$' + API_KEY_ENV})" if api_key else ""))
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):  # Ctrl-C: let the answers in progress end first
