@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nanobumble.base.precision import autocast
 from nanobumble.data.tokenizer import EOT_ID, IM_END_ID, Tokenizer
 from nanobumble.model.transformer import KVCache, Transformer
 
@@ -115,67 +116,211 @@ def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dty
     return param.device, param.dtype
 
 
+class Sequence:
+    """One prompt being answered: its settings, its new ids so far, its stats, its row.
+
+    stats: prompt_tokens, new_tokens, prefill_seconds, decode_seconds, time_to_first_token
+    (seconds from creation to the first new id), stop ("stop_id" | "max_new_tokens" | "context",
+    or what the caller sets: "cancelled", "closed", "error")."""
+
+    def __init__(self, prompt_ids: list[int], cfg: GenerationConfig, stop_ids: Iterable[int] = STOP_IDS,
+                 vocab_size: int | None = None, stats: dict | None = None, context_len: int | None = None,
+                 device: torch.device | str = "cpu"):
+        if not prompt_ids:
+            raise ValueError("generate needs at least one prompt token")
+        if context_len is not None and len(prompt_ids) >= context_len:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the model's context "
+                             f"of {context_len} (cut it with fit_to_context)")
+        self.prompt_ids, self.cfg, self.stop_ids, self.vocab_size = list(prompt_ids), cfg, set(stop_ids), vocab_size
+        self.tokens: list[int] = []
+        self.generator = None
+        if not cfg.greedy:  # its own generator: a seeded row draws the same tokens whoever its neighbours are
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(2**62, ())))
+        # prompt and new ids on the device, kept only for the repetition penalty
+        self.seen = torch.tensor(prompt_ids if cfg.repetition_penalty != 1.0 else [], dtype=torch.long, device=device)
+        self.row: int | None = None
+        self.done = False
+        self.created = time.perf_counter()
+        self.first_token_time: float | None = None
+        self.stats = stats if stats is not None else {}
+        self.stats.update(prompt_tokens=len(prompt_ids), new_tokens=0, prefill_seconds=0.0, decode_seconds=0.0,
+                          time_to_first_token=None, stop="max_new_tokens")
+        self.owner = None  # whatever the caller ties to it (the batcher: its handle)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.tokens)
+
+
+class Decoder:
+    """The decode loop, for up to max_batch sequences at once: each in its own row of
+    one KVCache, of its own length, with its own sampling settings.
+
+        decoder.add(sequences)  one forward: the new prompts, right-padded, into free rows
+                                (prefill), and each one's first new id
+        decoder.step()          one forward: every active row's last id at its own position,
+                                and each one's next id
+
+    A sequence is done at a stop id (not kept), at cfg.max_new_tokens, or when it
+    fills its row (max_len, the model's context at most); its row is then free for
+    the next add. use_cache=False recomputes every sequence whole at each step
+    instead (the slow reference). dtype: the autocast dtype (float32: none).
+    Counts: forwards, prefill_rows and step_rows (the rows of each forward).
+    Not thread-safe: one thread drives it (see batching.Batcher)."""
+
+    def __init__(self, model: Transformer, max_batch: int, max_len: int | None = None, use_cache: bool = True,
+                 dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.context_len = model.config.max_position_embeddings
+        self.max_len = min(max_len or self.context_len, self.context_len)
+        self.device = _model_device_dtype(model)[0]
+        self.dtype = dtype
+        self.cache = KVCache(model.config, max_batch, self.max_len, self.device) if use_cache else None
+        self.rows: list[Sequence | None] = [None] * max_batch
+        self.forwards = 0
+        self.prefill_rows: list[int] = []
+        self.step_rows: list[int] = []
+
+    @property
+    def active(self) -> list[Sequence]:
+        return [seq for seq in self.rows if seq is not None]
+
+    def free_rows(self) -> int:
+        return self.rows.count(None)
+
+    def remove(self, seq: Sequence) -> None:
+        """Free the sequence's row (a cancelled request); it is done."""
+        if seq.row is not None and self.rows[seq.row] is seq:
+            self.rows[seq.row] = None
+        seq.row, seq.done = None, True
+
+    @torch.inference_mode()
+    def add(self, seqs: list[Sequence]) -> None:
+        """Prefill new sequences into free rows (one forward) and pick each one's first id."""
+        seqs = [seq for seq in seqs if not self._finished_before_start(seq)]
+        if not seqs:
+            return
+        if len(seqs) > self.free_rows():
+            raise ValueError(f"{len(seqs)} sequences, {self.free_rows()} free rows")
+        for seq in seqs:
+            if seq.length >= self.max_len:
+                raise ValueError(f"prompt of {seq.length} tokens leaves no room in a row of {self.max_len}")
+            seq.row = self.rows.index(None)
+            self.rows[seq.row] = seq
+            if self.cache is not None:
+                self.cache.reset(seq.row)
+        start = time.perf_counter()
+        logits = self._forward(seqs, [seq.prompt_ids for seq in seqs])
+        self.prefill_rows.append(len(seqs))
+        self._pick(seqs, logits)
+        elapsed = time.perf_counter() - start
+        for seq in seqs:
+            seq.stats["prefill_seconds"] = elapsed
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """One forward for every active sequence; returns them (each has one more id, or is done)."""
+        seqs = self.active
+        if seqs:
+            logits = self._forward(seqs, [seq.tokens[-1:] for seq in seqs])
+            self.step_rows.append(len(seqs))
+            self._pick(seqs, logits)
+        return seqs
+
+    def _finished_before_start(self, seq: Sequence) -> bool:
+        if seq.cfg.max_new_tokens <= 0:
+            seq.done = True
+        return seq.done
+
+    def _forward(self, seqs: list[Sequence], new_ids: list[list[int]]) -> torch.Tensor:
+        """The logits [len(seqs), vocab] after each sequence's new ids."""
+        self.forwards += 1
+        if self.cache is None:  # the reference: every sequence whole, right-padded (causal: no mask needed)
+            new_ids = [seq.prompt_ids + seq.tokens for seq in seqs]
+        width = max(len(ids) for ids in new_ids)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        for b, row_ids in enumerate(new_ids):
+            ids[b, :len(row_ids)] = torch.tensor(row_ids)
+        last = torch.tensor([len(row_ids) - 1 for row_ids in new_ids], device=self.device)
+        kwargs = {}
+        if self.cache is not None:
+            kwargs = dict(kv_cache=self.cache, cache_rows=[seq.row for seq in seqs])
+            if any(len(row_ids) < width for row_ids in new_ids):
+                mask = torch.zeros(len(seqs), width, dtype=torch.long)
+                for b, row_ids in enumerate(new_ids):
+                    mask[b, :len(row_ids)] = 1
+                kwargs["attention_mask"] = mask.to(self.device)
+        with autocast(self.device, self.dtype):
+            logits = self.model(ids.to(self.device), **kwargs)
+        return logits[torch.arange(len(seqs), device=self.device), last]
+
+    def _pick(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        """Each sequence's next id from its logits row, then whether it is done."""
+        picked: dict[int, int] = {}
+        plain = [b for b, seq in enumerate(seqs) if seq.cfg.greedy and seq.cfg.repetition_penalty == 1.0]
+        for vocab in {seqs[b].vocab_size for b in plain}:  # plain greedy rows: one argmax, one transfer
+            rows = [b for b in plain if seqs[b].vocab_size == vocab]
+            picked.update(zip(rows, logits[rows, :vocab].float().argmax(-1).tolist()))
+        for b, seq in enumerate(seqs):
+            if b not in picked:
+                picked[b] = next_token(logits[b, :seq.vocab_size], seq.seen, seq.cfg, seq.generator)
+        now = time.perf_counter()
+        for b, seq in enumerate(seqs):
+            self._advance(seq, picked[b], now)
+
+    def _advance(self, seq: Sequence, token: int, now: float) -> None:
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            seq.stats["time_to_first_token"] = now - seq.created
+        seq.stats["decode_seconds"] = now - seq.first_token_time
+        if token in seq.stop_ids:
+            seq.stats["stop"] = "stop_id"
+            self.remove(seq)
+            return
+        seq.tokens.append(token)
+        seq.stats["new_tokens"] = len(seq.tokens)
+        if seq.cfg.repetition_penalty != 1.0:
+            seq.seen = torch.cat([seq.seen, seq.seen.new_tensor([token])])
+        if seq.length >= self.context_len:
+            seq.stats["stop"] = "context"
+        elif len(seq.tokens) >= seq.cfg.max_new_tokens:
+            seq.stats["stop"] = "max_new_tokens"
+        elif seq.length >= self.max_len:  # the row is full: this decoder's context
+            seq.stats["stop"] = "context"
+        else:
+            return
+        self.remove(seq)
+
+
 @torch.inference_mode()
 def generate_stream(model: Transformer, prompt_ids: list[int], cfg: GenerationConfig,
                     stop_ids: Iterable[int] = STOP_IDS, use_cache: bool = True,
                     stats: dict | None = None, vocab_size: int | None = None) -> Iterator[int]:
     """Yield new token ids one at a time until a stop id (not yielded),
-    max_new_tokens, or the end of the model's context.
+    max_new_tokens, or the end of the model's context: a Decoder with one row.
 
     vocab_size: the tokenizer's; the model's embedding table is padded beyond it
     (pad_vocab_size) and those extra ids, which decode to nothing, are never drawn.
 
     stats, when given, is filled as generation goes: prompt_tokens, new_tokens,
-    prefill_seconds, decode_seconds, stop ("stop_id" | "max_new_tokens" | "context").
+    prefill_seconds, decode_seconds, time_to_first_token,
+    stop ("stop_id" | "max_new_tokens" | "context").
     """
-    if not prompt_ids:
-        raise ValueError("generate needs at least one prompt token")
-    context_len = model.config.max_position_embeddings
-    if len(prompt_ids) >= context_len:
-        raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the model's context "
-                         f"of {context_len} (cut it with fit_to_context)")
     model.eval()
-    device, dtype = _model_device_dtype(model)
-    stop_ids = set(stop_ids)
-    generator = None
-    if not cfg.greedy:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(cfg.seed if cfg.seed is not None else int(torch.randint(2**62, ())))
-    max_len = min(context_len, len(prompt_ids) + cfg.max_new_tokens)
-    cache = KVCache(model.config, 1, max_len, device, dtype) if use_cache else None
-    ids = torch.tensor(prompt_ids, dtype=torch.long, device=device)
-    stats = stats if stats is not None else {}
-    stats.update(prompt_tokens=len(prompt_ids), new_tokens=0, prefill_seconds=0.0, decode_seconds=0.0,
-                 stop="max_new_tokens")
-
-    start = time.perf_counter()
-    logits = model(ids[None], kv_cache=cache)[0, -1]
-    stats["prefill_seconds"] = _elapsed(start, device)
-    start = time.perf_counter()
-    for step in range(cfg.max_new_tokens):
-        token = next_token(logits[:vocab_size], ids, cfg, generator)
-        if token in stop_ids:
-            stats["stop"] = "stop_id"
-            break
-        ids = torch.cat([ids, ids.new_tensor([token])])
-        stats["new_tokens"] = step + 1
-        stats["decode_seconds"] = _elapsed(start, device)
-        yield token
-        if len(ids) >= max_len:
-            if len(ids) >= context_len:
-                stats["stop"] = "context"
-            break
-        if cache is not None:
-            logits = model(ids[None, -1:], kv_cache=cache)[0, -1]
-        else:
-            logits = model(ids[None])[0, -1]
-    stats["decode_seconds"] = _elapsed(start, device)
-
-
-def _elapsed(start: float, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+    device = _model_device_dtype(model)[0]
+    seq = Sequence(prompt_ids, cfg, stop_ids, vocab_size, stats, model.config.max_position_embeddings, device)
+    room = len(prompt_ids) + max(cfg.max_new_tokens, 1)
+    decoder = Decoder(model, 1, min(model.config.max_position_embeddings, room), use_cache)
+    decoder.add([seq])
+    sent = 0
+    while True:
+        while sent < len(seq.tokens):
+            sent += 1
+            yield seq.tokens[sent - 1]
+        if seq.done:
+            return
+        decoder.step()
 
 
 class TextStreamer:

@@ -99,32 +99,73 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Keys and values of the tokens seen so far, for generating one token at a time.
+    """Keys and values of the tokens seen so far, for generating one token at a time,
+    for a batch of rows that each hold their own sequence.
 
-    Pre-allocated per layer as [batch, num_kv_heads, max_len, head_dim] in the
-    model's dtype: with grouped-query attention only the K/V heads are stored,
-    num_heads / num_kv_heads times less memory than caching every query head.
-    `length` is how many positions are filled; the model advances it after
-    each forward.
+    Per layer [batch, num_kv_heads, max_len, head_dim]: with grouped-query attention
+    only the K/V heads are stored, num_heads / num_kv_heads times less memory than
+    caching every query head. The storage is allocated at the first write, in the
+    dtype the model computes in (under autocast or FSDP mixed precision, bf16).
+    `lengths[row]` is how many positions of that row are filled: rows of different
+    lengths decode side by side, and a freed row (reset) takes a new sequence while
+    the others go on. lengths lives on the CPU, so bookkeeping never waits for the GPU.
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str,
-                 dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str):
         if not 0 < max_len <= cfg.max_position_embeddings:
             raise ValueError(f"KVCache max_len must be in [1, {cfg.max_position_embeddings}], got {max_len}")
-        shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.max_len = max_len
-        self.length = 0
+        self.shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.keys: list[torch.Tensor | None] = [None] * cfg.num_layers
+        self.values: list[torch.Tensor | None] = [None] * cfg.num_layers
+        self.device = torch.device(device)
+        self.batch_size, self.max_len = batch_size, max_len
+        self.lengths = torch.zeros(batch_size, dtype=torch.long)
+
+    def reset(self, row: int) -> None:
+        """Free a row for a new sequence (its old keys are never looked at again)."""
+        self.lengths[row] = 0
+
+    def begin(self, rows: torch.Tensor, new: torch.Tensor, T: int) -> torch.Tensor:
+        """Prepare one forward: input row b continues cache row rows[b] with new[b] real
+        tokens (then right padding up to T). Returns the position ids [B, T] (on the CPU)."""
+        start = self.lengths[rows]
+        end = start + new
+        if (end > self.max_len).any():
+            raise ValueError(f"KVCache is full: {int(start.max())} cached + {T} new tokens > max_len {self.max_len}")
+        positions = start[:, None] + torch.arange(T)
+        width = min(int((start + T).max()), self.max_len)  # the key slots any real query of this forward sees
+        self._rows, self._width, self._end = rows.to(self.device), width, end
+        self._all_rows = len(rows) == self.batch_size and bool((rows == torch.arange(self.batch_size)).all())
+        self._padded = bool((new < T).any())
+        self._spans = list(zip(rows.tolist(), start.tolist(), new.tolist())) if self._padded else None
+        self._positions = positions.to(self.device)
+        # a query at position p sees its own row's slots 0..p: the cached ones and the new ones up to itself
+        self.mask = (torch.arange(width)[None, None, :] <= positions[:, :, None])[:, None].to(self.device)
+        return positions
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's k, v ([batch, kv_heads, new, head_dim]) after the cached
-        ones; return every key and value so far."""
-        end = self.length + k.shape[2]
-        self.keys[layer][:, :, self.length:end] = k
-        self.values[layer][:, :, self.length:end] = v
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        """Write this forward's k, v ([batch, new, kv_heads, head_dim]) at each row's own
+        positions; return the keys and values its rows attend over, [batch, kv_heads, width, head_dim]."""
+        if self.keys[layer] is None:
+            self.keys[layer] = torch.zeros(self.shape, device=self.device, dtype=k.dtype)
+            self.values[layer] = torch.zeros(self.shape, device=self.device, dtype=v.dtype)
+        keys, values = self.keys[layer], self.values[layer]
+        if self._padded:  # a right-padded prefill: only each row's real tokens go in
+            for b, (row, start, new) in enumerate(self._spans):
+                keys[row, :, start:start + new] = k[b, :new].transpose(0, 1)
+                values[row, :, start:start + new] = v[b, :new].transpose(0, 1)
+        else:  # advanced indices first: the indexed slots are [batch, new, kv_heads, head_dim], as k
+            keys[self._rows[:, None], :, self._positions] = k
+            values[self._rows[:, None], :, self._positions] = v
+        if self._all_rows:
+            return keys[:, :, :self._width], values[:, :, :self._width]
+        return (keys[:, :, :self._width].index_select(0, self._rows),
+                values[:, :, :self._width].index_select(0, self._rows))
+
+    def finish(self) -> None:
+        """After the forward: each row has grown by its real tokens."""
+        self.lengths[self._rows.cpu()] = self._end
+        self.mask = self._positions = None
 
 
 class Attention(nn.Module):
@@ -161,13 +202,9 @@ class Attention(nn.Module):
     def _forward_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
                         layer: int) -> torch.Tensor:
         B, T = q.shape[:2]
-        start = kv_cache.length
-        keys, values = kv_cache.update(layer, k.transpose(1, 2), v.transpose(1, 2))
-        attn_mask = None  # one new token may look at every cached one
-        if T > 1 and start > 0:  # several new tokens after cached ones: causal, offset by the cache
-            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=q.device).tril(diagonal=start)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=attn_mask,
-                                           is_causal=T > 1 and start == 0,  # the prompt, into an empty cache
+        keys, values = kv_cache.update(layer, k, v)
+        # each row sees only its own filled slots, up to the query's position (kv_cache.begin built the mask)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=kv_cache.mask,
                                            enable_gqa=self.num_heads != self.num_kv_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -237,7 +274,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                reduction: str = "mean", kv_cache: KVCache | None = None):
+                reduction: str = "mean", kv_cache: KVCache | None = None,
+                cache_rows: torch.Tensor | list[int] | None = None):
         """Logits [batch, seq, vocab]; or, when targets are given, the cross-entropy
         over the targets that are not -100: "mean" or "sum" (a scalar), or "none"
         (per-token losses [batch, seq], 0 where ignored, and each token's logits
@@ -252,24 +290,26 @@ class Transformer(nn.Module):
         attending to padding; without position_ids the positions then count the
         real tokens only, so a left-padded row sees what it would see unpadded.
 
-        With a kv_cache (generation), input_ids continue the cached sequence: they
-        sit at positions cache.length.. and attend to everything cached before
-        them; the cache then grows by their length. This path uses the plain
-        PyTorch math (model/layers.py), never the Triton kernels."""
+        With a kv_cache (generation), row b of input_ids continues the sequence of
+        cache row cache_rows[b] (default: row b): its tokens sit at positions
+        cache.lengths[row].. and attend to that row's cached tokens and to each
+        other causally; the row then grows by its tokens. attention_mask here may
+        only mark right padding (a batch of prompts of different lengths): a row
+        grows by its 1s, and the logits after its padding mean nothing. This path
+        uses the plain PyTorch math (model/layers.py), never the Triton kernels."""
         B, T = input_ids.shape
-        start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {start + T} exceeds max_position_embeddings "
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
         backend = resolve_backend(self.kernels, input_ids.device)
         attn_mask = None
-        if kv_cache is not None:
-            if start + T > kv_cache.max_len:
-                raise ValueError(f"KVCache is full: {start} cached + {T} new tokens > max_len {kv_cache.max_len}")
-            if position_ids is not None or attention_mask is not None:
-                raise ValueError("position_ids and attention_mask cannot be combined with a kv_cache")
+        if kv_cache is not None:  # (kv_cache.max_len <= max_position_embeddings: positions stay in range)
+            if position_ids is not None:
+                raise ValueError("position_ids cannot be combined with a kv_cache")
+            rows = torch.arange(B) if cache_rows is None else torch.as_tensor(cache_rows, dtype=torch.long).cpu()
+            new = torch.full((B,), T) if attention_mask is None else attention_mask.long().sum(-1).cpu()
             backend = "torch"
-            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+            position_ids = kv_cache.begin(rows, new, T).to(input_ids.device)
         else:
             if position_ids is None and attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -285,7 +325,7 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, backend, attn_mask, kv_cache, i)
         if kv_cache is not None:
-            kv_cache.length += T
+            kv_cache.finish()
         x = self.norm(x, backend)
         if targets is None:
             return self.lm_head(x)

@@ -26,10 +26,10 @@ def tiny_model(dtype=torch.float64, **overrides) -> Transformer:
 
 def test_cache_holds_only_the_kv_heads_in_the_model_dtype():
     model = tiny_model(torch.float32)
-    cache = KVCache(model.config, batch_size=1, max_len=10, device="cpu", dtype=torch.float32)
-    assert cache.keys[0].shape == (1, 2, 10, 16) and len(cache.values) == 2
+    cache = KVCache(model.config, batch_size=1, max_len=10, device="cpu")
     model(torch.tensor([[5, 6, 7]]), kv_cache=cache)
-    assert cache.length == 3 and cache.keys[1][:, :, 3:].abs().sum() == 0
+    assert cache.keys[0].shape == (1, 2, 10, 16) and len(cache.values) == 2 and cache.keys[0].dtype == torch.float32
+    assert cache.lengths.tolist() == [3] and cache.keys[1][:, :, 3:].abs().sum() == 0
 
 
 def test_greedy_with_cache_equals_recomputing_every_step():
@@ -50,7 +50,7 @@ def test_cached_logits_match_full_forward_in_chunks():
     model = tiny_model()
     ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(0))
     full = model(ids)
-    cache = KVCache(model.config, 2, 20, "cpu", torch.float64)
+    cache = KVCache(model.config, 2, 20, "cpu")
     parts = [model(ids[:, :7], kv_cache=cache), model(ids[:, 7:12], kv_cache=cache)]  # prefill, then a chunk
     parts += [model(ids[:, t:t + 1], kv_cache=cache) for t in range(12, 20)]  # one token per step
     torch.testing.assert_close(torch.cat(parts, dim=1), full, atol=1e-10, rtol=0)
@@ -116,7 +116,7 @@ def test_seed_makes_sampling_reproducible():
 
 
 class ScriptedModel(nn.Module):
-    """Predicts script[n] as the token at position n (n = sequence length so far)."""
+    """Predicts script[n] as the token at position n (n = sequence length so far), per row."""
 
     def __init__(self, script: dict[int, int], context: int = 64):
         super().__init__()
@@ -125,13 +125,16 @@ class ScriptedModel(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(1))
         self.script = script
 
-    def forward(self, input_ids, kv_cache=None):
-        start = kv_cache.length if kv_cache is not None else 0
-        T = input_ids.shape[1]
-        if kv_cache is not None:
-            kv_cache.length += T
-        logits = torch.zeros(1, T, 16)
-        logits[0, -1, self.script.get(start + T, 9)] = 10.0
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, cache_rows=None):
+        B, T = input_ids.shape
+        rows = list(range(B)) if cache_rows is None else list(cache_rows)
+        new = [T] * B if attention_mask is None else attention_mask.sum(-1).tolist()
+        logits = torch.zeros(B, T, 16)
+        for b in range(B):
+            start = int(kv_cache.lengths[rows[b]]) if kv_cache is not None else 0
+            logits[b, new[b] - 1, self.script.get(start + new[b], 9)] = 10.0
+            if kv_cache is not None:
+                kv_cache.lengths[rows[b]] += new[b]
         return logits
 
 
