@@ -1,12 +1,25 @@
 """DPO data: preference files -> (prompt, chosen, rejected) -> token rows -> batches.
 
-Record shapes, detected per file from its first record (JSON array or JSON Lines):
+Record shapes, detected per file by the keys of its first record (JSON array,
+JSON Lines or Parquet: records.iter_file_records):
 
-    ShareGPT  {"conversations": [... ending with a "human" turn], "chosen": {"from": "gpt", "value": ...},
-               "rejected": {...}}            (chosen / rejected may also be plain strings)
-    Alpaca    {"instruction", "input"?, "system"?, "history"?, "chosen": str, "rejected": str}
-    messages  {"messages": [... ending with a "user" turn], "chosen": str or {"role": "assistant",
-               "content": ...}, "rejected": ...}
+    explicit prompt  {"prompt": str, "chosen": str, "rejected": str}: the prompt is one user turn; or
+                     {"prompt": [messages ending with a user turn], "chosen": [{"role": "assistant", ...}],
+                      "rejected": [...]}            (TRL's preference format, standard and conversational)
+    implicit prompt  {"chosen": [whole conversation], "rejected": [whole conversation]}: the prompt is what
+                     the two share, everything before their last (assistant) messages, which are the answers
+                     (TRL's conversational implicit-prompt preference, as UltraFeedback)
+    ShareGPT         {"conversations": [... ending with a "human" turn], "chosen": {"from": "gpt", "value": ...},
+                      "rejected": {...}}
+    Alpaca           {"instruction", "input"?, "system"?, "history"?, "chosen": str, "rejected": str}
+    messages         {"messages": [... ending with a "user" turn], "chosen": ..., "rejected": ...}
+
+Wherever a chosen / rejected answer is not a whole conversation it may be a
+string, one assistant message ({"from": "gpt", "value"} or {"role":
+"assistant", "content"}) or a list of one such message. Every shape becomes
+the same pair: {"prompt": messages ending with a user turn, "chosen": str,
+"rejected": str}. TRL's standard implicit prompt (two plain strings, no
+"prompt") is not read: with no turns there is no prompt to render.
 
 A pair is tokenized as one prompt (rendered by the chat template, ending with
 the assistant header) followed by each response and its closing <|im_end|>.
@@ -29,6 +42,7 @@ from nanobumble.data.records import (
     conversation_shape,
     describe_keys,
     openai_messages,
+    plain_messages,
     read_records,
     sharegpt_messages,
 )
@@ -40,10 +54,13 @@ from nanobumble.model.layers import IGNORE_INDEX
 
 
 def _response(record: dict, key: str, where: str) -> str:
-    """chosen / rejected: a string, or one assistant message in ShareGPT or role/content form."""
+    """chosen / rejected: a string, or one assistant message in ShareGPT or role/content form
+    (alone, or as a list of one message: TRL's conversational preference format)."""
     if key not in record:
         raise DataError(f'{where}: missing "{key}"')
     value = record[key]
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+        value = value[0]
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
@@ -52,7 +69,7 @@ def _response(record: dict, key: str, where: str) -> str:
         if value.get("role") == "assistant" and isinstance(value.get("content"), str):
             return value["content"]
     raise DataError(f'{where}: "{key}" must be a string or an assistant message '
-                    '({"from": "gpt", "value": ...} or {"role": "assistant", "content": ...})')
+                    '({"from": "gpt", "value": ...} or {"role": "assistant", "content": ...}, or a list of one)')
 
 
 def _pair(prompt: list[dict], record: dict, where: str) -> dict:
@@ -75,15 +92,60 @@ def _messages(record: dict, where: str) -> dict:
     return _pair(openai_messages(record, where), record, where)
 
 
+def _explicit_prompt(record: dict, where: str) -> dict:
+    """TRL's preference format: "prompt" is a string (one user turn) or a list of messages."""
+    if "prompt" not in record:
+        raise DataError(f'{where}: missing "prompt"')
+    prompt = record["prompt"]
+    if isinstance(prompt, str):
+        return _pair([{"role": "user", "content": prompt}], record, where)
+    if not isinstance(prompt, list):
+        raise DataError(f'{where}: "prompt" must be a string or a list of messages, got {type(prompt).__name__}')
+    return _pair(plain_messages(prompt, f'{where}: "prompt"'), record, where)
+
+
+def _implicit_prompt(record: dict, where: str) -> dict:
+    """TRL's conversational implicit prompt: chosen and rejected are whole conversations, the same up to
+    their last messages, which are the two assistant answers."""
+    chosen, rejected = (_whole_conversation(record, key, where) for key in ("chosen", "rejected"))
+    if chosen[:-1] != rejected[:-1]:
+        raise DataError(f'{where}: "chosen" and "rejected" do not share a prompt: without a "prompt" they must be '
+                        "the same conversation up to their last (assistant) message")
+    return _pair(chosen[:-1], {"chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}, where)
+
+
+def _whole_conversation(record: dict, key: str, where: str) -> list[dict]:
+    if key not in record:
+        raise DataError(f'{where}: missing "{key}"')
+    messages = record[key]
+    if not isinstance(messages, list):
+        raise DataError(f'{where}: "{key}" must be a list of messages (the whole conversation, when there is no '
+                        f'"prompt"), got {type(messages).__name__}')
+    messages = plain_messages(messages, f'{where}: "{key}"')
+    if messages[-1]["role"] != "assistant":
+        raise DataError(f'{where}: "{key}" must end with an assistant turn (the answer)')
+    return messages
+
+
+PREFERENCE_SHAPES = ("chosen and rejected with prompt (TRL), conversations (ShareGPT), instruction (Alpaca) or "
+                     "messages, or chosen and rejected as whole conversations (TRL's implicit prompt)")
+
+
 def _detect_pair_format(record: object, where: str) -> Callable:
     # "chosen" or "rejected" marks preference data; a record missing the other one
     # is then skipped as a bad record (by _response), not taken for an unknown shape.
-    shape = conversation_shape(record) if isinstance(record, dict) and ("chosen" in record or "rejected" in record) \
-        else None
+    shape = None
+    if isinstance(record, dict) and ("chosen" in record or "rejected" in record):
+        shape = conversation_shape(record)
+        if shape is None and "prompt" in record:
+            shape = "explicit_prompt"
+        elif shape is None and (isinstance(record.get("chosen"), list) or isinstance(record.get("rejected"), list)):
+            shape = "implicit_prompt"  # TRL's standard implicit prompt (two strings) stays an unknown shape
     if shape is None:
         raise DataError(f"{where}: unknown preference record shape ({describe_keys(record)}); expected "
-                        "chosen and rejected with conversations (ShareGPT), instruction (Alpaca) or messages")
-    return {"sharegpt": _sharegpt, "messages": _messages, "alpaca": _alpaca}[shape]
+                        f"{PREFERENCE_SHAPES}")
+    return {"sharegpt": _sharegpt, "messages": _messages, "alpaca": _alpaca, "explicit_prompt": _explicit_prompt,
+            "implicit_prompt": _implicit_prompt}[shape]
 
 
 def load_preference_pairs(dataset_path: str | list[str], strict: bool = False, quiet: bool = False,

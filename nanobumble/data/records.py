@@ -1,7 +1,9 @@
 """Dataset files and their records, shared by pretraining, SFT and DPO.
 
-    list_data_files       dataset_path: a file, a directory (every *.json / *.jsonl below it), or a comma-separated list
-    iter_file_records     one file's records, as JSON Lines or one JSON array, each with its file:line
+    list_data_files       dataset_path: a file, a directory (every *.json / *.jsonl / *.parquet below it), or a
+                          comma-separated list
+    iter_file_records     one file's records (JSON Lines, one JSON array, or the rows of a Parquet file), each with
+                          its file:line (file:record N in an array, file:row N in Parquet)
     iter_text_records     pretraining's {"text": ...} records
     read_records          SFT / DPO records, each converted by the shape its file's first record shows
     alpaca_prompt, ...    the conversation shapes SFT and DPO both read (Alpaca, ShareGPT, messages)
@@ -29,6 +31,8 @@ from nanobumble.base.output_guard import RECORD
 from nanobumble.base.reading import TOO_DEEP, cut, depth_problem
 from nanobumble.data.chat_template import validate_messages
 
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+PARQUET_BATCH_ROWS = 1024  # Parquet rows turned into Python records at a time: a large file never loads whole
 MAX_REPORTED_PROBLEMS = 20  # per call of iter_text_records or read_records; the rest are only counted
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
@@ -38,7 +42,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 
 def list_data_files(dataset_path: str | list[str]) -> list[str]:
-    """A file, a directory (every *.json / *.jsonl below it), or a comma-separated list.
+    """A file, a directory (every *.json / *.jsonl / *.parquet below it), or a comma-separated list.
 
     In a directory, hidden names and every directory nanobumble wrote (a run's
     output_dir, a model, prepared shards, a cache: they hold a .nanobumble-files
@@ -59,12 +63,12 @@ def list_data_files(dataset_path: str | list[str]) -> list[str]:
             for root, dirs, names in os.walk(path):
                 dirs[:] = [d for d in dirs
                            if not d.startswith(".") and not _written_by_nanobumble(os.path.join(root, d))]
-                found += [os.path.join(root, n) for n in names if n.endswith((".json", ".jsonl")) and n[0] != "."]
+                found += [os.path.join(root, n) for n in names if n.endswith(DATA_SUFFIXES) and n[0] != "."]
             files += sorted(found)
         else:
             raise DataError(f"dataset path not found: {path}")
     if not files:
-        raise DataError(f"no .json or .jsonl files found in {dataset_path}")
+        raise DataError(f"no .json, .jsonl or .parquet files found in {dataset_path}")
     return files
 
 
@@ -155,8 +159,12 @@ def iter_file_records(path: str, digest=None) -> Iterator[tuple[str, object]]:
     identity (data_sha256), which checkpoints record and a resumed run compares: it
     comes from the one pass that parses the files.
 
-    The format is decided by the first character that is not whitespace: "[" is
-    one JSON array, anything else JSON Lines."""
+    A file whose name ends in .parquet is read as Parquet (_parquet_records);
+    otherwise the first character that is not whitespace decides: "[" is one
+    JSON array, anything else JSON Lines."""
+    if path.endswith(".parquet"):
+        yield from _parquet_records(path, digest)
+        return
     is_array = _starts_with_bracket(path)
     with open(path, "rb", buffering=0) as raw:
         if digest is not None:
@@ -191,6 +199,47 @@ def iter_file_records(path: str, digest=None) -> Iterator[tuple[str, object]]:
             except RecursionError:  # the parser gave up hundreds of levels down
                 record = ValueError(TOO_DEEP)
             yield f"{path}:{line_number}", record if isinstance(record, ValueError) else _checked(record)
+
+
+def _parquet_records(path: str, digest=None) -> Iterator[tuple[str, object]]:
+    """(f"{path}:row N", record) for every row of a Parquet file, N counted from 1.
+
+    Each row is a dict of its columns (nested lists and structs as Python lists
+    and dicts), converted PARQUET_BATCH_ROWS rows at a time as pyarrow reads the
+    row groups. Parquet is read from its footer, not front to back, so the digest
+    (as iter_file_records) is fed the whole file in one pass before parsing.
+    A file pyarrow cannot read is one DataError naming it."""
+    try:
+        import pyarrow.parquet as pq  # only needed for Parquet data
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet files needs pyarrow (pip install pyarrow)") from None
+    with open(path, "rb") as f:
+        if digest is not None:
+            digest.update(f"{os.fstat(f.fileno()).st_size}\0".encode())
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+            f.seek(0)
+        row = 0
+        try:
+            batches = pq.ParquetFile(f).iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        except Exception as e:  # whatever pyarrow raises on a damaged file: the file's fault, one line
+            raise _unreadable_parquet(path, e) from None
+        while True:
+            try:
+                batch = next(batches, None)
+                records = [] if batch is None else batch.to_pylist()
+            except Exception as e:  # a damaged page, or a string that is not UTF-8
+                raise _unreadable_parquet(path, e) from None
+            if batch is None:
+                return
+            for record in records:
+                row += 1
+                yield f"{path}:row {row}", _checked(record)
+
+
+def _unreadable_parquet(path: str, error: Exception) -> DataError:
+    message = (str(error).strip().splitlines() or [type(error).__name__])[0]  # pyarrow adds lines of C++ source
+    return DataError(f"{path}: not a readable Parquet file: {cut(message)}")
 
 
 def report_skipped(problem: str, count: int) -> None:
@@ -375,6 +424,12 @@ def openai_messages(record: dict, where: str) -> list[dict]:
     messages = record.get("messages")
     if not isinstance(messages, list):
         raise DataError(f'{where}: "messages" must be a list')
+    return plain_messages(messages, where)
+
+
+def plain_messages(messages: object, where: str) -> list[dict]:
+    """messages, checked (chat_template.validate_messages), as {"role", "content"} only:
+    other keys (a Parquet struct's unused fields, "name", ...) are dropped."""
     validate_messages(messages, where)
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 

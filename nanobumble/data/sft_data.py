@@ -1,15 +1,26 @@
 """SFT data: instruction / chat files -> conversations -> masked token rows -> batches.
 
-Three record shapes are read, detected per file from its first record, from
-JSON arrays or JSON Lines:
+These record shapes are read, detected per file by the keys of its first
+record, from JSON arrays, JSON Lines or Parquet (records.iter_file_records):
 
-    Alpaca    {"instruction", "input", "output", "system"?, "history"?: [[user, assistant], ...]}
-    ShareGPT  {"conversations": [{"from": "system" | "human" | "gpt", "value": ...}, ...], "system"?}
-    messages  {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}
+    messages           {"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}
+                       (TRL's conversational language modelling)
+    prompt-completion  {"prompt": str, "completion": str}: the same as messages [user: prompt, assistant:
+                       completion]; or {"prompt": [messages], "completion": [assistant message, ...]}:
+                       prompt + completion as one messages list (TRL's prompt-completion, standard and
+                       conversational)
+    text               {"text": str}: plain text, no chat template, every token trained, like pretraining
+                       (the text's tokens, then <|endoftext|>; TRL's standard language modelling)
+    ShareGPT           {"conversations": [{"from": "system" | "human" | "gpt", "value": ...}, ...], "system"?}
+    Alpaca             {"instruction", "input", "output", "system"?, "history"?: [[user, assistant], ...]}
 
 Every conversation becomes token ids plus a mask of the assistant tokens
-(nanobumble/chat_template.py). The model learns only where the mask is True:
-targets y = ids[1:], with y[i] = -100 where mask[i + 1] is False.
+(nanobumble/chat_template.py), on every assistant turn, a prompt-completion
+record's prompt included (TRL trains only on the completion). The model learns
+only where the mask is True: targets y = ids[1:], with y[i] = -100 where
+mask[i + 1] is False. A text record is its tokens then <|endoftext|>, all of
+them targets (the first token has nothing before it to be predicted from); one
+longer than cutoff_len + 1 tokens keeps its start.
 
 SFTDataset serves rows either one conversation per row (right-padded to the
 longest in the batch) or packed: conversations laid end to end in rows of
@@ -28,12 +39,12 @@ import torch
 from nanobumble.base.errors import DataError
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render, validate_messages
 from nanobumble.data.records import (
-    CONVERSATION_SHAPES,
     EpochOrder,
     alpaca_prompt,
     conversation_shape,
     describe_keys,
     openai_messages,
+    plain_messages,
     read_records,
     sharegpt_messages,
     string_field,
@@ -59,6 +70,28 @@ def _messages(record: dict, where: str) -> dict:
     return _conversation(openai_messages(record, where), where)
 
 
+def _prompt_completion(record: dict, where: str) -> dict:
+    """TRL's prompt-completion: two strings (a user turn and its answer), or two lists of messages."""
+    for key in ("prompt", "completion"):
+        if key not in record:
+            raise DataError(f'{where}: missing "{key}"')
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return _conversation([{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}],
+                             where)
+    if not (isinstance(prompt, list) and isinstance(completion, list)):
+        raise DataError(f'{where}: "prompt" and "completion" must be two strings or two lists of messages, '
+                        f"got {type(prompt).__name__} and {type(completion).__name__}")
+    if not (completion and isinstance(completion[0], dict) and completion[0].get("role") == "assistant"):
+        raise DataError(f'{where}: "completion" must start with an assistant message')
+    return _conversation(plain_messages(prompt + completion, where), where)
+
+
+def _language_modeling(record: dict, where: str) -> dict:
+    """TRL's standard language modelling: {"text": ...}, trained on every token."""
+    return {"text": string_field(record, "text", where), "where": where}
+
+
 def _conversation(messages: list[dict], where: str) -> dict:
     validate_messages(messages, where)
     if messages[-1]["role"] != "assistant":
@@ -66,19 +99,28 @@ def _conversation(messages: list[dict], where: str) -> dict:
     return {"messages": messages, "where": where}
 
 
+SFT_SHAPES = ("messages (role, content), prompt and completion, text, ShareGPT (conversations) or "
+              "Alpaca (instruction, input, output)")
+
+
 def _detect_sft_format(record: object, where: str) -> Callable:
     if isinstance(record, dict) and ("chosen" in record or "rejected" in record):
         raise DataError(f"{where}: this is preference data (chosen/rejected); use it for DPO, not SFT")
     shape = conversation_shape(record)
+    if shape is None and isinstance(record, dict):  # TRL's formats, after the shapes read before them
+        shape = "prompt_completion" if "prompt" in record or "completion" in record else \
+            "text" if "text" in record else None
     if shape is None:
-        raise DataError(f"{where}: unknown record shape ({describe_keys(record)}); expected {CONVERSATION_SHAPES}")
-    return {"sharegpt": _sharegpt, "messages": _messages, "alpaca": _alpaca}[shape]
+        raise DataError(f"{where}: unknown record shape ({describe_keys(record)}); expected {SFT_SHAPES}")
+    return {"sharegpt": _sharegpt, "messages": _messages, "alpaca": _alpaca, "prompt_completion": _prompt_completion,
+            "text": _language_modeling}[shape]
 
 
 def load_conversations(dataset_path: str | list[str], strict: bool = False, quiet: bool = False,
                        stats: dict | None = None) -> list[dict]:
     """Every conversation in dataset_path (a file, a directory, or a comma-separated
-    list) as {"messages": [{"role", "content"}, ...], "where": "file:line"}.
+    list) as {"messages": [{"role", "content"}, ...], "where": "file:line"}, or a text
+    record as {"text": str, "where": "file:line"}.
     stats, when given, receives the counts of files, formats and skipped records."""
     return read_records(dataset_path, _detect_sft_format, strict, quiet, "conversations", "sft", stats)
 
@@ -98,6 +140,8 @@ def tokenize_sft(conversations: Sequence[dict], tokenizer: Tokenizer, cutoff_len
     A conversation that is too long loses whole user + assistant exchanges from
     the end first; if even the first exchange does not fit, its tokens are cut
     at cutoff_len + 1. The start (system prompt, first question) always stays.
+    A text record ({"text"}) is encode(text) + <|endoftext|> with every token
+    trained and no chat template, cut at cutoff_len + 1 when longer.
     A sample left with no trained token among its targets is dropped.
     """
     limit = cutoff_len + 1
@@ -105,18 +149,12 @@ def tokenize_sft(conversations: Sequence[dict], tokenizer: Tokenizer, cutoff_len
              "tokens": 0, "target_tokens": 0}
     samples = []
     for conversation in conversations:
-        messages = conversation["messages"]
-        head = 1 if messages[0]["role"] == "system" else 0
-        end = len(messages)
-        try:
-            ids, mask = render(messages, tokenizer, system_prompt)
-            while len(ids) > limit and end - head > 2:
-                end -= 2 if (end - head) % 2 == 0 else 1  # a whole exchange (or a lone trailing turn)
-                ids, mask = render(messages[:end], tokenizer, system_prompt)
-        except DataError as e:  # the model's template refused this conversation
-            raise DataError(f"{conversation.get('where', 'a conversation')}: {e}") from None
-        if end < len(messages) or len(ids) > limit:
-            stats["truncated"] += 1
+        if "text" in conversation:  # plain text, as pretraining reads it
+            ids = tokenizer.encode(conversation["text"]) + [tokenizer.eot_id]
+            mask = [True] * len(ids)
+            stats["truncated"] += int(len(ids) > limit)
+        else:
+            ids, mask = _render_fitting(conversation, tokenizer, system_prompt, limit, stats)
         ids, mask = ids[:limit], mask[:limit]
         trained = sum(mask[1:])
         if trained == 0:
@@ -129,6 +167,24 @@ def tokenize_sft(conversations: Sequence[dict], tokenizer: Tokenizer, cutoff_len
     if not quiet:
         print(sft_summary(stats, cutoff_len))
     return samples, stats
+
+
+def _render_fitting(conversation: dict, tokenizer: Tokenizer, system_prompt: str | None, limit: int,
+                    stats: dict) -> tuple[list[int], list[bool]]:
+    """The rendered conversation less whole exchanges from the end until it fits limit (or only one is left)."""
+    messages = conversation["messages"]
+    head = 1 if messages[0]["role"] == "system" else 0
+    end = len(messages)
+    try:
+        ids, mask = render(messages, tokenizer, system_prompt)
+        while len(ids) > limit and end - head > 2:
+            end -= 2 if (end - head) % 2 == 0 else 1  # a whole exchange (or a lone trailing turn)
+            ids, mask = render(messages[:end], tokenizer, system_prompt)
+    except DataError as e:  # the model's template refused this conversation
+        raise DataError(f"{conversation.get('where', 'a conversation')}: {e}") from None
+    if end < len(messages) or len(ids) > limit:
+        stats["truncated"] += 1
+    return ids, mask
 
 
 def sft_summary(stats: dict, cutoff_len: int) -> str:

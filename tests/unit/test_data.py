@@ -113,16 +113,17 @@ def test_bad_magic_names_file(tmp_path):
 
 def test_list_data_files(tmp_path):
     (tmp_path / "sub").mkdir()
-    for name in ["b.jsonl", "a.json", "sub/c.jsonl", "notes.txt"]:
+    for name in ["b.jsonl", "a.json", "sub/c.jsonl", "notes.txt", "sub/d.parquet", ".hidden.parquet"]:
         (tmp_path / name).write_text("")
-    assert list_data_files(str(tmp_path)) == [str(tmp_path / n) for n in ["a.json", "b.jsonl", "sub/c.jsonl"]]
+    assert list_data_files(str(tmp_path)) == [str(tmp_path / n) for n in ["a.json", "b.jsonl", "sub/c.jsonl",
+                                                                          "sub/d.parquet"]]
     a, b = str(tmp_path / "a.json"), str(tmp_path / "b.jsonl")
     assert list_data_files(f"{b},{a}") == [b, a]
     assert list_data_files([a]) == [a]
     with pytest.raises(DataError, match="missing.jsonl"):
         list_data_files(str(tmp_path / "missing.jsonl"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match="no .json or .jsonl files"):
+    with pytest.raises(DataError, match=r"no \.json, \.jsonl or \.parquet files"):
         list_data_files(str(tmp_path / "empty"))
 
 

@@ -145,8 +145,8 @@ def test_directory_and_comma_list(tmp_path):
 
 
 def test_unknown_shape_names_file_and_record(tmp_path):
-    path = write_json(tmp_path / "odd.json", [{"prompt": "x", "completion": "y"}])
-    with pytest.raises(DataError, match=r"odd\.json:record 0: unknown record shape .*'completion', 'prompt'"):
+    path = write_json(tmp_path / "odd.json", [{"question": "x", "answer": "y"}])  # (prompt, completion): TRL's
+    with pytest.raises(DataError, match=r"odd\.json:record 0: unknown record shape .*'answer', 'question'"):
         load_conversations(path)
     path = write_jsonl(tmp_path / "odd.jsonl", ['"just a string"', {"instruction": "x", "output": "y"}])
     with pytest.raises(DataError, match=r"odd\.jsonl:1: unknown record shape \(a JSON str"):
