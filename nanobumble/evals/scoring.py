@@ -72,7 +72,7 @@ from nanobumble.evals.tasks import (
     exact_match_messages,
     exact_match_prompt,
 )
-from nanobumble.inference.generation import fit_to_context
+from nanobumble.inference.generation import Decoder, GenerationConfig, Sequence, fit_to_context
 from nanobumble.model.layers import IGNORE_INDEX
 
 # --- scoring rows and answers ---------------------------------------------------------------------
@@ -152,35 +152,31 @@ def all_ranks_agree(flag: bool, device: torch.device) -> bool:
 def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, device: torch.device, dtype: torch.dtype,
                     batch_size: int, vocab_size: int, finished: Callable[[list[int]], bool],
                     progress: Callable[[int], None] | None = None) -> list[list[int]]:
-    """Greedy continuations of each prompt, in batches. A batch is left-padded (with
-    an attention mask) into a fixed-width buffer that the new tokens fill in; every
-    step runs the whole buffer, so the shape, and on CUDA the compiled attention,
-    stay the same (later slots never influence earlier positions). A batch stops
-    when every row is finished(new_ids) on every rank, or after max_new_tokens."""
+    """Greedy continuations of each prompt, in batches (longest prompts first), on the
+    batched KV-cache Decoder (inference/generation.py): a batch's prompts go through the
+    model once, right-padded, then each step is one forward of one new token per row at
+    that row's own position. Every row of a batch takes the same steps, at most
+    max_new_tokens and the context left after the batch's longest prompt; a batch stops
+    when every row is finished(new_ids) on every rank (so all ranks run the same forwards)."""
     context_len = model.config.max_position_embeddings
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), i))
     outputs: list[list[int]] = [[] for _ in prompts]
+    decoder = None
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        prompt_len = len(prompts[batch[0]])
-        width = min(-(-(prompt_len + max_new_tokens) // 64) * 64, context_len)  # few distinct shapes
-        steps = min(max_new_tokens, width - prompt_len)
-        buffer = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, i in enumerate(batch):
-            buffer[row, prompt_len - len(prompts[i]):prompt_len] = torch.tensor(prompts[i])
-            mask[row, prompt_len - len(prompts[i]):] = 1
-        buffer, mask = buffer.to(device), mask.to(device)
-        new: list[list[int]] = [[] for _ in batch]
-        for step in range(steps):
-            with autocast(device, dtype):
-                logits = model(buffer, attention_mask=mask)[:, prompt_len + step - 1, :vocab_size]
-            buffer[:, prompt_len + step] = logits.float().argmax(-1)
-            new = buffer[:, prompt_len:prompt_len + step + 1].tolist()
-            if all_ranks_agree(all(finished(ids) for ids in new), device):
-                break
-        for row, i in enumerate(batch):
-            outputs[i] = new[row]
+        steps = min(max_new_tokens, context_len - len(prompts[batch[0]]))
+        if steps > 0:
+            if decoder is None:  # one cache for every batch, as long as the longest prompt needs
+                room = min(context_len, len(prompts[order[0]]) + max_new_tokens)
+                decoder = Decoder(model, batch_size, room, dtype=dtype)
+            cfg = GenerationConfig(max_new_tokens=steps, do_sample=False, repetition_penalty=1.0)
+            seqs = [Sequence(prompts[i], cfg, (), vocab_size, device=device) for i in batch]
+            decoder.add(seqs)
+            while not all_ranks_agree(all(finished(seq.tokens) for seq in seqs), device) and decoder.active:
+                decoder.step()
+            for row, i in enumerate(batch):
+                decoder.remove(seqs[row])  # finished early: its row frees for the next batch
+                outputs[i] = seqs[row].tokens
         if progress:
             progress(len(batch))
     return outputs
