@@ -331,15 +331,16 @@ class Engine:
     def score(self, ids: list[int], top: int) -> list[tuple[float, list[tuple[int, float]]]]:
         """For each token after the first: its log-probability given the tokens before it, and the `top`
         most likely tokens there with theirs. The model's own distribution (no temperature, penalty or
-        filter), in float64 from one forward pass over the whole sequence."""
+        filter) over its whole vocabulary, padding ids included, as nanobumble.evals.scoring normalizes it
+        (the alternatives are tokenizer ids only), in float64 from one forward pass over the sequence."""
         device = next(self.model.parameters()).device
-        logits = self.model(torch.tensor(ids[:-1], device=device)[None])[0, :, :self.tokenizer.vocab_size]
+        logits = self.model(torch.tensor(ids[:-1], device=device)[None])[0]
         scored = []
         for start in range(0, logits.shape[0], 64):  # float64 a few positions at a time: vocabularies are large
             logprobs = torch.log_softmax(logits[start:start + 64].double(), dim=-1).cpu()
             targets = torch.tensor(ids[start + 1:start + 1 + len(logprobs)])
             chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist()
-            values, indices = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], logprobs[:, :0].long())
+            values, indices = logprobs[:, :self.tokenizer.vocab_size].topk(top, dim=-1)
             scored += [(c, list(zip(i, v))) for c, i, v in zip(chosen, indices.tolist(), values.tolist())]
         return scored
 

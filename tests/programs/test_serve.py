@@ -17,6 +17,7 @@ import threading
 import time
 
 import openai
+import torch
 import pytest
 from chat_helpers import save_tiny_chat_model
 from conftest import REPO_ROOT
@@ -586,3 +587,147 @@ def test_a_chat_template_that_is_not_jinja_stops_the_server_before_it_starts(qwe
         serve.create_server(serve.ServeConfig(model_path=model, port=free_port(), device="cpu"))
     code, lines = run_main(monkeypatch, capsys, ["--model_path", model, "--port", str(free_port())])
     assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {model}/chat_template.jinja:1: "), lines
+
+
+# ---------------------------------------------------------------- health, key, model name, n, echo/logprobs
+
+def get(port: int, path: str, headers: dict | None = None) -> tuple[int, bytes]:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", path, headers=headers or {})
+    response = connection.getresponse()
+    status, data = response.status, response.read()
+    connection.close()
+    return status, data
+
+
+def test_health_answers_while_the_model_is_loaded(server):
+    status, data = get(server.port, "/health")
+    assert (status, json.loads(data)) == (200, {"status": "ok", "model": "bee-sft"})
+
+
+KEY = "sk-bees-7f3a"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(model_dir):
+    with running_server(model_dir, api_key=KEY, served_model_name="honey-1") as uvicorn_server:
+        yield uvicorn_server
+
+
+def test_an_api_key_guards_every_v1_request(keyed_server, reference):
+    port = keyed_server.port
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):
+        for path in ("/v1/models", "/v1/models/honey-1", "/v1/nowhere"):
+            status, data = get(port, path, headers)
+            check_error(status, json.loads(data), 401, code="invalid_api_key", message="API key")
+    wrong = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as error:
+        wrong.chat.completions.create(model="honey-1", messages=[user("hi")])
+    assert error.value.status_code == 401 and error.value.code == "invalid_api_key"
+    # /health and the page stay open (as vLLM leaves all but /v1 open); the page asks for the key
+    assert get(port, "/health")[0] == 200 and get(port, "/")[0] == 200
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0, timeout=60)
+    reply = client.chat.completions.create(model="honey-1", messages=[user("where do bees live?")], temperature=0)
+    assert reply.choices[0].message.content == reference.answer([user("where do bees live?")])[0]
+
+
+def test_served_model_name_is_the_only_model_id(keyed_server):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{keyed_server.port}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["honey-1"]
+    assert client.completions.create(model="honey-1", prompt="bees", max_tokens=1).model == "honey-1"
+    with pytest.raises(openai.NotFoundError):  # the directory name is no longer an id
+        client.completions.create(model="bee-sft", prompt="bees", max_tokens=1)
+    assert json.loads(get(keyed_server.port, "/health")[1])["model"] == "honey-1"
+
+
+def test_the_api_key_can_come_from_the_environment(model_dir, monkeypatch):
+    monkeypatch.setenv("NANOBUMBLE_API_KEY", KEY)
+    with running_server(model_dir) as env_server:
+        assert get(env_server.port, "/v1/models")[0] == 401
+        assert get(env_server.port, "/v1/models", {"Authorization": f"Bearer {KEY}"})[0] == 200
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_n_choices_each_seeded_with_seed_plus_index(client, reference, chat):
+    messages, prompt = [user("tell me about honey")], "bees live in"
+
+    def create(seed=7, **settings):
+        ask = dict(model="bee-sft", temperature=1.0, seed=seed, top_p=1.0, extra_body={"top_k": 0}, **settings)
+        if chat:
+            return client.chat.completions.create(messages=messages, **ask)
+        return client.completions.create(prompt=prompt, **ask)
+
+    def text(choice):
+        return choice.message.content if chat else choice.text
+
+    reply = create(n=4)
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    texts = [text(c) for c in reply.choices]
+    expected = [reference.answer(messages if chat else None, None if chat else prompt, do_sample=True,
+                                 temperature=1.0, top_k=0, top_p=1.0, seed=7 + i) for i in range(4)]
+    assert texts == [e[0] for e in expected] and len(set(texts)) > 1  # reproducible, and they differ
+    assert text(create(seed=9).choices[0]) == texts[2]  # choice 2 is seed 9's answer
+    assert reply.usage.completion_tokens == sum(len(e[2]) for e in expected)  # the prompt counts once:
+    assert reply.usage.prompt_tokens == len(expected[0][1])
+    # streamed: the same texts, each choice ending once
+    chunks = list(create(n=4, stream=True, stream_options={"include_usage": True}))
+    streamed, ends = [""] * 4, [0] * 4
+    for c in chunks:
+        for choice in c.choices:
+            streamed[choice.index] += (choice.delta.content or "") if chat else choice.text
+            ends[choice.index] += choice.finish_reason is not None
+    assert streamed == texts and ends == [1] * 4
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def scoring_reference(reference, ids: list[int]) -> list[float]:
+    """nanobumble's own scoring (nanobumble.evals.scoring) of every token of ids after the first."""
+    from nanobumble.evals.scoring import target_logprobs
+
+    return target_logprobs(reference.model, [(ids[:-1], ids[1:])], torch.device("cpu"), torch.float32, 1)[0].tolist()
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt(client, reference):
+    prompt = "bees live in a hive 蜜蜂"
+    reply = client.completions.create(model="bee-sft", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    choice, ids = reply.choices[0], reference.prompt(text=prompt)
+    layout = choice.logprobs
+    assert choice.text == prompt and "".join(layout.tokens) == prompt and len(layout.tokens) == len(ids)
+    assert layout.text_offset == [len("".join(layout.tokens[:i])) for i in range(len(ids))]
+    assert layout.token_logprobs[0] is None and layout.top_logprobs[0] is None
+    assert layout.token_logprobs[1:] == pytest.approx(scoring_reference(reference, ids), abs=1e-5)
+    for logprob, top in zip(layout.token_logprobs[1:], layout.top_logprobs[1:]):
+        assert 2 <= len(top) <= 3 and max(top.values()) >= logprob  # the 2 likeliest, and the chosen token
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), 0)
+    assert choice.finish_reason == "length"
+    # the prompt as token ids: the same scores
+    by_ids = client.completions.create(model="bee-sft", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+    assert by_ids.choices[0].logprobs.token_logprobs == pytest.approx(layout.token_logprobs, abs=1e-9)
+
+
+def test_logprobs_of_a_greedy_answer(client, reference):
+    prompt = "bees live in"
+    greedy = dict(model="bee-sft", prompt=prompt, temperature=0, extra_body={"repetition_penalty": 1.0}, max_tokens=5)
+    text, ids, new = reference.answer(text=prompt, repetition_penalty=1.0, max_new_tokens=5)
+    reply = client.completions.create(**greedy, logprobs=1)
+    layout = reply.choices[0].logprobs
+    assert reply.choices[0].text == text and "".join(layout.tokens) == text and len(layout.tokens) == len(new)
+    assert layout.token_logprobs == pytest.approx(scoring_reference(reference, ids + new)[len(ids) - 1:], abs=1e-5)
+    # greedy without a penalty: every chosen token is the likeliest
+    assert all(lp == pytest.approx(max(top.values()), abs=1e-9) for lp, top in zip(layout.token_logprobs,
+                                                                                   layout.top_logprobs))
+    echoed = client.completions.create(**greedy, logprobs=1, echo=True).choices[0]
+    assert echoed.text == prompt + text and len(echoed.logprobs.tokens) == len(ids) + len(new)
+    assert echoed.logprobs.token_logprobs[len(ids):] == pytest.approx(layout.token_logprobs, abs=1e-9)
+    streamed = client.completions.create(**greedy, echo=True, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == prompt + text
+
+
+@pytest.mark.parametrize("key, value", [("response_format", {"type": "text"}), ("min_p", 0), ("ignore_eos", False),
+                                        ("min_tokens", 0), ("stop_token_ids", []), ("logit_bias", {}),
+                                        ("user", "me"), ("response_format", None)])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_field_the_server_does_not_implement_is_refused_whatever_its_value(server, path, key, value):
+    body = {"model": "bee-sft", "max_tokens": 1, **({"messages": [user("hi")]} if "chat" in path else
+                                                    {"prompt": "bees"}), key: value}
+    check_error(*post(server, path, body), 400, key, "unsupported_parameter", f"'{key}'")
