@@ -18,7 +18,7 @@ from nanobumble.store.hf_export import DTYPES, GIB, write_hf_model
 
 @dataclass
 class ExportConfig:
-    model_path: str = ""  # a nanobumble model directory (config.json + model.safetensors + tokenizer.model)
+    model_path: str = ""  # a model directory, or a LoRA run's (its base is exported, the adapter into adapter/)
     save_path: str = ""  # the Hugging Face directory to write
     dtype: str = "fp32"  # fp32 (exact) | bf16 | fp16
     max_shard_size_gb: float = 5.0  # larger weights are split into shards of at most this many GiB

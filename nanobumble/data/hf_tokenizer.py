@@ -26,6 +26,23 @@ from nanobumble.base.reading import MB, cut, decode, parse_json, read_bytes
 # most each may hold: tokenizer.json is the whole vocabulary and merges (7 to 11 MB
 # for Qwen's 151k tokens), tokenizer_config.json lists the added tokens.
 FILES = {"tokenizer.json": 64 * MB, "tokenizer_config.json": 16 * MB, "chat_template.jinja": 1 * MB}
+# The Hugging Face model's own config.json travels with its tokenizer, stage after stage,
+# as hf_config.json (nanobumble's config.json has other keys): the export writes its
+# values back (eos/bos ids and the like), so a model comes out as it went in.
+HF_CONFIG = "hf_config.json"
+
+
+def hf_source_config(directory: str) -> bytes | None:
+    """The Hugging Face config.json a model came with: hf_config.json in a directory
+    nanobumble wrote, or config.json itself in a Hugging Face model directory."""
+    for name in (HF_CONFIG, "config.json"):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            data = read_bytes(path, 1 * MB, DataError)
+            config = parse_json(decode(data, path, DataError), path, DataError)
+            if isinstance(config, dict) and "model_type" in config:
+                return data
+    return None
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -57,6 +74,9 @@ class HFTokenizer:
                 texts[name] = decode(self.files[name], path, DataError)
         if "tokenizer.json" not in self.files:
             raise DataError(f"tokenizer model not found: {self.model_file}")
+        source_config = hf_source_config(directory)
+        if source_config is not None:
+            self.files[HF_CONFIG] = source_config
         config_file = os.path.join(directory, "tokenizer_config.json")
         config = parse_json(texts.get("tokenizer_config.json", "{}"), config_file, DataError)
         try:
@@ -66,7 +86,9 @@ class HFTokenizer:
         self.tk.encode_special_tokens = True  # text stays text: specials enter only as ids
         template = config.get("chat_template") if isinstance(config, dict) else None
         self.chat_template = texts.get("chat_template.jinja", template if isinstance(template, str) else None)
-        self.checksum = hashlib.sha256(b"".join(self.files[name] for name in sorted(self.files))).hexdigest()
+        # the ids' identity (token caches and shards compare it): the tokenizer's files, not the model's config
+        self.checksum = hashlib.sha256(b"".join(self.files[name] for name in sorted(self.files)
+                                                if name != HF_CONFIG)).hexdigest()
         self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
         ids = {name: self.tk.token_to_id(name) for name in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
         missing = [name for name, token_id in ids.items() if token_id is None]

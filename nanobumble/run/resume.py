@@ -24,7 +24,7 @@ from nanobumble.store.run_files import read_training_args
 # --overwrite_output_dir may later remove them, and a stranger of the same name
 # (a file nanobumble did not write) stops the run instead of being replaced.
 RUN_FILES = (*MODEL_FILES, "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-             "training_args.yaml", COMPLETE, "metrics.jsonl", "plots")
+             "hf_config.json", "training_args.yaml", COMPLETE, "metrics.jsonl", "plots")
 
 
 def resolve_resume(cfg, world_size: int) -> str | None:

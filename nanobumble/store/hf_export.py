@@ -6,7 +6,8 @@
 The model already has Qwen2's shape and parameter names, so the export is a
 renaming plus the files transformers expects:
 
-    config.json              Qwen2Config keys (model_type "qwen2")
+    config.json              Qwen2Config keys (model_type "qwen2"); a model that came from
+                             Hugging Face gets its own config.json back (eos/bos ids and all)
     model.safetensors        model.embed_tokens.weight, model.layers.N...,
                              model.norm.weight, lm_head.weight (when not tied); above
                              max_shard_size instead model-00001-of-0000N.safetensors ...
@@ -15,24 +16,29 @@ renaming plus the files transformers expects:
     tokenizer.json           the sentencepiece BPE as a `tokenizers` BPE (the same ids)
     tokenizer_config.json    special tokens, no BOS/EOS added, the ChatML chat template
                              with the system prompt the model was trained with
+    tokenization_nanobumble.py  what keeps AutoTokenizer on tokenizer.json (below)
     tokenizer.model          the sentencepiece model, unchanged
+    training_args.yaml       the model's, so chat.py and serve open the export in chat mode
     README.md                a short model card: training stages, data, final metrics
+    adapter/                 for a LoRA run only: the adapter, for PEFT (write_hf_model)
 
 Then, with transformers installed:
 
-    model = Qwen2ForCausalLM.from_pretrained(save_path)
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(save_path)
+    model = AutoModelForCausalLM.from_pretrained(save_path)
+    tokenizer = AutoTokenizer.from_pretrained(save_path)
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-Use PreTrainedTokenizerFast, not AutoTokenizer: for model_type "qwen2",
-transformers 5 replaces the declared tokenizer class with Qwen's byte-level
-tokenizer, which misreads this vocabulary. The ids equal nanobumble's, except
-that transformers turns a literal "<|im_end|>" (etc.) inside text into the
-special token, where nanobumble's encode never does, and a literal U+2581 is
-read as a space.
+For model_type "qwen2", transformers 5 builds Qwen's byte-level tokenizer around
+whatever vocabulary it finds, which misreads this one. tokenizer_config.json's
+auto_map keeps AutoTokenizer (and so pipeline, lm-eval, vLLM) on tokenizer.json as
+written, with or without trust_remote_code (see hf_tokenizer_config). The ids equal
+nanobumble's, except that transformers turns a literal "<|im_end|>" (etc.) inside
+text into the special token, where nanobumble's encode never does, and a literal
+U+2581 is read as a space. A model imported from Hugging Face keeps its own
+tokenizer files, which transformers reads as it did before.
 
 A model without q/k/v biases (qkv_bias: false) is exported with zero biases,
-since Qwen2 always has them. A LoRA run must be merged into a full model first.
+since Qwen2 always has them.
 
 The chat template inserts the system prompt from the model's training_args.yaml
 (none for `system_prompt: ""`; the default for a pretrained model, which has no
@@ -46,17 +52,20 @@ import os
 import sys
 
 import torch
-from safetensors.torch import save_file
 
 from nanobumble.base.errors import UserError
 from nanobumble.base.files import atomic_write_bytes, atomic_write_text
 from nanobumble.base.output_guard import publish_directory
+from nanobumble.base.reading import read_json
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT
+from nanobumble.data.hf_tokenizer import HF_CONFIG
 from nanobumble.data.tokenizer import SPACE_PIECE, SPECIAL_TOKENS, UNK_ID, Tokenizer, load_tokenizer
 from nanobumble.model.transformer import ModelConfig
+from nanobumble.store.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_config
 from nanobumble.store.model_card import model_card
 from nanobumble.store.model_dir import check_model_dir, load_model_dir, model_state_dict
 from nanobumble.store.run_files import read_training_args
+from nanobumble.store.tensor_files import write_gathered
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -67,37 +76,49 @@ SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"  # transformers' names, number
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype, tokenizer) -> dict:
-    return {
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
+    """config.json. A model that came from Hugging Face gets its own config.json back
+    (hf_config.json, carried with its tokenizer), with only the shape and dtype written
+    over; one trained here gets Qwen2's keys with its tokenizer's special ids."""
+    shape = {
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
-        "hidden_act": "silu",
         "max_position_embeddings": cfg.max_position_embeddings,
         "rope_theta": cfg.rope_theta,  # older transformers read this key ...
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # ... newer ones this
         "rms_norm_eps": cfg.rms_norm_eps,
         "tie_word_embeddings": cfg.tie_word_embeddings,
+        "dtype": HF_DTYPE_NAMES[dtype],
+    }
+    if HF_CONFIG in tokenizer.files:
+        config = json.loads(tokenizer.files[HF_CONFIG])
+        config.pop("torch_dtype", None)  # transformers' old name for dtype
+        if "rope_theta" not in config:  # keep the source's own way of writing it
+            del shape["rope_theta"]
+        return {**config, **shape}
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        **shape,
+        "hidden_act": "silu",
         "use_sliding_window": False,
         "sliding_window": None,
         "max_window_layers": cfg.num_layers,
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
         "use_cache": True,
-        "bos_token_id": tokenizer.eot_id,
+        "bos_token_id": None,  # nothing is put before a text
         "eos_token_id": tokenizer.eot_id,
         "pad_token_id": tokenizer.eot_id,
-        "torch_dtype": HF_DTYPE_NAMES[dtype],
     }
 
 
 def hf_generation_config(tokenizer, gen) -> dict:
     """generation_config.json: the stop tokens, and the sampling defaults of gen (a GenerationConfig)."""
-    return {"bos_token_id": tokenizer.eot_id, "eos_token_id": [tokenizer.im_end_id, tokenizer.eot_id],
+    return {"eos_token_id": [tokenizer.im_end_id, tokenizer.eot_id],
             "pad_token_id": tokenizer.eot_id,
             "do_sample": gen.do_sample, "temperature": gen.temperature, "top_k": gen.top_k, "top_p": gen.top_p,
             "repetition_penalty": gen.repetition_penalty}
@@ -182,6 +203,11 @@ def hf_tokenizer_config(system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> dict:
              for piece, token_id in [("<unk>", UNK_ID), *SPECIAL_TOKENS.items()]}
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
+        # transformers 5 gives every model_type "qwen2" Qwen's byte-level tokenizer, which
+        # rebuilds the pipeline around this vocabulary and gets other ids. An auto_map makes
+        # AutoTokenizer keep tokenizer.json as written: without trust_remote_code it falls
+        # back to tokenizer_class above; with it, it loads TOKENIZER_MODULE (a bare subclass).
+        "auto_map": {"AutoTokenizer": [None, "tokenization_nanobumble.NanobumbleTokenizer"]},
         "add_bos_token": False,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
@@ -193,6 +219,17 @@ def hf_tokenizer_config(system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> dict:
         "model_max_length": None,
         "chat_template": chat_template(system_prompt),
     }
+
+
+TOKENIZER_MODULE = '''"""AutoTokenizer with trust_remote_code=True loads this class (tokenizer_config.json's
+auto_map): tokenizer.json exactly as written, a sentencepiece-style BPE, not Qwen's
+byte-level pipeline that transformers would otherwise build for model_type qwen2."""
+from transformers import PreTrainedTokenizerFast
+
+
+class NanobumbleTokenizer(PreTrainedTokenizerFast):
+    pass
+'''
 
 
 def write_json(path: str, data: dict) -> None:
@@ -223,12 +260,26 @@ def write_weights(save_path: str, state: dict[str, torch.Tensor], max_bytes: int
     names = [WEIGHTS_NAME] if len(shards) == 1 else \
         [SHARD_NAME.format(i, len(shards)) for i in range(1, len(shards) + 1)]
     for name, shard in zip(names, shards):
-        save_file(shard, os.path.join(save_path, name), metadata={"format": "pt"})
+        write_gathered(os.path.join(save_path, name), list(shard.items()), writer=True)
     if len(names) > 1:  # transformers' index format
         total = sum(t.numel() * t.element_size() for t in state.values())
         weight_map = {tensor: name for name, shard in zip(names, shards) for tensor in shard}
         write_json(os.path.join(save_path, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
     return names
+
+
+def is_adapter_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and \
+        not os.path.isfile(os.path.join(path, WEIGHTS_NAME))
+
+
+def write_peft_adapter(adapter_path: str, out_dir: str, base_path: str) -> None:
+    """The adapter as PEFT reads it (its tensors already carry PEFT's names), pointing at base_path."""
+    config = read_json(os.path.join(adapter_path, ADAPTER_CONFIG))
+    os.makedirs(out_dir)
+    with open(os.path.join(adapter_path, ADAPTER_WEIGHTS), "rb") as f:
+        atomic_write_bytes(os.path.join(out_dir, ADAPTER_WEIGHTS), f.read())
+    write_json(os.path.join(out_dir, ADAPTER_CONFIG), {**config, "base_model_name_or_path": base_path})
 
 
 def trained_system_prompt(args: dict) -> str:
@@ -241,13 +292,20 @@ def trained_system_prompt(args: dict) -> str:
 
 def write_hf_model(model_path: str, save_path: str, sampling, dtype: torch.dtype = torch.float32,
                    overwrite: bool = False, max_shard_size: int = 5 * GIB) -> None:
-    """Export model_path to save_path; sampling (a GenerationConfig) gives generation_config.json's defaults."""
-    check_model_dir(model_path, "model_path")
+    """Export model_path to save_path; sampling (a GenerationConfig) gives generation_config.json's defaults.
+
+    A LoRA run's directory exports as its base model at save_path plus the adapter in
+    save_path/adapter, whose base_model_name_or_path is save_path (absolute): PEFT's
+    AutoPeftModelForCausalLM.from_pretrained(save_path/adapter) loads both."""
+    weights_path = model_path  # where the full weights are: a LoRA run's base model
+    if is_adapter_dir(model_path):
+        weights_path = read_adapter_config(model_path)["base_model_name_or_path"]
+    check_model_dir(weights_path, "model_path" if weights_path == model_path else f"{model_path}'s base model")
     args = read_training_args(model_path)
     system_prompt = trained_system_prompt(args)
     # the export appears whole or not at all, never in place of its input (base/output_guard.py)
     with publish_directory(save_path, {"model_path": model_path}, overwrite, "save_path") as tmp:
-        model, cfg = load_model_dir(model_path)
+        model, cfg = load_model_dir(weights_path)
         state = hf_state_dict(model_state_dict(model), cfg, dtype)
         bad = [name for name, tensor in state.items() if not torch.isfinite(tensor).all()]
         if bad:
@@ -261,10 +319,20 @@ def write_hf_model(model_path: str, save_path: str, sampling, dtype: torch.dtype
         if "tokenizer.model" in tokenizer.files:
             write_json(os.path.join(tmp, "tokenizer.json"), hf_tokenizer_json(tokenizer))
             write_json(os.path.join(tmp, "tokenizer_config.json"), hf_tokenizer_config(system_prompt))
+            atomic_write_text(os.path.join(tmp, "tokenization_nanobumble.py"), TOKENIZER_MODULE)
         # A model imported from Hugging Face keeps its own tokenizer files, chat template included
         # (it was trained with that template); nanobumble's keeps its sentencepiece model beside.
         for name, data in tokenizer.files.items():
-            atomic_write_bytes(os.path.join(tmp, name), data)
+            if name != HF_CONFIG:  # its values are in config.json
+                atomic_write_bytes(os.path.join(tmp, name), data)
+        # the stage and the system prompt the model was trained with: chat.py and serve
+        # open the export in chat mode as they open the model, and an export of the export
+        # keeps its template
+        if os.path.isfile(os.path.join(model_path, "training_args.yaml")):
+            with open(os.path.join(model_path, "training_args.yaml"), "rb") as f:
+                atomic_write_bytes(os.path.join(tmp, "training_args.yaml"), f.read())
+        if weights_path != model_path:
+            write_peft_adapter(model_path, os.path.join(tmp, "adapter"), os.path.abspath(save_path))
         atomic_write_text(os.path.join(tmp, "README.md"),
                           model_card(model_path, args, cfg, model.num_parameters(), HF_DTYPE_NAMES[dtype],
                                      system_prompt))

@@ -73,18 +73,38 @@ def test_exported_tokenizer_gives_nanobumble_ids_and_chat_layout(tmp_path, token
         gen = json.load(f)
     assert (gen["temperature"], gen["top_p"], gen["top_k"], gen["repetition_penalty"]) == (0.7, 0.8, 20, 1.1)
     assert gen["eos_token_id"] == [3, 1]
-    # AutoTokenizer would pick transformers' byte-level Qwen2 tokenizer for model_type qwen2 (v5);
-    # the exported tokenizer.json is a sentencepiece-style BPE, loaded as a plain fast tokenizer.
-    hf_tok = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir)
     ours = Tokenizer(tokenizer_file)
-    for text in ["The bees fly to the hive.", "  two  spaces\n\nand lines 1234", "蜜蜂酿蜜。", "unseen 🐝 字"]:
-        ids = hf_tok.encode(text, add_special_tokens=False)
-        assert ids == ours.encode(text), text
-        assert hf_tok.decode(ids) == text
-    messages = [{"role": "user", "content": "Where do bees live?"}, {"role": "assistant", "content": "In a hive."},
-                {"role": "user", "content": "蜜蜂?"}]
-    theirs = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    assert list(theirs["input_ids"]) == render(messages, ours, add_generation_prompt=True)[0]
+    # AutoTokenizer is what pipeline, lm-eval and vLLM call; for model_type qwen2 transformers 5
+    # would build Qwen's byte-level tokenizer around this vocabulary unless the export says otherwise
+    for trust_remote_code in (False, True):
+        hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=trust_remote_code)
+        for text in ["The bees fly to the hive.", "  two  spaces\n\nand lines 1234", "蜜蜂酿蜜。", "unseen 🐝 字"]:
+            ids = hf_tok.encode(text, add_special_tokens=False)
+            assert ids == ours.encode(text), (trust_remote_code, text)
+            assert hf_tok.decode(ids) == text
+        assert [hf_tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == \
+            [ours.eot_id, ours.im_start_id, ours.im_end_id]
+        assert hf_tok.eos_token == "<|im_end|>" and hf_tok.pad_token == "<|endoftext|>"
+        messages = [{"role": "user", "content": "Where do bees live?"},
+                    {"role": "assistant", "content": "In a hive."}, {"role": "user", "content": "蜜蜂?"}]
+        theirs = hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert list(theirs["input_ids"]) == render(messages, ours, add_generation_prompt=True)[0]
+
+
+def test_the_export_is_readable_by_all_keeps_its_stage_and_uses_current_key_names(tmp_path, tokenizer_file):
+    from nanobumble.inference.loading import resolve_mode
+
+    old = os.umask(0o022)
+    try:
+        _, hf_dir = export_model(tmp_path, tokenizer_file, tie=True, qkv_bias=True)
+    finally:
+        os.umask(old)
+    modes = {name: oct(os.stat(os.path.join(hf_dir, name)).st_mode & 0o777) for name in os.listdir(hf_dir)}
+    assert set(modes.values()) == {"0o644"}, modes  # safetensors' save_file wrote 0600
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        config = json.load(f)
+    assert "torch_dtype" not in config and config["dtype"] == "float32"  # transformers' current name
+    assert resolve_mode("auto", hf_dir, "")[0] == "chat"  # the model was saved with stage: sft
 
 
 # --- the system prompt the model was trained with -----------------------------------------------------
@@ -106,8 +126,6 @@ def test_exported_chat_template_uses_the_trained_system_prompt(tmp_path, tokeniz
 
     ours = Tokenizer(tokenizer_file)
     fast = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path / "hf"))
-    # AutoTokenizer swaps in Qwen's byte-level tokenizer for model_type qwen2 (see export_hf's
-    # docstring), so its ids differ; its chat template, and so its text, must not.
     auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     conversations = [
         [{"role": "user", "content": "Where do bees live?"}, {"role": "assistant", "content": "In a hive."}],
@@ -117,6 +135,9 @@ def test_exported_chat_template_uses_the_trained_system_prompt(tmp_path, tokeniz
         for add_generation_prompt in (False, True):
             want, _ = render(messages, ours, system_prompt=expected, add_generation_prompt=add_generation_prompt)
             ids = fast.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                           return_dict=True)["input_ids"]
+            assert list(ids) == want, (messages, add_generation_prompt)
+            ids = auto.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True,
                                            return_dict=True)["input_ids"]
             assert list(ids) == want, (messages, add_generation_prompt)
             text = auto.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)

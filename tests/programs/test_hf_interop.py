@@ -63,6 +63,34 @@ def test_a_nanobumble_adapter_loads_in_peft_with_the_same_logits(exported, tmp_p
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
 
 
+def test_an_exported_lora_run_loads_with_auto_peft_model_with_the_same_logits(exported, tmp_path):
+    """export_hf on a LoRA run's directory: the base model at save_path, the adapter in
+    save_path/adapter naming it, so AutoPeftModelForCausalLM finds both from the adapter alone."""
+    peft = pytest.importorskip("peft")
+    model, cfg = load_model_dir(str(exported / "model"))
+    inject_lora(model, rank=4, alpha=8.0, dropout=0.0, target_modules="q_proj,o_proj,up_proj", use_rslora=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    run = tmp_path / "lora_run"  # what train_sft.py --finetuning_type lora writes
+    save_model_dir(str(run), model, str(exported / "tokenizer.model"), "stage: sft\n",
+                   adapter_config_for(model, str(exported / "model")))
+    export_hf(str(run), str(tmp_path / "hf"))
+
+    adapted = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "hf" / "adapter"),
+                                                            torch_dtype=torch.float32).eval()
+    x = ids(cfg.vocab_size)
+    with torch.no_grad():
+        ours, theirs = model.eval()(x), adapted(x).logits
+        with adapted.disable_adapter():
+            plain = adapted(x).logits
+    assert (ours - plain).abs().max() > 1e-2
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert tokenizer.encode(TEXT, add_special_tokens=False) == Tokenizer(str(exported / "tokenizer.model")).encode(TEXT)
+
+
 def peft_adapter(exported, path, **options):
     peft = pytest.importorskip("peft")
     base = transformers.AutoModelForCausalLM.from_pretrained(str(exported / "hf"), torch_dtype=torch.float32)

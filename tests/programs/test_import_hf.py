@@ -5,6 +5,7 @@ LoRA and full DPO, merge, chat, export)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -203,6 +204,28 @@ def test_every_stage_runs_on_a_qwen2_model(qwen, tmp_path):
     reference = exported.apply_chat_template(CONVERSATIONS[1], tokenize=True)
     reference = list(reference["input_ids"] if hasattr(reference, "keys") else reference)
     assert reference == render(CONVERSATIONS[1], load_tokenizer(base))[0]
+
+
+def test_a_qwen2_models_config_comes_back_from_export_unchanged(qwen, tmp_path):
+    """Its eos/bos ids and every other key, directly and after a stage of training
+    (hf_config.json travels with the tokenizer); only the deprecated torch_dtype is renamed."""
+    source = tmp_path / "source"
+    shutil.copytree(qwen / "untied", source)
+    with open(source / "config.json") as f:
+        config = json.load(f)
+    config.update(eos_token_id=2, bos_token_id=None, pad_token_id=0, torch_dtype=config.pop("dtype"),
+                  max_window_layers=21)  # as older transformers wrote it
+    (source / "config.json").write_text(json.dumps(config))
+    train_sft.main(COMMON + ["--model_name_or_path", str(source), "--dataset_path", str(qwen / "sft.jsonl"),
+                             "--output_dir", str(tmp_path / "sft"), "--max_steps", "1"])
+    for model in (source, tmp_path / "sft"):
+        export_hf(str(model), str(tmp_path / "export" / model.name))
+        with open(tmp_path / "export" / model.name / "config.json") as f:
+            exported = json.load(f)
+        expected = {**config, "dtype": config["torch_dtype"]}
+        del expected["torch_dtype"]
+        assert exported == expected, model
+        assert transformers.AutoConfig.from_pretrained(str(tmp_path / "export" / model.name)).eos_token_id == 2
 
 
 @pytest.mark.slow
