@@ -8,15 +8,17 @@ JSON Lines or Parquet: records.iter_file_records):
                       "rejected": [...]}            (TRL's preference format, standard and conversational)
     implicit prompt  {"chosen": [whole conversation], "rejected": [whole conversation]}: the prompt is what
                      the two share, everything before their last (assistant) messages, which are the answers
-                     (TRL's conversational implicit-prompt preference, as UltraFeedback)
+                     (TRL's conversational implicit-prompt preference). Taken, as TRL does, whenever chosen or
+                     rejected is a list of messages and "prompt" is not: UltraFeedback's rows also hold a string
+                     "prompt" and "messages", which are not read.
     ShareGPT         {"conversations": [... ending with a "human" turn], "chosen": {"from": "gpt", "value": ...},
                       "rejected": {...}}
     Alpaca           {"instruction", "input"?, "system"?, "history"?, "chosen": str, "rejected": str}
     messages         {"messages": [... ending with a "user" turn], "chosen": ..., "rejected": ...}
 
-Wherever a chosen / rejected answer is not a whole conversation it may be a
-string, one assistant message ({"from": "gpt", "value"} or {"role":
-"assistant", "content"}) or a list of one such message. Every shape becomes
+A chosen / rejected answer that is not a whole conversation may be a string
+or one assistant message ({"from": "gpt", "value"} or {"role": "assistant",
+"content"}); with "prompt", also a list of one such message. Every shape becomes
 the same pair: {"prompt": messages ending with a user turn, "chosen": str,
 "rejected": str}. TRL's standard implicit prompt (two plain strings, no
 "prompt") is not read: with no turns there is no prompt to render.
@@ -53,13 +55,13 @@ from nanobumble.model.layers import IGNORE_INDEX
 # Loading
 
 
-def _response(record: dict, key: str, where: str) -> str:
-    """chosen / rejected: a string, or one assistant message in ShareGPT or role/content form
-    (alone, or as a list of one message: TRL's conversational preference format)."""
+def _response(record: dict, key: str, where: str, listed: bool = False) -> str:
+    """chosen / rejected: a string, or one assistant message in ShareGPT or role/content form;
+    listed: or a list of one such message (TRL's conversational preference format)."""
     if key not in record:
         raise DataError(f'{where}: missing "{key}"')
     value = record[key]
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
+    if listed and isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict):
         value = value[0]
     if isinstance(value, str):
         return value
@@ -69,15 +71,16 @@ def _response(record: dict, key: str, where: str) -> str:
         if value.get("role") == "assistant" and isinstance(value.get("content"), str):
             return value["content"]
     raise DataError(f'{where}: "{key}" must be a string or an assistant message '
-                    '({"from": "gpt", "value": ...} or {"role": "assistant", "content": ...}, or a list of one)')
+                    '({"from": "gpt", "value": ...} or {"role": "assistant", "content": ...})'
+                    + (", or a list of one" if listed else ""))
 
 
-def _pair(prompt: list[dict], record: dict, where: str) -> dict:
+def _pair(prompt: list[dict], record: dict, where: str, listed: bool = False) -> dict:
     validate_messages(prompt, where)
     if prompt[-1]["role"] != "user":
         raise DataError(f"{where}: the prompt must end with a user turn")
-    return {"prompt": prompt, "chosen": _response(record, "chosen", where),
-            "rejected": _response(record, "rejected", where), "where": where}
+    return {"prompt": prompt, "chosen": _response(record, "chosen", where, listed),
+            "rejected": _response(record, "rejected", where, listed), "where": where}
 
 
 def _sharegpt(record: dict, where: str) -> dict:
@@ -98,10 +101,10 @@ def _explicit_prompt(record: dict, where: str) -> dict:
         raise DataError(f'{where}: missing "prompt"')
     prompt = record["prompt"]
     if isinstance(prompt, str):
-        return _pair([{"role": "user", "content": prompt}], record, where)
+        return _pair([{"role": "user", "content": prompt}], record, where, listed=True)
     if not isinstance(prompt, list):
         raise DataError(f'{where}: "prompt" must be a string or a list of messages, got {type(prompt).__name__}')
-    return _pair(plain_messages(prompt, f'{where}: "prompt"'), record, where)
+    return _pair(plain_messages(prompt, f'{where}: "prompt"'), record, where, listed=True)
 
 
 def _implicit_prompt(record: dict, where: str) -> dict:
@@ -131,16 +134,24 @@ PREFERENCE_SHAPES = ("chosen and rejected with prompt (TRL), conversations (Shar
                      "messages, or chosen and rejected as whole conversations (TRL's implicit prompt)")
 
 
+def _is_conversation(value: object) -> bool:
+    """A list of messages, as TRL tells one (trl.data_utils.is_conversational): its first item has a role."""
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and "role" in value[0]
+
+
 def _detect_pair_format(record: object, where: str) -> Callable:
     # "chosen" or "rejected" marks preference data; a record missing the other one
     # is then skipped as a bad record (by _response), not taken for an unknown shape.
     shape = None
     if isinstance(record, dict) and ("chosen" in record or "rejected" in record):
-        shape = conversation_shape(record)
-        if shape is None and "prompt" in record:
-            shape = "explicit_prompt"
-        elif shape is None and (isinstance(record.get("chosen"), list) or isinstance(record.get("rejected"), list)):
-            shape = "implicit_prompt"  # TRL's standard implicit prompt (two strings) stays an unknown shape
+        # As TRL (maybe_extract_prompt): answers that are conversations beside no prompt, or beside a prompt that
+        # is not one, hold the prompt themselves. UltraFeedback's rows also carry a string "prompt" and "messages".
+        if any(_is_conversation(record.get(key)) for key in ("chosen", "rejected")) \
+                and not isinstance(record.get("prompt"), list):
+            shape = "implicit_prompt"
+        else:
+            shape = conversation_shape(record) or ("explicit_prompt" if "prompt" in record else None)
+    # TRL's standard implicit prompt (two strings, no "prompt") stays an unknown shape.
     if shape is None:
         raise DataError(f"{where}: unknown preference record shape ({describe_keys(record)}); expected "
                         f"{PREFERENCE_SHAPES}")

@@ -124,15 +124,37 @@ OPENAI = [
 ]
 
 
+PROMPT_COMPLETION = [  # TRL's prompt-completion, standard and conversational
+    {"prompt": "Reverse the word: garden.", "completion": "nedrag."},
+    {"prompt": [system("Be brief."), user("Hi")], "completion": [assistant("Hello!")]},
+]
+PROMPT_COMPLETION_MESSAGES = [
+    [user("Reverse the word: garden."), assistant("nedrag.")],
+    [system("Be brief."), user("Hi"), assistant("Hello!")],
+]
+
+
+def write_parquet(path, records) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    keys = list(dict.fromkeys(key for record in records for key in record))  # every record's, null where absent
+    pq.write_table(pa.Table.from_pydict({key: [record.get(key) for record in records] for key in keys}), str(path))
+    return str(path)
+
+
 @pytest.mark.parametrize("records, expected", [(ALPACA, ALPACA_MESSAGES), (SHAREGPT, SHAREGPT_MESSAGES),
-                                               (OPENAI, [r["messages"] for r in OPENAI])],
-                         ids=["alpaca", "sharegpt", "messages"])
-@pytest.mark.parametrize("writer", [write_json, write_jsonl], ids=["json", "jsonl"])
+                                               (OPENAI, [r["messages"] for r in OPENAI]),
+                                               (PROMPT_COMPLETION[:1], PROMPT_COMPLETION_MESSAGES[:1]),
+                                               (PROMPT_COMPLETION[1:], PROMPT_COMPLETION_MESSAGES[1:])],
+                         ids=["alpaca", "sharegpt", "messages", "prompt-completion", "conversational-pc"])
+@pytest.mark.parametrize("writer", [write_json, write_jsonl, write_parquet], ids=["json", "jsonl", "parquet"])
 def test_formats_load(tmp_path, records, expected, writer):
-    path = writer(tmp_path / ("data.json" if writer is write_json else "data.jsonl"), records)
+    suffix = {write_json: ".json", write_jsonl: ".jsonl", write_parquet: ".parquet"}[writer]
+    path = writer(tmp_path / f"data{suffix}", records)
     conversations = load_conversations(path)
     assert [c["messages"] for c in conversations] == expected
-    first_where = f"{path}:record 0" if writer is write_json else f"{path}:1"
+    first_where = {write_json: f"{path}:record 0", write_jsonl: f"{path}:1", write_parquet: f"{path}:row 1"}[writer]
     assert conversations[0]["where"] == first_where
 
 

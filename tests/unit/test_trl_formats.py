@@ -44,7 +44,10 @@ def write_jsonl(path, records) -> str:
 
 
 def write_parquet(path, records, row_group_size=None) -> str:
-    pq.write_table(pa.Table.from_pylist(records), str(path), row_group_size=row_group_size)
+    """One column per key of any record (from_pylist would keep only the first record's keys), null where absent."""
+    keys = list(dict.fromkeys(key for record in records for key in record))
+    table = pa.Table.from_pydict({key: [record.get(key) for record in records] for key in keys})
+    pq.write_table(table, str(path), row_group_size=row_group_size)
     return str(path)
 
 
@@ -196,6 +199,10 @@ IMPLICIT = [  # UltraFeedback's layout: both answers as whole conversations
                   assistant("Eight.")], "score_chosen": 8.0, "score_rejected": 2.0},
 ]
 
+ULTRAFEEDBACK = [  # HuggingFaceH4/ultrafeedback_binarized's columns: "prompt" and "messages" beside the two
+    {"prompt": r["chosen"][-2]["content"], "prompt_id": str(i), "chosen": r["chosen"], "rejected": r["rejected"],
+     "messages": r["chosen"], "score_chosen": 8.0, "score_rejected": 2.0} for i, r in enumerate(IMPLICIT)]
+
 
 def same_pairs(a: str, b: str, tok) -> None:
     """a and b give the same pairs, the same token ids and the same DPO batch (ids and labels)."""
@@ -213,8 +220,10 @@ def same_pairs(a: str, b: str, tok) -> None:
 
 @pytest.mark.parametrize("trl_records, old_records", [(EXPLICIT, EXPLICIT_AS_MESSAGES),
                                                       (CONVERSATIONAL_EXPLICIT, CONVERSATIONAL_EXPLICIT_AS_MESSAGES),
-                                                      (IMPLICIT, CONVERSATIONAL_EXPLICIT_AS_MESSAGES)],
-                         ids=["explicit-standard", "explicit-conversational", "implicit-conversational"])
+                                                      (IMPLICIT, CONVERSATIONAL_EXPLICIT_AS_MESSAGES),
+                                                      (ULTRAFEEDBACK, CONVERSATIONAL_EXPLICIT_AS_MESSAGES)],
+                         ids=["explicit-standard", "explicit-conversational", "implicit-conversational",
+                              "ultrafeedback"])
 def test_preference_formats_give_the_same_pairs(tmp_path, tok, trl_records, old_records):
     """Fails before TRL's formats: each was an unknown preference record shape."""
     same_pairs(write_jsonl(tmp_path / "trl.jsonl", trl_records), write_jsonl(tmp_path / "old.jsonl", old_records), tok)
@@ -299,7 +308,7 @@ def test_parquet_sft_gives_what_jsonl_gives(tmp_path, tok):
 
 def test_parquet_dpo_gives_what_jsonl_gives(tmp_path, tok):
     for name, records in (("explicit", EXPLICIT), ("conv", CONVERSATIONAL_EXPLICIT), ("implicit", IMPLICIT),
-                          ("messages", EXPLICIT_AS_MESSAGES)):
+                          ("ultrafeedback", ULTRAFEEDBACK), ("messages", EXPLICIT_AS_MESSAGES)):
         same_pairs(write_parquet(tmp_path / f"{name}.parquet", records),
                    write_jsonl(tmp_path / f"{name}.jsonl", records), tok)
 
@@ -375,7 +384,7 @@ def test_without_pyarrow_parquet_is_one_line(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_trl_agrees_on_the_formats(tmp_path):
-    from trl.data_utils import extract_prompt, is_conversational
+    from trl.data_utils import extract_prompt, is_conversational, maybe_extract_prompt
 
     for records, conversational in ((PROMPT_COMPLETION, False), (CONVERSATIONAL_PROMPT_COMPLETION, True),
                                     (EXPLICIT, False), (CONVERSATIONAL_EXPLICIT, True), (IMPLICIT, True)):
@@ -387,3 +396,12 @@ def test_trl_agrees_on_the_formats(tmp_path):
         assert extracted["prompt"] == pair["prompt"]
         assert extracted["chosen"] == [assistant(pair["chosen"])]
         assert extracted["rejected"] == [assistant(pair["rejected"])]
+    # A string "prompt" beside whole conversations (UltraFeedback) is ignored by TRL, and here.
+    pairs = load_preference_pairs(write_jsonl(tmp_path / "uf.jsonl", ULTRAFEEDBACK), quiet=True)
+    for record, pair in zip(ULTRAFEEDBACK, pairs):
+        extracted = maybe_extract_prompt(record)
+        assert (extracted["prompt"], extracted["chosen"], extracted["rejected"]) == \
+            (pair["prompt"], [assistant(pair["chosen"])], [assistant(pair["rejected"])])
+    # And where the prompt is conversational too, TRL reads it as given (the explicit prompt).
+    for record in CONVERSATIONAL_EXPLICIT:
+        assert maybe_extract_prompt(record) == record
