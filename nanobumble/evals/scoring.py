@@ -41,6 +41,11 @@ multiple-choice and continuation questions; writes the same, with each
 question's log-likelihoods or output, as JSON to --output (default:
 eval_results.json in the adapter's directory, else the model's).
 
+Standard errors, as lm-evaluation-harness computes them for a mean: the sample
+standard deviation of the per-item values (n - 1 in the denominator) divided by
+sqrt(n); "N/A" for a single item, and for bits per byte, a ratio of sums rather
+than a mean of items (lm-evaluation-harness writes "N/A" for its bits_per_byte too).
+
 In training, evaluate_tasks() gives the same numbers as "eval/<task>/<metric>".
 """
 
@@ -100,6 +105,19 @@ def scoring_row(context_ids: list[int], continuation_ids: list[int], max_len: in
     sequence = (context_ids + continuation_ids)[-(max_len + 1):]
     targets = [IGNORE_INDEX] * (len(sequence) - 1 - len(continuation_ids)) + continuation_ids
     return sequence[:-1], targets
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def mean_stderr(values: list[float]) -> float | str:
+    """lm-evaluation-harness's standard error of a mean (its metrics.mean_stderr):
+    the sample standard deviation over sqrt(n); "N/A" (as it writes) for one item."""
+    if len(values) < 2:
+        return "N/A"
+    mu = mean(values)
+    return math.sqrt(sum((x - mu) ** 2 for x in values) / (len(values) - 1)) / math.sqrt(len(values))
 
 
 def normalize_answer(text: str) -> str:
@@ -213,8 +231,15 @@ class TaskResult:
     kind: str
     n: int
     metrics: dict[str, float]
-    details: list[dict] = field(default_factory=list)  # per question / prompt
+    details: list[dict] = field(default_factory=list)  # per question / prompt, with its value of each metric
     num_fewshot: int = 0  # the solved examples before each question (bits per byte: none)
+    total: int = 0  # the task file's items when --limit scored only n of them (0: n is all)
+
+    @property
+    def stderrs(self) -> dict[str, float | str]:
+        """Each metric's standard error, from the per-item values in details ("N/A": none)."""
+        return {metric: mean_stderr([d[metric] for d in self.details]) if self.details else "N/A"
+                for metric in self.metrics}
 
 
 def choice_task(model, tokenizer, task: Task, shots: list[Question], device, dtype, batch_size,
@@ -228,22 +253,20 @@ def choice_task(model, tokenizer, task: Task, shots: list[Question], device, dty
             rows.append(scoring_row(*encode_pair(tokenizer, context, " " + option), max_len, question.where))
         spans.append(range(first, len(rows)))
     logprobs = target_logprobs(model, rows, device, dtype, batch_size, line.start(f"{task.name}: choices", len(rows)))
-    correct = correct_norm = 0
     details = []
-    for question, span in zip(task.records, spans):
+    for doc_id, (question, span) in enumerate(zip(task.records, spans)):
         loglikelihoods = np.array([logprobs[r].sum().item() for r in span])
         lengths = np.array([len(text) for text in choice_texts(question, task.kind)], dtype=np.float64)
         predicted = int(np.argmax(loglikelihoods))  # the first of equal maxima
         predicted_norm = int(np.argmax(loglikelihoods / np.maximum(lengths, 1)))
-        correct += predicted == question.gold
-        correct_norm += predicted_norm == question.gold
-        details.append({"where": question.where, "gold": question.gold, "predicted": predicted,
-                        "loglikelihoods": loglikelihoods.tolist()})
-    n = len(task.records)
-    metrics = {"acc": correct / n}
-    if task.kind == CONTINUATION:
-        metrics["acc_norm"] = correct_norm / n
-    return TaskResult(task.name, task.path, task.kind, n, metrics, details)
+        detail = {"doc_id": doc_id, "where": question.where, "gold": question.gold, "predicted": predicted,
+                  "loglikelihoods": loglikelihoods.tolist(), "acc": float(predicted == question.gold)}
+        if task.kind == CONTINUATION:
+            detail["acc_norm"] = float(predicted_norm == question.gold)
+        details.append(detail)
+    # means of the per-item 1.0 / 0.0, summed in order as lm-evaluation-harness does
+    metrics = {metric: mean([d[metric] for d in details]) for metric in ("acc", "acc_norm") if metric in details[0]}
+    return TaskResult(task.name, task.path, task.kind, len(task.records), metrics, details)
 
 
 def bpb_task(model, tokenizer, task: Task, device, dtype, batch_size, line: ProgressLine) -> TaskResult:
@@ -291,15 +314,14 @@ def exact_match_task(model, tokenizer, task: Task, chat: bool, system_prompt: st
 
     outputs = greedy_generate(model, prompts, max_new_tokens, device, dtype, batch_size, tokenizer.vocab_size,
                               lambda ids: answer_text(ids)[1], line.start(f"{task.name}: prompts", len(prompts)))
-    correct = 0
     details = []
-    for (prompt, answers), ids in zip(task.records, outputs):
+    for doc_id, ((prompt, answers), ids) in enumerate(zip(task.records, outputs)):
         output = answer_text(ids)[0]
         hit = normalize_answer(output) in {normalize_answer(answer) for answer in answers}
-        correct += hit
-        details.append({"prompt": prompt, "answers": answers, "output": output, "correct": hit})
-    return TaskResult(task.name, task.path, task.kind, len(task.records), {"exact_match": correct / len(outputs)},
-                      details)
+        details.append({"doc_id": doc_id, "prompt": prompt, "answers": answers, "output": output,
+                        "exact_match": float(hit)})
+    return TaskResult(task.name, task.path, task.kind, len(task.records),
+                      {"exact_match": mean([d["exact_match"] for d in details])}, details)
 
 
 def run_tasks(model, tokenizer, tasks: list[tuple[Task, list]], device: torch.device, dtype: torch.dtype,
@@ -323,7 +345,7 @@ def run_tasks(model, tokenizer, tasks: list[tuple[Task, list]], device: torch.de
             else:
                 result = exact_match_task(model, tokenizer, task, chat, system_prompt, max_new_tokens, device, dtype,
                                           batch_size, line, shots)
-            result.num_fewshot = len(shots)
+            result.num_fewshot, result.total = len(shots), task.total
             line.finish()
             results.append(result)
     finally:
@@ -353,24 +375,41 @@ def evaluate_tasks(model, tokenizer, tasks: list[tuple[Task, list]], device: tor
 # --- command line ---------------------------------------------------------------------------------
 
 def overall_accuracy(results: list[TaskResult]) -> dict | None:
-    """acc over the questions of every multiple-choice and continuation task together."""
+    """acc over the questions of every multiple-choice and continuation task together,
+    with its standard error over those questions."""
     scored = [r for r in results if "acc" in r.metrics]
     if not scored:
         return None
-    total = sum(r.n for r in scored)
-    return {"n": total, "acc": sum(round(r.metrics["acc"] * r.n) for r in scored) / total}
+    values = [d["acc"] for r in scored for d in r.details]
+    return {"n": len(values), "acc": mean(values), "acc_stderr": mean_stderr(values),
+            "tasks": [r.name for r in scored]}
 
 
-def format_table(results: list[TaskResult]) -> str:
+def value_cell(value: float, stderr: float | str | None) -> str:
+    """0.3000 ± 0.1528 (a mean), 0.3000 ± N/A (one item), 2.1234 (bits per byte)."""
+    if stderr is None:
+        return f"{value:.4f}"
+    return f"{value:.4f} ± {stderr:.4f}" if isinstance(stderr, float) else f"{value:.4f} ± {stderr}"
+
+
+def format_table(results: list[TaskResult], limit: float = 0) -> str:
+    """One row per task, each mean metric with its standard error; a limit is said above
+    the table, and n reads "scored/in the file" for the tasks it cut."""
     metrics = [m for m in ("acc", "acc_norm", "bpb", "exact_match") if any(m in r.metrics for r in results)]
-    rows = [[r.name, r.kind, str(r.n)] + [f"{r.metrics[m]:.4f}" if m in r.metrics else "" for m in metrics]
-            for r in results]
+    rows = []
+    for r in results:
+        stderrs = r.stderrs
+        rows.append([r.name, r.kind, f"{r.n}/{r.total}" if r.total else str(r.n)] +
+                    [value_cell(r.metrics[m], None if m == BPB else stderrs[m]) if m in r.metrics else ""
+                     for m in metrics])
     overall = overall_accuracy(results)
     if overall:
         rows.append(["overall", "all questions", str(overall["n"])] +
-                    [f"{overall['acc']:.4f}" if m == "acc" else "" for m in metrics])
+                    [value_cell(overall["acc"], overall["acc_stderr"]) if m == "acc" else "" for m in metrics])
     header = ["task", "type", "n"] + metrics
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              .rstrip() for row in [header] + rows]
-    return "\n".join(lines[:1] + ["-" * len(lines[0])] + lines[1:])
+    first = f"{int(limit)} items" if limit >= 1 else f"{limit:.0%} (rounded up)"
+    title = [f"limit: {limit:g} (the first {first} of each task: not the full benchmark)"] if limit else []
+    return "\n".join(title + lines[:1] + ["-" * len(lines[0])] + lines[1:])

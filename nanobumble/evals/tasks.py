@@ -54,6 +54,11 @@ these that exists (none is an error, not a silent 0-shot):
 
 A task with nothing to score (no records; bits per byte whose texts are all
 empty) is refused, naming its file.
+
+--limit N keeps the first N items of each task (questions, documents or
+prompts), and 0 < N < 1 that fraction of each task rounded up, as
+lm-evaluation-harness's --limit; the results say so (n-samples: original and
+effective), as such numbers are not the benchmark's.
 """
 
 from __future__ import annotations
@@ -61,9 +66,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nanobumble.base.errors import DataError, UserError
 
@@ -93,6 +99,7 @@ class Task:
     path: str
     kind: str  # MULTIPLE_CHOICE | CONTINUATION | BPB | EXACT_MATCH
     records: list  # Question (the two choice kinds), str (bpb), (prompt, [answers]) (exact match)
+    total: int = 0  # the file's records when --limit kept fewer (0: all of them are here)
 
 
 def read_text(path: str) -> str:
@@ -302,6 +309,25 @@ def fewshot_examples(task: Task, num_fewshot: int) -> list:
     if len(dev.records) < num_fewshot:
         raise DataError(f"{dev_path}: {len(dev.records)} examples, fewer than num_fewshot={num_fewshot}")
     return dev.records[:num_fewshot]
+
+
+def limit_count(limit: float, total: int) -> int:
+    """How many items --limit keeps, as lm-evaluation-harness counts them: 0 < limit < 1
+    is a fraction of the task (rounded up), a whole number >= 1 a count; 0 keeps all."""
+    if limit <= 0:
+        return total
+    return min(total, math.ceil(total * limit) if limit < 1 else int(limit))
+
+
+def apply_limit(tasks: list[tuple[Task, list]], limit: float) -> list[tuple[Task, list]]:
+    """The first limit_count() records of each task (its few-shot examples stay as they are)."""
+    limited = []
+    for task, shots in tasks:
+        count = limit_count(limit, len(task.records))
+        if count < len(task.records):
+            task = replace(task, records=task.records[:count], total=len(task.records))
+        limited.append((task, shots))
+    return limited
 
 
 def load_tasks(paths: str | Sequence[str], num_fewshot: int = 0) -> list[tuple[Task, list]]:

@@ -88,6 +88,7 @@ NUMBERS: dict[str, Number] = {
     "num_workers": Number(0, 1024, integer=True, note="0: all CPUs"),
     "shard_tokens": Number(1, 2**31, integer=True, high_open=True),
     "num_fewshot": FEWSHOT,
+    "limit": Number(0, 2**40, note="0: every item; 0 < limit < 1: that fraction of each task"),
     "batch_size": Number(1, 4096, integer=True),
     "max_new_tokens": Number(1, 2**20, integer=True),
     "max_shard_size_gb": Number(0, low_open=True),

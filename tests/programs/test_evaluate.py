@@ -406,14 +406,72 @@ def test_the_command_line_prints_the_table_and_writes_the_json(setup, qa, tmp_pa
     assert "5 task files, 1-shot (bits per byte: 0-shot)," in result.stderr  # as many as were used
 
     report = json.load(open(os.path.join(model_dir, "eval_results.json"), encoding="utf-8"))
-    assert report["mode"] == "chat" and report["num_fewshot"] == 1 and report["overall"]["n"] == 30
-    assert report["tasks"]["bee_biology_val"]["n"] == 10 and len(report["tasks"]["qa_exact"]["details"]) == 10
-    assert {name: task["num_fewshot"] for name, task in report["tasks"].items()} == {
+    assert report["config"]["mode"] == "chat" and report["config"]["limit"] is None
+    assert report["groups"]["overall"]["sample_len"] == 30
+    assert report["group_subtasks"]["overall"] == ["bee_biology_val", "elementary_science_test", "hellaswag_mini"]
+    assert report["results"]["bee_biology_val"]["sample_len"] == 10 and len(report["samples"]["qa_exact"]) == 10
+    assert report["n-shot"] == {
         "bee_biology_val": 1, "elementary_science_test": 1, "hellaswag_mini": 1, "text_bpb": 0, "qa_exact": 1}
+    assert report["n-samples"]["hellaswag_mini"] == {"original": 10, "effective": 10}
+    assert report["higher_is_better"]["text_bpb"] == {"bpb": False}
     in_process = scoring.evaluate_tasks(setup.model, setup.tokenizer, task_files.load_tasks([CEVAL_VAL, HELLASWAG], 1),
                                          CPU, torch.float32)
     for key, value in in_process.items():
-        assert report["metrics"][key] == pytest.approx(value, abs=1e-12)
+        _, task, metric = key.split("/")
+        assert report["results"][task][f"{metric},none"] == pytest.approx(value, abs=1e-12)
+    # every mean with lm-evaluation-harness's standard error of its per-item values, in the table too
+    from lm_eval.api.metrics import mean_stderr
+    table = {line.split()[0]: line for line in lines[2:]}
+    for task, metric in (("bee_biology_val", "acc"), ("hellaswag_mini", "acc_norm"), ("qa_exact", "exact_match")):
+        stderr = report["results"][task][f"{metric}_stderr,none"]
+        assert stderr == pytest.approx(mean_stderr([item[metric] for item in report["samples"][task]]), rel=1e-12)
+        assert f"{report['results'][task][f'{metric},none']:.4f} ± {stderr:.4f}" in table[task]
+    assert report["results"]["text_bpb"]["bpb_stderr,none"] == "N/A"  # a ratio of sums, not a mean of items
+
+
+def test_limit_counts_items_as_lm_evaluation_harness_does():
+    from lm_eval.evaluator_utils import get_sample_size
+
+    for total in (1, 7, 10):
+        for limit in (0.1, 0.25, 0.5, 0.99, 1, 3, 10, 50):
+            assert task_files.limit_count(limit, total) == min(total, get_sample_size(
+                SimpleNamespace(eval_docs=range(total)), limit)), (limit, total)
+        assert task_files.limit_count(0, total) == total  # 0: no limit
+
+
+def test_the_standard_error_is_lm_evaluation_harness_mean_stderr():
+    from lm_eval.api.metrics import mean_stderr
+
+    generator = torch.Generator().manual_seed(0)
+    for n in (2, 3, 10, 101):
+        values = (torch.rand(n, generator=generator) < 0.4).double().tolist()
+        assert scoring.mean_stderr(values) == pytest.approx(mean_stderr(values), rel=1e-12)
+    assert scoring.mean_stderr([1.0, 0.0, 1.0, 1.0]) == pytest.approx(math.sqrt(0.25 / 4))  # s^2 = 0.75/3
+    assert scoring.mean_stderr([1.0]) == "N/A"  # as lm-evaluation-harness writes for a single item
+
+
+def test_limit_scores_the_first_items_of_each_task_and_says_so(setup, qa, tmp_path, capsys):
+    output = tmp_path / "results.json"
+    main(["--model_path", str(setup.root / "sft"), "--tasks", CEVAL_VAL, HELLASWAG, "--limit", "0.5",
+          "--output", str(output)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "limit: 0.5 (the first 50% (rounded up) of each task: not the full benchmark)"
+    assert [line.split()[2] for line in lines[3:5]] == ["5/10", "5/10"]
+    report = json.loads(output.read_text(encoding="utf-8"))
+    assert report["config"]["limit"] == 0.5
+    assert report["n-samples"] == {"bee_biology_val": {"original": 10, "effective": 5},
+                                   "hellaswag_mini": {"original": 10, "effective": 5}}
+    full = {r.name: r for r in scoring.run_tasks(setup.model, setup.tokenizer, task_files.load_tasks(
+        [CEVAL_VAL, HELLASWAG]), CPU, torch.float32)}
+    for name, count in (("bee_biology_val", 5), ("hellaswag_mini", 5)):
+        assert len(report["samples"][name]) == count
+        for limited, every in zip(report["samples"][name], full[name].details):
+            assert limited["loglikelihoods"] == pytest.approx(every["loglikelihoods"], abs=1e-5)  # other batches
+        assert report["results"][name]["acc,none"] == sum(d["acc"] for d in full[name].details[:count]) / count
+    main(["--model_path", str(setup.root / "sft"), "--tasks", QA, "--limit", "2", "--output", str(output),
+          "--max_new_tokens", "2"])
+    assert json.loads(output.read_text(encoding="utf-8"))["n-samples"] == {"qa_exact": {"original": 10,
+                                                                                         "effective": 2}}
 
 
 def test_a_lora_run_directory_loads_its_base_model_and_adapter(setup, tmp_path):
@@ -441,6 +499,8 @@ def test_a_lora_run_directory_loads_its_base_model_and_adapter(setup, tmp_path):
     (["--model_path", "m", "--tasks", CEVAL_VAL, "--mode", "raw"], "key 'mode' must be one of auto, chat"),
     (["--model_path", "m", "--task", CEVAL_VAL, MMLU_TEST], "unknown key 'task'; did you mean tasks?"),
     (["--model_path", "m", CEVAL_VAL], f"expected --key value, got {CEVAL_VAL!r}"),
+    (["--model_path", "m", "--tasks", CEVAL_VAL, "--limit", "2.5"], "key 'limit' must be a whole number"),
+    (["--model_path", "m", "--tasks", CEVAL_VAL, "--limit", "-1"], "key 'limit' must be"),
 ])
 def test_bad_arguments_are_a_config_error_naming_the_key(argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)):  # run_cli: one line, exit code 2
@@ -578,5 +638,6 @@ def test_a_hugging_face_qwen2_directory_is_evaluated(tmp_path):
     qwen = make_qwen2_dir(str(tmp_path / "qwen"), tokenizer_texts())
     result = run_cli(["--model_path", qwen, "--tasks", HELLASWAG, QA, "--output", str(tmp_path / "out.json")])
     assert result.returncode == 0, result.stderr[-2000:]
-    metrics = json.loads((tmp_path / "out.json").read_text())["metrics"]
-    assert {"eval/hellaswag_mini/acc", "eval/hellaswag_mini/acc_norm", "eval/qa_exact/exact_match"} <= set(metrics)
+    results = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert {"acc,none", "acc_stderr,none", "acc_norm,none", "acc_norm_stderr,none"} <= set(results["hellaswag_mini"])
+    assert {"exact_match,none", "exact_match_stderr,none"} <= set(results["qa_exact"])
