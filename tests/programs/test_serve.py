@@ -731,3 +731,60 @@ def test_a_field_the_server_does_not_implement_is_refused_whatever_its_value(ser
     body = {"model": "bee-sft", "max_tokens": 1, **({"messages": [user("hi")]} if "chat" in path else
                                                     {"prompt": "bees"}), key: value}
     check_error(*post(server, path, body), 400, key, "unsupported_parameter", f"'{key}'")
+
+
+LM_EVAL_TASK = """task: bees_served
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+metric_list:
+  - metric: acc
+"""
+LM_EVAL_QUESTIONS = [("Bees live in a", ["hive", "cave", "copy of abc"], 0),
+                     ("copy:\nabc ->", [" abc", " cba", " bac", "aaa"], 0),
+                     ("Honey is made from", ["flowers", "stones"], 0),
+                     ("蜜蜂住在", ["蜂巢里", "水里"], 0)]
+
+
+@pytest.mark.slow
+def test_lm_eval_local_completions_gets_nanobumbles_own_loglikelihoods(qwen_dir, tmp_path, monkeypatch):
+    """lm-evaluation-harness's local-completions model (the OpenAI legacy completions API: echo,
+    logprobs, token-id prompts) runs a multiple-choice task from a local task yaml against the server,
+    with its key; each of its log-likelihoods is what nanobumble.evals.scoring computes in-process."""
+    for key, value in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1"), ("HF_HOME", str(tmp_path / "hf")),
+                       ("OPENAI_API_KEY", KEY)):
+        monkeypatch.setenv(key, value)
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from nanobumble.evals.scoring import encode_pair, scoring_row, target_logprobs
+
+    data = tmp_path / "bees.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "gold": g}, ensure_ascii=False) + "\n"
+                            for q, c, g in LM_EVAL_QUESTIONS), encoding="utf-8")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "bees_served.yaml").write_text(LM_EVAL_TASK.format(data=data), encoding="utf-8")
+    with running_server(qwen_dir, api_key=KEY) as qwen_server:
+        model_args = (f"model=qwen,base_url=http://127.0.0.1:{qwen_server.port}/v1/completions,"
+                      f"tokenizer_backend=huggingface,tokenizer={qwen_dir},max_retries=1")
+        theirs = lm_eval.simple_evaluate(model="local-completions", model_args=model_args, tasks=["bees_served"],
+                                         task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                                         log_samples=True, bootstrap_iters=0)
+    reference = Reference(qwen_dir)
+    samples = theirs["samples"]["bees_served"]
+    assert len(samples) == len(LM_EVAL_QUESTIONS)
+    largest, context_len = 0.0, reference.model.config.max_position_embeddings
+    for sample in samples:
+        for (context, continuation), response in zip(sample["arguments"], sample["resps"], strict=True):
+            row = scoring_row(*encode_pair(reference.tokenizer, context, continuation), context_len, "test")
+            ours = target_logprobs(reference.model, [row], torch.device("cpu"), torch.float32, 1)[0].sum().item()
+            assert response[0][0] == pytest.approx(ours, abs=1e-4), (context, continuation)
+            largest = max(largest, abs(response[0][0] - ours))
+    print(f"\nlm_eval local-completions: {sum(len(s['arguments']) for s in samples)} log-likelihoods, largest "
+          f"difference from nanobumble's scoring {largest:.1e}")
