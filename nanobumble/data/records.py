@@ -228,7 +228,10 @@ def _parquet_records(path: str, digest=None) -> Iterator[tuple[str, object]]:
             try:
                 batch = next(batches, None)
                 records = [] if batch is None else batch.to_pylist()
-            except Exception as e:  # a damaged page, or a string that is not UTF-8
+            except UnicodeDecodeError as e:  # a string column's bytes; the batch cannot be turned into records
+                raise DataError(f"{path}: not UTF-8 text in a string column, in rows {row + 1} to "
+                                f"{row + batch.num_rows}: {e.reason}") from None
+            except Exception as e:  # a damaged page
                 raise _unreadable_parquet(path, e) from None
             if batch is None:
                 return

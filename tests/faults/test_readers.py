@@ -188,3 +188,26 @@ def test_hf_tokenizer_files(tmp_path):
         f.truncate(65 * 2**20)
     with pytest.raises(DataError, match=rf"^{model}: 65.0 MB, more than the 64.0 MB such a file may be$"):
         HFTokenizer(directory)
+
+
+def test_parquet_data_files(tmp_path):
+    """A Parquet data file (SFT, DPO, pretraining) that pyarrow cannot turn into records is one line naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nanobumble.data.records import iter_text_records
+
+    deep = str(tmp_path / "deep.parquet")
+    value = "x"
+    for _ in range(101):
+        value = [value]
+    pq.write_table(pa.table({"text": ["a"], "x": [value]}), deep)  # pyarrow reads at most 100 schema levels
+    with pytest.raises(DataError) as error:
+        list(iter_text_records([deep]))
+    assert str(error.value).startswith(f"{deep}: not a readable Parquet file: Parquet schema too deeply nested")
+    latin = str(tmp_path / "latin.parquet")
+    column = pa.array([b"ok", b"caf\xe9"], type=pa.binary()).view(pa.string())  # a string column, not UTF-8
+    pq.write_table(pa.table({"text": column}), latin)
+    with pytest.raises(DataError) as error:
+        list(iter_text_records([latin]))
+    assert str(error.value) == f"{latin}: not UTF-8 text in a string column, in rows 1 to 2: unexpected end of data"
