@@ -68,7 +68,8 @@ import torch
 from nanobumble.base.errors import DataError, UserError, run_cli
 from nanobumble.base.precision import resolve_precision
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, check_template, render, shorten, validate_messages
-from nanobumble.inference.generation import GenerationConfig, TextStreamer, generate_stream
+from nanobumble.inference.batching import Batcher
+from nanobumble.inference.generation import GenerationConfig, TextStreamer
 from nanobumble.inference.loading import check_sampling_keys, load_model, log, resolve_device, resolve_mode
 from nanobumble.run.config import check_numbers, parse_config
 
@@ -78,6 +79,7 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 1000  # each: holding back a possible start costs its length squared, under the model's lock
 MAX_BODY_BYTES = 1 << 20  # a request body beyond this is refused unread (the context holds far less text)
 MAX_CHOICES = 8  # n
+MAX_BATCH = 8  # answers generated together (rows of the batch; the KV cache holds this many contexts)
 MAX_LOGPROBS = 5  # completions' logprobs (top alternatives per token), as OpenAI
 API_KEY_ENV = "NANOBUMBLE_API_KEY"  # the key when --api_key is not given (as vLLM reads VLLM_API_KEY)
 # The request fields each endpoint implements. Any other field is refused (400 naming it), whatever its
@@ -296,16 +298,23 @@ class Answer:
 
 
 class Engine:
-    """The model and its tokenizer, used by one request at a time (see the module docstring)."""
+    """The model and its tokenizer, behind one continuous batcher that every answer shares
+    (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, model_id: str, cfg: ServeConfig, api_key: str = ""):
+    def __init__(self, model, tokenizer, model_id: str, cfg: ServeConfig, api_key: str = "",
+                 max_batch: int = MAX_BATCH):
         self.model, self.tokenizer, self.model_id, self.cfg = model, tokenizer, model_id, cfg
         self.api_key = api_key  # "" = no key
         self.context_len = model.config.max_position_embeddings
-        self.lock = asyncio.Lock()
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
+        self.batcher = Batcher(model, max_batch=max_batch)  # its own thread runs the model for every answer
+        self.lock = asyncio.Lock()  # prompt scoring (logprobs), one at a time on the worker thread
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
         self.created = int(time.time())
         self.closing = False  # the server is shutting down: answers end after their current token
+
+    def busy_rows(self) -> int:
+        """Answers being generated now (rows of the batch)."""
+        return len(self.batcher.decoder.active)
 
     def check_model(self, body: dict) -> None:
         name = field(body, "model", str)
@@ -351,32 +360,33 @@ class Engine:
 
     async def generate(self, prompt_ids: list[int], gen: GenerationConfig, stops: list[str],
                        answer: Answer) -> AsyncIterator[str]:
-        """The answer's text in pieces of whole characters, cut before the first stop
-        string. Waits its turn for the model; fills answer's counts and finish reason."""
-        async with self.lock:
-            loop = asyncio.get_running_loop()
-            stats: dict = {}
-            tokens = generate_stream(self.model, prompt_ids, gen, stats=stats, vocab_size=self.tokenizer.vocab_size,
-                                     stop_ids=(self.tokenizer.im_end_id, self.tokenizer.eot_id))
-            streamer, cutter = TextStreamer(self.tokenizer), StopStrings(stops)
-            try:
-                while not cutter.stopped and not self.closing:
-                    token = await loop.run_in_executor(self.worker, next, tokens, None)  # one model step
-                    if token is None:
-                        text = cutter.push(streamer.flush(), last=True)
-                    else:
-                        answer.token_ids.append(token)
-                        text = cutter.push(streamer.put(token))
-                    if text:
+        """The answer's text in pieces of whole characters, cut before the first stop string.
+        Joins the batch at the batcher's next step; fills answer's tokens, counts and finish reason."""
+        loop = asyncio.get_running_loop()
+        arrived = asyncio.Event()  # set (from the batcher thread) when new tokens or the end arrive
+        handle = self.batcher.submit(prompt_ids, gen, stop_ids=(self.tokenizer.im_end_id, self.tokenizer.eot_id),
+                                     vocab_size=self.tokenizer.vocab_size,
+                                     notify=lambda: loop.call_soon_threadsafe(arrived.set))
+        streamer, cutter = TextStreamer(self.tokenizer), StopStrings(stops)
+        try:
+            while not cutter.stopped and not self.closing:
+                ended = handle.done  # before poll: every token of an ended answer is queued by then
+                for token in handle.poll():
+                    answer.token_ids.append(token)
+                    if text := cutter.push(streamer.put(token)):
                         yield text
-                    if token is None:
+                    if cutter.stopped:
                         break
-            finally:
-                # Also when the client hung up: the worker closes the generation after the
-                # step it may still be running, before any step of the next request.
-                self.worker.submit(tokens.close)
-            answer.completion_tokens = stats.get("new_tokens", 0)  # none when shutdown came first
-            answer.finish_reason = "stop" if cutter.stopped or stats.get("stop") == "stop_id" else "length"
+                if ended and not cutter.stopped:
+                    if text := cutter.push(streamer.flush(), last=True):
+                        yield text
+                    break
+                await arrived.wait()
+                arrived.clear()
+        finally:
+            handle.cancel()  # a stop string, shutdown or a client that hung up: its row frees before the next step
+        answer.completion_tokens = len(answer.token_ids)  # those the answer used
+        answer.finish_reason = "stop" if cutter.stopped or handle.stats.get("stop") == "stop_id" else "length"
 
 
 # ---------------------------------------------------------------- the HTTP layer
@@ -742,6 +752,7 @@ def main(argv: list[str]) -> None:
         server.run()  # until Ctrl-C
     finally:
         engine.worker.shutdown(wait=False, cancel_futures=True)
+        engine.batcher.close()  # after its current step
     # uvicorn re-raises the signal after its shutdown, but inside asyncio's runner, which
     # can lose it when the signal arrives as the last task ends: say so here instead.
     if engine.closing:

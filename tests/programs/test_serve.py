@@ -101,6 +101,7 @@ def running_server(model_dir, **keys):
     yield uvicorn_server
     uvicorn_server.should_exit = True
     thread.join(timeout=10)
+    uvicorn_server.engine.batcher.close()
 
 
 @pytest.fixture(scope="module")
@@ -402,7 +403,7 @@ def test_a_client_that_hangs_up_frees_the_model(server, slow_model, stream):
     calls = len(slow_model)
     time.sleep(0.3)
     assert len(slow_model) == calls  # nothing generates any more
-    assert not server.engine.lock.locked()
+    assert server.engine.busy_rows() == 0
 
 
 def test_ctrl_c_stops_a_running_answer_and_the_server(model_dir):
@@ -521,7 +522,7 @@ def test_web_chat_in_headless_chromium(server, reference, tmp_path, monkeypatch)
         browser.find_element(By.ID, "stop").click()
         wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
         deadline = time.time() + 1
-        while server.engine.lock.locked():
+        while server.engine.busy_rows():
             assert time.time() < deadline, "the stopped answer still holds the model"
             time.sleep(0.02)
         assert len(calls) < MAX_NEW  # a whole answer: MAX_NEW forward passes (the prompt, then a token each)
