@@ -227,14 +227,17 @@ def _parquet_records(path: str, digest=None) -> Iterator[tuple[str, object]]:
         while True:
             try:
                 batch = next(batches, None)
-                records = [] if batch is None else batch.to_pylist()
-            except UnicodeDecodeError as e:  # a string column's bytes; the batch cannot be turned into records
-                raise DataError(f"{path}: not UTF-8 text in a string column, in rows {row + 1} to "
-                                f"{row + batch.num_rows}: {e.reason}") from None
             except Exception as e:  # a damaged page
                 raise _unreadable_parquet(path, e) from None
             if batch is None:
                 return
+            try:
+                records = batch.to_pylist()
+            except UnicodeDecodeError as e:  # a string column's bytes; the batch cannot be turned into records
+                raise DataError(f"{path}: not UTF-8 text in a string column, in rows {row + 1} to "
+                                f"{row + batch.num_rows}: {e.reason}") from None
+            except Exception as e:
+                raise _unreadable_parquet(path, e) from None
             for record in records:
                 row += 1
                 yield f"{path}:row {row}", _checked(record)
@@ -359,9 +362,6 @@ def describe_keys(record: object) -> str:
 
 # ---------------------------------------------------------------------------
 # Conversation shapes (SFT and DPO)
-
-CONVERSATION_SHAPES = "Alpaca (instruction, input, output), ShareGPT (conversations) or messages (role, content)"
-
 
 def conversation_shape(record: object) -> str | None:
     """Which shape a record has, by its keys: "sharegpt", "messages", "alpaca", or None.
