@@ -12,19 +12,16 @@ the seconds, and the numbers the test compares (losses, or the DPO loss and
 the embedding's gradient).
 """
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import references
+import torch
+import torch.nn.functional as F
+from host_memory import measure
 
-import references  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from host_memory import measure  # noqa: E402
-
-from nanobumble.model import dpo  # noqa: E402
-from nanobumble.model.layers import IGNORE_INDEX  # noqa: E402
-from nanobumble.model.transformer import ModelConfig, Transformer  # noqa: E402
+from nanobumble.model import dpo
+from nanobumble.model.layers import IGNORE_INDEX
+from nanobumble.model.transformer import ModelConfig, Transformer
 
 # Tiny except for the vocabulary, so the logits are nearly all the memory there is.
 CONFIG = ModelConfig(vocab_size=151936, hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1,

@@ -13,12 +13,10 @@ import resource
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from host_memory import measure
 
-from host_memory import measure  # noqa: E402
-
-from nanobumble.data.shards import prepare_shards  # noqa: E402
-from nanobumble.data.tokenizer import load_tokenizer  # noqa: E402
+from nanobumble.data.shards import prepare_shards
+from nanobumble.data.tokenizer import load_tokenizer
 
 
 def main(corpus: str, tokenizer_file: str, workers: int, out: str) -> None:

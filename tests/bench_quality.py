@@ -35,18 +35,17 @@ import sys
 import tempfile
 import time
 
+import torch
+from helpers import format_table, read_metrics
+from word_task import write_word_task
+
+from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT
+from nanobumble.evals.scoring import run_tasks
+from nanobumble.evals.tasks import load_tasks
+from nanobumble.inference.loading import load_model
+
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
-sys.path[:0] = [REPO_ROOT, TESTS_DIR]
-
-import torch  # noqa: E402
-from helpers import format_table, read_metrics  # noqa: E402
-from word_task import write_word_task  # noqa: E402
-
-from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT  # noqa: E402
-from nanobumble.evals.scoring import run_tasks  # noqa: E402
-from nanobumble.evals.tasks import load_tasks  # noqa: E402
-from nanobumble.inference.loading import load_model  # noqa: E402
 
 QUIET = ["--plot", "false", "--use_tensorboard", "false"]
 

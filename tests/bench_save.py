@@ -14,17 +14,15 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from host_memory import measure
+from safetensors.torch import save_file
 
-import torch  # noqa: E402
-from host_memory import measure  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-
-from nanobumble.base.distributed import barrier, distributed_run, is_main  # noqa: E402
-from nanobumble.model.transformer import ModelConfig  # noqa: E402
-from nanobumble.run.build import build_model  # noqa: E402
-from nanobumble.run.optim import build_optimizer  # noqa: E402
-from nanobumble.store import checkpoint, model_dir  # noqa: E402
+from nanobumble.base.distributed import barrier, distributed_run, is_main
+from nanobumble.model.transformer import ModelConfig
+from nanobumble.run.build import build_model
+from nanobumble.run.optim import build_optimizer
+from nanobumble.store import checkpoint, model_dir
 
 # About 123M parameters, 470 MiB in fp32 (and twice that of AdamW moments); the
 # largest tensor is the 125 MiB embedding.

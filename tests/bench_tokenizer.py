@@ -12,11 +12,9 @@ import os
 import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from host_memory import measure
 
-from host_memory import measure  # noqa: E402
-
-from nanobumble.data.tokenizer import load_or_train_tokenizer  # noqa: E402
+from nanobumble.data.tokenizer import load_or_train_tokenizer
 
 
 def main(corpus: str, sample_mb: float, vocab: int, heldout: str, out: str) -> None:

@@ -1,5 +1,4 @@
 import os
-import sys
 
 import torch
 
@@ -9,12 +8,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
 
 # Kernel tests run on CUDA when there is one, else on CPU under the interpreter.
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-from helpers import format_table  # noqa: E402  (it imports the package, from REPO_ROOT above)
+from helpers import format_table  # noqa: E402  (after TRITON_INTERPRET: it imports the package)
 
 
 def print_table(title: str, header: list, rows: list[list]) -> None:

@@ -2,12 +2,9 @@
 rank 0 goes on into the first collective, which must not hang the job."""
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import train_pretrain  # noqa: E402
-from nanobumble.base.errors import DataError, run_cli  # noqa: E402
+import train_pretrain
+from nanobumble.base.errors import DataError, run_cli
 
 if os.environ.get("RANK") == "1":
     class BrokenShards:

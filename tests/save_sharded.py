@@ -14,14 +14,12 @@ import os
 import sys
 import zlib
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from helpers import lora_state_dict
 
-import torch  # noqa: E402
-from helpers import lora_state_dict  # noqa: E402
-
-from nanobumble.base.distributed import distributed_run  # noqa: E402
-from nanobumble.model.transformer import ModelConfig, copy_full_into  # noqa: E402
-from nanobumble.run.build import build_model  # noqa: E402
+from nanobumble.base.distributed import distributed_run
+from nanobumble.model.transformer import ModelConfig, copy_full_into
+from nanobumble.run.build import build_model
 from nanobumble.store.adapter import adapter_config_for
 from nanobumble.store.model_dir import model_state_dict, save_model_dir
 

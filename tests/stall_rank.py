@@ -8,14 +8,11 @@
 
 import os
 import signal
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import train_pretrain  # noqa: E402
-from nanobumble.base.errors import run_cli  # noqa: E402
-from nanobumble.run.stage import Progress  # noqa: E402
+import train_pretrain
+from nanobumble.base.errors import run_cli
+from nanobumble.run.stage import Progress
 
 rank, stall = os.environ.get("RANK"), os.environ.get("STALL")
 if stall == "stop" and rank == "1":

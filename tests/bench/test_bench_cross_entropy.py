@@ -175,9 +175,8 @@ def test_bench_linear_cross_entropy_cuda(capsys):
 # done) is the most extra memory the step ever held. PyTorch's CPU allocator hands large
 # blocks back to the OS on free, so the mark follows live tensors rather than a cache.
 _CPU_MEASURE = textwrap.dedent("""
-    import json, resource, sys, time
+    import json, resource, time
     import torch
-    sys.path[:0] = [{repo!r}, {repo!r} + "/tests"]
     from nanobumble.model.lm_loss import linear_cross_entropy
     from references import linear_cross_entropy_reference
     torch.manual_seed(0)
@@ -203,9 +202,11 @@ _CPU_MEASURE = textwrap.dedent("""
 
 
 def measure_cpu(chunked: bool, n: int, h: int, v: int) -> dict:
-    code = _CPU_MEASURE.format(repo=REPO_ROOT, n=n, h=h, v=v, chunked=chunked)
+    code = _CPU_MEASURE.format(n=n, h=h, v=v, chunked=chunked)
     env = {k: val for k, val in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    # run in tests/, where `references` is (python -c looks in its working directory first)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True,
+                         cwd=os.path.join(REPO_ROOT, "tests"))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
