@@ -137,10 +137,12 @@ def test_batcher_a_request_joins_mid_way_and_a_cancelled_one_frees_its_row(model
         rest = list(cancelled)
         assert cancelled.stats["stop"] == "cancelled" and cancelled.stats["new_tokens"] < 40
         assert cancelled.get() is None and len(rest) < 40  # ended for good
+        count = cancelled.stats["new_tokens"]
         # its row is free again: two more requests both run (max_batch 2), nothing waits forever
         late = [batcher.submit(PROMPTS[i], GREEDY, stop_ids=()) for i in (1, 0)]
         assert [late[0].get(timeout=30), late[1].get(timeout=30)] == [alone[1][0], alone[0][0]]
         assert list(late[1]) == alone[0][1:]
+        assert cancelled.stats["new_tokens"] == count  # its row took no step after the cancel
     assert late[0].done and late[0].stats["stop"] in ("closed", "max_new_tokens")
 
 
