@@ -95,14 +95,14 @@ class ServeConfig:
     model_path: str = "checkpoints/sft/tiny_instruct"  # a model directory (or a LoRA run's, as chat.py)
     adapter_path: str = ""  # a LoRA adapter directory, applied on top of model_path (not merged)
     host: str = "127.0.0.1"  # 0.0.0.0 to listen on every interface
-    port: int = 8000
+    port: int = 8000  # the TCP port to listen on
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # for chats without a system message; "" = none
     # Defaults for the settings a request leaves out (chat.py's):
     max_new_tokens: int = 512  # max_tokens; never beyond the room left in the context
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 20
-    repetition_penalty: float = 1.1
+    temperature: float = 0.7  # < 1 sharpens the next-token distribution, > 1 flattens it
+    top_p: float = 0.8  # sample from the smallest set of tokens holding this much probability
+    top_k: int = 20  # sample from the k likeliest tokens only (0: all)
+    repetition_penalty: float = 1.1  # > 1 makes tokens already in the text less likely
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:1 ...
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     api_key: str = ""  # every /v1 request must send "Authorization: Bearer KEY"; "" = $NANOBUMBLE_API_KEY, or none
@@ -710,8 +710,9 @@ def check_port(host: str, port: int) -> None:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
-def create_server(cfg: ServeConfig):
-    """Load the model and build the (not yet started) uvicorn server."""
+def create_server(cfg: ServeConfig, max_batch: int = MAX_BATCH):
+    """Load the model and build the (not yet started) uvicorn server. max_batch 1 answers one
+    request at a time (the benchmark's baseline)."""
     try:
         import fastapi  # noqa: F401  (imported where used; checked here to fail before loading the model)
         import uvicorn
@@ -725,7 +726,7 @@ def create_server(cfg: ServeConfig):
     check_template(tokenizer)  # a template that is not Jinja would fail every chat
     mode, why = resolve_mode("auto", model_path, adapter_path)
     api_key = cfg.api_key or os.environ.get(API_KEY_ENV, "")
-    engine = Engine(model, tokenizer, cfg.served_model_name or model_id(cfg.model_path), cfg, api_key)
+    engine = Engine(model, tokenizer, cfg.served_model_name or model_id(cfg.model_path), cfg, api_key, max_batch)
     log(f"model: {engine.model_id} from {model_path} ({model.num_parameters() / 1e6:.1f}M parameters, context "
         f"{engine.context_len}) on {device} {str(dtype).removeprefix('torch.')}, loaded in "
         f"{time.time() - start:.1f}s")

@@ -27,7 +27,7 @@ from nanobumble import serve
 from nanobumble.base.errors import DataError, UserError
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
 from nanobumble.data.tokenizer import EOT_ID, IM_END_ID, load_tokenizer
-from nanobumble.inference.generation import GenerationConfig
+from nanobumble.inference.generation import GenerationConfig, apply_repetition_penalty
 from nanobumble.model.transformer import Transformer
 from nanobumble.store.adapter import load_adapter
 from nanobumble.store.model_dir import load_model_dir
@@ -789,3 +789,82 @@ def test_lm_eval_local_completions_gets_nanobumbles_own_loglikelihoods(qwen_dir,
             largest = max(largest, abs(response[0][0] - ours))
     print(f"\nlm_eval local-completions: {sum(len(s['arguments']) for s in samples)} log-likelihoods, largest "
           f"difference from nanobumble's scoring {largest:.1e}")
+
+
+def test_concurrent_requests_share_each_forward(server, reference, slow_model):
+    """Three clients at once (and a request with n = 2): their tokens come from the same decode forwards
+    (the batcher's rows per forward), and each still gets its own answer, as alone."""
+    batcher = server.engine.batcher
+    before = len(batcher.step_rows)
+    prompts = ["bees live in", "honey is", "蜜蜂"]
+    answers = [None] * len(prompts)
+
+    def ask(i):
+        client = openai_client(server)
+        stream = client.completions.create(model="bee-sft", prompt=prompts[i], temperature=0, max_tokens=6,
+                                           stream=True, n=2 if i == 0 else 1)
+        texts = ["", ""]
+        for c in stream:
+            texts[c.choices[0].index] += c.choices[0].text
+        answers[i] = texts
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    rows = batcher.step_rows[before:]
+    print(f"\nrows per decode forward: {rows}")
+    assert max(rows) >= 3  # 4 answers in flight: at least three of them in one forward
+    # the slow model never ends its turn: each answer is its 6 greedy tokens without the end-of-turn token
+    for prompt, texts in zip(prompts, answers):
+        expected = "".join(stream_text(reference.tokenizer, greedy_without_end(reference, prompt, 6)))
+        assert texts[0] == expected and texts[1] in ("", expected)
+    assert answers[0][1] == answers[0][0]
+
+
+def greedy_without_end(reference, prompt: str, count: int) -> list[int]:
+    """Greedy ids with the end-of-turn ids forbidden (as slow_down makes the model), penalty 1.1."""
+    ids = reference.prompt(text=prompt)
+    new = []
+    with torch.no_grad():
+        for _ in range(count):
+            logits = reference.model(torch.tensor([ids + new]))[0, -1, :reference.tokenizer.vocab_size].clone()
+            logits[[IM_END_ID, EOT_ID]] = float("-inf")
+            logits = apply_repetition_penalty(logits, torch.tensor(ids + new), 1.1)
+            new.append(int(logits.argmax()))
+    return new
+
+
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                    reason=f"Chromium not installed ({CHROMIUM}, {CHROMEDRIVER})")
+def test_web_chat_asks_for_the_api_key(keyed_server, reference):
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+        options.add_argument(arg)
+    browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    try:
+        browser.get(f"http://127.0.0.1:{keyed_server.port}/?temperature=0")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda b: b.find_element(By.ID, "model").text == "API key needed")
+        key_field = browser.find_element(By.ID, "api-key")
+        assert key_field.is_displayed()
+        key_field.send_keys("wrong" + Keys.ENTER)
+        wait.until(lambda b: b.find_element(By.ID, "model").text == "wrong API key")
+        key_field.send_keys(KEY + Keys.ENTER)
+        wait.until(lambda b: b.find_element(By.ID, "model").text == "honey-1")
+        assert not key_field.is_displayed()
+        browser.find_element(By.ID, "message").send_keys("where do bees live?")
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".message.assistant")
+                   and b.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle")
+        shown = browser.find_elements(By.CSS_SELECTOR, ".message.assistant")[-1].get_attribute("textContent")
+        assert shown == reference.answer([user("where do bees live?")])[0]
+    finally:
+        browser.quit()
