@@ -56,11 +56,11 @@ class ChatConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # "" = no system turn
     history: bool = True  # False: every message starts a new conversation
     prompt: str = ""  # answer this one message and exit
-    max_new_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 20
-    repetition_penalty: float = 1.1
+    max_new_tokens: int = 512  # the most tokens in one answer
+    temperature: float = 0.7  # < 1 sharpens the next-token distribution, > 1 flattens it
+    top_p: float = 0.8  # sample from the smallest set of tokens holding this much probability
+    top_k: int = 20  # sample from the k likeliest tokens only (0: all)
+    repetition_penalty: float = 1.1  # > 1 makes tokens already in the text less likely
     do_sample: bool = True  # False (or temperature 0): greedy
     seed: int = -1  # < 0: random; else answer i uses seed + i
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:1 ...

@@ -43,7 +43,7 @@ from nanobumble.data.sft_data import load_conversations, sft_summary, tokenize_s
 from nanobumble.data.tokenizer import load_tokenizer, map_in_workers
 from nanobumble.store.tensor_files import write_gathered
 
-CACHE_VERSION = 2  # 2: stats record data_sha256
+CACHE_VERSION = 3  # 2: stats record data_sha256; 3: TRL's formats read (a file once skipped now reads)
 CHUNK_ITEMS = 512  # conversations or pairs per task sent to a worker process
 
 

@@ -24,7 +24,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import inspect
+import io
+import re
 import sys
+import tokenize
 import typing
 from dataclasses import MISSING, dataclass, fields
 from typing import Any
@@ -89,6 +93,7 @@ NUMBERS: dict[str, Number] = {
     "shard_tokens": Number(1, 2**31, integer=True, high_open=True),
     "num_fewshot": FEWSHOT,
     "limit": Number(0, 2**40, note="0: every item; 0 < limit < 1: that fraction of each task"),
+    "smoothing": Number(0, 1, high_open=True, note="0: raw lines only"),
     "batch_size": Number(1, 4096, integer=True),
     "max_new_tokens": Number(1, 2**20, integer=True),
     "max_shard_size_gb": Number(0, low_open=True),
@@ -135,7 +140,7 @@ class TrainConfig:
     # --- model, data, output ---
     model_name_or_path: str = "tiny"  # preset name (tiny, bumblebee-1.5b) or model directory
     dataset_path: str = ""  # JSON/JSONL files, a directory of them, or a comma-separated list
-    output_dir: str = ""
+    output_dir: str = ""  # where checkpoints, the final model, metrics.jsonl and plots go
     strict: bool = False  # stop at the first malformed record instead of skipping it
     cache_dir: str = "cache"  # tokenized data (and trained tokenizers), keyed by their inputs
     preprocessing_num_workers: int = 0  # processes that tokenize the data once (0: all CPUs)
@@ -143,32 +148,32 @@ class TrainConfig:
     # --- schedule ---
     num_epochs: float = 1.0  # passes over the training data (used when max_steps <= 0)
     max_steps: int = -1  # optimizer steps; overrides num_epochs when > 0
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.1
+    learning_rate: float = 1e-3  # peak learning rate, reached after the warmup
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay (matrices only: not norms, biases, embeddings)
     lr_scheduler_type: str = "cosine"  # cosine | linear | constant
-    warmup_ratio: float = 0.05
+    warmup_ratio: float = 0.05  # share of the steps over which the learning rate rises linearly from 0
     min_lr_ratio: float = 0.1  # the schedule decays to learning_rate * min_lr_ratio
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
+    adam_beta1: float = 0.9  # AdamW's decay of the running mean of gradients
+    adam_beta2: float = 0.95  # AdamW's decay of the running mean of squared gradients
     max_grad_norm: float = 1.0  # <= 0 turns clipping off
-    train_micro_batch_size_per_gpu: int = 8
-    gradient_accumulation_steps: int = 1
+    train_micro_batch_size_per_gpu: int = 8  # rows per forward on each process
+    gradient_accumulation_steps: int = 1  # micro-batches summed into each optimizer step
     # --- numerics and speed ---
     train_model_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    enable_gradient_checkpointing: bool = False
+    enable_gradient_checkpointing: bool = False  # recompute each block's activations in the backward: less memory
     compile: bool = False  # torch.compile each transformer block
     kernels: str = "auto"  # auto (Triton on CUDA) | triton | torch (plain PyTorch, model/layers.py)
     # --- logging, checkpoints ---
-    logging_steps: int = 10
+    logging_steps: int = 10  # print and log the training metrics every N steps
     val_ratio: float = 0.05  # share of the data held out for validation (0: none)
     eval_steps: int = 100  # validate every N steps, and at the end (<= 0: only at the end)
     # held-out rows (DPO: pairs) per evaluation: the same ones every time, whatever the ranks or batch sizes
     eval_rows: int = 160
     save_steps: int = 100  # <= 0: only the final model
     save_total_limit: int = 2  # newest checkpoints kept; <= 0 keeps all
-    use_tensorboard: bool = True
+    use_tensorboard: bool = True  # also write TensorBoard event files into output_dir
     plot: bool = True  # draw the curves of metrics.jsonl into output_dir/plots/ at the end (needs matplotlib)
-    seed: int = 42
+    seed: int = 42  # model initialisation, data order, dropout and LoRA initialisation
     resume: str = ""  # "" = fresh run, "auto" = newest intact checkpoint in output_dir, or a checkpoint dir
     allow_schedule_change: bool = False  # resume with another learning_rate, scheduler, warmup or length
     overwrite_output_dir: bool = False  # a fresh run may replace the model and checkpoints in output_dir
@@ -220,10 +225,11 @@ class PretrainConfig(TrainConfig):
 class FinetuneConfig(TrainConfig):
     """Keys shared by SFT and DPO: what to train (all weights or LoRA adapters) and the chat template."""
     finetuning_type: str = "full"  # full | lora
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"  # comma-separated; also gate_proj,up_proj,down_proj, or all
+    lora_rank: int = 8  # r: each adapter is B (out x r) times A (r x in)
+    lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.05  # dropout on the adapters' input while training
+    # comma-separated; also gate_proj,up_proj,down_proj, or all
+    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"
     use_rslora: bool = False  # scale adapters by alpha/sqrt(rank) instead of alpha/rank
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # added when a conversation has none; "" for no system turn
     eval_dataset_path: str = ""  # held-out data to validate on, instead of a val_ratio share of dataset_path
@@ -432,6 +438,48 @@ def _help_defaults(cls: type, defaults: dict[str, Any] | None) -> dict[str, Any]
     return values
 
 
+def key_descriptions(cls: type) -> dict[str, str]:
+    """Each key's description, for --help: the comment on its line in the config class
+    (or the comment lines just above it), read from the source, so the code and
+    --help say the same thing."""
+    described: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins over its base's
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):  # no source (a frozen install): --help lists the keys bare
+            continue
+        above: list[str] = []
+        for line in lines:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("# "))
+                continue
+            match = re.match(r"\s+(\w+)\s*:[^=]*(=.*)?$", line)
+            if match and match.group(1) in klass.__dataclass_fields__:
+                key = match.group(1)
+                # the comment lines just above, unless a section title ("--- schedule ---"), say
+                # what a key is only where nothing else does (not a subclass's note on its default)
+                above = [text for text in above if not text.startswith("---")]
+                text = _trailing_comment(line) or (" ".join(above) if key not in described else "")
+                if text:
+                    described[key] = text
+            above = []
+    return described
+
+
+def _trailing_comment(line: str) -> str:
+    """The comment ending a line of code ("" if none), found by tokenizing it (a # in a string is not one)."""
+    try:
+        for token in tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline):
+            if token.type == tokenize.COMMENT:
+                return token.string.lstrip("# ").strip()
+    except (tokenize.TokenError, SyntaxError):
+        pass
+    return ""
+
+
 def format_help(cls: type, defaults: dict[str, Any] | None = None) -> str:
     values = _help_defaults(cls, defaults)
     types = _field_types(cls)
@@ -440,11 +488,14 @@ def format_help(cls: type, defaults: dict[str, Any] | None = None) -> str:
     if positional:
         usage = f"{positional.upper()} (or --{positional} {positional.upper()}) {usage}"
     lines = [f"usage: {usage}", "keys:"]
+    descriptions = key_descriptions(cls)
     for f in fields(cls):
         shown = repr(values[f.name]) if f.name in values else "(required)"
         if types[f.name] is list:
             shown += f"  (a list: --{f.name} A B ...)"
         lines.append(f"  --{f.name} {shown}")
+        if f.name in descriptions:
+            lines.append(f"      {descriptions[f.name]}")
     return "\n".join(lines)
 
 

@@ -518,6 +518,10 @@ def check_items(kind: str, items: list) -> None:
             item.encode("utf-8")
             continue
         assert isinstance(item, dict) and isinstance(item.get("where"), str), item
+        if kind == "sft" and "text" in item:  # TRL's language-modelling records: plain text
+            assert isinstance(item["text"], str), item
+            item["text"].encode("utf-8")
+            continue
         messages = item["messages"] if kind == "sft" else item["prompt"]
         assert isinstance(messages, list) and messages, item
         for m in messages:

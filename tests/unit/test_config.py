@@ -256,11 +256,35 @@ def test_help_lists_every_key(capsys):
     assert exit_info.value.code == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "usage: --yaml_config FILE --key value ...  (command line > YAML > defaults)"
-    assert lines[2:5] == ["  --model_path (required)", "  --tasks (required)  (a list: --tasks A B ...)",
-                          "  --adapter_path ''"]
-    assert len(lines) == 2 + len(EvalConfig.__dataclass_fields__)
+    keys = [line for line in lines[2:] if line.startswith("  --")]
+    assert keys[:3] == ["  --model_path (required)", "  --tasks (required)  (a list: --tasks A B ...)",
+                        "  --adapter_path ''"]
+    assert len(keys) == len(EvalConfig.__dataclass_fields__)
     assert format_help(PlotConfig).startswith("usage: OUTPUT_DIR (or --output_dir OUTPUT_DIR) --yaml_config")
     pretrain = format_help(PretrainConfig).splitlines()
     assert pretrain[:3] == ["usage: --yaml_config FILE --key value ...  (command line > YAML > defaults)", "keys:",
                             "  --stage 'pretrain'"]
     assert "  --learning_rate 0.001" in pretrain and "  --vocab_size 4096" in pretrain
+
+
+def program_configs() -> list[type]:
+    import importlib
+
+    from nanobumble.run.config import DPOConfig, SFTConfig
+    programs = [("nanobumble.merge_lora", "MergeConfig"), ("nanobumble.plot", "PlotConfig"),
+                ("nanobumble.export_hf", "ExportConfig"), ("nanobumble.evaluate", "EvalConfig"),
+                ("nanobumble.prepare", "PrepareConfig"), ("nanobumble.serve", "ServeConfig"), ("chat", "ChatConfig")]
+    return [PretrainConfig, SFTConfig, DPOConfig] + [getattr(importlib.import_module(module), name)
+                                                     for module, name in programs]
+
+
+@pytest.mark.parametrize("config", program_configs(), ids=lambda c: c.__name__)
+def test_help_says_what_every_key_of_every_program_does(config):
+    lines = format_help(config).splitlines()
+    for key in config.__dataclass_fields__:
+        at = next(i for i, line in enumerate(lines) if line.startswith(f"  --{key} "))
+        description = lines[at + 1] if at + 1 < len(lines) else ""
+        assert description.startswith("      ") and len(description.strip()) > 8, f"--{key} has no description"
+    # a subclass's comment on its own default does not replace what the key is
+    if config.__name__ == "SFTConfig":
+        assert lines[lines.index("  --num_epochs 10.0") + 1].strip().startswith("passes over the training data")
