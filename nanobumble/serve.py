@@ -2,7 +2,8 @@
 
     python -m nanobumble.serve --model_path ./checkpoints/dpo/tiny_dpo_merged
     python -m nanobumble.serve --model_path ./checkpoints/sft/tiny_instruct \\
-        --adapter_path ./checkpoints/dpo/tiny_dpo_lora --host 127.0.0.1 --port 8000
+        --adapter_path ./checkpoints/dpo/tiny_dpo_lora --host 127.0.0.1 --port 8000 \\
+        [--served_model_name bee] [--api_key KEY]
 
 then open http://127.0.0.1:8000/ to chat in the browser, or use any OpenAI client:
 
@@ -14,19 +15,34 @@ Endpoints:
 
     POST /v1/chat/completions  the messages rendered with the chat template, as chat.py renders them
                                (--system_prompt comes first unless the request has its own system message)
-    POST /v1/completions       the prompt continued as it is (what a base model can do)
-    GET  /v1/models            one model, whose id is the last directory name of model_path
+    POST /v1/completions       the prompt (text, or token ids) continued as it is (what a base model can do)
+    GET  /v1/models            one model: --served_model_name, else the last directory name of model_path
+    GET  /health               200 {"status": "ok", "model": ...} while the model serves (503 shutting down)
     GET  /                     the chat page, nanobumble/web/chat.html
+
+--api_key KEY (or the environment variable NANOBUMBLE_API_KEY, as vLLM reads
+VLLM_API_KEY): every request under /v1 must carry "Authorization: Bearer KEY",
+else 401 (invalid_api_key). As with vLLM's --api-key, only /v1 is guarded:
+/health and the page stay open, and the page asks for the key when /v1 says 401.
 
 Both completion endpoints take `stream` (server-sent events ending in
 `data: [DONE]`; `stream_options: {"include_usage": true}` adds the counts),
 `max_tokens`, `temperature` (0: greedy), `top_p`, `stop` (up to 4 strings of
 up to 1,000 characters; the answer ends before the first one), `seed` (the same
-seed gives the same answer) and, named as vLLM names them, `top_k` and
-`repetition_penalty`. Settings a request leaves out take the server's keys
-below, whose defaults are chat.py's; fields it does not implement (UNSUPPORTED)
-are refused, not ignored. A prompt that leaves no room for max_tokens in the
-model's context is refused (400, context_length_exceeded), never cut.
+seed gives the same answer), `n` (up to 8 choices; with a seed, choice i samples
+with seed + i, so it is the answer that seed alone gives) and, named as vLLM
+names them, `top_k` and `repetition_penalty`. /v1/completions also takes
+`echo` (the prompt comes first in the text) and `logprobs` (0-5: OpenAI's legacy
+layout, tokens / token_logprobs / top_logprobs / text_offset, from the model's
+own distribution; with echo the prompt's tokens too, the first one null; not
+streamed); `max_tokens: 0` with echo only scores the prompt (what
+lm-evaluation-harness's local-completions asks for log-likelihoods). Settings a
+request leaves out take the server's keys below, whose defaults are chat.py's.
+Each endpoint has a list of the fields it implements (CHAT_FIELDS,
+COMPLETION_FIELDS); any other field is refused (400 unsupported_parameter,
+naming it), whatever its value, never ignored. A prompt that leaves no room for
+max_tokens in the model's context is refused (400, context_length_exceeded),
+never cut.
 
 Every refusal is a 4xx in OpenAI's error shape:
 {"error": {"message": ..., "type": ..., "param": ..., "code": ...}}: a body over
@@ -36,13 +52,16 @@ types and values, and a conversation the model's chat template fails on (its
 file named, see chat_template.py). The chat template is compiled, and the port
 bound once, before the model loads: either failing is one line and exit code 2.
 
-One generation at a time: an asyncio.Lock admits one request at a time to the
-model, and the others wait their turn. The model work runs on a single worker
-thread, so the event loop stays free to send tokens and to notice a client that
-hangs up; its generation then stops after the current token and the next
-request starts. On Ctrl-C, answers in progress end after their current token
-(finish_reason "length") and the server exits; one still stuck in a long step
-after SHUTDOWN_GRACE_SECONDS is cancelled.
+Continuous batching: every answer, and each choice of one, is a row of one shared
+Batcher (nanobumble/inference/batching.py), whose thread runs the model: a request
+joins the running batch at its next step, and one forward per step serves every
+answer in flight (up to MAX_BATCH; more wait their turn). The event loop only
+turns tokens into text and events, so it stays free to stream and to notice a
+client that hangs up, whose row then frees before the next step. Prompt scoring
+(logprobs) is one forward on a worker thread of its own, beside the batcher.
+On Ctrl-C, answers in progress end after their current token (finish_reason
+"length") and the server exits; one still stuck in a long step after
+SHUTDOWN_GRACE_SECONDS is cancelled.
 
 FastAPI and uvicorn are needed only here (pip install fastapi uvicorn).
 """
@@ -291,10 +310,6 @@ class Answer:
     completion_tokens: int = 0  # tokens generated (the end-of-turn token is not counted)
     finish_reason: str = "length"  # "stop": end of turn or a stop string; "length": max_tokens or the context
     token_ids: list[int] = field_(default_factory=list)  # the tokens generated
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 class Engine:
