@@ -242,10 +242,9 @@ class Decoder:
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         for b, row_ids in enumerate(new_ids):
             ids[b, :len(row_ids)] = torch.tensor(row_ids)
-        last = torch.tensor([len(row_ids) - 1 for row_ids in new_ids], device=self.device)
         kwargs = {}
         if self.cache is not None:
-            kwargs = dict(kv_cache=self.cache, cache_rows=[seq.row for seq in seqs])
+            kwargs = dict(kv_cache=self.cache, cache_rows=[seq.row for seq in seqs], last_only=True)
             if any(len(row_ids) < width for row_ids in new_ids):
                 mask = torch.zeros(len(seqs), width, dtype=torch.long)
                 for b, row_ids in enumerate(new_ids):
@@ -253,7 +252,10 @@ class Decoder:
                 kwargs["attention_mask"] = mask.to(self.device)
         with autocast(self.device, self.dtype):
             logits = self.model(ids.to(self.device), **kwargs)
-        return logits[torch.arange(len(seqs), device=self.device), last]
+        if self.cache is None:
+            last = torch.tensor([len(row_ids) - 1 for row_ids in new_ids], device=self.device)
+            logits = logits[torch.arange(len(seqs), device=self.device), last]
+        return logits
 
     def _pick(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         """Each sequence's next id from its logits row, then whether it is done."""

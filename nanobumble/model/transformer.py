@@ -275,7 +275,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 reduction: str = "mean", kv_cache: KVCache | None = None,
-                cache_rows: torch.Tensor | list[int] | None = None):
+                cache_rows: torch.Tensor | list[int] | None = None, last_only: bool = False):
         """Logits [batch, seq, vocab]; or, when targets are given, the cross-entropy
         over the targets that are not -100: "mean" or "sum" (a scalar), or "none"
         (per-token losses [batch, seq], 0 where ignored, and each token's logits
@@ -295,8 +295,10 @@ class Transformer(nn.Module):
         cache.lengths[row].. and attend to that row's cached tokens and to each
         other causally; the row then grows by its tokens. attention_mask here may
         only mark right padding (a batch of prompts of different lengths): a row
-        grows by its 1s, and the logits after its padding mean nothing. This path
-        uses the plain PyTorch math (model/layers.py), never the Triton kernels."""
+        grows by its 1s, and the logits after its padding mean nothing. last_only:
+        only each row's last real token's logits, [batch, vocab] (a prompt's logits
+        [tokens x vocab] are large and all but the last unused). This path uses
+        the plain PyTorch math (model/layers.py), never the Triton kernels."""
         B, T = input_ids.shape
         if T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings "
@@ -310,6 +312,7 @@ class Transformer(nn.Module):
             new = torch.full((B,), T) if attention_mask is None else attention_mask.long().sum(-1).cpu()
             backend = "torch"
             position_ids = kv_cache.begin(rows, new, T).to(input_ids.device)
+            last = (new - 1).to(input_ids.device)
         else:
             if position_ids is None and attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -326,6 +329,8 @@ class Transformer(nn.Module):
                 x = layer(x, cos, sin, backend, attn_mask, kv_cache, i)
         if kv_cache is not None:
             kv_cache.finish()
+            if last_only:
+                x = x[torch.arange(B, device=x.device), last]
         x = self.norm(x, backend)
         if targets is None:
             return self.lm_head(x)

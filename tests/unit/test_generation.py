@@ -125,7 +125,7 @@ class ScriptedModel(nn.Module):
         self.dummy = nn.Parameter(torch.zeros(1))
         self.script = script
 
-    def forward(self, input_ids, attention_mask=None, kv_cache=None, cache_rows=None):
+    def forward(self, input_ids, attention_mask=None, kv_cache=None, cache_rows=None, last_only=False):
         B, T = input_ids.shape
         rows = list(range(B)) if cache_rows is None else list(cache_rows)
         new = [T] * B if attention_mask is None else attention_mask.sum(-1).tolist()
@@ -135,7 +135,7 @@ class ScriptedModel(nn.Module):
             logits[b, new[b] - 1, self.script.get(start + new[b], 9)] = 10.0
             if kv_cache is not None:
                 kv_cache.lengths[rows[b]] += new[b]
-        return logits
+        return logits[torch.arange(B), torch.tensor(new) - 1] if last_only else logits
 
 
 def test_generation_stops_at_im_end_and_endoftext_without_yielding_them():
