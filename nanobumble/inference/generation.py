@@ -1,4 +1,4 @@
-"""Text generation: sampling filters, incremental decoding with a KV cache,
+"""Text generation: sampling filters, the decode loop over a batched KV cache,
 and a streamer that turns token ids into whole characters.
 
     for token_id in generate_stream(model, prompt_ids, GenerationConfig(seed=0)):
@@ -8,11 +8,14 @@ One step: logits of the last position -> repetition penalty -> (greedy: argmax)
 or temperature -> top-k -> top-p -> softmax -> draw. The order is that of the
 Hugging Face logits processors, so the same settings mean the same thing.
 
-Decoding fills a KVCache (nanobumble/model/transformer.py): the prompt goes through the
-model once (prefill), then each new token is one forward of a single
-position that attends to the cached keys and values. `use_cache=False`
-recomputes the whole sequence every step instead: the slow reference that
-tests and the benchmark compare against.
+The Decoder is the one decode loop (generate_stream, batching.generate_batch,
+batching.Batcher and evaluate's greedy_generate all run on it). It holds a
+KVCache (nanobumble/model/transformer.py) with a row per sequence: prompts go
+through the model once (prefill, several right-padded in one forward), then each
+step is one forward of one token per row, at that row's own position, attending
+to that row's cached keys and values. `use_cache=False` recomputes every
+sequence whole each step instead: the slow reference that tests and the
+benchmark compare against.
 """
 
 from __future__ import annotations
