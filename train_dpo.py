@@ -57,19 +57,22 @@ def precompute_reference(reference, dataset: PreferenceDataset, cfg: DPOConfig, 
 @torch.no_grad()
 def evaluate(model, val_data: PreferenceDataset, val_reference: torch.Tensor, cfg: DPOConfig, info, dtype,
              ld_alpha: float | None) -> dict:
-    """On the first eval_rows held-out pairs (the same ones every time): the
-    preference loss, reward accuracy and margins, the policy's log-probs, and the
-    drift of each answer's mean log-prob per token from the reference's."""
+    """On the first eval_rows held-out pairs (the same ones every time): the losses
+    training logs, defined alike (loss = preference_loss + sft_weight * nll_loss, the
+    preference loss a mean over pairs and nll_loss over the chosen answers' tokens),
+    reward accuracy and margins, the policy's log-probs, and the drift of each
+    answer's mean log-prob per token from the reference's."""
     model.eval()
     n = cfg.train_micro_batch_size_per_gpu
     count = min(val_data.num_pairs, cfg.eval_rows)
     groups = [list(range(i, min(i + n, count))) for i in range(0, count, n)]
     sums: dict[str, torch.Tensor] = {}
+    nll = torch.zeros(2, device=info.device)  # the chosen answers' NLL in nats, and their tokens
     for i, weight in share_batches(len(groups), info):
         batch = val_data.batch_of_pairs(groups[i])
         input_ids, labels = batch["input_ids"].to(info.device), batch["labels"].to(info.device)
         with autocast(info.device, dtype):
-            policy, _, mask, mean_logits = batch_logps(model, input_ids, labels, ld_alpha)
+            policy, logps, mask, mean_logits = batch_logps(model, input_ids, labels, ld_alpha)
         ref = val_reference[batch["pair_ids"].to(info.device)]
         k, lengths = len(groups[i]), mask.sum(-1)
         losses, chosen_rewards, rejected_rewards = preference_loss(
@@ -79,10 +82,16 @@ def evaluate(model, val_data: PreferenceDataset, val_reference: torch.Tensor, cf
                                     reference_logps=torch.cat([ref[:, 0], ref[:, 1]]), lengths=lengths)
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + weight * value
+        tokens = mask[:k].sum()
+        nll += weight * torch.stack([sft_nll(logps.float(), mask, k, num_tokens=1.0), tokens.float()])
     keys = sorted(sums)
     totals = all_reduce_sum(torch.stack([sums[k].float() for k in keys])) / count
+    nats, tokens = all_reduce_sum(nll).tolist()
     model.train()
-    return {f"val/{key}": value for key, value in zip(keys, totals.tolist())}
+    scalars = {f"val/{key}": value for key, value in zip(keys, totals.tolist())}
+    scalars["val/nll_loss"] = nats / max(tokens, 1.0)
+    scalars["val/loss"] = scalars["val/preference_loss"] + cfg.sft_weight * scalars["val/nll_loss"]
+    return scalars
 
 
 def train(cfg: DPOConfig, info) -> None:
@@ -112,7 +121,8 @@ def train(cfg: DPOConfig, info) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print0(f"model: {cfg.model_name_or_path}, {model.num_parameters() / 1e6:.2f}M parameters, "
            f"{trainable / 1e6:.3f}M trainable ({cfg.finetuning_type}); reference: "
-           f"{'the same weights, adapters off' if lora else 'a frozen copy'}; loss {cfg.pref_loss}, beta {cfg.pref_beta}; "
+           f"{'the same weights, adapters off' if lora else 'a frozen copy'}; loss {cfg.pref_loss}, "
+           f"beta {cfg.pref_beta}; "
            f"{info.world_size} x {device.type}, {precision_summary(info, stage.dtype)}")
 
     val_reference = precompute_reference(reference, val_data, cfg, info) if val_data is not None else None
@@ -157,12 +167,15 @@ def train(cfg: DPOConfig, info) -> None:
             # Means over the global batch: pairs, and chosen tokens for the SFT term.
             # FSDP averages gradients over ranks, hence the factor world_size.
             objective = losses.sum() / pairs_per_step
+            nll = sft_nll(logps, mask, micro_batch, chosen_tokens)  # logged whatever the weight (TRL's nll_loss)
             if cfg.sft_weight > 0:
-                objective = objective + cfg.sft_weight * sft_nll(logps, mask, micro_batch, chosen_tokens)
+                objective = objective + cfg.sft_weight * nll
             (objective * info.world_size).backward()
             metrics = dpo_batch_metrics(losses, chosen_rewards, rejected_rewards, policy.detach(), mean_logits,
                                         reference_logps=torch.cat([ref_chosen, ref_rejected]), lengths=mask.sum(-1))
+            # scaled as the sums of pairs are: divided by pairs_per_step below, they give the step's values
             metrics["objective"] = objective.detach() * pairs_per_step
+            metrics["nll_loss"] = nll.detach() * pairs_per_step
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.detach()
             tokens += input_ids.numel()
@@ -170,8 +183,10 @@ def train(cfg: DPOConfig, info) -> None:
         keys = sorted(sums)
         totals = all_reduce_sum(torch.stack([sums[k].float() for k in keys])) / pairs_per_step
         step_metrics = dict(zip(keys, totals.tolist()))
-        step_metrics["train/loss"] = step_metrics.pop("objective")  # what is optimised, incl. the SFT term
-        step_metrics.pop("loss")
+        # TRL's names: loss is what is optimised (preference_loss + sft_weight * nll_loss), each part beside it
+        step_metrics["train/loss"] = step_metrics.pop("objective")
+        for part in ("preference_loss", "nll_loss"):
+            step_metrics[f"train/{part}"] = step_metrics.pop(part)
         stage.update(step, tokens * info.world_size, step_metrics,
                      show=("train/loss", "rewards/accuracies", "rewards/margins"))
 

@@ -90,6 +90,8 @@ def dpo_batch_metrics(losses: torch.Tensor, chosen_rewards: torch.Tensor, reject
                       ) -> dict[str, torch.Tensor]:
     """Sums over this batch's n pairs, as fp32 scalars: all-reduce them across ranks and
     steps, then divide each by the global number of pairs to log means.
+    "preference_loss" is the preference loss alone (a training step's "loss" adds the
+    sft_weight term, logged as "nll_loss": sft_nll, TRL's name).
 
     policy_logps and row_mean_logits are [2n] (chosen rows, then rejected rows).
     Given the reference's log-probs and the answers' token counts (both [2n]),
@@ -100,7 +102,7 @@ def dpo_batch_metrics(losses: torch.Tensor, chosen_rewards: torch.Tensor, reject
         raise ValueError(f"{n} pairs, but {policy_logps.shape[0]} policy log-probs and "
                          f"{row_mean_logits.shape[0]} mean logits (want {2 * n} each)")
     sums = {
-        "loss": losses,
+        "preference_loss": losses,
         "rewards/chosen": chosen_rewards,
         "rewards/rejected": rejected_rewards,
         "rewards/accuracies": (chosen_rewards > rejected_rewards),
@@ -135,7 +137,8 @@ def sft_nll(logps: torch.Tensor, mask: torch.Tensor, n: int, num_tokens: float |
     """Negative log-likelihood of the n chosen rows' response tokens, divided by
     num_tokens: by default their count here, so a mean per token; in training the
     count over the whole global batch, so every chosen token weighs the same
-    (the sft_weight term: loss = dpo_loss + sft_weight * sft_nll)."""
+    (the sft_weight term: loss = preference_loss + sft_weight * nll_loss, logged under
+    TRL's names, nll_loss being this NLL before the weight, as TRL's CPO/ORPO log it)."""
     if num_tokens is None:
         num_tokens = mask[:n].sum().clamp(min=1)
     return -(logps[:n] * mask[:n]).sum() / num_tokens

@@ -1,18 +1,24 @@
 """Draw a training run's curves as PNG files, from its metrics.jsonl.
 
-    python -m nanobumble.plot checkpoints/pretrain/tiny_base
+    python -m nanobumble.plot checkpoints/pretrain/tiny_base [--smoothing 0.6]
 
 writes output_dir/plots/<figure>.png, one line printed per file. A figure is
 written only when the run logged its keys:
 
-    loss.png        train/loss, raw and smoothed (exponential moving average)
+    loss.png        train/loss (the total optimised), raw and smoothed; a DPO run's parts
+                    beside it: train/preference_loss and train/nll_loss (its sft_weight term)
     lr.png          learning rate              grad_norm.png   gradient norm
-    val.png         val/loss, val/bpb          throughput.png  tokens/s (and MFU)
+    val.png         val/loss, val/bpb (DPO: val/preference_loss, val/nll_loss), a panel each
+    throughput.png  tokens/s (and MFU)
     rewards.png     DPO rewards, chosen and rejected
     margins.png     DPO reward margins         accuracies.png  DPO reward accuracies
     logps.png       log-probs of the chosen and rejected answers (logits.png: mean logits)
     drift.png       DPO: each answer's mean log-prob per token minus the reference's
     eval.png        eval/<task>/acc and exact_match per task (eval_bpb.png: eval/<task>/bpb)
+
+Smoothing (--smoothing W, 0 <= W < 1; 0: raw lines only) is TensorBoard's: an
+exponential moving average started at 0 and divided by 1 - W^t after t points,
+so the first points are not pulled toward 0 nor held at the first value.
 
 Keys are matched by their ending, so "rewards/chosen" and "val/rewards/chosen"
 land in the same figure as two lines. A damaged line (a run killed mid-write
@@ -41,7 +47,10 @@ from nanobumble.store.run_files import read_metrics
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-EMA_WEIGHT = 0.9  # the smoothed loss averages over roughly the last 1 / (1 - 0.9) = 10 logged steps
+SMOOTHING = 0.6  # TensorBoard's default weight: the smoothed loss averages over roughly the last 2.5 points
+# The y label of each loss: the same words wherever it is drawn (training or validation).
+LOSS_LABELS = {"loss": "loss (total, as optimised)", "preference_loss": "preference_loss (DPO family)",
+               "nll_loss": "nll_loss (chosen answers, per token)"}
 
 Match = Callable[[list[str]], tuple[str, str] | None]  # key split on "/" -> (panel y label, line label)
 
@@ -70,12 +79,14 @@ def _pair(ylabel: str, group: str, *names: str) -> Match:
 
 
 def _train_loss(parts: list[str]) -> tuple[str, str] | None:
-    return ("loss", "/".join(parts)) if parts in (["train", "loss"], ["loss"]) else None
+    if parts[-1] in LOSS_LABELS and (parts[:-1] == ["train"] or len(parts) == 1):
+        return LOSS_LABELS[parts[-1]], "/".join(parts)
+    return None
 
 
 def _val(parts: list[str]) -> tuple[str, str] | None:
-    # val/loss and val/bpb have different units: a panel each
-    return (parts[1], "/".join(parts)) if parts[0] == "val" and len(parts) == 2 else None
+    # val/loss and val/bpb have different units: a panel each (so has each part of a DPO loss)
+    return (LOSS_LABELS.get(parts[1], parts[1]), "/".join(parts)) if parts[0] == "val" and len(parts) == 2 else None
 
 
 def _throughput(parts: list[str]) -> tuple[str, str] | None:
@@ -124,19 +135,25 @@ def collect_series(records: list[dict]) -> dict[str, tuple[list[int], list[float
     return {key: (sorted(points), [points[step] for step in sorted(points)]) for key, points in by_key.items()}
 
 
-def ema(values: list[float], weight: float = EMA_WEIGHT) -> list[float]:
-    """Exponential moving average starting at the first value; a non-finite value
-    is not averaged in (the average carries on past it)."""
-    smoothed, average = [], None
+def smooth(values: list[float], weight: float = SMOOTHING) -> list[float]:
+    """TensorBoard's smoothing: an exponential moving average from 0, debiased by
+    dividing by 1 - weight^t after t finite values (an average of the points so far,
+    the recent ones weighing more). A non-finite value is drawn as it is and not
+    averaged in."""
+    smoothed, average, count = [], 0.0, 0
     for value in values:
-        if math.isfinite(value):
-            average = value if average is None else weight * average + (1 - weight) * value
-        smoothed.append(math.nan if average is None else average)
+        if not math.isfinite(value):
+            smoothed.append(value)
+            continue
+        average = weight * average + (1 - weight) * value
+        count += 1
+        smoothed.append(average / (1 - weight ** count))
     return smoothed
 
 
-def build_figures(records: list[dict]) -> dict[str, Figure]:
-    """name -> matplotlib Figure, for every figure in FIGURES with data; not saved."""
+def build_figures(records: list[dict], smoothing: float = SMOOTHING) -> dict[str, Figure]:
+    """name -> matplotlib Figure, for every figure in FIGURES with data; not saved.
+    smoothing: the weight of the smoothed lines (0: none drawn)."""
     from matplotlib.figure import Figure  # a bare Figure needs no display: drawn by Agg when saved
 
     series = collect_series(records)
@@ -156,9 +173,9 @@ def build_figures(records: list[dict]) -> dict[str, Figure]:
                 steps, values = series[key]
                 # markers make sparse series (validation, a short run, one point) visible
                 marker = "o" if len(steps) < 20 else None
-                if spec.smooth:
+                if spec.smooth and smoothing > 0:
                     ax.plot(steps, values, label=label, alpha=0.35, marker=marker, markersize=3)
-                    ax.plot(steps, ema(values), label=f"{label} (EMA {EMA_WEIGHT})")
+                    ax.plot(steps, smooth(values, smoothing), label=f"{label} (smoothed {smoothing:g})")
                 else:
                     ax.plot(steps, values, label=label, marker=marker, markersize=3)
             ax.set_xlabel("step")
@@ -172,7 +189,7 @@ def build_figures(records: list[dict]) -> dict[str, Figure]:
     return figures
 
 
-def write_plots(output_dir: str) -> dict[str, str]:
+def write_plots(output_dir: str, smoothing: float = SMOOTHING) -> dict[str, str]:
     """Draw output_dir/metrics.jsonl into output_dir/plots/; returns name -> path
     of the files written. Raises UserError for a missing directory, file or matplotlib."""
     metrics_path = os.path.join(output_dir, "metrics.jsonl")
@@ -188,7 +205,7 @@ def write_plots(output_dir: str) -> dict[str, str]:
     records, skipped = read_metrics(metrics_path)
     if skipped:
         print(f"{metrics_path}: skipped {skipped} damaged line{'s' if skipped > 1 else ''}")
-    figures = build_figures(records)
+    figures = build_figures(records, smoothing)
     if not figures:
         print(f"{metrics_path}: nothing to plot")
 

@@ -18,8 +18,8 @@ from nanobumble.store.adapter import load_adapter
 from nanobumble.store.checkpoint import list_checkpoints
 from nanobumble.store.model_dir import load_model_dir
 
-FAST = ["--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "48", "--use_tensorboard", "false", "--plot", "false", "--save_steps", "0",
-        "--warmup_ratio", "0.1"]
+FAST = ["--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "48", "--use_tensorboard", "false",
+        "--plot", "false", "--save_steps", "0", "--warmup_ratio", "0.1"]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,8 @@ def test_first_step_loss_is_ln2_with_zero_rewards(task, tmp_path, finetuning_typ
     train_dpo.main(dpo_args(task, tmp_path, "--max_steps", "1", "--logging_steps", "1", "--sft_weight", "0",
                             "--finetuning_type", finetuning_type))
     first = read_metrics(str(tmp_path))[0]
-    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["train/loss"] == first["train/preference_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["train/nll_loss"] > 0  # logged (TRL's nll_loss) though sft_weight 0 leaves it out of the loss
     assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
     assert first["rewards/rejected"] == pytest.approx(0, abs=1e-6)
     assert first["rewards/accuracies"] == 0.0  # a tie is not a win
@@ -163,7 +164,7 @@ def test_validation_metrics_are_the_final_policys_on_the_held_out_pairs(task, tm
     out = tmp_path / "dpo"
     train_dpo.main(dpo_args(task, out, "--max_steps", "20", "--learning_rate", "2e-3", "--logging_steps", "10",
                             "--eval_steps", "10", "--eval_rows", "400", "--lora_dropout", "0", "--pref_beta", "0.1",
-                            "--eval_dataset_path", str(root / "held_out.jsonl")))
+                            "--sft_weight", "0.5", "--eval_dataset_path", str(root / "held_out.jsonl")))
     val = [m for m in read_metrics(str(out)) if "val/drift/chosen" in m]
     assert [m["step"] for m in val] == [10, 20]
 
@@ -180,6 +181,20 @@ def test_validation_metrics_are_the_final_policys_on_the_held_out_pairs(task, tm
     drift = (pi - ref) / lengths
     rewards = 0.1 * (pi - ref)  # pref_beta 0.1
     final = val[-1]
+    # the losses, logged alike in training and validation: TRL's names, the total as loss
+    chosen = batch["labels"][:n] != -100
+    with torch.no_grad():
+        token_logps = batch_logps(policy, batch["input_ids"], batch["labels"])[1][:n].double()
+    nll = -(token_logps * chosen).sum().item() / chosen.sum().item()  # per chosen token
+    preference = -torch.nn.functional.logsigmoid(rewards[:n] - rewards[n:]).mean().item()
+    assert final["val/nll_loss"] == pytest.approx(nll, rel=1e-4)
+    assert final["val/preference_loss"] == pytest.approx(preference, rel=1e-4)
+    assert final["val/loss"] == pytest.approx(preference + 0.5 * nll, rel=1e-4)  # sft_weight 0.5
+    train = [m for m in read_metrics(str(out)) if "train/loss" in m]
+    assert {key for key in train[-1] if "loss" in key} == {"train/loss", "train/preference_loss", "train/nll_loss"}
+    assert {key for key in final if "loss" in key} == {"val/loss", "val/preference_loss", "val/nll_loss"}
+    for m in train:
+        assert m["train/loss"] == pytest.approx(m["train/preference_loss"] + 0.5 * m["train/nll_loss"], rel=1e-5)
     assert final["val/drift/chosen"] == pytest.approx(drift[:n].mean().item(), rel=1e-4, abs=1e-6)
     assert final["val/drift/rejected"] == pytest.approx(drift[n:].mean().item(), rel=1e-4, abs=1e-6)
     assert final["val/rewards/margins"] == pytest.approx((rewards[:n] - rewards[n:]).mean().item(), rel=1e-4)

@@ -295,7 +295,7 @@ def test_metrics_by_hand():
     policy = torch.tensor([-10.0, -20.0, -30.0, -11.0, -21.0, -31.0])
     row_logits = torch.tensor([0.5, 1.0, 1.5, -1.0, -2.0, 0.0])
     m = dpo_batch_metrics(losses, chosen, rejected, policy, row_logits)
-    want = {"loss": 2.5, "rewards/chosen": 0.5, "rewards/rejected": 2.5, "rewards/accuracies": 1.0,
+    want = {"preference_loss": 2.5, "rewards/chosen": 0.5, "rewards/rejected": 2.5, "rewards/accuracies": 1.0,
             "rewards/margins": -2.0, "logps/chosen": -60.0, "logps/rejected": -63.0, "logits/chosen": 3.0,
             "logits/rejected": -3.0}
     assert set(m) == set(want)
@@ -351,7 +351,7 @@ def test_tiny_transformer_as_its_own_reference_gives_ln2():
     (losses.mean() + 0.5 * sft_nll(logps, mask, n)).backward()
     assert model.embed_tokens.weight.grad is not None and model.embed_tokens.weight.grad.abs().sum() > 0
     metrics = dpo_batch_metrics(losses, chosen_rewards, rejected_rewards, pi, row_logits)
-    torch.testing.assert_close(metrics["loss"], torch.tensor(n * LN2), rtol=0, atol=1e-6)
+    torch.testing.assert_close(metrics["preference_loss"], torch.tensor(n * LN2), rtol=0, atol=1e-6)
     assert metrics["rewards/accuracies"].item() == 0.0
     assert all(torch.isfinite(v) for v in metrics.values())
 

@@ -9,7 +9,8 @@ import pytest
 
 from nanobumble.base.errors import run_cli
 from nanobumble.plot import main
-from nanobumble.run.plots import build_figures, plot_run, write_plots
+from nanobumble.base.errors import ConfigError
+from nanobumble.run.plots import build_figures, plot_run, smooth, write_plots
 from nanobumble.store.run_files import read_metrics as read_records
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -58,8 +59,8 @@ def test_pretraining_figures_show_the_logged_values(tmp_path, capsys):
     figures = build_figures(PRETRAIN)
     loss = lines_by_label(only_axes(figures["loss"]))
     assert loss["train/loss"] == ([1, 2, 3, 4], [4.0, 2.0, 3.0, 1.0])
-    # EMA starting at the first value: 0.9 * previous + 0.1 * new
-    assert loss["train/loss (EMA 0.9)"][1] == pytest.approx([4.0, 3.8, 3.72, 3.448])
+    # TensorBoard's smoothing 0.6: the points so far weighted 1, 0.6, 0.36, ... from the newest, normalised
+    assert loss["train/loss (smoothed 0.6)"][1] == pytest.approx([4.0, 4.4 / 1.6, 5.64 / 1.96, 4.384 / 2.176])
     assert lines_by_label(only_axes(figures["lr"]))["train/lr"] == ([1, 2, 3, 4], [1e-3, 8e-4, 5e-4, 1e-4])
     assert lines_by_label(only_axes(figures["grad_norm"]))["train/grad_norm"][1] == [1.5, 1.0, 0.5, 0.25]
     assert lines_by_label(only_axes(figures["throughput"]))["train/tokens_per_sec"][1] == [100, 110, 120, 130]
@@ -99,6 +100,44 @@ def test_dpo_figures_show_rewards_margins_accuracies_and_logps(tmp_path):
     assert lines_by_label(only_axes(figures["loss"]))["train/loss"][1] == pytest.approx([0.6, 0.5, 0.4])
     drift = lines_by_label(only_axes(figures["drift"]))
     assert drift["val/drift/chosen"] == ([3], [-0.05]) and drift["val/drift/rejected"] == ([3], [-0.4])
+
+
+def test_smoothing_is_tensorboards_debiased_moving_average():
+    values = [10.0] + [1.0] * 11  # a loss that falls at once and stays
+    weight = 0.9
+    # by hand: point t is sum_k w^(t-k) x_k / sum_k w^(t-k), the EMA from 0 divided by 1 - w^(t+1)
+    expected = [sum(weight ** (t - k) * values[k] for k in range(t + 1)) / sum(weight ** j for j in range(t + 1))
+                for t in range(len(values))]
+    assert smooth(values, weight) == pytest.approx(expected, rel=1e-12)
+    # the numerator of the last point is exactly 1: (1 - w) (10 w^11 + w^10 + ... + 1) = 1 + 9 w^11 - w^11 - ...
+    assert smooth(values, weight)[-1] == pytest.approx(1 / (1 - weight ** 12), rel=1e-12)  # 1.39
+    # (an average started at the first value ends at 1 + 9 * 0.9^11 = 3.82, held up by the first point)
+    assert smooth([2.0, 4.0], 0.6)[0] == 2.0  # the first point is itself, not 0.4 * 2
+    assert smooth([2.0, float("nan"), 4.0], 0.0)[::2] == [2.0, 4.0]  # 0: raw; a NaN is not averaged in
+    smoothed = smooth([2.0, float("nan"), 4.0], 0.5)
+    assert smoothed[0] == 2.0 and smoothed[1] != smoothed[1] and smoothed[2] == pytest.approx((1 + 4) / 1.5)
+
+
+def test_the_smoothing_key_of_the_plot_program(tmp_path):
+    write_metrics(tmp_path, PRETRAIN)
+    main([str(tmp_path), "--smoothing", "0"])
+    assert set(lines_by_label(only_axes(build_figures(PRETRAIN, 0)["loss"]))) == {"train/loss"}  # raw only
+    assert "train/loss (smoothed 0.9)" in lines_by_label(only_axes(build_figures(PRETRAIN, 0.9)["loss"]))
+    for bad in ("1", "-0.1", "x"):
+        with pytest.raises(ConfigError, match="key 'smoothing'"):
+            main([str(tmp_path), "--smoothing", bad])
+
+
+def test_each_loss_is_labelled_with_what_it_is():
+    records = [{"step": step, "train/loss": 0.9 - 0.1 * step, "train/preference_loss": 0.7 - 0.1 * step,
+                "train/nll_loss": 2.0} for step in (1, 2)]
+    records.append({"step": 2, "val/loss": 0.8, "val/preference_loss": 0.6, "val/nll_loss": 2.0})
+    figures = build_figures(records)
+    labels = {ax.get_ylabel(): lines_by_label(ax) for ax in figures["loss"].get_axes()}
+    assert set(labels) == {"loss (total, as optimised)", "preference_loss (DPO family)",
+                           "nll_loss (chosen answers, per token)"}
+    assert labels["nll_loss (chosen answers, per token)"]["train/nll_loss"] == ([1, 2], [2.0, 2.0])
+    assert {ax.get_ylabel() for ax in figures["val"].get_axes()} == set(labels)
 
 
 def test_evaluation_accuracy_has_a_line_per_task():
