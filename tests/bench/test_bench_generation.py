@@ -94,16 +94,29 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
-@pytest.mark.bench
-def test_bench_batched_decoding(capsys):
-    """The batched decoder (generate_batch: N sequences, one forward a step) against
-    generate_stream one sequence after another; and evaluate's greedy_generate, new
-    (batched KV cache) against old (full recompute), on an evaluate-shaped batch."""
+@pytest.fixture
+def one_cpu_thread():
+    """CPU timings with one thread: on a shared 2-core machine two OpenMP threads that
+    wait for each other made every step 5-15x slower, and the numbers random."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def bench_cases():
     cases = [("tiny", 4096, torch.device("cpu"), torch.float32, 64, 64)]
     if torch.cuda.is_available():
         cases.append(("bumblebee-1.5b", 151936, torch.device("cuda"), torch.bfloat16, 512, 128))
-    rows, eval_rows = [], []
-    for preset, vocab, device, dtype, prompt_len, new_tokens in cases:
+    return cases
+
+
+@pytest.mark.bench
+def test_bench_batched_decoding(capsys, one_cpu_thread):
+    """The batched decoder (generate_batch: N sequences, one forward a step) against
+    generate_stream one sequence after another."""
+    rows = []
+    for preset, vocab, device, dtype, prompt_len, new_tokens in bench_cases():
         model = build(preset, vocab, device, dtype)
         generator = torch.Generator().manual_seed(0)
         prompts = [torch.randint(4, 1000, (prompt_len - 4 * i,), generator=generator).tolist() for i in range(8)]
@@ -115,22 +128,31 @@ def test_bench_batched_decoding(capsys):
             tokens = sum(len(ids) for ids, _ in results)
             rows.append([preset, f"{device.type} {str(dtype).removeprefix('torch.')}", n, prompt_len, new_tokens,
                          f"{tokens / batched:.1f}", f"{tokens / one_by_one:.1f}", f"{one_by_one / batched:.1f}x"])
-        # evaluate-shaped: 16 prompts of different lengths, 32 new tokens, batches of 8, no early stop
-        eval_prompts = [torch.randint(4, 1000, (length,), generator=generator).tolist()
-                        for length in torch.randint(prompt_len // 4, prompt_len * 2, (16,), generator=generator)]
-        eval_dtype = dtype if device.type == "cuda" else torch.float32  # autocast dtype, as evaluate passes it
-        args = (eval_prompts, 32, device, eval_dtype, 8, vocab)
-        model = model.float()  # evaluate's model: fp32 weights, computing under autocast
+    with capsys.disabled():
+        print_table("greedy decode: N sequences batched vs one at a time (tokens/s of all N together; CPU: 1 thread)",
+                    ["model", "device", "N", "prompt", "new tokens", "tok/s batched", "tok/s one by one",
+                     "speed-up"], rows)
+
+
+@pytest.mark.bench
+def test_bench_evaluate_greedy_generate(capsys, one_cpu_thread):
+    """evaluate's greedy_generate, new (batched KV cache) against old (full recompute), on
+    an evaluate-shaped batch: 16 prompts of different lengths, 32 new tokens, batches of 8,
+    no early stop."""
+    rows = []
+    for preset, vocab, device, dtype, prompt_len, _ in bench_cases():
+        model = build(preset, vocab, device, dtype).float()  # evaluate's model: fp32 weights, under autocast
+        generator = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(4, 1000, (length,), generator=generator).tolist()
+                   for length in torch.randint(prompt_len // 4, prompt_len * 2, (16,), generator=generator)]
+        eval_dtype = dtype if device.type == "cuda" else torch.float32  # the autocast dtype evaluate passes
+        args = (prompts, 32, device, eval_dtype, 8, vocab)
         old, old_seconds = timed(lambda: greedy_generate_recompute(model, *args, lambda ids: False))
         new, new_seconds = timed(lambda: greedy_generate(model, *args, lambda ids: False))
         same = sum(a == b for a, b in zip(old, new))
-        eval_rows.append([preset, f"{device.type} {str(eval_dtype).removeprefix('torch.')}", 16, 8, 32,
-                          f"{old_seconds:.2f}", f"{new_seconds:.2f}", f"{old_seconds / new_seconds:.1f}x",
-                          f"{same}/16"])
+        rows.append([preset, f"{device.type} {str(eval_dtype).removeprefix('torch.')}", 16, 8, 32,
+                     f"{old_seconds:.2f}", f"{new_seconds:.2f}", f"{old_seconds / new_seconds:.1f}x", f"{same}/16"])
     with capsys.disabled():
-        print_table("greedy decode: N sequences batched vs one at a time (tokens/s of all N together)",
-                    ["model", "device", "N", "prompt", "new tokens", "tok/s batched", "tok/s one by one",
-                     "speed-up"], rows)
-        print_table("evaluate's greedy_generate: full recompute (old) vs batched KV cache (new)",
+        print_table("evaluate's greedy_generate: full recompute (old) vs batched KV cache (new) (CPU: 1 thread)",
                     ["model", "device", "prompts", "batch", "new tokens", "old s", "new s", "speed-up",
-                     "same output"], eval_rows)
+                     "same output"], rows)
