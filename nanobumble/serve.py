@@ -55,7 +55,7 @@ bound once, before the model loads: either failing is one line and exit code 2.
 Continuous batching: every answer, and each choice of one, is a row of one shared
 Batcher (nanobumble/inference/batching.py), whose thread runs the model: a request
 joins the running batch at its next step, and one forward per step serves every
-answer in flight (up to MAX_BATCH; more wait their turn). The event loop only
+answer in flight (up to --max_batch; more wait their turn). The event loop only
 turns tokens into text and events, so it stays free to stream and to notice a
 client that hangs up, whose row then frees before the next step. Prompt scoring
 (logprobs) is one forward on a worker thread of its own, beside the batcher.
@@ -98,7 +98,6 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 1000  # each: holding back a possible start costs its length squared, under the model's lock
 MAX_BODY_BYTES = 1 << 20  # a request body beyond this is refused unread (the context holds far less text)
 MAX_CHOICES = 8  # n
-MAX_BATCH = 8  # answers generated together (rows of the batch; the KV cache holds this many contexts)
 MAX_LOGPROBS = 5  # completions' logprobs (top alternatives per token), as OpenAI
 API_KEY_ENV = "NANOBUMBLE_API_KEY"  # the key when --api_key is not given (as vLLM reads VLLM_API_KEY)
 # The request fields each endpoint implements. Any other field is refused (400 naming it), whatever its
@@ -125,6 +124,9 @@ class ServeConfig:
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:1 ...
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     api_key: str = ""  # every /v1 request must send "Authorization: Bearer KEY"; "" = $NANOBUMBLE_API_KEY, or none
+    # answers generated together, each a row of one forward; the KV cache holds this many whole contexts
+    # (a 1.5B model at 32k context in bf16: about 0.9 GB each). More requests wait their turn.
+    max_batch: int = 8
     served_model_name: str = ""  # the model id of /v1/models and requests; "" = the last directory of model_path
 
     def __post_init__(self):
@@ -316,12 +318,11 @@ class Engine:
     """The model and its tokenizer, behind one continuous batcher that every answer shares
     (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, model_id: str, cfg: ServeConfig, api_key: str = "",
-                 max_batch: int = MAX_BATCH):
+    def __init__(self, model, tokenizer, model_id: str, cfg: ServeConfig, api_key: str = ""):
         self.model, self.tokenizer, self.model_id, self.cfg = model, tokenizer, model_id, cfg
         self.api_key = api_key  # "" = no key
         self.context_len = model.config.max_position_embeddings
-        self.batcher = Batcher(model, max_batch=max_batch)  # its own thread runs the model for every answer
+        self.batcher = Batcher(model, max_batch=cfg.max_batch)  # its own thread runs the model for every answer
         self.lock = asyncio.Lock()  # prompt scoring (logprobs), one at a time on the worker thread
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="scoring")
         self.created = int(time.time())
@@ -725,9 +726,9 @@ def check_port(host: str, port: int) -> None:
         raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
-def create_server(cfg: ServeConfig, max_batch: int = MAX_BATCH):
-    """Load the model and build the (not yet started) uvicorn server. max_batch 1 answers one
-    request at a time (the benchmark's baseline)."""
+def create_server(cfg: ServeConfig):
+    """Load the model and build the (not yet started) uvicorn server. cfg.max_batch 1 answers
+    one request at a time (the benchmark's baseline)."""
     try:
         import fastapi  # noqa: F401  (imported where used; checked here to fail before loading the model)
         import uvicorn
@@ -741,7 +742,7 @@ def create_server(cfg: ServeConfig, max_batch: int = MAX_BATCH):
     check_template(tokenizer)  # a template that is not Jinja would fail every chat
     mode, why = resolve_mode("auto", model_path, adapter_path)
     api_key = cfg.api_key or os.environ.get(API_KEY_ENV, "")
-    engine = Engine(model, tokenizer, cfg.served_model_name or model_id(cfg.model_path), cfg, api_key, max_batch)
+    engine = Engine(model, tokenizer, cfg.served_model_name or model_id(cfg.model_path), cfg, api_key)
     log(f"model: {engine.model_id} from {model_path} ({model.num_parameters() / 1e6:.1f}M parameters, context "
         f"{engine.context_len}) on {device} {str(dtype).removeprefix('torch.')}, loaded in "
         f"{time.time() - start:.1f}s")

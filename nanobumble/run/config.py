@@ -98,6 +98,7 @@ NUMBERS: dict[str, Number] = {
     "max_new_tokens": Number(1, 2**20, integer=True),
     "max_shard_size_gb": Number(0, low_open=True),
     "port": Number(1, 65535, integer=True),
+    "max_batch": Number(1, 256, integer=True),
     "temperature": Number(0, note="0: greedy"),
     "top_p": Number(0, 1, low_open=True),
     "top_k": Number(-1, 2**20, integer=True, note="<= 0: off"),

@@ -101,9 +101,10 @@ def test_bench_serve_one_at_a_time_and_batched(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(Transformer, "forward", no_end_of_turn)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     servers = {}  # both up at once, measured in turns: a busy machine slows both alike
-    for mode, max_batch in (("one at a time", 1), ("batched", serve.MAX_BATCH)):
-        cfg = serve.ServeConfig(model_path=str(model_dir), port=free_port(), device=device, max_new_tokens=NEW_TOKENS)
-        server = serve.create_server(cfg, max_batch=max_batch)
+    for mode, max_batch in (("one at a time", 1), ("batched", serve.ServeConfig.max_batch)):
+        cfg = serve.ServeConfig(model_path=str(model_dir), port=free_port(), device=device, max_new_tokens=NEW_TOKENS,
+                                max_batch=max_batch)
+        server = serve.create_server(cfg)
         server.config.log_level, server.config.access_log = "warning", False
         thread = threading.Thread(target=server.run, daemon=True)
         thread.start()
