@@ -595,6 +595,91 @@ def test_the_same_loglikelihoods_and_accuracy_as_lm_evaluation_harness(setup, tm
           f"largest log-likelihood difference {largest_difference:.1e}")
 
 
+def write_lm_eval_tasks(directory) -> None:
+    """lm_eval task configs (YAML, for --include_path) that ask what nanobumble asks at
+    --num_fewshot 2: C-Eval letters with its dev split's first examples, HellaSwag endings."""
+    import yaml
+
+    directory.mkdir()
+    ceval_dev = str(directory / "bee_biology_dev.csv")  # the HF csv loader wants val's columns: no explanation
+    with open(os.path.join(EVAL_DATA, "ceval", "dev", "bee_biology_dev.csv"), encoding="utf-8") as f:
+        rows = [row[:7] for row in csv.reader(f)]
+    with open(ceval_dev, "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows(rows)
+    first_two = {"num_fewshot": 2, "fewshot_split": "dev", "fewshot_config": {"sampler": "first_n"}}
+    letters = {
+        "task": "nb_ceval", "dataset_path": "csv",
+        "dataset_kwargs": {"data_files": {"val": CEVAL_VAL, "dev": ceval_dev}}, "test_split": "val",
+        **first_two, "output_type": "multiple_choice",
+        "description": "The following are multiple choice questions (with answers) about bee biology.\n\n",
+        "doc_to_text": "{{question.strip()}}\nA. {{A}}\nB. {{B}}\nC. {{C}}\nD. {{D}}\nAnswer:",
+        "doc_to_choice": ["A", "B", "C", "D"], "doc_to_target": "{{['A', 'B', 'C', 'D'].index(answer)}}",
+        "metric_list": [{"metric": "acc"}]}
+    hellaswag_dev = os.path.join(EVAL_DATA, "hellaswag_mini_dev.jsonl")
+    endings = {
+        "task": "nb_hellaswag", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": HELLASWAG, "dev": hellaswag_dev}}, "test_split": "test",
+        **first_two, "output_type": "multiple_choice", "doc_to_text": "{{ctx}}", "doc_to_choice": "endings",
+        "doc_to_target": "label", "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}
+    for config in (letters, endings):
+        (directory / f"{config['task']}.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_the_lm_eval_command_line_on_the_export_gives_the_same_loglikelihoods_and_stderr(setup, tmp_path):
+    """`python -m lm_eval --model hf` on the Hugging Face export (its own AutoTokenizer, so the
+    export must give it nanobumble's ids), offline, against `python -m nanobumble.evaluate`
+    on the model it was exported from, both with --limit 7 and 2-shot."""
+    from nanobumble.export_hf import export_hf
+
+    started = time.time()
+    model = tiny_model(setup.tokenizer.vocab_size, tie=False)
+    save_model_dir(str(tmp_path / "model"), model, setup.tokenizer.model_file, "stage: sft\n")
+    export_hf(str(tmp_path / "model"), str(tmp_path / "hf"))
+    write_lm_eval_tasks(tmp_path / "tasks")
+    offline = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "HF_DATASETS_CACHE": str(tmp_path / "datasets_cache")}
+    theirs = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf",
+         "--model_args", f"pretrained={tmp_path / 'hf'},dtype=float32", "--tasks", "nb_ceval,nb_hellaswag",
+         "--include_path", str(tmp_path / "tasks"), "--device", "cpu",
+         "--batch_size", "8", "--limit", "7", "--log_samples", "--output_path", str(tmp_path / "lm_eval")],
+        cwd=tmp_path, env=offline, capture_output=True, text=True, timeout=600)
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    (results_file,) = (tmp_path / "lm_eval").glob("*/results_*.json")
+    report = json.loads(results_file.read_text(encoding="utf-8"))
+
+    result = run_cli(["--model_path", str(tmp_path / "model"), "--tasks", CEVAL_VAL, HELLASWAG, "--num_fewshot", "2",
+                      "--limit", "7", "--device", "cpu", "--output", str(tmp_path / "ours.json")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = json.loads((tmp_path / "ours.json").read_text(encoding="utf-8"))
+
+    largest_difference = 0.0
+    for task, name in (("nb_ceval", "bee_biology_val"), ("nb_hellaswag", "hellaswag_mini")):
+        (samples_file,) = results_file.parent.glob(f"samples_{task}_*.jsonl")
+        samples = sorted((json.loads(line) for line in samples_file.read_text(encoding="utf-8").splitlines()),
+                         key=lambda sample: sample["doc_id"])
+        assert [s["doc_id"] for s in samples] == [d["doc_id"] for d in ours["samples"][name]] == list(range(7))
+        for sample, item in zip(samples, ours["samples"][name], strict=True):
+            # the samples file writes each (log-likelihood, is greedy) as strings
+            their_loglikelihoods = [float(response[0]) for response in sample["filtered_resps"]]
+            assert item["loglikelihoods"] == pytest.approx(their_loglikelihoods, abs=1e-4), (task, sample["doc_id"])
+            largest_difference = max(largest_difference, *(abs(a - b) for a, b in
+                                                           zip(item["loglikelihoods"], their_loglikelihoods)))
+            assert item["predicted"] == max(range(len(their_loglikelihoods)), key=their_loglikelihoods.__getitem__)
+            assert item["acc"] == sample["acc"]
+        for metric in ("acc", "acc_norm") if task == "nb_hellaswag" else ("acc",):
+            for key in (f"{metric},none", f"{metric}_stderr,none"):
+                assert ours["results"][name][key] == pytest.approx(report["results"][task][key], rel=1e-12), key
+        assert ours["n-samples"][name] == report["n-samples"][task] == {"original": 10, "effective": 7}
+        assert ours["n-shot"][name] == report["n-shot"][task] == 2
+    predicted = {d["predicted"] for d in ours["samples"]["bee_biology_val"]}
+    assert len(predicted) > 1, predicted  # not one letter for every question
+    print(f"\nlm_eval command line cross-check: {time.time() - started:.1f}s, largest log-likelihood difference "
+          f"{largest_difference:.1e}, acc {ours['results']['bee_biology_val']['acc,none']:.4f} ± "
+          f"{ours['results']['bee_biology_val']['acc_stderr,none']:.4f}")
+
+
 FSDP_SCRIPT = """
 import json, sys
 import torch
