@@ -38,6 +38,14 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def usual_permissions(path: str) -> None:
+    """Give a file the permissions any new file gets (0644 under the usual umask 022):
+    safetensors' save_file writes through a private temporary and leaves 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_directory(directory: str, replace: bool = False) -> Iterator[str]:
     """A new temporary directory beside `directory` to fill. When the block ends

@@ -30,10 +30,9 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
-import torch
 
 from nanobumble.base.errors import DataError
-from nanobumble.base.files import atomic_directory
+from nanobumble.base.files import atomic_directory, usual_permissions
 from nanobumble.base.output_guard import record, sweep_leftovers
 from nanobumble.base.reading import read_json
 from nanobumble.data.chat_template import CHATML_RENDERER
@@ -41,7 +40,6 @@ from nanobumble.data.dpo_data import load_preference_pairs, pairs_summary, token
 from nanobumble.data.records import files_fingerprint, list_data_files
 from nanobumble.data.sft_data import load_conversations, sft_summary, tokenize_sft
 from nanobumble.data.tokenizer import load_tokenizer, map_in_workers
-from nanobumble.store.tensor_files import write_gathered
 
 CACHE_VERSION = 3  # 2: stats record data_sha256; 3: TRL's formats read (a file once skipped now reads)
 CHUNK_ITEMS = 512  # conversations or pairs per task sent to a worker process
@@ -218,15 +216,16 @@ def _read(directory: str, fields: Sequence[str]) -> tuple[list[dict], dict] | No
 
 def _write(directory: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Write into a temporary directory and rename it: a cache directory is complete or absent."""
+    from safetensors.numpy import save_file
+
     cache_dir = os.path.dirname(os.path.abspath(directory))
     sweep_leftovers(cache_dir, locked=False)  # what a killed run left
     os.makedirs(cache_dir, exist_ok=True)
     record(cache_dir, os.path.basename(directory))  # the record also keeps the cache from being read as data
     try:
         with atomic_directory(directory) as tmp:
-            # safetensors' own save_file leaves the file readable by its owner only
-            write_gathered(os.path.join(tmp, "tokens.safetensors"),
-                           [(name, torch.from_numpy(array)) for name, array in arrays.items()], writer=True)
+            save_file(arrays, os.path.join(tmp, "tokens.safetensors"))
+            usual_permissions(os.path.join(tmp, "tokens.safetensors"))
             with open(os.path.join(tmp, "meta.json"), "w") as f:
                 json.dump(meta, f, indent=2, ensure_ascii=False)
     except FileExistsError:

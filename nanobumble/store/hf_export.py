@@ -260,7 +260,7 @@ def write_weights(save_path: str, state: dict[str, torch.Tensor], max_bytes: int
     names = [WEIGHTS_NAME] if len(shards) == 1 else \
         [SHARD_NAME.format(i, len(shards)) for i in range(1, len(shards) + 1)]
     for name, shard in zip(names, shards):
-        write_gathered(os.path.join(save_path, name), list(shard.items()), writer=True)
+        write_gathered(os.path.join(save_path, name), list(shard.items()))
     if len(names) > 1:  # transformers' index format
         total = sum(t.numel() * t.element_size() for t in state.values())
         weight_map = {tensor: name for name, shard in zip(names, shards) for tensor in shard}

@@ -38,11 +38,10 @@ class DamagedFile(UserError):
 
 
 def write_gathered(path: str, named_tensors: list[tuple[str, torch.Tensor]],
-                   metadata: dict[str, str] | None = None, writer: bool | None = None) -> None:
+                   metadata: dict[str, str] | None = None) -> None:
     """Write full tensors to a safetensors file; every rank calls this with the same
-    names in the same order (sharded tensors are gathered), rank 0 writes (or the
-    process that passes writer=True, with tensors of its own). The file appears
-    under its name only when complete, with the permissions of any other new file."""
+    names in the same order (sharded tensors are gathered), rank 0 writes. The file
+    appears under its name only when complete, with the permissions of any other new file."""
     header, offset = {}, 0
     for name, tensor in named_tensors:
         nbytes = math.prod(tensor.shape) * tensor.element_size()
@@ -50,7 +49,7 @@ def write_gathered(path: str, named_tensors: list[tuple[str, torch.Tensor]],
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = {"format": "pt", **(metadata or {})}
-    main = is_main() if writer is None else writer
+    main = is_main()
     with atomic_path(path) if main else contextlib.nullcontext() as tmp, \
             open(tmp, "wb") if main else contextlib.nullcontext() as f:
         if main:

@@ -57,6 +57,19 @@ def test_cached_sft_samples_equal_direct_tokenization_and_are_reused(setup, caps
     assert "reusing" in out and f"sft data: {len(direct)} samples from {len(WORDS)} conversations" in out
 
 
+def test_the_cache_is_readable_like_any_new_file(setup, capsys, tmp_path):
+    root, (tok, _) = setup
+    old = os.umask(0o022)
+    try:
+        token_cache.tokenized_sft(str(root / "sft.jsonl"), tok, 40, "", str(tmp_path / "cache"), False)
+    finally:
+        os.umask(old)
+    (directory,) = [d for d in os.listdir(tmp_path / "cache") if not d.startswith(".")]
+    modes = {name: os.stat(tmp_path / "cache" / directory / name).st_mode & 0o777
+             for name in os.listdir(tmp_path / "cache" / directory)}
+    assert modes == {"tokens.safetensors": 0o644, "meta.json": 0o644}  # safetensors' save_file leaves 0600
+
+
 def test_cached_preference_pairs_equal_direct_tokenization(setup, capsys):
     root, (tok, _) = setup
     pairs = load_preference_pairs(str(root / "dpo.jsonl"), quiet=True)
