@@ -385,7 +385,7 @@ class Engine:
                                      notify=lambda: loop.call_soon_threadsafe(arrived.set))
         streamer, cutter = TextStreamer(self.tokenizer), StopStrings(stops)
         try:
-            while not cutter.stopped and not self.closing:
+            while not self.closing:
                 ended = handle.done  # before poll: every token of an ended answer is queued by then
                 for token in handle.poll():
                     answer.token_ids.append(token)
@@ -393,7 +393,9 @@ class Engine:
                         yield text
                     if cutter.stopped:
                         break
-                if ended and not cutter.stopped:
+                if cutter.stopped:  # (no more tokens may come to wake the wait below)
+                    break
+                if ended:
                     if text := cutter.push(streamer.flush(), last=True):
                         yield text
                     break
