@@ -140,7 +140,7 @@ class TrainConfig:
     stage: str = ""  # fixed per script (pretrain, sft, dpo); recorded in training_args.yaml
     # --- model, data, output ---
     model_name_or_path: str = "tiny"  # preset name (tiny, bumblebee-1.5b) or model directory
-    dataset_path: str = ""  # JSON/JSONL files, a directory of them, or a comma-separated list
+    dataset_path: str = ""  # JSON/JSONL/Parquet files, a directory of them, or a comma-separated list
     output_dir: str = ""  # where checkpoints, the final model, metrics.jsonl and plots go
     strict: bool = False  # stop at the first malformed record instead of skipping it
     cache_dir: str = "cache"  # tokenized data (and trained tokenizers), keyed by their inputs
