@@ -1,6 +1,7 @@
 """Preparing pretraining data: throughput and peak memory of tokenizing a JSONL
 corpus into shards, with 1 process and with all cores, at two corpus sizes:
-`python -m pytest -m bench tests/bench/test_bench_prepare.py -s`.
+`python -m pytest -m bench_long tests/bench/test_bench_prepare.py -s`
+(bench_long, not bench: it writes and tokenizes 2.2 GB of text, many minutes on 2 cores).
 
 The corpus is generated Chinese-like text as {"text": ...} lines (see
 test_bench_tokenizer.py); the tokenizer (vocab 32K) is trained once on a 10 MB
@@ -23,7 +24,7 @@ from test_bench_tokenizer import write_corpus
 from nanobumble.data.records import iter_text_records
 from nanobumble.data.tokenizer import load_or_train_tokenizer
 
-pytestmark = pytest.mark.bench
+pytestmark = pytest.mark.bench_long  # not bench: GB-scale
 
 
 def test_bench_preparation(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Tokenizer training: time and peak memory against the sample it learns from and
 the vocabulary size, and what the sample size costs in quality (tokens per
-character of held-out text): `python -m pytest -m bench tests/bench/test_bench_tokenizer.py -s`.
+character of held-out text): `python -m pytest -m bench_long tests/bench/test_bench_tokenizer.py -s`
+(bench_long, not bench: 9 trainings on samples up to 200 MB of a 300 MB corpus, many minutes).
 
 The corpus is generated Chinese-like text (about 300 MB): words of 2-4
 characters cut from the bundled Chinese data, drawn by their frequency. Each
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import REPO_ROOT, print_table
 
-pytestmark = pytest.mark.bench
+pytestmark = pytest.mark.bench_long  # not bench: hundreds of MB
 
 SAMPLES_MB = (10, 50, 200)
 VOCABS = (32_000, 64_000, 151_936)
