@@ -21,6 +21,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+import torch.nn as nn
 
 from nanobumble.base.distributed import all_reduce_sum, print0
 from nanobumble.base.errors import run_cli
@@ -29,6 +30,7 @@ from nanobumble.data.dpo_data import PreferenceDataset
 from nanobumble.model.dpo import batch_logps, displacement_warning, dpo_batch_metrics, preference_loss, sft_nll
 from nanobumble.model.layers import IGNORE_INDEX
 from nanobumble.model.lora import disable_adapters
+from nanobumble.model.mfu import document_flops
 from nanobumble.run.build import lora_settings, open_starting_model
 from nanobumble.run.config import DPOConfig
 from nanobumble.run.stage import Stage, run_stage, share_batches, tokenized_data
@@ -36,6 +38,34 @@ from nanobumble.run.stage import Stage, run_stage, share_batches, tokenized_data
 
 def main(argv: list[str]) -> None:
     run_stage(train, DPOConfig, argv)  # the config from argv, then train() on every rank
+
+
+@torch.no_grad()
+def keep_frozen_in_compute_dtype(model: nn.Module, dtype: torch.dtype) -> int:
+    """LoRA in one process under bf16 autocast: store the frozen weights and biases
+    of the linear layers (projections, LM head) in bf16 once, instead of letting
+    autocast round the fp32 copies to bf16 again on each of the three forwards of
+    a micro-step (reference, policy, and the policy's recomputation under
+    activation checkpointing). The values are the ones autocast used (the same
+    rounding), so the losses are unchanged and the fp32 copies' memory is freed.
+    The adapters stay fp32 for the optimizer; norms and the embedding stay fp32
+    (autocast does not cast them: the residual stream stays fp32); a weight tied
+    to the embedding is left alone. fp32 runs are untouched, and so are sharded
+    runs, where FSDP's policy does the casting. Returns the number of tensors cast."""
+    if dtype == torch.float32:
+        return 0
+    embedding = getattr(model, "embed_tokens", None)
+    tied = embedding.weight if embedding is not None else None
+    cast = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        for param in (module.weight, module.bias):
+            if param is None or param.requires_grad or param is tied or param.dtype == dtype:
+                continue
+            param.data = param.data.to(dtype)
+            cast += 1
+    return cast
 
 
 @torch.no_grad()
@@ -108,6 +138,8 @@ def train(cfg: DPOConfig, info) -> None:
     lora = lora_settings(cfg)
     model = stage.build_model(model_cfg, cfg.model_name_or_path, lora)
     reference_model = None if lora else stage.build_model(model_cfg, cfg.model_name_or_path, frozen=True)
+    if lora:  # the reference (adapters off) then reads the same bf16 weights autocast would have made
+        keep_frozen_in_compute_dtype(model, stage.autocast_dtype)  # autocast_dtype is fp32 when sharded
     ld_alpha = cfg.ld_alpha if cfg.ld_alpha != 1.0 else None
     device, autocast_dtype = info.device, stage.autocast_dtype
 
@@ -144,10 +176,19 @@ def train(cfg: DPOConfig, info) -> None:
         batches = [dataset.batch(cfg.seed, rows) for rows in stage.micro_batches(step)]
         # The SFT term is a mean over the chosen answers' tokens of the whole global batch.
         chosen_tokens = sum(int((b["labels"][:micro_batch] != IGNORE_INDEX).sum()) for b in batches)
-        chosen_tokens = all_reduce_sum(torch.tensor(float(chosen_tokens), device=device)).item()
+        # Throughput counts real tokens (prompt + answer of each row, not padding), MFU
+        # their FLOPs, each row by its own length (mfu.py: document_flops): the policy's
+        # forward and backward, plus the reference's forward unless precomputed.
+        lengths = [len(dataset.pairs[p]["prompt_ids"]) + len(dataset.pairs[p][key]) - 1
+                   for b in batches for key in ("chosen_ids", "rejected_ids") for p in b["pair_ids"].tolist()]
+        flops = document_flops(model_cfg, lengths, frozen_base=bool(lora), adapter_params=trainable * bool(lora))
+        if reference_table is None:
+            flops += document_flops(model_cfg, lengths, backward=False)
+        counts = torch.tensor([chosen_tokens, sum(lengths), sum(b["input_ids"].numel() for b in batches), flops],
+                              dtype=torch.float64, device=device)
+        chosen_tokens, real_tokens, padded_tokens, flops = all_reduce_sum(counts).tolist()
 
         sums: dict[str, torch.Tensor] = {}
-        tokens = 0
         for micro, batch in enumerate(batches):
             input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             if reference_table is not None:
@@ -178,7 +219,6 @@ def train(cfg: DPOConfig, info) -> None:
             metrics["nll_loss"] = nll.detach() * pairs_per_step
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + value.detach()
-            tokens += input_ids.numel()
 
         keys = sorted(sums)
         totals = all_reduce_sum(torch.stack([sums[k].float() for k in keys])) / pairs_per_step
@@ -187,8 +227,8 @@ def train(cfg: DPOConfig, info) -> None:
         step_metrics["train/loss"] = step_metrics.pop("objective")
         for part in ("preference_loss", "nll_loss"):
             step_metrics[f"train/{part}"] = step_metrics.pop(part)
-        stage.update(step, tokens * info.world_size, step_metrics,
-                     show=("train/loss", "rewards/accuracies", "rewards/margins"))
+        stage.update(step, int(real_tokens), step_metrics, show=("train/loss", "rewards/accuracies", "rewards/margins"),
+                     padded_tokens=int(padded_tokens), flops=flops)
 
         if (val_data is not None or stage.eval_tasks) and stage.is_eval_step(step):
             scalars = {}

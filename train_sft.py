@@ -15,6 +15,7 @@ loss at eval_steps) -> final model (or adapter) directory.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from nanobumble.base.distributed import all_reduce_sum, print0
@@ -22,6 +23,7 @@ from nanobumble.base.errors import run_cli
 from nanobumble.base.precision import autocast, precision_summary
 from nanobumble.data.sft_data import SFTDataset
 from nanobumble.model.layers import IGNORE_INDEX
+from nanobumble.model.mfu import document_flops
 from nanobumble.run.build import lora_settings, open_starting_model
 from nanobumble.run.config import SFTConfig
 from nanobumble.run.stage import Stage, run_stage, share_batches, tokenized_data
@@ -49,6 +51,26 @@ def evaluate(model, val_data: SFTDataset, cfg: SFTConfig, info, dtype) -> dict:
     nats, tokens = all_reduce_sum(totals).tolist()
     model.train()
     return {"val/loss": nats / max(tokens, 1)}
+
+
+def documents(dataset: SFTDataset, seed: int, rows) -> list[int]:
+    """The real (non-padding) input tokens of each conversation in these rows: a
+    padded row holds one conversation (its row before padding); a packed row holds
+    several, each starting at position 0, and its padding tail is the last
+    stretch when no target in it is trained (tokenize_sft drops a sample with no
+    trained target, so every conversation has one)."""
+    lengths = []
+    for index in rows:
+        x, y, positions = dataset.row(seed, index)
+        if positions is None:
+            lengths.append(len(x))
+            continue
+        bounds = list(np.flatnonzero(positions == 0)) + [len(x)]
+        pieces = [(start, end) for start, end in zip(bounds[:-1], bounds[1:])]
+        if pieces and (y[pieces[-1][0]:] == IGNORE_INDEX).all():
+            pieces.pop()  # the padding tail
+        lengths += [end - start for start, end in pieces]
+    return lengths
 
 
 def train(cfg: SFTConfig, info) -> None:
@@ -80,15 +102,20 @@ def train(cfg: SFTConfig, info) -> None:
     device = info.device
     for step in stage.steps():
         # This rank's micro-batches: rows of an endless stream of shuffled epochs.
-        batches = [dataset.batch(cfg.seed, rows) for rows in stage.micro_batches(step)]
+        micro_rows = stage.micro_batches(step)
+        batches = [dataset.batch(cfg.seed, rows) for rows in micro_rows]
         # The loss contract: a step's loss is the sum over the global batch's trainable
         # tokens divided by their count, so every token weighs the same however the
         # tokens fall between ranks and micro-steps (rows differ in length).
-        local_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in batches)
-        global_tokens = all_reduce_sum(torch.tensor(float(local_tokens), device=device)).item()
+        # Throughput counts real tokens (padding is not work done), MFU their FLOPs:
+        # each conversation's, by its own length (mfu.py: document_flops).
+        lengths = [t for rows in micro_rows for t in documents(dataset, cfg.seed, rows)]
+        flops = document_flops(model_cfg, lengths, frozen_base=stage.lora, adapter_params=trainable * stage.lora)
+        counts = torch.tensor([sum(int((y != IGNORE_INDEX).sum()) for _, y, _ in batches), sum(lengths),
+                               sum(x.numel() for x, _, _ in batches), flops], dtype=torch.float64, device=device)
+        global_tokens, real_tokens, padded_tokens, flops = all_reduce_sum(counts).tolist()
 
         loss_sum = torch.zeros((), device=device)
-        tokens = 0
         for micro, (x, y, position_ids) in enumerate(batches):
             x, y = x.to(device), y.to(device)
             position_ids = position_ids.to(device) if position_ids is not None else None
@@ -100,9 +127,8 @@ def train(cfg: SFTConfig, info) -> None:
             # the ranks (divides by world_size): multiplying by it turns that into the sum.
             (summed * info.world_size / global_tokens).backward()
             loss_sum += summed.detach()
-            tokens += x.numel()
         step_loss = all_reduce_sum(loss_sum).item() / global_tokens
-        stage.update(step, tokens * info.world_size, {"train/loss": step_loss})
+        stage.update(step, int(real_tokens), {"train/loss": step_loss}, padded_tokens=int(padded_tokens), flops=flops)
 
         if (val_data is not None or stage.eval_tasks) and stage.is_eval_step(step):
             scalars = evaluate(model, val_data, cfg, info, stage.autocast_dtype) if val_data is not None else {}

@@ -58,8 +58,42 @@ def training_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """6 FLOPs per parameter per token (forward + backward) for the matrix
     multiplies, plus causal attention's QK^T and AV: 6 * layers * seq * hidden
     (12 * L * T * d halved by the causal mask). Embedding lookups are free."""
-    d, L = cfg.hidden_size, cfg.num_layers
-    kv = cfg.num_kv_heads * cfg.head_dim
+    return 6.0 * matmul_parameters(cfg) + 6.0 * cfg.num_layers * seq_len * cfg.hidden_size
+
+
+# SFT and DPO rows hold documents of different lengths, some of them padding, so
+# their FLOPs are counted per document, on real tokens only. The convention is
+# training_flops_per_token's: 2 FLOPs per multiply-add of a matrix multiply,
+# forward 2 per parameter per token, backward 4 (gradients of the inputs and of
+# the weights); causal attention's QK^T and AV cost 2 * layers * t * hidden per
+# token forward in a document of t tokens (a token attends to t / 2 on average),
+# 6 * layers * t * hidden forward + backward. Recomputation (activation
+# checkpointing) and padding are not counted: this is model FLOPs, not hardware FLOPs.
+
+
+def matmul_parameters(cfg: ModelConfig) -> int:
+    """Weights that multiply every token: the projections and the LM head (not the embedding lookup)."""
+    d, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
     per_layer = d * d * 2 + d * kv * 2 + 3 * d * cfg.intermediate_size  # q, o, k, v, MLP
-    matmul_params = L * per_layer + cfg.vocab_size * d  # + LM head
-    return 6.0 * matmul_params + 6.0 * L * seq_len * d
+    return cfg.num_layers * per_layer + cfg.vocab_size * d
+
+
+def document_flops(cfg: ModelConfig, lengths, backward: bool = True, frozen_base: bool = False,
+                   adapter_params: int = 0) -> float:
+    """FLOPs of one pass over documents of these lengths (real tokens each).
+
+    backward=False: the forward alone (DPO's reference), 2 per parameter per token
+    and 2 * layers * t * hidden of attention. backward=True: forward and backward,
+    6 per parameter per token; with frozen_base (LoRA) the frozen weights get no
+    weight gradient, so 4 per base parameter per token, and the adapter_params
+    (trainable) 6. Attention's backward is needed either way (gradients reach
+    the adapters through it): 6 * layers * t * hidden. For one document of
+    cutoff_len tokens, full training gives cutoff_len * training_flops_per_token."""
+    lengths = [int(t) for t in lengths]
+    tokens, squares = sum(lengths), sum(t * t for t in lengths)
+    attention = cfg.num_layers * cfg.hidden_size * squares  # per unit of the factor below
+    params = matmul_parameters(cfg)
+    if not backward:
+        return 2.0 * params * tokens + 2.0 * attention
+    per_param = 4.0 if frozen_base else 6.0
+    return per_param * params * tokens + 6.0 * adapter_params * tokens + 6.0 * attention

@@ -114,8 +114,8 @@ class Stage:
 
     def start(self, model, tokenizer, data_sha256: str, flops_per_token: float | None = None) -> None:
         """Optimizer, the checkpoint to resume from (refused when its data_sha256, the
-        training data's content hash, differs), logger and progress line (with MFU
-        when flops_per_token is given on a known GPU), and the eval_tasks files, read
+        training data's content hash, differs), logger and progress line (with MFU on a
+        known GPU, from flops_per_token or update's flops), and the eval_tasks files, read
         and checked now, before the first step."""
         cfg, info = self.cfg, self.info
         self.model, self.tokenizer = model, tokenizer
@@ -129,7 +129,7 @@ class Stage:
         self.training_args = config_to_yaml(cfg)
         self.logger = MetricsLogger(cfg.output_dir, cfg.use_tensorboard, resume_step=self.start_step) \
             if info.is_main else None
-        peak_flops = device_peak_flops(self.device) if flops_per_token else None
+        peak_flops = device_peak_flops(self.device)  # None off CUDA or on an unknown GPU: no MFU
         self.progress = Progress(self.num_steps, flops_per_token, peak_flops * info.world_size if peak_flops else None)
 
     def steps(self):
@@ -151,10 +151,14 @@ class Stage:
         return [range(first + micro * world * n, first + micro * world * n + n)
                 for micro in range(self.cfg.gradient_accumulation_steps)]
 
-    def update(self, step: int, tokens: int, metrics: dict, show: tuple[str, ...] | None = None) -> None:
+    def update(self, step: int, tokens: int, metrics: dict, show: tuple[str, ...] | None = None,
+               padded_tokens: int | None = None, flops: float | None = None) -> None:
         """After the backward passes: clip, stop on a non-finite loss or gradient, step
         the optimizer at this step's learning rate; count the step's tokens (all ranks) and metrics (means over the
-        global batch, "train/loss" among them) and print the log line when due."""
+        global batch, "train/loss" among them) and print the log line when due.
+        tokens: the real (non-padding) input tokens; padded_tokens: with padding, for
+        rows that have some (SFT, DPO); flops: the step's model FLOPs, all ranks (else
+        start's flops_per_token x tokens), for MFU."""
         cfg = self.cfg
         grad_norm = clip_gradients(self.model, cfg.max_grad_norm)
         check_finite(step, metrics["train/loss"], grad_norm, cfg.output_dir)
@@ -163,7 +167,7 @@ class Stage:
         set_learning_rate(self.optimizer, self.lr)  # this step's rate, from the schedule
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.progress.add(time.time() - self.step_started, tokens, **metrics)
+        self.progress.add(time.time() - self.step_started, tokens, padded_tokens, flops, **metrics)
         if step % cfg.logging_steps == 0 or step == self.num_steps:
             scalars, line = self.progress.report(step, self.lr, grad_norm, show=show)
             print0(line, flush=True)
@@ -311,7 +315,11 @@ def share_batches(num_batches: int, info) -> list[tuple[int, float]]:
 class Progress:
     """Accumulates losses and timings between two log lines; formats the line
     (step/total, loss, lr, grad norm, tokens/s, MFU on a known GPU, ETA).
-    flops_per_token and peak_flops (all ranks together) give MFU when both are set."""
+    peak_flops (all ranks together) and each step's FLOPs (given to add, or
+    flops_per_token x its tokens) give MFU. Tokens are real tokens, not padding:
+    train/tokens_per_sec and MFU count only those. Where rows have padding (SFT,
+    DPO: add's padded_tokens), train/tokens and train/padded_tokens (per step,
+    all ranks) are logged too, and the line shows the rate with padding."""
 
     def __init__(self, total_steps: int, flops_per_token: float | None = None, peak_flops: float | None = None):
         self.total_steps = total_steps
@@ -323,13 +331,23 @@ class Progress:
     def _reset(self) -> None:
         self.sums: dict[str, float] = {}
         self.steps, self.seconds, self.tokens = 0, 0.0, 0
+        self.padded_tokens: int | None = None  # None: no step of this window had padding to count
+        self.flops: float | None = 0.0  # None: a step of this window had no FLOPs count
 
-    def add(self, seconds: float, tokens: int, **values: float) -> None:
-        """One optimizer step: its duration, tokens processed (all ranks) and values to average."""
+    def add(self, seconds: float, tokens: int, padded_tokens: int | None = None, flops: float | None = None,
+            **values: float) -> None:
+        """One optimizer step: its duration, real tokens processed (all ranks), the
+        same counting padding (None: rows without padding), its model FLOPs (None:
+        flops_per_token x tokens, or unknown) and values to average."""
         self.steps_done += 1
         self.steps += 1
         self.seconds += seconds
         self.tokens += tokens
+        if padded_tokens is not None:
+            self.padded_tokens = (self.padded_tokens or 0) + padded_tokens
+        if flops is None and self.flops_per_token:
+            flops = self.flops_per_token * tokens
+        self.flops = self.flops + flops if self.flops is not None and flops is not None else None
         for key, value in values.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
 
@@ -340,9 +358,14 @@ class Progress:
         shown = " | ".join(f"{key.removeprefix('train/')} {scalars[key]:.4f}" for key in (show or scalars))
         tokens_per_sec = self.tokens / max(self.seconds, 1e-9)
         scalars.update({"train/lr": lr, "train/grad_norm": grad_norm, "train/tokens_per_sec": tokens_per_sec})
-        line = f"step {step}/{self.total_steps} | {shown} | lr {lr:.2e} | grad norm {grad_norm:.3f} | {tokens_per_sec:,.0f} tok/s"
-        if self.flops_per_token and self.peak_flops:
-            scalars["train/mfu"] = self.flops_per_token * tokens_per_sec / self.peak_flops
+        line = (f"step {step}/{self.total_steps} | {shown} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                f"{tokens_per_sec:,.0f} tok/s")
+        if self.padded_tokens is not None:
+            scalars.update({"train/tokens": self.tokens / self.steps,
+                            "train/padded_tokens": self.padded_tokens / self.steps})
+            line += f" ({self.padded_tokens / max(self.seconds, 1e-9):,.0f} with padding)"
+        if self.flops and self.peak_flops:
+            scalars["train/mfu"] = self.flops / max(self.seconds, 1e-9) / self.peak_flops
             line += f" | mfu {100 * scalars['train/mfu']:.1f}%"
         eta = (time.time() - self.run_start) / self.steps_done * (self.total_steps - step)
         line += f" | eta {format_duration(eta)}"
