@@ -161,7 +161,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1  # micro-batches summed into each optimizer step
     # --- numerics and speed ---
     train_model_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    enable_gradient_checkpointing: bool = False  # recompute each block's activations in the backward: less memory
+    # auto: the cheapest of none / selective / full whose memory plan fits the device (run/memory.py);
+    # true: full (each block recomputed in backward); false: none; selective: only the MLP sublayer recomputed
+    enable_gradient_checkpointing: str = "auto"
+    memory_check: bool = True  # refuse a run whose memory plan (printed at start) does not fit the device
     compile: bool = False  # torch.compile each transformer block
     kernels: str = "auto"  # auto (Triton on CUDA) | triton | torch (plain PyTorch, model/layers.py)
     # --- logging, checkpoints ---
@@ -188,6 +191,10 @@ class TrainConfig:
         _check_choice(self, "lr_scheduler_type", ("cosine", "linear", "constant"))
         _check_choice(self, "train_model_precision", PRECISIONS)
         _check_choice(self, "kernels", KERNEL_MODES)
+        checkpointing = str(self.enable_gradient_checkpointing).strip().lower()  # YAML's true arrives as a bool
+        self.enable_gradient_checkpointing = ("true" if checkpointing in _TRUE else
+                                              "false" if checkpointing in _FALSE else checkpointing)
+        _check_choice(self, "enable_gradient_checkpointing", ("auto", "true", "false", "selective"))
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise ConfigError(f"set key 'max_steps' > 0 or key 'num_epochs' > 0, got {self.max_steps} and "
                               f"{self.num_epochs}")

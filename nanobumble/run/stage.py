@@ -37,9 +37,11 @@ from nanobumble.data.records import split_held_out
 from nanobumble.data.token_cache import tokenized_pairs, tokenized_sft
 from nanobumble.evals.scoring import evaluate_tasks
 from nanobumble.evals.tasks import load_tasks
+from nanobumble.model.layers import resolve_backend
 from nanobumble.model.mfu import device_peak_flops
 from nanobumble.run.build import build_model
 from nanobumble.run.config import config_to_yaml, parse_config
+from nanobumble.run.memory import choose_checkpointing, device_memory_bytes
 from nanobumble.run.metrics import MetricsLogger
 from nanobumble.run.optim import build_optimizer, lr_at
 from nanobumble.run.plots import plot_run
@@ -97,7 +99,13 @@ class Stage:
             model.requires_grad_(False)
             model.eval()
             return model
-        return build_model(model_cfg, self.info, cfg.seed, weights_from, self.dtype, cfg.enable_gradient_checkpointing,
+        # The memory plan (run/memory.py), printed; refused before anything is allocated when it does not fit
+        checkpointing, plan = choose_checkpointing(cfg, model_cfg, self.info.world_size, self.dtype, self.device.type,
+                                                   resolve_backend(cfg.kernels, self.device),
+                                                   device_memory_bytes(self.device))
+        print0(plan.summary() + (" (chosen by enable_gradient_checkpointing auto)"
+                                 if cfg.enable_gradient_checkpointing == "auto" else ""))
+        return build_model(model_cfg, self.info, cfg.seed, weights_from, self.dtype, checkpointing,
                            cfg.compile, lora, cfg.kernels)
 
     def plan(self, examples_per_epoch: int) -> None:
