@@ -1,11 +1,13 @@
-"""Cross-entropy benchmarks: `python -m pytest -m bench tests/bench/test_bench_cross_entropy.py`.
+"""Cross-entropy benchmarks: `python -m pytest -m bench -s tests/bench/test_bench_cross_entropy.py`.
 
 They print tables and assert nothing about speed. On CUDA: the Triton row kernel that
-linear_cross_entropy runs on each chunk, over bf16 logits (against F.cross_entropy on
-logits.float(), its torch.compile, and Liger if installed), time, achieved bandwidth and
-peak extra memory; then linear + cross-entropy against materialised logits. On CPU:
-linear_cross_entropy(backend="torch") against the materialised reference, peak memory
-measured in fresh processes.
+linear_cross_entropy runs on each chunk, over bf16 logits (against the same rows in plain
+torch, F.cross_entropy on logits.float(), its torch.compile, and Liger if installed): time,
+achieved bandwidth over the bytes that must move (step_bytes), its share of the GPU's peak,
+time over torch eager's and peak extra memory; then linear + cross-entropy against
+materialised logits. On CPU: the torch paths of the row step (GB/s and time over eager's;
+the Triton rows need a GPU), and linear_cross_entropy(backend="torch") against the
+materialised reference, peak memory measured in fresh processes.
 """
 
 import json
@@ -13,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -22,7 +25,7 @@ from references import linear_cross_entropy_reference
 
 from nanobumble.kernels.cross_entropy import cross_entropy_rows
 from nanobumble.model.layers import IGNORE_INDEX
-from nanobumble.model.lm_loss import linear_cross_entropy
+from nanobumble.model.lm_loss import _rows_torch, linear_cross_entropy
 
 pytestmark = pytest.mark.bench
 
@@ -58,6 +61,23 @@ def eager_ce(x, t):
     return F.cross_entropy(x.float(), t, ignore_index=IGNORE_INDEX)
 
 
+def step_bytes(logits: torch.Tensor) -> int:
+    """The bytes a training step of the loss must move at least: read the logits and the int64
+    targets, write the gradient of the logits (the loss itself is a few bytes):
+    2 * N * V * e + 8 * N, e the logits' element size."""
+    return 2 * logits.numel() * logits.element_size() + 8 * logits.shape[0]
+
+
+def ratio_to_eager(rows: list[list], time_column: int) -> None:
+    """Append each row's step time over torch eager's at the same V and N (below 1: faster).
+    Rows are [V, N, impl, ...]."""
+    timed = [r for r in rows if not str(r[3]).startswith("failed")]
+    eager = {(r[0], r[1]): float(r[time_column]) for r in timed if r[2] == "torch eager"}
+    for r in rows:
+        key = (r[0], r[1])
+        r.append(f"{float(r[time_column]) / eager[key]:.2f}" if r in timed and key in eager else "")
+
+
 # ------------------------------------------------------------------------------------------------ CUDA
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -72,11 +92,15 @@ def test_bench_cross_entropy_cuda(capsys):
     def kernel_step(x, t):  # one launch: the loss, and the gradient written over the logits
         return cross_entropy_rows(x.detach(), t, one, x.detach(), IGNORE_INDEX).sum()
 
+    def torch_rows_step(x, t):  # the same in plain torch: linear_cross_entropy(backend="torch")'s rows
+        return _rows_torch(x.detach(), t, one, write_grad=True).sum()
+
     def autograd_step(fn):
         return lambda x, t: fn(x, t).backward()
 
-    # label: (forward only, a whole training step); the kernel's forward is its whole step
+    # label: (forward only, a whole training step); the row paths' forward is their whole step
     variants = {"triton row kernel": (kernel_step, kernel_step),
+                "torch rows": (torch_rows_step, torch_rows_step),
                 "torch eager": (eager_ce, autograd_step(eager_ce)),
                 "torch.compile": (compiled_ce, autograd_step(compiled_ce))}
     if liger_ce is not None:
@@ -105,19 +129,21 @@ def test_bench_cross_entropy_cuda(capsys):
                 except Exception as e:  # e.g. an incompatible Liger version: report, go on
                     rows.append([vocab, n, label, f"failed: {type(e).__name__}", "", "", "", "", ""])
                     continue
-                # bytes that must move for loss + gradient: read the logits once, write the gradient once
-                gbs = 2 * logits.numel() * logits.element_size() / (t_all * 1e-3) / 1e9
+                gbs = step_bytes(logits) / (t_all * 1e-3) / 1e9
                 share = f"{100 * gbs * 1e9 / peak_bw:.0f}%" if peak_bw else "unknown"
                 rows.append([vocab, n, label, f"{t_fwd:.2f}", f"{t_all:.2f}", f"{gbs:.0f}", share,
                              f"{peak / 1e9:.2f}", f"{logits_gb:.2f}"])
                 x = None  # free it before the next variant
             del logits
             torch.cuda.empty_cache()
+    ratio_to_eager(rows, 4)
     with capsys.disabled():
         print_table(f"cross-entropy, bf16 logits, 10% of targets ignored ({name}; fwd = forward of a "
-                    f"training step, which for the Triton kernel includes the gradient, written over the logits)",
-                    ["V", "N", "impl", "fwd ms", "fwd+bwd ms", "GB/s", "of peak BW", "peak extra GB", "logits GB"],
-                    rows)
+                    f"training step, which for the row paths includes the gradient, written over the logits)",
+                    ["V", "N", "impl", "fwd ms", "fwd+bwd ms", "GB/s", "of peak BW", "peak extra GB", "logits GB",
+                     "time / eager"], rows)
+        print("(GB/s: the bytes a step must move, read the logits and targets, write the gradient, over the "
+              "fwd+bwd time; time / eager: fwd+bwd over torch eager's, below 1 = faster)")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -139,7 +165,7 @@ def test_bench_linear_cross_entropy_cuda(capsys):
     if liger_flce is not None:
         variants["liger fused"] = liger_flce
     flops = 6 * n * hidden_size * vocab  # three matmuls of 2*N*H*V
-    rows, peaks = [], {}
+    rows, peaks, times = [], {}, {}
     for label, fn in variants.items():
         def fwd_bwd():
             fn(hidden, weight, targets).backward()
@@ -152,15 +178,20 @@ def test_bench_linear_cross_entropy_cuda(capsys):
             peaks[label] = cuda_peak_extra(fwd_bwd)
             hidden.grad = weight.grad = None
         except Exception as e:
-            rows.append([label, f"failed: {type(e).__name__}", "", ""])
+            rows.append([label, f"failed: {type(e).__name__}", "", "", ""])
             continue
+        times[label] = t_all
         rows.append([label, f"{t_all:.1f}", f"{flops / (t_all * 1e-3) / 1e12:.0f}", f"{peaks[label] / 1e9:.2f}"])
         torch.cuda.empty_cache()
+    for row in rows:  # the time over the same chunked algorithm in plain torch (backend="torch")
+        reference = times.get("chunked torch")
+        if row[0] in times:
+            row.append(f"{times[row[0]] / reference:.2f}" if reference else "")
     logits_gb = n * vocab * 2 / 1e9
     with capsys.disabled():
         print_table(f"linear + cross-entropy fwd+bwd, N={n} H={hidden_size} V={vocab} bf16 ({name}); "
                     f"the bf16 logits alone are {logits_gb:.2f} GB",
-                    ["impl", "ms", "TFLOP/s", "peak extra GB (incl. grads)"], rows)
+                    ["impl", "ms", "TFLOP/s", "peak extra GB (incl. grads)", "time / chunked torch"], rows)
         if "chunked triton" in peaks:
             for ref in ("materialised eager", "materialised compile"):
                 if ref in peaks:
@@ -169,14 +200,60 @@ def test_bench_linear_cross_entropy_cuda(capsys):
 
 # ------------------------------------------------------------------------------------------------- CPU
 
-# Peak memory of one forward+backward, measured in a fresh Python process: resource's
-# ru_maxrss is the process's high-water mark of resident memory, so the peak after the
-# step minus the mark just before it (inputs made, libraries loaded, a small warm-up step
-# done) is the most extra memory the step ever held. PyTorch's CPU allocator hands large
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA benchmark above covers this")
+def test_bench_cross_entropy_cpu(capsys):
+    """The torch paths of one loss + gradient step over bf16 logits, one thread (on a small
+    shared machine two threads that wait for each other are slower than one), best of 5."""
+    one = torch.ones((), dtype=torch.float32)
+
+    def torch_rows_step(x, t):  # linear_cross_entropy(backend="torch")'s rows, gradient written in place
+        _rows_torch(x.detach(), t, one, write_grad=True)
+
+    compiled_ce = torch.compile(eager_ce)
+    variants = {"torch eager": lambda x, t: torch.autograd.grad(eager_ce(x, t), x),
+                "torch.compile": lambda x, t: torch.autograd.grad(compiled_ce(x, t), x),
+                "torch rows": torch_rows_step}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    rows = []
+    try:
+        for vocab, n in ((32_000, 1024), (151_936, 256)):  # 66 and 78 MB of bf16 logits
+            torch.manual_seed(0)
+            logits = torch.randn(n, vocab, dtype=torch.bfloat16)
+            targets = torch.randint(0, vocab, (n,))
+            targets[::10] = IGNORE_INDEX
+            for label, step in variants.items():
+                x = logits.clone().requires_grad_()  # the row path overwrites its input
+                step(x, targets), step(x, targets)  # compile / warm up
+                times = []
+                for _ in range(5):
+                    t0 = time.perf_counter()
+                    step(x, targets)
+                    times.append(time.perf_counter() - t0)
+                ms = min(times) * 1e3  # the best: on a shared machine other load only adds time
+                rows.append([vocab, n, label, f"{ms:.1f}", f"{step_bytes(logits) / (ms * 1e-3) / 1e9:.2f}"])
+    finally:
+        torch.set_num_threads(threads)
+    ratio_to_eager(rows, 3)
+    with capsys.disabled():
+        print_table("cross-entropy loss + gradient on CPU (1 thread), bf16 logits, 10% of targets ignored",
+                    ["V", "N", "impl", "ms", "GB/s", "time / eager"], rows)
+        print("(GB/s: the bytes a step must move, read the logits and targets, write the gradient, over the best "
+              "time of 5; time / eager: below 1 = faster)")
+        print("Triton rows need a GPU: the Triton kernel only runs under the interpreter here.")
+
+
+# Peak memory of one forward+backward, measured in a fresh Python process: the rise of
+# VmHWM (the high-water mark of resident memory, reset to the current RSS just before the
+# step by tests/host_memory.py) over the RSS before it (inputs made, libraries loaded, a
+# small warm-up step done) is the most extra memory the step ever held. Not ru_maxrss:
+# Linux carries it over from the parent through fork and exec, so a child of a pytest
+# process that once held GBs would show no rise at all. PyTorch's CPU allocator hands large
 # blocks back to the OS on free, so the mark follows live tensors rather than a cache.
 _CPU_MEASURE = textwrap.dedent("""
-    import json, resource, time
+    import json
     import torch
+    from host_memory import measure
     from nanobumble.model.lm_loss import linear_cross_entropy
     from references import linear_cross_entropy_reference
     torch.manual_seed(0)
@@ -191,13 +268,14 @@ _CPU_MEASURE = textwrap.dedent("""
         fn = linear_cross_entropy_reference
     fn(hidden[:8], weight[:64], targets[:8].clamp(max=63)).backward()  # load kernels, thread pools
     hidden.grad = weight.grad = None
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    t0 = time.perf_counter()
-    loss = fn(hidden, weight, targets)
-    loss.backward()
-    seconds = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps(dict(extra_bytes=(after - before) * 1024, seconds=seconds, loss=loss.item())))
+
+    def step():
+        loss = fn(hidden, weight, targets)
+        loss.backward()
+        return loss.item()
+
+    loss, before_mib, peak_mib, seconds = measure(step)
+    print(json.dumps(dict(extra_bytes=(peak_mib - before_mib) * 2**20, seconds=seconds, loss=loss)))
 """)
 
 
@@ -221,7 +299,7 @@ def test_bench_linear_cross_entropy_cpu(capsys):
             for label, r in (("chunked (backend=torch)", chunked), ("materialised reference", materialised))]
     with capsys.disabled():
         print_table(f"linear + cross-entropy fwd+bwd on CPU, N={n} H={h} V={v} fp32 "
-                    f"(the logits alone are {logits_gb:.2f} GB); peak = ru_maxrss rise in a fresh process",
+                    f"(the logits alone are {logits_gb:.2f} GB); peak = VmHWM rise in a fresh process",
                     ["impl", "seconds", "peak extra GB"], rows)
         print(f"peak memory materialised / chunked: {materialised['extra_bytes'] / chunked['extra_bytes']:.1f}x")
         print("Triton timings need a GPU: the Triton kernel only runs under the interpreter here.")
