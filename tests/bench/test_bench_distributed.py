@@ -18,9 +18,11 @@ pytestmark = pytest.mark.bench
 
 def train(nproc, argv, output_dir):
     cmd = [sys.executable, "train_pretrain.py"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_pretrain.py"]
-    result = subprocess.run(cmd + argv + ["--output_dir", str(output_dir), "--use_tensorboard", "false", "--plot", "false",
-                                          "--save_steps", "0", "--eval_steps", "0", "--val_ratio", "0.01"],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         "train_pretrain.py"]
+    result = subprocess.run(cmd + argv + ["--output_dir", str(output_dir), "--use_tensorboard", "false",
+                                          "--plot", "false", "--save_steps", "0", "--eval_steps", "0",
+                                          "--val_ratio", "0.01"],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     logged = [m for m in read_metrics(str(output_dir)) if "train/tokens_per_sec" in m]
