@@ -41,7 +41,7 @@ def gathered_save(path, model, optimizer) -> None:
 
 
 def main(mode: str, out_dir: str) -> None:
-    tokenizer = open(os.path.join(out_dir, "tokenizer.model"), "rb").read()
+    tokenizer = os.path.join(out_dir, "tokenizer.model")  # save_model_dir takes a loaded tokenizer or a path
     with distributed_run() as info:
         model = build_model(CONFIG, info, seed=0, weights_from=None, param_dtype=None)
         optimizer = build_optimizer(model, 1e-3, 0.1, (0.9, 0.95))
