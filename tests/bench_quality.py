@@ -2,7 +2,7 @@
 
     python tests/bench_quality.py                        # pretrain -> SFT -> DPO, 3 seeds (about 25 min on 2 CPU cores)
     python tests/bench_quality.py --seeds 0 --work_dir /tmp/bq --pretrained /tmp/bq/pretrain
-    python -m pytest -m bench tests/bench/test_bench_quality.py -s
+    python -m pytest -m bench_long tests/bench/test_bench_quality.py -s
 
 One no-argument pretraining (`python train_pretrain.py`, only output_dir and
 cache_dir redirected), then for each seed, on the word-transform task of
