@@ -54,7 +54,8 @@ def data_summary(dataset_path: str) -> str:
     except (DataError, OSError, KeyError, TypeError, ValueError):
         return text
 
-HOUSEKEEPING_METRICS = ("train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu")
+HOUSEKEEPING_METRICS = ("train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu", "train/tokens",
+                        "train/padded_tokens")
 
 
 def final_metrics(model_dir: str, args: dict) -> tuple[str, dict[str, tuple[int, float]]]:
