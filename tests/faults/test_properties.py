@@ -1050,7 +1050,9 @@ def server_property(app, case):
         text = choice["message"]["content"] if path == "/v1/chat/completions" else choice["text"]
         assert isinstance(text, str)
         requested = body.get("max_tokens") or body.get("max_completion_tokens") or MAX_NEW
-        assert reply["usage"]["completion_tokens"] <= requested, reply["usage"]
+        # usage counts the tokens of every choice (n of them), as OpenAI's does
+        assert len(reply["choices"]) == body.get("n", 1), reply["choices"]
+        assert reply["usage"]["completion_tokens"] <= requested * len(reply["choices"]), reply["usage"]
 
 
 test_server_requests, test_server_requests_long = twice(3000, 15000, case=requests())(server_property)
