@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO_ROOT
 from helpers import read_metrics
 
@@ -42,6 +43,23 @@ def run_without_triton(cwd, script, *args):
 
 
 def test_pretrain_sft_dpo_run_where_triton_cannot_be_imported(tmp_path):
+    """A short pretraining, then SFT and DPO on its model, each in a process without Triton."""
+    os.symlink(os.path.join(REPO_ROOT, "datasets"), tmp_path / "datasets")
+    quiet = ["--use_tensorboard", "false", "--plot", "false"]
+    out = run_without_triton(tmp_path, "train_pretrain.py", "--max_steps", "6", "--save_steps", "3", *quiet)
+    assert "tok/s" in out
+    base = tmp_path / "checkpoints/pretrain/tiny_base"
+    assert any(n.startswith("checkpoint-") for n in os.listdir(base))
+    load_model_dir(str(base))
+    run_without_triton(tmp_path, "train_sft.py", "--max_steps", "4", "--eval_steps", "2", *quiet)
+    assert os.path.isfile(tmp_path / "checkpoints/sft/tiny_instruct/model.safetensors")
+    run_without_triton(tmp_path, "train_dpo.py", "--max_steps", "3", "--eval_steps", "3", *quiet)
+    assert os.path.isfile(tmp_path / "checkpoints/dpo/tiny_dpo_lora/adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_the_readme_commands_with_no_arguments_where_triton_cannot_be_imported(tmp_path):
+    """The whole no-argument pretraining (about two minutes), then SFT and DPO."""
     # The scripts' defaults are relative to the working directory: the bundled data
     # is linked in, and every output lands under tmp_path.
     os.symlink(os.path.join(REPO_ROOT, "datasets"), tmp_path / "datasets")
