@@ -86,6 +86,7 @@ import torch
 
 from nanobumble.base.errors import DataError, UserError, run_cli
 from nanobumble.base.precision import resolve_precision
+from nanobumble.base.reading import cut
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, check_template, render, shorten, validate_messages
 from nanobumble.inference.batching import Batcher
 from nanobumble.inference.generation import GenerationConfig, TextStreamer
@@ -346,10 +347,12 @@ class Engine:
             return min(self.cfg.max_new_tokens, room)
         if requested is None or requested > room:
             requested = 1 if requested is None else requested
+            # cut(): a max_tokens of 400 digits is shown shortened, not whole
+            total, asked = cut(prompt_tokens + requested, 40), cut(requested, 40)
             raise APIError(400, f"This model's maximum context length is {self.context_len} tokens. However, you "
-                                f"requested {prompt_tokens + requested} tokens ({prompt_tokens} in the prompt, "
-                                f"{requested} in the completion). Please reduce the length of the prompt or "
-                                f"completion.", param=param, code="context_length_exceeded")
+                                f"requested {total} tokens ({prompt_tokens} in the prompt, {asked} in the completion). "
+                                f"Please reduce the length of the prompt or completion.", param=param,
+                           code="context_length_exceeded")
         return requested
 
     @torch.inference_mode()

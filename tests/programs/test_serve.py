@@ -271,6 +271,12 @@ def test_a_stop_string_has_at_most_1000_characters(server):
                 400, "stop", "invalid_value", "at most 1000 characters, got 1001")
 
 
+def test_a_max_tokens_of_400_digits_is_refused_in_a_short_message(server):
+    status, body = post(server, "/v1/completions", {"model": "bee-sft", "prompt": "bees", "max_tokens": 10**400})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+    assert len(body["error"]["message"]) < 300, body["error"]["message"]  # the number shortened, not 400 digits
+
+
 def test_a_body_over_1_mb_is_refused_unread(server):
     # Its Content-Length is enough: the server answers without waiting for a byte of it.
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
