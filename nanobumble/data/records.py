@@ -413,7 +413,7 @@ def sharegpt_messages(record: dict, where: str) -> list[dict]:
             raise DataError(f"{where}: conversations[{i}] must be an object")
         speaker = turn.get("from")
         if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
-            raise DataError(f'{where}: conversations[{i}] has "from": {speaker!r}, expected one of '
+            raise DataError(f'{where}: conversations[{i}] has "from": {cut(repr(speaker))}, expected one of '
                             f"{', '.join(SHAREGPT_ROLES)}")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": string_field(turn, "value", f"{where}: turn {i}")})
     system = string_field(record, "system", where, optional=True)

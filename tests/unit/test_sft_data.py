@@ -424,3 +424,12 @@ def test_bundled_data_end_to_end(tok):
         x, y, pos = data.batch(0, range(8))
         assert x.shape[0] == 8 and x.shape[1] <= 128 and (y != -100).any()
         assert data.num_target_tokens == sum(sum(m[1:]) for _, m in samples)
+
+
+def test_a_long_sharegpt_speaker_is_quoted_cut_in_the_error(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"conversations": [{"from": "x" * 5000, "value": "hi"},
+                                                  {"from": "gpt", "value": "a"}]}) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match='conversations\\[0\\] has "from"') as error:
+        load_conversations(str(path), strict=True)
+    assert len(str(error.value)) < 500  # the property suite's long profile found 5,114 characters
