@@ -13,6 +13,7 @@ from safetensors import safe_open
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
 from nanobumble.data.tokenizer import Tokenizer, train_tokenizer
 from nanobumble.export_hf import main as export_main
+from nanobumble.inference.loading import resolve_mode
 from nanobumble.model.transformer import ModelConfig, Transformer, pad_vocab_size
 from nanobumble.run.config import DPOConfig, PretrainConfig, SFTConfig, config_to_yaml, parse_config
 from nanobumble.store.model_dir import save_model_dir
@@ -92,8 +93,6 @@ def test_exported_tokenizer_gives_nanobumble_ids_and_chat_layout(tmp_path, token
 
 
 def test_the_export_is_readable_by_all_keeps_its_stage_and_uses_current_key_names(tmp_path, tokenizer_file):
-    from nanobumble.inference.loading import resolve_mode
-
     old = os.umask(0o022)
     try:
         _, hf_dir = export_model(tmp_path, tokenizer_file, tie=True, qkv_bias=True)

@@ -6,7 +6,7 @@ import pytest
 from nanobumble.base.errors import ConfigError
 from nanobumble.evaluate import EvalConfig
 from nanobumble.plot import PlotConfig
-from nanobumble.run.config import PretrainConfig, config_to_yaml, format_help, parse_config
+from nanobumble.run.config import DPOConfig, PretrainConfig, SFTConfig, config_to_yaml, format_help, parse_config
 
 
 def write(tmp_path, text):
@@ -156,7 +156,6 @@ def test_every_bundled_recipe_parses():
 
     from conftest import REPO_ROOT
 
-    from nanobumble.run.config import DPOConfig, SFTConfig
     stage_config = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}
     files = glob.glob(os.path.join(REPO_ROOT, "configs", "*", "*.yaml"))
     assert len(files) >= 6
@@ -270,7 +269,6 @@ def test_help_lists_every_key(capsys):
 def program_configs() -> list[type]:
     import importlib
 
-    from nanobumble.run.config import DPOConfig, SFTConfig
     programs = [("nanobumble.merge_lora", "MergeConfig"), ("nanobumble.plot", "PlotConfig"),
                 ("nanobumble.export_hf", "ExportConfig"), ("nanobumble.evaluate", "EvalConfig"),
                 ("nanobumble.prepare", "PrepareConfig"), ("nanobumble.serve", "ServeConfig"), ("chat", "ChatConfig")]
