@@ -39,6 +39,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from nanobumble.base.cpu import apply_num_threads, cpu_line
 from nanobumble.base.errors import ConfigError, DataError, UserError, run_cli
 from nanobumble.base.precision import resolve_precision
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, check_template, render
@@ -64,7 +65,8 @@ class ChatConfig:
     do_sample: bool = True  # False (or temperature 0): greedy
     seed: int = -1  # < 0: random; else answer i uses seed + i
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:1 ...
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | bf16 | fp32
+    num_threads: int = 0  # CPU threads for PyTorch's operations; 0: the free physical cores at start (base/cpu.py)
 
     def __post_init__(self):
         check_numbers(self)  # ranges: NUMBERS in run/config.py
@@ -143,12 +145,16 @@ def answer(model, tokenizer: Tokenizer, prompt_ids: list[int], gen: GenerationCo
 def main(argv: list[str]) -> None:
     cfg = parse_config(argv, ChatConfig)
     device = resolve_device(cfg.device)
+    if cfg.num_threads or device.type == "cpu":
+        apply_num_threads(cfg.num_threads)
     dtype = resolve_precision(cfg.precision, device)
     start = time.time()
     model, tokenizer, model_path, adapter_path = load_model(cfg.model_path, cfg.adapter_path, device, dtype)
     mode, why = resolve_mode(cfg.mode, model_path, adapter_path)
     if mode == "chat":
         check_template(tokenizer)  # a template that is not Jinja fails now, not at the first message
+    if device.type == "cpu":
+        log(cpu_line())  # cpu: ..., native bf16: no (flags: avx2); threads: ...
     log(f"model: {model_path} ({model.num_parameters() / 1e6:.1f}M parameters, context "
         f"{model.config.max_position_embeddings}) on {device} {str(dtype).removeprefix('torch.')}, "
         f"loaded in {time.time() - start:.1f}s; mode: {mode} ({why})")

@@ -28,6 +28,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from nanobumble.base.cpu import apply_num_threads, cpu_line
 from nanobumble.base.errors import UserError, run_cli
 from nanobumble.base.output_guard import publish_file
 from nanobumble.base.precision import PRECISIONS, resolve_precision
@@ -50,7 +51,8 @@ class EvalConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # chat mode's system turn
     max_new_tokens: int = 32  # longest generated answer
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | bf16 | fp32
+    num_threads: int = 0  # CPU threads for PyTorch's operations; 0: the free physical cores at start (base/cpu.py)
     output: str = ""  # the results JSON ("" = eval_results.json beside the model)
     limit: float = 0  # the first N items of each task; 0 < N < 1: that fraction (rounded up); 0: all
 
@@ -67,6 +69,8 @@ def main(argv: list[str]) -> None:
     cfg = parse_config(argv, EvalConfig)
 
     device = resolve_device(cfg.device)
+    if cfg.num_threads or device.type == "cpu":
+        apply_num_threads(cfg.num_threads)
     dtype = resolve_precision(cfg.precision, device)
     started = time.time()
     tasks = apply_limit(load_tasks(cfg.tasks, cfg.num_fewshot), cfg.limit)  # a bad file fails before the model loads
@@ -82,6 +86,8 @@ def main(argv: list[str]) -> None:
                        if os.path.join(directory, name) != output or not is_results_file(output)})
     mode, _ = resolve_mode(cfg.mode, model_path, adapter_path)
     zero_shot = " (bits per byte: 0-shot)" if cfg.num_fewshot and any(t.kind == BPB for t, _ in tasks) else ""
+    if device.type == "cpu":
+        print(cpu_line(), file=sys.stderr)  # cpu: ..., native bf16: no (flags: avx2); threads: ...
     print(f"model: {model_path}{f' + adapter {adapter_path}' if adapter_path else ''} on {device} "
           f"{str(dtype).removeprefix('torch.')}; {len(tasks)} task files, {cfg.num_fewshot}-shot{zero_shot}, "
           f"exact match in {mode} mode{f', limit {cfg.limit:g}' if cfg.limit else ''}", file=sys.stderr)

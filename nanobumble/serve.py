@@ -84,6 +84,7 @@ from dataclasses import field as field_
 
 import torch
 
+from nanobumble.base.cpu import apply_num_threads, cpu_line
 from nanobumble.base.errors import DataError, UserError, run_cli
 from nanobumble.base.precision import resolve_precision
 from nanobumble.base.reading import cut
@@ -123,7 +124,8 @@ class ServeConfig:
     top_k: int = 20  # sample from the k likeliest tokens only (0: all)
     repetition_penalty: float = 1.1  # > 1 makes tokens already in the text less likely
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:1 ...
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | bf16 | fp32
+    num_threads: int = 0  # CPU threads for PyTorch's operations; 0: the free physical cores at start (base/cpu.py)
     api_key: str = ""  # every /v1 request must send "Authorization: Bearer KEY"; "" = $NANOBUMBLE_API_KEY, or none
     # answers generated together, each a row of one forward; the KV cache holds this many whole contexts
     # (a 1.5B model at 32k context in bf16: about 0.9 GB each). More requests wait their turn.
@@ -741,6 +743,8 @@ def create_server(cfg: ServeConfig):
         raise UserError("serving needs FastAPI and uvicorn: pip install fastapi uvicorn") from None
     check_port(cfg.host, cfg.port)
     device = resolve_device(cfg.device)
+    if cfg.num_threads or device.type == "cpu":
+        apply_num_threads(cfg.num_threads)
     dtype = resolve_precision(cfg.precision, device)
     start = time.time()
     model, tokenizer, model_path, adapter_path = load_model(cfg.model_path, cfg.adapter_path, device, dtype)
@@ -748,6 +752,8 @@ def create_server(cfg: ServeConfig):
     mode, why = resolve_mode("auto", model_path, adapter_path)
     api_key = cfg.api_key or os.environ.get(API_KEY_ENV, "")
     engine = Engine(model, tokenizer, cfg.served_model_name or model_id(cfg.model_path), cfg, api_key)
+    if device.type == "cpu":
+        log(cpu_line())  # cpu: ..., native bf16: no (flags: avx2); threads: ...
     log(f"model: {engine.model_id} from {model_path} ({model.num_parameters() / 1e6:.1f}M parameters, context "
         f"{engine.context_len}) on {device} {str(dtype).removeprefix('torch.')}, loaded in "
         f"{time.time() - start:.1f}s")

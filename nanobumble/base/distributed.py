@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from nanobumble.base.cpu import apply_num_threads
+
 
 @dataclass
 class DistInfo:
@@ -61,8 +63,7 @@ def setup_distributed(timeout_minutes: float = 10.0) -> DistInfo:
         device = torch.device("cpu")
         # Ranks on one machine share its cores; without this each would start one
         # thread per core and they would fight over them.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        apply_num_threads()  # this rank's share of the free cores (base/cpu.py; a stage's num_threads may override)
     if world_size == 1:
         return DistInfo(device=device)
     from torch.distributed.device_mesh import init_device_mesh

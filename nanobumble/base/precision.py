@@ -1,7 +1,9 @@
 """Which number format a run computes in.
 
-train_model_precision "auto" is bf16 on CUDA and fp32 on CPU (where bf16 is
-slow). A single process computes in bf16 under autocast, keeping fp32 weights
+train_model_precision "auto" (and chat's / serve's / evaluate's precision) is
+bf16 on CUDA and on a CPU with native bf16 (AMX, AVX512-BF16, Arm's BF16: its
+flags, base/cpu.py), fp32 on any other CPU (where bf16 is emulated and slower
+than fp32). A single process computes in bf16 under autocast, keeping fp32 weights
 and optimizer state; a sharded run gets the same from FSDP2's mixed-precision
 policy (distributed.shard_model), so it needs no autocast on top.
 """
@@ -12,13 +14,16 @@ import contextlib
 
 import torch
 
+from nanobumble.base.cpu import native_bf16
+
 PRECISIONS = ("auto", "bf16", "fp32")  # the values of train_model_precision and of chat's / serve's precision
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """auto: bf16 autocast on CUDA, plain fp32 on CPU (where bf16 is slow)."""
+    """auto: bf16 on CUDA and on a CPU with native bf16, plain fp32 on other CPUs."""
     if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        fast_bf16 = device.type == "cuda" or (device.type == "cpu" and native_bf16())
+        return torch.bfloat16 if fast_bf16 else torch.float32
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
 
 

@@ -104,6 +104,8 @@ NUMBERS: dict[str, Number] = {
     "top_k": Number(-1, 2**20, integer=True, note="<= 0: off"),
     "repetition_penalty": Number(0, low_open=True),
     "ChatConfig.seed": Number(-1, 2**32, integer=True, high_open=True, note="-1: a random seed"),
+    # every program that runs the model (training stages, chat, serve, evaluate): base/cpu.py
+    "num_threads": Number(0, 4096, integer=True, note="0: the free cores, shared between local ranks"),
 }
 
 
@@ -160,7 +162,10 @@ class TrainConfig:
     train_micro_batch_size_per_gpu: int = 8  # rows per forward on each process
     gradient_accumulation_steps: int = 1  # micro-batches summed into each optimizer step
     # --- numerics and speed ---
-    train_model_precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    train_model_precision: str = "auto"  # auto (bf16 on CUDA and on CPUs with native bf16, else fp32) | bf16 | fp32
+    # CPU threads for PyTorch's operations; 0: the free physical cores (those other processes do not keep busy
+    # at start), shared between the ranks on this machine (base/cpu.py); the choice is printed at start
+    num_threads: int = 0
     # auto: the cheapest of none / selective / full whose memory plan fits the device (run/memory.py);
     # true: full (each block recomputed in backward); false: none; selective: only the MLP sublayer recomputed
     enable_gradient_checkpointing: str = "auto"

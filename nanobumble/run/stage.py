@@ -29,6 +29,7 @@ import time
 
 import torch
 
+from nanobumble.base.cpu import apply_num_threads, cpu_line
 from nanobumble.base.distributed import distributed_run, main_process_first, print0
 from nanobumble.base.errors import UserError
 from nanobumble.base.output_guard import abandon_run_dir, claim_run_dir
@@ -74,6 +75,10 @@ class Stage:
         self.lora = getattr(cfg, "finetuning_type", "full") == "lora"
         torch.manual_seed(cfg.seed)
         print0(f"config:\n{config_to_yaml(cfg)}")
+        if cfg.num_threads:  # else setup_distributed chose them on CPU (torch's default on CUDA)
+            apply_num_threads(cfg.num_threads)
+        if self.device.type == "cpu":
+            print0(cpu_line())  # cpu: ..., native bf16: no (flags: avx2); threads: 2 (2 cores, 0 busy)
 
     def open_output_dir(self) -> str | None:
         """Claim output_dir for this run and return the checkpoint to resume from (None:
