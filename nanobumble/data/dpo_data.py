@@ -48,6 +48,7 @@ from nanobumble.data.records import (
     read_records,
     sharegpt_messages,
 )
+from nanobumble.data.sft_data import check_rows, check_token_ids
 from nanobumble.data.tokenizer import EOT_ID, Tokenizer
 from nanobumble.model.layers import IGNORE_INDEX
 
@@ -204,6 +205,8 @@ def tokenize_pairs(pairs: Sequence[dict], tokenizer: Tokenizer, cutoff_len: int,
         if chosen == rejected:
             stats["dropped_identical"] += 1
             continue
+        for ids in (prompt, chosen, rejected):
+            check_token_ids(ids, tokenizer.vocab_size, pair.get("where", "a preference pair"))
         out.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected})
         stats["pairs"] += 1
     if not quiet:
@@ -233,8 +236,15 @@ class PreferenceDataset:
     """Batches of pairs: the n chosen rows, then the n rejected rows, in one tensor
     (one forward pass scores both). Order by (seed, sample index), as SFTDataset."""
 
-    def __init__(self, pairs: Sequence[dict], pad_id: int = EOT_ID):
+    def __init__(self, pairs: Sequence[dict], pad_id: int = EOT_ID, vocab_size: int | None = None):
+        """vocab_size: the model's; every pair's ids are checked against it (without it,
+        only that none is negative) and a bad one is a DataError. The LM loss does not
+        check its targets (model/lm_loss.py): they are checked here, where rows are made."""
         self.pairs = list(pairs)
+        for key in ("chosen_ids", "rejected_ids"):
+            check_rows([sequence_targets(pair["prompt_ids"], pair[key]) for pair in self.pairs], vocab_size,
+                       f"preference pair ({key})")
+        check_token_ids([pad_id], vocab_size, "DPO padding (pad_id)")
         self.pad_id = pad_id
         self.num_pairs = len(self.pairs)
         self.order = EpochOrder(self.num_pairs)

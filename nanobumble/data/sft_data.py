@@ -156,6 +156,7 @@ def tokenize_sft(conversations: Sequence[dict], tokenizer: Tokenizer, cutoff_len
         else:
             ids, mask = _render_fitting(conversation, tokenizer, system_prompt, limit, stats)
         ids, mask = ids[:limit], mask[:limit]
+        check_token_ids(ids, tokenizer.vocab_size, conversation.get("where", "a conversation"))
         trained = sum(mask[1:])
         if trained == 0:
             stats["dropped"] += 1
@@ -187,6 +188,36 @@ def _render_fitting(conversation: dict, tokenizer: Tokenizer, system_prompt: str
     return ids, mask
 
 
+def check_token_ids(ids: Sequence[int] | np.ndarray, vocab_size: int | None, where: str) -> None:
+    """Refuse (DataError naming where) a token id below 0 or, with vocab_size, not below it.
+
+    The LM loss does not check its targets (that would cost a host sync every step:
+    model/lm_loss.py), so the rows are checked where they are made. The tokenizer
+    cannot make such an id; a damaged token cache or a mismatched tokenizer could."""
+    if len(ids) == 0:
+        return
+    low, high = (int(ids.min()), int(ids.max())) if isinstance(ids, np.ndarray) else (min(ids), max(ids))
+    if low < 0 or (vocab_size is not None and high >= vocab_size):
+        limit = f"[0, {vocab_size})" if vocab_size is not None else "[0, vocabulary size)"
+        raise DataError(f"{where}: token id {low if low < 0 else high} is outside the vocabulary {limit}")
+
+
+def check_rows(rows: Sequence[tuple[np.ndarray, np.ndarray]], vocab_size: int | None, what: str) -> None:
+    """Inputs x are token ids, targets y token ids or IGNORE_INDEX, for every (x, y) row: checked
+    all at once, then row by row only to name the first bad one ("{what} {i}")."""
+    if not rows:
+        return
+    xs, ys = np.concatenate([x for x, _ in rows]), np.concatenate([y for _, y in rows])
+    try:
+        check_token_ids(xs, vocab_size, what)
+        check_token_ids(ys[ys != IGNORE_INDEX], vocab_size, what)
+    except DataError:
+        for i, (x, y) in enumerate(rows):
+            check_token_ids(x, vocab_size, f"{what} {i} (tokenized data), an input")
+            check_token_ids(y[y != IGNORE_INDEX], vocab_size, f"{what} {i} (tokenized data), a target")
+        raise
+
+
 def sft_summary(stats: dict, cutoff_len: int) -> str:
     return (f"sft data: {stats['samples']} samples from {stats['loaded']} conversations, "
             f"{stats['truncated']} truncated to cutoff_len={cutoff_len}, "
@@ -210,7 +241,9 @@ class SFTDataset:
     """Training rows from tokenized samples, one per row (padding) or packed."""
 
     def __init__(self, samples: Sequence[tuple[list[int], list[bool]]], cutoff_len: int,
-                 packing: bool = False, pad_id: int = EOT_ID):
+                 packing: bool = False, pad_id: int = EOT_ID, vocab_size: int | None = None):
+        """vocab_size: the model's; every row's ids and targets are checked against it
+        (without it, only that none is negative) and a bad one is a DataError."""
         self.cutoff_len = cutoff_len
         self.packing = packing
         self.pad_id = pad_id
@@ -220,6 +253,8 @@ class SFTDataset:
                 raise ValueError(f"sample {i}: {len(ids)} ids / {len(mask)} mask values, "
                                  f"expected equal lengths between 2 and cutoff_len + 1 = {cutoff_len + 1}")
             pieces.append(sample_targets(ids, mask))
+        check_rows(pieces, vocab_size, "SFT sample")
+        check_token_ids([pad_id], vocab_size, "SFT padding (pad_id)")
         if packing:
             self.rows = self._pack(pieces)
         else:

@@ -244,3 +244,26 @@ def test_batch_determinism(tok):
     assert sorted(data.order(3, i) for i in range(5)) == list(range(5))
     assert sorted(data.order(3, i) for i in range(5, 10)) == list(range(5))
     assert len({tuple(data.order(seed, i) for i in range(5)) for seed in range(6)}) > 1
+
+
+# ---------------------------------------------------------------------------
+# Token ids checked where rows are made (the LM loss does not check its targets: no host sync)
+
+
+def test_tokenize_refuses_an_id_outside_the_vocabulary(tok, monkeypatch):
+    """The tokenizer cannot make such an id; if one ever did, it is refused naming file:line."""
+    monkeypatch.setattr(tok, "encode", lambda text: [7, tok.vocab_size] if text == "Rome." else [7, 8])
+    p = pair([user("Capital of France?")], "Paris.", "Rome.") | {"where": "prefs.jsonl:12"}
+    with pytest.raises(DataError, match=rf"^prefs.jsonl:12: token id {tok.vocab_size} is outside the vocabulary"):
+        tokenize_pairs([p], tok, 200, system_prompt=None, quiet=True)
+
+
+def test_dataset_refuses_ids_outside_the_vocabulary():
+    pairs = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 7]},
+             {"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6, 99]}]
+    PreferenceDataset(pairs, vocab_size=100)
+    with pytest.raises(DataError, match=r"^preference pair \(rejected_ids\) 1 \(tokenized data\), a target: "
+                                        r"token id 99 is outside the vocabulary \[0, 99\)"):
+        PreferenceDataset(pairs, vocab_size=99)
+    with pytest.raises(DataError, match="token id -1"):
+        PreferenceDataset([{"prompt_ids": [1, -1], "chosen_ids": [4], "rejected_ids": [6]}])

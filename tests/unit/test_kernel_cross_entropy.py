@@ -142,15 +142,19 @@ def test_kernel_3d():
 
 
 @pytest.mark.parametrize("bad", [1000, -1, -101, 5000])
-def test_bad_target_raises(bad):
+def test_bad_target_raises_in_the_reference_and_is_nan_in_the_loss(bad):
+    """The loss does not check target ranges (no host sync: rows are checked where they are made);
+    an out-of-range target gives a NaN loss and NaN gradients instead of a wrong number."""
     logits = torch.randn(4, 1000, device=DEVICE, requires_grad=True)
     targets = torch.tensor([1, bad, IGNORE_INDEX, 3], device=DEVICE)
-    hidden, weight = torch.randn(4, 16, device=DEVICE), torch.randn(1000, 16, device=DEVICE)
     with pytest.raises(ValueError, match="outside"):
         cross_entropy_reference(logits, targets)
     for backend in ("torch", "triton"):
-        with pytest.raises(ValueError, match=f"target id {bad} is outside"):
-            linear_cross_entropy(hidden, weight, targets, backend=backend)
+        hidden = torch.randn(4, 16, device=DEVICE, requires_grad=True)
+        weight = torch.randn(1000, 16, device=DEVICE, requires_grad=True)
+        loss = linear_cross_entropy(hidden, weight, targets, backend=backend)
+        loss.backward()
+        assert torch.isnan(loss) and torch.isnan(hidden.grad).all() and torch.isnan(weight.grad).all()
 
 
 def test_bad_arguments_raise():
@@ -319,7 +323,7 @@ def test_linear_cross_entropy_per_token(backend, dtype):
         assert_close_2x(out[i], ref[i], ref64[i], what)
 
 
-def test_linear_cross_entropy_per_token_rejects_bad_targets():
-    with pytest.raises(ValueError, match="outside the vocabulary"):
-        linear_cross_entropy(torch.randn(3, 8), torch.randn(10, 8), torch.tensor([1, 10, 2]), "none",
-                             backend="torch")
+def test_linear_cross_entropy_per_token_bad_target_is_nan():
+    losses, _ = linear_cross_entropy(torch.randn(3, 8), torch.randn(10, 8), torch.tensor([1, 10, 2]), "none",
+                                     backend="torch")
+    assert torch.isnan(losses[1]) and torch.isfinite(losses[[0, 2]]).all()

@@ -433,3 +433,33 @@ def test_a_long_sharegpt_speaker_is_quoted_cut_in_the_error(tmp_path):
     with pytest.raises(DataError, match='conversations\\[0\\] has "from"') as error:
         load_conversations(str(path), strict=True)
     assert len(str(error.value)) < 500  # the property suite's long profile found 5,114 characters
+
+
+# ---------------------------------------------------------------------------
+# Token ids checked where rows are made (the LM loss does not check its targets: no host sync)
+
+
+def test_tokenize_refuses_an_id_outside_the_vocabulary(tok, monkeypatch):
+    """The tokenizer cannot make such an id; if one ever did, it is refused naming file:line."""
+    monkeypatch.setattr(tok, "encode", lambda text: [5, tok.vocab_size + 3])
+    record = {"text": "hello", "where": "data.jsonl:3"}
+    with pytest.raises(DataError, match=rf"^data.jsonl:3: token id {tok.vocab_size + 3} is outside the vocabulary"):
+        tokenize_sft([record], tok, 100, quiet=True)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_dataset_refuses_ids_outside_the_vocabulary(packing):
+    good = synthetic([5, 4])
+    SFTDataset(good, cutoff_len=8, packing=packing, vocab_size=200)
+    with pytest.raises(DataError, match=r"^SFT sample 1 \(tokenized data\), an input: token id 112 is outside "
+                                        r"the vocabulary \[0, 100\)"):
+        SFTDataset(good, cutoff_len=8, packing=packing, vocab_size=100)
+    last_only = [(list(range(10, 14)) + [100], [True] * 5)]  # only a target is out of range
+    with pytest.raises(DataError, match=r"sample 0 \(tokenized data\), a target: token id 100"):
+        SFTDataset(last_only, cutoff_len=8, packing=packing, vocab_size=100)
+    with pytest.raises(DataError, match="token id -5"):  # negative: refused even without a vocabulary
+        SFTDataset([([1, -5, 3], [True] * 3)], cutoff_len=8, packing=packing)
+    untrained = [(list(range(10, 14)) + [100], [True] * 4 + [False])]  # an ignored target is not an id
+    SFTDataset(untrained, cutoff_len=8, packing=packing, vocab_size=101)
+    with pytest.raises(DataError, match="pad_id"):
+        SFTDataset(good, cutoff_len=8, packing=packing, pad_id=300, vocab_size=200)
