@@ -78,6 +78,7 @@ from nanobumble.evals.tasks import (
     exact_match_prompt,
 )
 from nanobumble.inference.generation import Decoder, GenerationConfig, Sequence, fit_to_context
+from nanobumble.model.attention import bucket_width
 from nanobumble.model.layers import IGNORE_INDEX
 
 # --- scoring rows and answers ---------------------------------------------------------------------
@@ -134,14 +135,19 @@ def target_logprobs(model, rows: list[tuple[list[int], list[int]]], device: torc
     target is IGNORE_INDEX), float64 on the CPU. Rows go in batches, longest first: a fixed
     order, so every rank of a sharded model runs the same forwards. Batches are
     right-padded without an attention mask: a causal model never lets a real token
-    see padding that comes after it, and padded positions have no target."""
+    see padding that comes after it, and padded positions have no target. A compiled
+    model (Transformer.compiled) gets batch_size rows every batch, padded to
+    attention.bucket_width: a few shapes, so its blocks do not compile again per batch."""
     order = sorted(range(len(rows)), key=lambda i: (-len(rows[i][0]), i))
     logprobs: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+    compiled = getattr(model, "compiled", False)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        width = len(rows[batch[0]][0])
-        inputs = torch.zeros(len(batch), width, dtype=torch.long)
-        targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        width, height = len(rows[batch[0]][0]), len(batch)
+        if compiled:
+            width, height = bucket_width(width, model.config.max_position_embeddings), batch_size
+        inputs = torch.zeros(height, width, dtype=torch.long)
+        targets = torch.full((height, width), IGNORE_INDEX, dtype=torch.long)
         for row, i in enumerate(batch):
             ids, wanted = rows[i]
             inputs[row, :len(ids)] = torch.tensor(ids)

@@ -28,6 +28,7 @@ import torch
 
 from nanobumble.base.precision import autocast
 from nanobumble.data.tokenizer import EOT_ID, IM_END_ID, Tokenizer
+from nanobumble.model.attention import bucket_width
 from nanobumble.model.transformer import KVCache, Transformer
 
 STOP_IDS = (IM_END_ID, EOT_ID)
@@ -242,6 +243,10 @@ class Decoder:
         if self.cache is None:  # the reference: every sequence whole, right-padded (causal: no mask needed)
             new_ids = [seq.prompt_ids + seq.tokens for seq in seqs]
         width = max(len(ids) for ids in new_ids)
+        if self.cache is None and getattr(self.model, "compiled", False):
+            # compiled blocks: a few padded widths rather than a new shape every step (attention.bucket_width);
+            # the cached path runs its blocks eagerly (Block.compile), so its widths do not matter
+            width = bucket_width(width, self.context_len)
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         for b, row_ids in enumerate(new_ids):
             ids[b, :len(row_ids)] = torch.tensor(row_ids)

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from nanobumble.base.errors import ConfigError
 from nanobumble.base.reading import cut
-from nanobumble.model.attention import document_attention_mask, flex_attention_op
+from nanobumble.model.attention import document_attention_mask, flex_attend
 from nanobumble.model.layers import apply_rope, resolve_backend, rms_norm, rope_cos_sin, triton_kernels
 from nanobumble.model.lm_loss import linear_cross_entropy
 
@@ -197,7 +197,7 @@ class Attention(nn.Module):
         elif isinstance(attn_mask, torch.Tensor):  # dense boolean mask (CPU training)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         else:  # a flex_attention BlockMask: only the blocks that hold allowed pairs are computed
-            y = flex_attention_op(q.device)(q, k, v, block_mask=attn_mask, enable_gqa=gqa)
+            y = flex_attend(q, k, v, attn_mask, gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def _forward_cached(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
@@ -228,10 +228,38 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self._compiled = None  # set by compile()
+
+    def compile(self, **kwargs) -> None:
+        """torch.compile this block's computation with fullgraph=True (a graph break raises), keyword
+        arguments passed on (backend=..., dynamic=...). What is compiled is the layer itself, not
+        __call__: hooks (FSDP2's all-gather) stay outside it. Every block runs the same code, so one
+        graph serves all layers. dynamic is left to dynamo: the first shape compiles static, a second
+        one (evaluation, unpacked SFT) compiles once with symbolic sizes instead of once per shape.
+
+        Two paths stay eager: the KV-cache path (generation: its per-row Python bookkeeping, spans,
+        widths and the layer index, would specialise the graph on every prompt), and the Triton
+        kernels: inside the compiled block RMSNorm and RoPE are the plain PyTorch math (layers.py),
+        which inductor fuses into its own Triton kernels on CUDA, rather than the hand-written ones
+        (dynamo would need them as torch.library triton ops, and under TRITON_INTERPRET=1 on CPU they
+        cannot be traced at all). The final norm and the LM head, outside the blocks, keep them."""
+        kwargs.setdefault("fullgraph", True)
+        self._compiled = torch.compile(self._layer, **kwargs)
+
+    @property
+    def compiled(self) -> bool:
+        return self._compiled is not None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str,
                 attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
                 layer: int = 0, checkpoint_mlp: bool = False) -> torch.Tensor:
+        if self._compiled is not None and kv_cache is None:
+            return self._compiled(x, cos, sin, "torch", attn_mask, checkpoint_mlp=checkpoint_mlp)
+        return self._layer(x, cos, sin, backend, attn_mask, kv_cache, layer, checkpoint_mlp)
+
+    def _layer(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backend: str,
+               attn_mask: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+               layer: int = 0, checkpoint_mlp: bool = False) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x, backend), cos, sin, backend, attn_mask, kv_cache, layer)
         if checkpoint_mlp:  # selective checkpointing: only x is kept; norm + SwiGLU are recomputed in backward
             return x + checkpoint(self._mlp_sublayer, x, backend, use_reentrant=False)
@@ -277,6 +305,11 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied weight is counted once
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the blocks are compiled (Block.compile): callers then pad to attention.bucket_width."""
+        return any(block.compiled for block in self.layers)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
