@@ -25,7 +25,7 @@ from references import linear_cross_entropy_reference
 
 from nanobumble.kernels.cross_entropy import cross_entropy_rows
 from nanobumble.model.layers import IGNORE_INDEX
-from nanobumble.model.lm_loss import _rows_torch, linear_cross_entropy
+from nanobumble.model.lm_loss import _rows_torch, linear_cross_entropy, lm_head_info
 
 pytestmark = pytest.mark.bench
 
@@ -158,13 +158,17 @@ def test_bench_linear_cross_entropy_cuda(capsys):
     targets = torch.randint(0, vocab, (n,), device="cuda")
     targets[::10] = IGNORE_INDEX
     _, liger_flce = liger_functions()
-    variants = {"chunked triton": linear_cross_entropy,
+    variants = {"chunked triton": linear_cross_entropy,  # chunks sized by the free memory
+                "chunked triton, 832 rows": lambda h, w, t: linear_cross_entropy(h, w, t, chunk_size=832),
                 "chunked torch": lambda h, w, t: linear_cross_entropy(h, w, t, backend="torch"),
                 "materialised eager": linear_cross_entropy_reference,
                 "materialised compile": torch.compile(linear_cross_entropy_reference)}
     if liger_flce is not None:
         variants["liger fused"] = liger_flce
     flops = 6 * n * hidden_size * vocab  # three matmuls of 2*N*H*V
+    linear_cross_entropy(hidden, weight, targets).backward()
+    hidden.grad = weight.grad = None
+    head = lm_head_info()  # the default's gradient path and chunk, printed under the table
     rows, peaks, times = [], {}, {}
     for label, fn in variants.items():
         def fwd_bwd():
@@ -192,6 +196,8 @@ def test_bench_linear_cross_entropy_cuda(capsys):
         print_table(f"linear + cross-entropy fwd+bwd, N={n} H={hidden_size} V={vocab} bf16 ({name}); "
                     f"the bf16 logits alone are {logits_gb:.2f} GB",
                     ["impl", "ms", "TFLOP/s", "peak extra GB (incl. grads)", "time / chunked torch"], rows)
+        print(f"LM head path: {head['path']}; default chunk: {head['chunk_rows']} of {head['rows']} rows "
+              f"(832 rows = the fixed chunk before chunks were sized by the free memory)")
         if "chunked triton" in peaks:
             for ref in ("materialised eager", "materialised compile"):
                 if ref in peaks:
