@@ -1,15 +1,19 @@
-"""Checks that need CUDA: `python -m pytest -m gpu -s` (about 5 minutes on one H200).
+"""Checks that need CUDA: `python -m pytest -m gpu -s` (estimated 6-7 minutes on one H100: never run yet).
 
 Off by default (pytest.ini) and skipped without a GPU. Every test asserts a
 result and prints a table whose rows can go to the README:
 
+  run table (first, so a short loan gets it): what the 1.5B run achieves here, in one table
+     (tests/run_table.py, whose CPU twin is tests/gpu/test_run_table_cpu.py under -m slow):
+     the shipped and the recommended pretraining config (tokens/s, MFU with its FLOP
+     convention and the paper estimate beside it, peak memory, compile off and on) at their
+     micro batch x 2048, padded vs packed SFT rows of instruction-like lengths (real
+     tokens/s), one DPO-LoRA step, the kernels' GB/s against the device's bandwidth, and the
+     fast paths that ran (attention kernel, LM head gradient path, kernels);
   a. the Triton kernels (RMSNorm, RoPE, linear + cross-entropy),
      compiled for the GPU, forward and backward in fp32 and bf16 at the model's
      shapes, against float64: error <= 2 x the PyTorch reference's error in the
      same dtype + 1e-5 of the largest value (the rule of the CPU kernel tests);
-  b. bumblebee-1.5b: bf16 training steps (forward, backward, AdamW) on one GPU
-     with the Triton kernels, with and without activation checkpointing:
-     tokens/s, MFU, peak memory; losses finite and falling;
   c. packed documents (position_ids restarting at 0) against one document per
      row: time and memory, and each packed document's logits, loss and
      gradients equal those of the document run alone;
@@ -33,6 +37,7 @@ import pytest
 import torch
 from conftest import REPO_ROOT, print_table
 from references import linear_cross_entropy_reference
+from run_table import COLUMNS, gpu_shapes, run_table
 
 import nanobumble.base.alloc as alloc_mod
 from nanobumble.base.distributed import DistInfo
@@ -43,7 +48,6 @@ from nanobumble.model.layers import IGNORE_INDEX, rope_cos_sin
 from nanobumble.model.layers import apply_rope as apply_rope_reference
 from nanobumble.model.layers import rms_norm as rms_norm_reference
 from nanobumble.model.lm_loss import linear_cross_entropy
-from nanobumble.model.mfu import peak_bf16_flops, training_flops_per_token
 from nanobumble.model.transformer import PRESETS, ModelConfig, Transformer
 from nanobumble.run.build import build_model
 from nanobumble.run.optim import build_optimizer
@@ -60,7 +64,7 @@ BATCH, SEQ = 2, 2048
 THETA = 1e6
 
 # Training checks
-BIG_BATCH, BIG_SEQ = 4, 2048             # b: bumblebee-1.5b batch
+BIG_SEQ = 2048                           # c: row length
 WARMUP_STEPS, TIMED_STEPS = 2, 5
 PACKED_LAYERS, PACKED_BATCH = 4, 4       # c: a 4-layer bumblebee-shaped model
 PACKED_ROW0 = [517, 64, 300, 1, 700, 466]  # c: documents of the checked row (sum = BIG_SEQ, one of length 1)
@@ -111,6 +115,24 @@ def exact_fp32():
 def poison(monkeypatch):
     """Kernel outputs start as NaN, so an element a kernel forgets to write fails."""
     monkeypatch.setattr(alloc_mod, "POISON_OUTPUTS", True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run table: the numbers that matter for a run (tests/run_table.py)
+# ---------------------------------------------------------------------------------------------
+
+def test_gpu_run_table(capsys):
+    shapes = gpu_shapes(DEVICE)
+    rows, failures, notes = run_table(shapes, DEVICE)
+    with capsys.disabled():
+        print_table(f"run table on {gpu_name()} ({torch.__version__}), bumblebee-1.5b, bf16: the configs' micro "
+                    f"batches x their cutoff_len", COLUMNS, rows)
+        print("\n".join(notes))
+    assert not failures, "\n".join(failures)
+    for row in rows:
+        if row[5] not in ("-",) and not row[5].startswith("n/a"):
+            mfu = float(row[5].split("%")[0])
+            assert 0 < mfu < 100, row
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,63 +251,6 @@ def test_gpu_linear_cross_entropy_vs_float64(capsys, exact_fp32, poison):
         del h, h_ref, h64, w, w_ref, w64, loss, loss_ref, loss64
         free_memory()
     report(capsys, "a. linear + cross-entropy vs float64", rows, failures)
-
-
-# ---------------------------------------------------------------------------------------------
-# b. bumblebee-1.5b training steps: tokens/s, MFU, memory
-# ---------------------------------------------------------------------------------------------
-
-def training_step(model, optimizer, x, y) -> float:
-    with autocast(DEVICE, BF16):
-        loss = model(x, y)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss.item()  # waits for the GPU
-
-
-def test_gpu_bumblebee_training_throughput(capsys):
-    cfg = ModelConfig(vocab_size=VOCAB, **PRESETS["bumblebee-1.5b"])
-    # As train_pretrain.py builds it for one process: on the meta device, then filled on the GPU.
-    model = build_model(cfg, DistInfo(device=DEVICE), 0, None, BF16)
-    model.kernels = "triton"
-    model.train()
-    optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95))
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.vocab_size, (BIG_BATCH, BIG_SEQ + 1), generator=gen).to(DEVICE)
-    x, y = tokens[:, :-1], tokens[:, 1:]  # the same batch every step: the loss must fall
-    flops_per_token = training_flops_per_token(cfg, BIG_SEQ)
-    peak = peak_bf16_flops(gpu_name())
-    rows, losses, mfus = [], [], []
-    for checkpointing in (False, True):
-        model.gradient_checkpointing = checkpointing
-        for _ in range(WARMUP_STEPS):  # compiles the kernels, allocates the optimizer state
-            losses.append(training_step(model, optimizer, x, y))
-        reset_peak_memory()
-        times = []
-        for _ in range(TIMED_STEPS):
-            start = time.perf_counter()
-            losses.append(training_step(model, optimizer, x, y))
-            times.append(time.perf_counter() - start)
-        step_time = sorted(times)[len(times) // 2]
-        tokens_per_sec = BIG_BATCH * BIG_SEQ / step_time
-        mfu = flops_per_token * tokens_per_sec / peak if peak else None
-        mfus.append(mfu)
-        rows.append(["bumblebee-1.5b", f"{BIG_BATCH}x{BIG_SEQ}", "on" if checkpointing else "off",
-                     f"{1000 * step_time:.0f}", f"{tokens_per_sec:,.0f}",
-                     f"{100 * mfu:.1f}%" if mfu is not None else "n/a", f"{peak_memory_gib():.1f}"])
-    with capsys.disabled():
-        print_table(f"b. bf16 training step (forward, backward, clip, AdamW), kernels=triton, on {gpu_name()}, "
-                    f"{model.num_parameters() / 1e9:.2f}B parameters",
-                    ["model", "batch", "checkpointing", "ms/step", "tokens/s", "MFU", "peak GiB"], rows)
-        print(f"losses (same batch each step): {' '.join(f'{l:.3f}' for l in losses)}")
-        if peak is None:
-            print(f"(MFU n/a: {gpu_name()!r} is not in nanobumble/model/mfu.py's table)")
-    assert all(math.isfinite(loss) for loss in losses), losses
-    assert losses[-1] < losses[0] - 0.1, f"the loss did not fall on a repeated batch: {losses}"
-    for mfu in mfus:
-        assert mfu is None or 0 < mfu < 1, mfus
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,6 +377,16 @@ def test_gpu_packed_attention(capsys):
     assert max(grad_errors.values()) < GRAD_TOLERANCE, grad_errors
 
 
+def training_step(model, optimizer, x, y) -> float:
+    with autocast(DEVICE, BF16):
+        loss = model(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()  # waits for the GPU
+
+
 # ---------------------------------------------------------------------------------------------
 # d. the tiny model trains the same with the Triton kernels and with plain torch
 # ---------------------------------------------------------------------------------------------
@@ -453,8 +428,8 @@ def test_gpu_triton_matches_torch_training(capsys):
 # ---------------------------------------------------------------------------------------------
 
 FSDP_SCRIPT = textwrap.dedent('''
-    """One rank (RANK=0, WORLD_SIZE=1, MASTER_ADDR/PORT set by the test): tiny model, kernels=triton, 3 steps, sharded by
-    FSDP2 with MixedPrecisionPolicy(bf16 params, fp32 reduce) and no autocast (as
+    """One rank (RANK=0, WORLD_SIZE=1, MASTER_ADDR/PORT set by the test): tiny model, kernels=triton,
+    3 steps, sharded by FSDP2 with MixedPrecisionPolicy(bf16 params, fp32 reduce) and no autocast (as
     train_pretrain.py runs sharded), then unsharded under bf16 autocast; print both."""
     import json
     import os
