@@ -188,13 +188,14 @@ def _fp32_out_refused(device: torch.device, dtype: torch.dtype) -> str | None:
     (CUDA builds of recent PyTorch), else why not. Probed once per device and dtype (one host
     sync, on the first call only) with a sum that bf16 cannot hold: 1 + 15 * 2^-8."""
     try:
-        a = torch.full((1, 16), 2.0**-8, dtype=dtype, device=device)
-        a[0, 0] = 1.0
-        b = torch.ones(16, 1, dtype=dtype, device=device)
-        out = torch.empty(1, 1, dtype=torch.float32, device=device)
-        torch.mm(a, b, out_dtype=torch.float32, out=out)
-        acc = torch.ones(1, 1, dtype=torch.float32, device=device)
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        with torch.autocast(device.type, enabled=False):  # it is called inside the model's autocast
+            a = torch.full((1, 16), 2.0**-8, dtype=dtype, device=device)
+            a[0, 0] = 1.0
+            b = torch.ones(16, 1, dtype=dtype, device=device)
+            out = torch.empty(1, 1, dtype=torch.float32, device=device)
+            torch.mm(a, b, out_dtype=torch.float32, out=out)
+            acc = torch.ones(1, 1, dtype=torch.float32, device=device)
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
         if not (bool(out[0, 0] == 1 + 15 * 2.0**-8) and bool(acc[0, 0] == 2 + 15 * 2.0**-8)):
             return "its result was not summed in fp32"
         return None
