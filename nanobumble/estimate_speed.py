@@ -3,6 +3,8 @@
     python -m nanobumble.estimate_speed --yaml_config configs/pretrain/pretrain_full.yaml --device h100
     python -m nanobumble.estimate_speed --yaml_config configs/sft/sft_1.5b_80gb.yaml --device h100 --doc_tokens 400
 
+    python -m nanobumble.estimate_speed --recipes       # the recipes' table (README "Speed on a GPU")
+
 Any training key may follow as an override (--compile true, --enable_gradient_checkpointing false, ...).
 Own keys: --device h100 | h200, --stage auto | pretrain | sft | dpo (auto: the YAML's folder, else its
 keys), --model (a preset, when model_name_or_path is a directory not here; default bumblebee-1.5b),
@@ -75,6 +77,16 @@ OPTIMIZER_BYTES = 40
 DOC_TOKENS = {"sft": 400, "dpo": 600}  # default mean conversation length (Alpaca-like SFT, ShareGPT pairs)
 STAGES = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}
 OWN_KEYS = {"device": "h100", "stage": "auto", "model": "", "doc_tokens": ""}
+# The recipes per device class (README "Speed on a GPU"; --recipes prints their table), and the
+# shipped pretraining config as it ran before one-rank FSDP2 (autocast over fp32 weights) and now.
+RECIPES = [("configs/pretrain/pretrain_full.yaml", "h100", ["--single_process_fsdp", "false"]),
+           ("configs/pretrain/pretrain_full.yaml", "h100", []),
+           ("configs/pretrain/pretrain_1.5b_80gb.yaml", "h100", []),
+           ("configs/pretrain/pretrain_full.yaml", "h200", ["--single_process_fsdp", "false"]),
+           ("configs/pretrain/pretrain_1.5b_141gb.yaml", "h200", []),
+           ("configs/sft/sft_1.5b_80gb.yaml", "h100", []), ("configs/sft/sft_1.5b_141gb.yaml", "h200", []),
+           ("configs/dpo/dpo_lora_1.5b_80gb.yaml", "h100", []), ("configs/dpo/dpo_lora_1.5b_80gb.yaml", "h200", []),
+           ("configs/dpo/dpo_full_1.5b_80gb.yaml", "h100", []), ("configs/dpo/dpo_full_1.5b_80gb.yaml", "h200", [])]
 
 
 @dataclasses.dataclass
@@ -93,6 +105,7 @@ class Setup:
     reference_forward: bool = False   # DPO: the reference model's forward each micro-step
     doc_tokens: int = 0               # mean document length (SFT / DPO); 0: rows are whole windows
     packing: bool = False
+    free_bytes: int | None = None     # device memory the memory plan leaves free (sizes the LM head's chunks)
 
 
 @dataclasses.dataclass
@@ -249,7 +262,11 @@ def estimate(setup: Setup, device: Device) -> Estimate:
     # Cross entropy: the kernel reads a chunk's logits and writes their gradient in place (2 aV per
     # token; the torch path adds its fp32 working copy); the weight's fp32 gradient [V, H] is read and
     # written once per chunk (the chunks' dW summed into it).
-    chunk = default_chunk_size(computed, V, torch.bfloat16, "triton" if setup.triton else "torch")
+    backend = "triton" if setup.triton else "torch"
+    if setup.free_bytes is not None and "free_bytes" in inspect.signature(default_chunk_size).parameters:
+        chunk = default_chunk_size(computed, V, torch.bfloat16, backend, free_bytes=setup.free_bytes)
+    else:  # fixed chunks (a lm_loss without free-memory chunks)
+        chunk = default_chunk_size(computed, V, torch.bfloat16, backend)
     ce = 2 * 2 * V + (2 * 4 * V if not setup.triton else 0)
     trains_head = not lora
     lm_grad = 2 * 4 * V * H / chunk if trains_head else 0
@@ -340,7 +357,8 @@ def setup_for_config(cfg, model_cfg: ModelConfig, device: Device, doc_tokens: in
                   triton=cfg.kernels != "torch", lora_rank=cfg.lora_rank if lora else 0,
                   reference_forward=stage == "dpo" and not cfg.precompute_ref_log_probs,
                   doc_tokens=(doc_tokens or DOC_TOKENS[stage]) if stage != "pretrain" else 0,
-                  packing=bool(getattr(cfg, "packing", False)))
+                  packing=bool(getattr(cfg, "packing", False)),
+                  free_bytes=max(0, device.memory_bytes - plan.total))
     return setup, plan
 
 
@@ -446,9 +464,31 @@ def estimate_config(argv: list[str]):
     return est, plan, report(est, plan, label, model_name, changes(cfg, setup, device))
 
 
+def recipes_table(root: str = ".") -> str:
+    """The recipes' table (markdown): planned memory, estimated tokens/s and MFU per device class."""
+    lines = ["| config | GPU | micro x seq x accumulation | checkpointing, compile, parameters | planned memory "
+             "| est. tokens/s | est. MFU |", "|---|---|---|---|---|---|---|"]
+    for path, device, extra in RECIPES:
+        est, plan, _ = estimate_config(["--yaml_config", os.path.join(root, path), "--device", device, *extra])
+        s = est.setup
+        tokens = f"{est.tokens_per_second:,.0f}" + (f" real ({est.real_tokens / est.computed_tokens:.0%})"
+                                                     if s.doc_tokens else "")
+        lines.append(f"| `{path}`{' ' + ' '.join(extra) if extra else ''} | {DEVICES[device].name} "
+                     f"| {s.micro_batch} x {s.seq_len} x {s.accumulation} "
+                     f"| {s.checkpointing}, {'compiled' if s.compiled else 'eager'}, "
+                     f"{'bf16 (FSDP2)' if s.bf16_params else 'autocast fp32'}"
+                     f"{', LoRA ' + str(s.lora_rank) if s.lora_rank else ''}{', packed' if s.packing else ''} "
+                     f"| {plan.total / 1e9:.1f} GB ({100 * plan.total / DEVICES[device].memory_bytes:.0f}%) "
+                     f"| {tokens} | {100 * est.mfu:.1f}% |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> None:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
+        return
+    if argv == ["--recipes"]:
+        print(recipes_table())
         return
     print(estimate_config(argv)[2])
 

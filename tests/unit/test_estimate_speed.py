@@ -93,6 +93,10 @@ def test_recipe_parses_and_fits(path, device):
         assert est.mfu >= (0.45 if device == "h100" else 0.48), text
 
 
+def test_recipes_table_lists_the_tested_recipes():
+    assert {(path, device) for path, device, _ in es.RECIPES if "pretrain_full" not in path} == set(RECIPES)
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--device", "a100"], "device"),
     (["--stage", "rl"], "stage"),
