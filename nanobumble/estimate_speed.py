@@ -132,16 +132,24 @@ class Estimate:
         return self.model_flops / self.step_seconds / self.device.peak_flops
 
 
+def row_width(setup: Setup, rows: int) -> int:
+    """Tokens per row. Pretraining and packed rows: cutoff_len. Padded rows are as wide as the
+    longest document of their micro-batch: with lengths spread exponentially, the longest of n
+    is ~ mean x (1 + 1/2 + ... + 1/n), at most cutoff_len."""
+    if not setup.doc_tokens or setup.packing:
+        return setup.seq_len
+    longest = setup.doc_tokens * sum(1 / k for k in range(1, rows + 1))
+    return int(min(setup.seq_len, max(setup.doc_tokens, round(longest))))
+
+
 def real_fraction(setup: Setup, rows: int) -> float:
     """Share of the computed tokens that are real. Packed rows waste about half a conversation
-    at each row's end (greedy packing, never split); padded rows are as wide as the longest of
-    their batch: with lengths spread exponentially, the longest of n is ~ mean x (1 + 1/2 + ... + 1/n)."""
+    at each row's end (greedy packing, never split); a padded row holds one document."""
     if not setup.doc_tokens:
         return 1.0
-    m, T = setup.doc_tokens, setup.seq_len
     if setup.packing:
-        return max(0.05, 1 - m / (2 * T))
-    return min(1.0, m / min(T, m * sum(1 / k for k in range(1, rows + 1))))
+        return max(0.05, 1 - setup.doc_tokens / (2 * setup.seq_len))
+    return min(1.0, setup.doc_tokens / row_width(setup, rows))
 
 
 def block_bytes(setup: Setup) -> dict[str, tuple[float, float]]:
@@ -197,7 +205,7 @@ def estimate(setup: Setup, device: Device) -> Estimate:
     cfg = setup.model
     H, L, V = cfg.hidden_size, cfg.num_layers, cfg.vocab_size
     rows = setup.micro_batch * (2 if setup.stage == "dpo" else 1)
-    computed = rows * setup.seq_len
+    computed = rows * row_width(setup, rows)
     real = computed * real_fraction(setup, rows)
     doc = setup.doc_tokens or setup.seq_len  # a token attends to doc / 2 tokens on average
     n_docs = real / doc
