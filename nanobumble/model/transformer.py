@@ -235,14 +235,17 @@ class Block(nn.Module):
         arguments passed on (backend=..., dynamic=...). What is compiled is the layer itself, not
         __call__: hooks (FSDP2's all-gather) stay outside it. Every block runs the same code, so one
         graph serves all layers. dynamic is left to dynamo: the first shape compiles static, a second
-        one (evaluation, unpacked SFT) compiles once with symbolic sizes instead of once per shape.
+        one (evaluation, unpacked SFT) compiles once with symbolic sizes instead of once per shape;
+        evaluation pads to attention.bucket_width besides. (With fullgraph, going past dynamo's
+        recompile limit, 8 graphs of this code, raises instead of falling back to eager.)
 
-        Two paths stay eager: the KV-cache path (generation: its per-row Python bookkeeping, spans,
-        widths and the layer index, would specialise the graph on every prompt), and the Triton
-        kernels: inside the compiled block RMSNorm and RoPE are the plain PyTorch math (layers.py),
-        which inductor fuses into its own Triton kernels on CUDA, rather than the hand-written ones
-        (dynamo would need them as torch.library triton ops, and under TRITON_INTERPRET=1 on CPU they
-        cannot be traced at all). The final norm and the LM head, outside the blocks, keep them."""
+        Two things stay out of the graph. The KV-cache path (generation) runs eagerly: its per-row
+        Python bookkeeping (spans, widths, the layer index) would specialise the graph on every
+        prompt. And the Triton kernels: inside the compiled block RMSNorm and RoPE are the PyTorch
+        math (layers.py), which inductor fuses with their neighbours into kernels of its own (on CUDA,
+        Triton kernels). The hand-written ones, launched from autograd.Functions, break the graph
+        where the tests run them (under TRITON_INTERPRET=1 dynamo stops inside the launch), so no
+        CPU test could check them traced. The final norm and the LM head, outside the blocks, keep them."""
         kwargs.setdefault("fullgraph", True)
         self._compiled = torch.compile(self._layer, **kwargs)
 

@@ -172,7 +172,8 @@ def test_recompiles_stay_few_across_evaluation_and_generation_widths():
     """Scoring rows of 12 lengths (batches of many widths), generating from prompts of 6 lengths
     (KV cache), and the no-cache reference decoder (a new width every step): at most 3 graphs in
     all, far below dynamo's recompile limit (8), past which a block would fall back to eager
-    (before: the KV-cache path compiled again per layer and width, and hit the limit)."""
+    (before: the KV-cache path compiled again per layer and width, and hit the limit); compiled with
+    dynamic=False, one graph per bucket of width."""
     counter = CompileCounter()
     model = tiny(layers=3, context=256, compile_kwargs={"backend": counter}).eval()
     eager = tiny(layers=3, context=256).eval()
@@ -197,6 +198,13 @@ def test_recompiles_stay_few_across_evaluation_and_generation_widths():
         decoder.step()
     print(f"graphs: {scoring} scoring, {counter.frame_count} in all")
     assert counter.frame_count <= 3
+    # Dynamo's automatic dynamic shapes alone would also compile once more for a second width; the
+    # buckets are what bound a static compile (dynamic=False): 6 batches of 6 widths, 4 buckets.
+    torch._dynamo.reset()  # the blocks' code starts a fresh cache (with fullgraph, past the limit raises)
+    static = CompileCounter()
+    target_logprobs(tiny(layers=3, context=256, compile_kwargs={"backend": static, "dynamic": False}).eval(),
+                    rows, CPU, torch.float32, 2)
+    assert static.frame_count == len({bucket_width(len(rows[-1 - 2 * i][0]), 256) for i in range(6)}) == 4
 
 
 @pytest.mark.slow
