@@ -238,3 +238,49 @@ def test_block_masks_compile_once_without_the_deprecated_flag(monkeypatch, recwa
     with torch.no_grad():  # the same masks as eager create_block_mask builds
         for got, rows in ((first, position_ids), (second, position_ids.flip(0))):
             assert torch.equal(got.to_dense(), document_attention_mask(rows).to_dense())
+
+
+@pytest.mark.bench
+def test_bench_compiled_vs_eager_step():
+    """Forward + backward of the tiny preset (fp32, 4 x 256 tokens) eager and with compiled blocks,
+    timed alternately in one process (best of 7 after 2 warm-up steps, which compile).
+    OMP_NUM_THREADS=1 pytest -m bench -s tests/unit/test_compile.py"""
+    import time
+
+    from conftest import print_table
+
+    from nanobumble.model.transformer import PRESETS
+
+    cfg = ModelConfig(vocab_size=4096, **PRESETS["tiny"])
+    models = {"eager": Transformer(cfg), "compiled": Transformer(cfg)}
+    for block in models["compiled"].layers:
+        block.compile()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 4096, (2, 4, 256), generator=g)
+    starts = torch.tensor([0, 100, 180, 230])
+    packed = (torch.arange(256) - starts[(torch.arange(256)[:, None] >= starts).sum(-1) - 1]).expand(4, 256)
+    rows_kinds = {"pretraining": None, "packed SFT": packed.contiguous()}
+    table = []
+    for kind, position_ids in rows_kinds.items():
+        times = {name: [] for name in models}
+
+        def step(model):
+            model.zero_grad()
+            model(x, y, position_ids=position_ids).backward()
+
+        first = {}
+        for name, model in models.items():
+            start = time.perf_counter()
+            step(model)  # the compiled model compiles here
+            first[name] = time.perf_counter() - start
+            step(model)
+        for _ in range(7):
+            for name, model in models.items():
+                start = time.perf_counter()
+                step(model)
+                times[name].append(time.perf_counter() - start)
+        best = {name: min(t) for name, t in times.items()}
+        table.append([kind, f"{best['eager'] * 1e3:.1f}", f"{best['compiled'] * 1e3:.1f}",
+                      f"{best['eager'] / best['compiled']:.2f}x", f"{first['compiled']:.1f}"])
+    print_table(f"tiny preset fwd+bwd, fp32, 4 x 256 tokens, CPU, {torch.get_num_threads()} threads",
+                ["rows", "eager ms", "compiled ms", "speed-up", "first compiled step s"], table)
