@@ -234,15 +234,17 @@ def test_block_masks_compile_once_without_the_deprecated_flag(monkeypatch, recwa
     if not attention.compiled_create_block_mask_supported():
         pytest.skip("torch < 2.6: create_block_mask(_compile=True) is the way")
     _, _, position_ids = packed_rows(length=256)
+    torch._dynamo.utils.counters.clear()
     with torch.no_grad():
         first = document_attention_mask(position_ids)
         builder = attention._compiled_block_mask
-        second = document_attention_mask(position_ids.flip(0))
+        second = document_attention_mask(position_ids.flip(-1).contiguous())  # a new rule: new tensors, closure
     assert attention._compiled_block_mask is builder is not None
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # compiled once, not per mask
     assert not [w for w in recwarn if "_compile" in str(w.message)]
     monkeypatch.setattr(attention, "compiles_flex", lambda device: False)
     with torch.no_grad():  # the same masks as eager create_block_mask builds
-        for got, rows in ((first, position_ids), (second, position_ids.flip(0))):
+        for got, rows in ((first, position_ids), (second, position_ids.flip(-1).contiguous())):
             assert torch.equal(got.to_dense(), document_attention_mask(rows).to_dense())
 
 
