@@ -38,8 +38,8 @@ def document_attention_mask(position_ids: torch.Tensor, attention_mask: torch.Te
     with optional padding (attention_mask 0). A flex_attention BlockMask where flex
     attention can run this pass (CUDA; on CPU it has no backward, so only without
     gradients); otherwise the same rule as a dense [batch, 1, seq, seq] boolean mask
-    for SDPA. On CUDA a dense mask would push SDPA onto its slow fp32 math path.
-    Built outside the compiled blocks (Transformer.forward is never traced): the blocks take the mask as an input."""
+    for SDPA. On CUDA a dense mask would push SDPA onto its slow fp32 math path. Built
+    outside the compiled blocks (Transformer.forward is not traced): they take it as an input."""
     B, T = position_ids.shape
     documents = (position_ids == 0).cumsum(-1, dtype=torch.int32)  # [B, T]: 1, 1, 1, 2, 2, ...
     valid = attention_mask.bool() if attention_mask is not None else None
@@ -68,7 +68,7 @@ _compiled_block_mask = None
 def compiled_create_block_mask_supported() -> bool:
     """torch.compile(create_block_mask) is the way to compile the mask builder since torch 2.6, which
     deprecated create_block_mask(_compile=True) (the work-around for what compile could not do before)."""
-    return TorchVersion(torch.__version__) >= "2.6"
+    return TorchVersion(torch.__version__) >= "2.6.0a0"  # (2.6 pre-releases too)
 
 
 def block_mask_builder(device: torch.device):
@@ -118,9 +118,9 @@ def flex_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask, e
 def bucket_width(width: int, limit: int, smallest: int = 16) -> int:
     """The width to pad a batch of `width` tokens to for a compiled model: the next power of two
     (at least `smallest`), at most `limit` (the context). Evaluation and generation see a new width
-    nearly every batch; each new shape would compile again, and past torch._dynamo's recompile limit
-    (8) the block falls back to eager. Powers of two give at most log2(limit / smallest) + 1 widths
-    (8 for a 2048-token context) and pad a batch by less than 2x."""
+    nearly every batch; each new shape could compile again, and past torch._dynamo's recompile limit
+    (8 graphs) a fullgraph block raises (a plain compile falls back to eager). Powers of two give at
+    most log2(limit / smallest) + 1 widths (8 for a 2048-token context) and pad a batch by less than 2x."""
     if width >= limit:
         return width
     return min(max(smallest, 1 << (width - 1).bit_length()), limit)
