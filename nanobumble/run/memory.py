@@ -67,17 +67,31 @@ class MemoryPlan:
     parameters: int
     gradients: int
     optimizer: int
-    activations: int
-    lm_head: int
+    activations: int  # what autograd saved, at the end of the forward pass
+    lm_head: int  # the LM head's buffers at the end of the forward pass
+    autocast_cache: int  # autocast's bf16 weight copies not saved for backward, alive to the end of forward
+    backward: int  # at the backward's peak, on top of the activations: see plan_memory
     other: int
     runtime: int
     checkpointing: str
     device_bytes: int | None = None  # what the device has, when known
 
     @property
+    def end_of_forward(self) -> int:
+        """On top of the activations at the end of the forward pass."""
+        return self.lm_head + self.autocast_cache
+
+    @property
+    def peak_phase(self) -> str:
+        return "backward" if self.backward > self.end_of_forward else "end of forward"
+
+    @property
     def training_bytes(self) -> int:
-        """Everything but the runtime: what a step adds to a process that has imported torch."""
-        return self.parameters + self.gradients + self.optimizer + self.activations + self.lm_head + self.other
+        """Everything but the runtime: what a step adds to a process that has imported torch.
+        The peak is the larger of the two moments: the LM head at the end of the forward pass,
+        or the backward pass through the top block (module docstring)."""
+        return (self.parameters + self.gradients + self.optimizer + self.activations
+                + max(self.end_of_forward, self.backward) + self.other)
 
     @property
     def total(self) -> int:
@@ -90,7 +104,9 @@ class MemoryPlan:
         gb = lambda n: f"{n / GB:.2f} GB"  # noqa: E731
         line = (f"memory plan per rank: params {gb(self.parameters)}, grads {gb(self.gradients)}, "
                 f"optimizer {gb(self.optimizer)}, activations {gb(self.activations)} "
-                f"(checkpointing {self.checkpointing}), LM head {gb(self.lm_head)}, other {gb(self.other)}, "
+                f"(checkpointing {self.checkpointing}), + the larger of end of forward {gb(self.end_of_forward)} "
+                f"(LM head {gb(self.lm_head)}, autocast weight cache {gb(self.autocast_cache)}) and backward "
+                f"{gb(self.backward)} (peak: {self.peak_phase}), other {gb(self.other)}, "
                 f"runtime {gb(self.runtime)} = {gb(self.total)}")
         if self.device_bytes:
             line += f" of {gb(self.device_bytes)} ({100 * self.total / self.device_bytes:.0f}%)"
@@ -109,12 +125,15 @@ def _meta_model(model_cfg, lora: dict | None) -> Transformer:
 def plan_memory(model_cfg, micro_batch: int, seq_len: int, *, compute_dtype: torch.dtype = torch.float32,
                 world_size: int = 1, lora: dict | None = None, dpo: bool = False, reference_copy: bool = False,
                 checkpointing: str = "none", device_type: str = "cpu", backend: str = "torch",
-                padded_rows: bool = False, device_bytes: int | None = None) -> MemoryPlan:
+                padded_rows: bool = False, device_bytes: int | None = None, fsdp: bool | None = None) -> MemoryPlan:
     """Peak memory per rank of one training step (see the module docstring).
 
     compute_dtype: bf16 computes under autocast over fp32 weights in one process, and
-    with FSDP's bf16 parameters when world_size > 1 (fp32 sharded master weights).
-    world_size > 1 shards parameters, gradients and optimizer state over the ranks.
+    with FSDP's bf16 parameters under FSDP (fp32 sharded master weights).
+    fsdp: the model is wrapped in FSDP2 with its mixed precision (bf16 parameters gathered
+    a block at a time, fp32 master weights and gradients, a bf16 residual stream), also on
+    one rank; None means world_size > 1. world_size shards parameters, gradients and
+    optimizer state over the ranks.
     lora: lora.inject_lora's keywords (frozen base: only adapters have gradients and
     AdamW state). dpo: each forward runs chosen + rejected, 2 x micro_batch rows, with
     per-token losses; reference_copy: DPO's frozen full copy of the model is resident.
@@ -128,7 +147,7 @@ def plan_memory(model_cfg, micro_batch: int, seq_len: int, *, compute_dtype: tor
     n_params = sum(p.numel() for p in params)
     n_trainable = sum(p.numel() for p in params if p.requires_grad)
     W = world_size
-    sharded = W > 1
+    sharded = world_size > 1 if fsdp is None else fsdp  # FSDP2's mixed precision, on 1 rank or N
     a = torch.empty((), dtype=compute_dtype).element_size()  # compute bytes
     autocast = a < 4 and not sharded  # bf16 over fp32 weights in one process: casts at every linear
     r = 4 if (autocast or a == 4) else a  # the residual stream's bytes: fp32 weights keep it fp32
@@ -136,9 +155,10 @@ def plan_memory(model_cfg, micro_batch: int, seq_len: int, *, compute_dtype: tor
                         cfg.num_layers, cfg.vocab_size)
     rows = micro_batch * (2 if dpo else 1)
     N = rows * seq_len  # tokens per micro-step
+    embedding_trains = model.embed_tokens.weight.requires_grad
 
-    # Parameters: fp32 everywhere (one process: fp32 weights under autocast; FSDP: fp32 shards),
-    # each rank 1/W; DPO's frozen full reference adds another copy.
+    # Parameters: fp32 everywhere (one process: fp32 weights under autocast; FSDP: fp32 shards, on one
+    # rank the whole model), each rank 1/W; DPO's frozen full reference adds another copy.
     parameters = 4 * n_params * (2 if reference_copy else 1) // W
     # Gradients: fp32, same shape (and sharding) as the trainable parameters.
     gradients = 4 * n_trainable // W
@@ -181,13 +201,15 @@ def plan_memory(model_cfg, micro_batch: int, seq_len: int, *, compute_dtype: tor
     if padded_rows and device_type == "cpu":
         attn_part += a * seq_len  # SDPA's dense float mask per layer
     # Per layer, not per token: under autocast the bf16 copies of the block's weights, kept for backward.
-    attn_fixed = sum(2 * p.numel() for p in attn.parameters() if p.dim() == 2) if autocast else 0
-    mlp_fixed = sum(2 * p.numel() for p in mlp.parameters() if p.dim() == 2) if autocast else 0
+    # With bf16 parameters (FSDP) the torch RMSNorm keeps an fp32 copy of its weight instead.
+    norm_copy = 4 * H if backend == "torch" and a != 4 and not autocast else 0
+    attn_fixed = (sum(2 * p.numel() for p in attn.parameters() if p.dim() == 2) if autocast else 0) + norm_copy
+    mlp_fixed = (sum(2 * p.numel() for p in mlp.parameters() if p.dim() == 2) if autocast else 0) + norm_copy
     # Under LoRA the embedding is frozen: the first block's input needs no gradient, so its first
     # RMSNorm keeps nothing, the dropout before its q/k/v adapters no mask, and (autocast) q/k/v keep
     # no bf16 weight copy but lora_B's.
     first_layer_less = first_layer_fixed_less = 0
-    if not model.embed_tokens.weight.requires_grad:
+    if not embedding_trains:
         qkv = (attn.q_proj, attn.k_proj, attn.v_proj)
         first_layer_less = norm_bytes(block.input_layernorm) + sum(
             (1 if device_type == "cuda" else r) * H for linear in qkv
@@ -196,28 +218,57 @@ def plan_memory(model_cfg, micro_batch: int, seq_len: int, *, compute_dtype: tor
             first_layer_fixed_less = sum(2 * (p.numel() if p.dim() == 2 else 0) for linear in qkv
                                          for name, p in linear.named_parameters() if name != "lora_B")
     layer_all = N * (attn_part + mlp_part) + attn_fixed + mlp_fixed
+    # What the blocks keep at the end of the forward pass, and what backward recomputes of the top
+    # block before its backward runs (selective: its MLP sublayer; full: the whole block).
+    # Under autocast the bf16 weight copies not saved stay in autocast's cache until the forward's
+    # autocast region ends (the profiler's memory timeline, tests/memory_peak.py): every layer's.
     if checkpointing == "none":
-        blocks = L * layer_all
-    elif checkpointing == "selective":  # + one MLP sublayer recomputed during its backward
-        blocks = L * (N * (attn_part + r * H) + attn_fixed) + N * mlp_part + mlp_fixed
-    else:  # each block's input, + one block recomputed during its backward
-        blocks = L * N * r * H + layer_all
+        blocks, recomputed, autocast_cache = L * layer_all, 0, 0
+    elif checkpointing == "selective":  # a layer keeps its attention part and its input x
+        blocks, recomputed = L * (N * (attn_part + r * H) + attn_fixed), N * mlp_part + mlp_fixed
+        autocast_cache = L * mlp_fixed if autocast else 0
+    else:  # each block's input
+        blocks, recomputed = L * N * r * H, layer_all
+        autocast_cache = L * (attn_fixed + mlp_fixed) if autocast else 0
     # Outside the blocks: RoPE's cos/sin (fp32, head_dim/2 each, shared by every layer), the final
-    # RMSNorm, and the LM head's input when DPO's per-token path saves it (the mean path saves nothing).
+    # RMSNorm, and the LM head's input and out-of-range flags (bool) when DPO's per-token path saves
+    # them (the mean path saves nothing).
     if checkpointing != "full":
         blocks -= N * first_layer_less + first_layer_fixed_less
-    activations = blocks + N * (4 * cfg.head_dim + norm_bytes(model.norm) + (a * H if dpo else 0))
+    activations = blocks + N * (4 * cfg.head_dim + norm_bytes(model.norm) + (a * H + 1 if dpo else 0)) + norm_copy
 
-    # LM head (model/lm_loss.py): one chunk of logits (+ its fp32 working copy on the torch path), the
-    # gradient of the hidden states [N, H] (made in the forward pass), and when the embedding trains
-    # the fp32 [V, H] weight gradient summed over the chunks (plus its rounding to bf16 in backward).
-    # Under autocast the [V, H] weight is cast to bf16 first (DPO's per-token path keeps that copy).
+    # The LM head's weight as the GEMMs read it: under autocast a bf16 copy of the fp32 [V, H] weight
+    # (kept by DPO's per-token path), and on a bf16 path without out_dtype GEMMs (CPU) an fp32 copy.
+    # A trained tied weight's gradient (fp32 under autocast, the parameter's dtype under FSDP) waits in
+    # autograd's buffer through the whole backward, to be summed with the embedding's own.
+    weight_copies = (a * V * H if autocast else 0) + (4 * V * H if a != 4 and device_type == "cpu" else 0)
+    held_grad = ((4 if autocast or a == 4 else a) * V * H
+                 if embedding_trains and cfg.tie_word_embeddings and n_trainable else 0)
+
+    # End of the forward pass (model/lm_loss.py), last chunk: one chunk of logits; the torch path's fp32
+    # working copy (bf16) and the fp32 temporary of its logsumexp (the profiler's memory timeline at the
+    # peak, tests/memory_peak.py); the fp32 gradient of the hidden states [N, H], made in the forward pass,
+    # the hidden states themselves (and under autocast their bf16 cast); the fp32 [V, H] weight gradient summed over the
+    # chunks when the embedding trains. The chunk is default_chunk_size's floor: on CUDA the LM head
+    # takes bigger chunks only from memory that is free at the time.
     chunk = default_chunk_size(N, V, compute_dtype, backend)
-    lm_head = chunk * V * (a + (4 if backend == "torch" and a != 4 else 0)) + N * H * a
-    if n_trainable and not lora:
-        lm_head += 4 * V * H + (a * V * H if a != 4 else 0)
-    elif autocast:
-        lm_head += a * V * H
+    lm_head = chunk * V * (a + ((4 if a != 4 else 0) + 4 if backend == "torch" else 0)) + 4 * N * H
+    lm_head += r * N * H if autocast or not dpo else 0  # the final norm's output (DPO saves it, unless cast)
+    lm_head += a * N * H if autocast and not dpo else 0  # its bf16 cast (DPO saves that)
+    lm_head += weight_copies + (4 * V * H if embedding_trains and n_trainable else 0)
+    if dpo:  # the per-token path: gradients in backward, one chunk of logits there too
+        lm_head -= 4 * N * H + (4 * V * H if embedding_trains and n_trainable else 0)
+
+    # Backward through the top block, at the SwiGLU's backward: the block's recomputed part (checkpointing),
+    # the gradient arriving in the residual stream [N, H], and three [N, I] gradients at once (of the
+    # product, of silu(gate) and of up) where the product (kept for down_proj) is already freed: net
+    # 2 a I per token (the profiler's memory timeline, tests/memory_peak.py); the final norm's saved
+    # tensors are freed by then; plus the tied LM head weight's gradient held for the embedding's,
+    # and the weight copies the per-token path keeps.
+    backward = (recomputed + N * (2 * a * I + r * H - norm_bytes(model.norm)) + held_grad
+                + (weight_copies if dpo else 0))
+    if dpo:
+        backward += chunk * V * (a + ((4 if a != 4 else 0) + 4 if backend == "torch" else 0))
 
     # Other: the token ids and targets (int64); the dense mask itself (bool, CPU); with FSDP the
     # gathered bf16/fp32 copies of the root (embedding) and of two blocks (running + prefetched).
@@ -226,8 +277,8 @@ def plan_memory(model_cfg, micro_batch: int, seq_len: int, *, compute_dtype: tor
         block_params = sum(p.numel() for p in model.layers[0].parameters())
         other += a * (V * H + 2 * block_params) * (2 if reference_copy else 1)
     runtime = int(RUNTIME_BYTES.get(device_type, RUNTIME_BYTES["cuda"]))
-    return MemoryPlan(int(parameters), int(gradients), int(optimizer), int(activations), int(lm_head), int(other),
-                      runtime, checkpointing, device_bytes)
+    return MemoryPlan(int(parameters), int(gradients), int(optimizer), int(activations), int(lm_head),
+                      int(autocast_cache), int(backward), int(other), runtime, checkpointing, device_bytes)
 
 
 def device_memory_bytes(device: torch.device) -> int:
@@ -247,8 +298,10 @@ def device_memory_bytes(device: torch.device) -> int:
 
 
 def plan_for_config(cfg, model_cfg, world_size: int, compute_dtype: torch.dtype, device_type: str,
-                    backend: str, checkpointing: str, device_bytes: int | None = None) -> MemoryPlan:
-    """plan_memory for a training config (PretrainConfig, SFTConfig, DPOConfig)."""
+                    backend: str, checkpointing: str, device_bytes: int | None = None,
+                    fsdp: bool | None = None) -> MemoryPlan:
+    """plan_memory for a training config (PretrainConfig, SFTConfig, DPOConfig). fsdp: the model
+    runs under FSDP2's mixed precision (also on one rank); None means world_size > 1."""
     lora = None
     if getattr(cfg, "finetuning_type", "full") == "lora":
         lora = {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
@@ -258,16 +311,17 @@ def plan_for_config(cfg, model_cfg, world_size: int, compute_dtype: torch.dtype,
                        world_size=world_size, lora=lora, dpo=dpo,
                        reference_copy=dpo and lora is None and not cfg.precompute_ref_log_probs,
                        checkpointing=checkpointing, device_type=device_type, backend=backend,
-                       padded_rows=cfg.stage in ("sft", "dpo"), device_bytes=device_bytes)
+                       padded_rows=cfg.stage in ("sft", "dpo"), device_bytes=device_bytes, fsdp=fsdp)
 
 
 def choose_checkpointing(cfg, model_cfg, world_size: int, compute_dtype: torch.dtype, device_type: str,
-                         backend: str, device_bytes: int) -> tuple[str, MemoryPlan]:
+                         backend: str, device_bytes: int, fsdp: bool | None = None) -> tuple[str, MemoryPlan]:
     """The checkpointing mode (none | selective | full) and its plan: the key's own
     (true = full, false = none), or with auto the cheapest that fits the device.
     A plan that does not fit is a UserError naming the keys to change, unless memory_check is false."""
     def plan(mode: str) -> MemoryPlan:
-        return plan_for_config(cfg, model_cfg, world_size, compute_dtype, device_type, backend, mode, device_bytes)
+        return plan_for_config(cfg, model_cfg, world_size, compute_dtype, device_type, backend, mode, device_bytes,
+                               fsdp)
 
     setting = cfg.enable_gradient_checkpointing
     if setting == "auto":
