@@ -5,12 +5,22 @@
     print(plan.summary())
 
 Arithmetic, term by term (each term's comment says where its number comes from).
-The peak is counted as everything that can be alive at the end of the forward pass
-of a micro-step that is not the first of its step: parameters, the gradients summed
-so far (whole: the recipes accumulate over several micro-steps), AdamW's two moments,
-the activations autograd saved, and the LM head's buffers. That is a slight
-over-count with gradient_accumulation_steps 1 (the gradients then grow while the
-activations are freed).
+Always alive: parameters, the gradients summed so far (whole: the recipes accumulate
+over several micro-steps), AdamW's two moments, the activations autograd saved. On top
+of those the peak is the larger of two moments of a micro-step that is not the first
+of its step (found with the profiler's memory timeline of a CPU step, tests/memory_peak.py):
+    end of forward  the LM head's last chunk: logits, the torch path's fp32 temporaries,
+                    the fp32 gradient buffers it fills in the forward pass; and under
+                    autocast its cache of bf16 weight copies (alive until autocast exits)
+    backward        the top block: its recomputed part (checkpointing), the SwiGLU's
+                    [N, I] gradients, and the tied weight's gradient held for the embedding's
+Which one is the peak depends on the shape and the mode (MemoryPlan.peak_phase).
+Checked on CPU (fp32, plain PyTorch kernels) against the live tensor bytes of each phase
+within 2% at a tiny shape, and against peak RSS within 3% at two other shapes
+(tests/unit/test_memory_plan.py). Not counted: the allocator's own slack (CUDA's
+caching allocator; glibc's freed heap on CPU, measured +33% of RSS at those two shapes:
+see tests/memory_peak.py), workspaces inside kernels on CUDA (cuBLAS, flash attention):
+the runtime term and MEMORY_MARGIN are for those.
 
 Activations per token per layer, from what autograd saves in a Block (counted once
 with torch.autograd.graph.saved_tensors_hooks on CPU, unique storages, parameters
@@ -30,6 +40,7 @@ weights, 2 with FSDP's bf16 parameters):
     dense mask (CPU, SFT/DPO rows)   aT   SDPA's float mask, [rows, 1, T, T] per layer
     LoRA, per adapted linear (in -> r)   (1 + a) in + a r   dropout mask, dropped-out x, x A^T
     autocast weight copies 2 x (the block's linear weights) per layer, not per token
+    bf16 parameters (FSDP)   4H per RMSNorm per layer: the torch RMSNorm's fp32 weight copy
 
 Checkpointing (enable_gradient_checkpointing):
     none       every layer keeps all of the above.
@@ -38,7 +49,8 @@ Checkpointing (enable_gradient_checkpointing):
                At Qwen shapes (I = 5.8 H) that drops ~3/4 of the bytes, for ~3/4 of a
                block's forward recomputed (the attention is the cheaper quarter).
     full       a layer keeps only its input (rH per token); the block is recomputed.
-    selective and full also hold one layer's recomputed activations during its backward.
+    selective and full also hold one layer's recomputed activations during its backward
+    (counted in the backward moment).
 """
 
 from __future__ import annotations
@@ -54,8 +66,8 @@ from nanobumble.model.lora import inject_lora
 from nanobumble.model.transformer import CHECKPOINT_MODES, Transformer
 
 GB = 1e9
-# A plan must fit within this share of the device's memory: the estimate's error
-# (~15% measured on CPU), allocator fragmentation and what else runs there.
+# A plan must fit within this share of the device's memory: what the plan does not count
+# (allocator fragmentation, kernel workspaces: the module docstring) and what else runs there.
 MEMORY_MARGIN = 0.9
 # What runs besides the model: on CUDA the context, cuBLAS workspaces and the caching
 # allocator's slack; on CPU the interpreter with torch and nanobumble imported (~0.5 GB RSS).
@@ -247,10 +259,10 @@ def plan_memory(model_cfg, micro_batch: int, seq_len: int, *, compute_dtype: tor
 
     # End of the forward pass (model/lm_loss.py), last chunk: one chunk of logits; the torch path's fp32
     # working copy (bf16) and the fp32 temporary of its logsumexp (the profiler's memory timeline at the
-    # peak, tests/memory_peak.py); the fp32 gradient of the hidden states [N, H], made in the forward pass,
-    # the hidden states themselves (and under autocast their bf16 cast); the fp32 [V, H] weight gradient summed over the
-    # chunks when the embedding trains. The chunk is default_chunk_size's floor: on CUDA the LM head
-    # takes bigger chunks only from memory that is free at the time.
+    # peak, tests/memory_peak.py); the fp32 gradient of the hidden states [N, H], made in the forward
+    # pass; the hidden states themselves (and under autocast their bf16 cast); the fp32 [V, H] weight
+    # gradient summed over the chunks when the embedding trains. The chunk is default_chunk_size's
+    # floor: on CUDA the LM head takes bigger chunks only from memory that is free at the time.
     chunk = default_chunk_size(N, V, compute_dtype, backend)
     lm_head = chunk * V * (a + ((4 if a != 4 else 0) + 4 if backend == "torch" else 0)) + 4 * N * H
     lm_head += r * N * H if autocast or not dpo else 0  # the final norm's output (DPO saves it, unless cast)

@@ -212,4 +212,6 @@ def test_plan_matches_the_measured_peak(shape, B, T, mode):
     assert result["plan"] == plan.training_bytes
     print(f"\nplan {plan.training_bytes / 2**20:.1f} MiB (peak: {plan.peak_phase}), measured "
           f"{result['peak'] / 2**20:.1f} MiB over the warm baseline, ratio {result['ratio']:.3f}")
-    assert abs(plan.training_bytes / result["peak"] - 1) < 0.15
+    # The issue asks for ~15%; 5% here, because under this measurement the plan before the backward
+    # and LM-head terms were added was 7-11% low at three of these four and would have passed 15%.
+    assert abs(plan.training_bytes / result["peak"] - 1) < 0.05
