@@ -2,6 +2,7 @@
 
     python tests/memory_peak.py live '[{shape}, B, T, "none", "fp32"]'   # peak of live tensor bytes
     python tests/memory_peak.py detail '[{shape}, B, T, "none", "fp32"]' # and what is alive then (slow)
+    (a sixth element "lora" or "dpo" trains with LoRA adapters or DPO's per-token losses)
     python tests/memory_peak.py rss '[{shape}, B, T, "none", "fp32"]'    # peak RSS over a warm baseline
 
 Both train the model as the recipes do (two optimizer steps of two accumulated micro-steps, AdamW),
@@ -29,29 +30,35 @@ import sys
 
 import torch
 
+from nanobumble.model.lora import init_lora_weights, inject_lora
 from nanobumble.model.transformer import ModelConfig, Transformer
 from nanobumble.run.memory import plan_memory
 from nanobumble.run.optim import build_optimizer
 
 TINY = dict(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=32)
+# kind: "pretrain" (mean loss), "lora" (these adapters on every linear), "dpo" (2 x B rows, per-token losses)
+LORA = dict(rank=8, alpha=16.0, dropout=0.05, target_modules="all")
 
 
-def build(shape: dict, mode: str):
+def build(shape: dict, mode: str, kind: str = "pretrain"):
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**shape))
     model.kernels = "torch"
     model.gradient_checkpointing = mode
+    if kind == "lora":
+        inject_lora(model, **LORA)
+        init_lora_weights(model)
     return model, build_optimizer(model, 1e-4, 0.1, (0.9, 0.95))
 
 
-def train_step(model, optimizer, B: int, T: int, bf16: bool, label=None) -> None:
+def train_step(model, optimizer, B: int, T: int, bf16: bool, label=None, kind: str = "pretrain") -> None:
     """One optimizer step of two micro-steps; label(name) gives a context around each phase."""
     from contextlib import nullcontext
     label = label or (lambda name: nullcontext())
     for micro in range(2):
-        x = torch.randint(0, model.config.vocab_size, (B, T))
+        x = torch.randint(0, model.config.vocab_size, (2 * B if kind == "dpo" else B, T))
         with label(f"forward {micro}"), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            loss = model(x, x) / 2
+            loss = (model(x, x, reduction="none")[0].sum() if kind == "dpo" else model(x, x)) / 2
         with label(f"backward {micro}"):
             loss.backward()
     with label("optimizer"):
@@ -59,34 +66,34 @@ def train_step(model, optimizer, B: int, T: int, bf16: bool, label=None) -> None
         optimizer.zero_grad(set_to_none=True)
 
 
-def plan_of(shape: dict, B: int, T: int, mode: str, bf16: bool):
-    return plan_memory(ModelConfig(**shape), B, T, checkpointing=mode,
-                       compute_dtype=torch.bfloat16 if bf16 else torch.float32)
+def plan_of(shape: dict, B: int, T: int, mode: str, bf16: bool, kind: str = "pretrain"):
+    return plan_memory(ModelConfig(**shape), B, T, checkpointing=mode, lora=LORA if kind == "lora" else None,
+                       dpo=kind == "dpo", compute_dtype=torch.bfloat16 if bf16 else torch.float32)
 
 
-def _second_step(shape: dict, B: int, T: int, mode: str, bf16: bool, **profile_args):
+def _second_step(shape: dict, B: int, T: int, mode: str, bf16: bool, kind: str, **profile_args):
     """The profiler over the second optimizer step (the first makes AdamW's state), and the bytes
     alive before it: parameters and AdamW's state (the gradients were set to None)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     torch.set_num_threads(1)
-    model, optimizer = build(shape, mode)
-    train_step(model, optimizer, B, T, bf16)
+    model, optimizer = build(shape, mode, kind)
+    train_step(model, optimizer, B, T, bf16, kind=kind)
     size = lambda t: t.untyped_storage().nbytes()  # noqa: E731
     before = (sum(size(p) for p in {id(p): p for p in model.parameters()}.values())
               + sum(size(v) for state in optimizer.state.values() for v in state.values()))
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, **profile_args) as prof:
-        train_step(model, optimizer, B, T, bf16, record_function)
+        train_step(model, optimizer, B, T, bf16, record_function, kind)
     return prof, before
 
 
-def live_peak(shape: dict, B: int, T: int, mode: str = "none", bf16: bool = False) -> dict:
+def live_peak(shape: dict, B: int, T: int, mode: str = "none", bf16: bool = False, kind: str = "pretrain") -> dict:
     """{"peak": bytes, "phases": {phase: its peak}, "peak_phase"}: the peak of live tensor bytes in
     the second step, from the allocator's running total that each allocation event carries
     (bytes allocated since the profiler started and not yet freed) plus what was alive before."""
     from torch._C._profiler import _EventType
 
-    prof, before = _second_step(shape, B, T, mode, bf16)
+    prof, before = _second_step(shape, B, T, mode, bf16, kind)
     phases: dict = {}
     stack = [(event, None) for event in prof.profiler.kineto_results.experimental_event_tree()]
     while stack:
@@ -100,12 +107,12 @@ def live_peak(shape: dict, B: int, T: int, mode: str = "none", bf16: bool = Fals
     return {"peak": phases[peak_phase], "phases": phases, "peak_phase": peak_phase}
 
 
-def live_detail(shape: dict, B: int, T: int, mode: str = "none", bf16: bool = False) -> dict:
+def live_detail(shape: dict, B: int, T: int, mode: str = "none", bf16: bool = False, kind: str = "pretrain") -> dict:
     """What is alive at the peak (slow: the profiler's memory timeline, with stacks): its bytes
     by category and by the op and nanobumble source lines that made each tensor."""
     from torch.profiler._memory_profiler import Action, MemoryProfileTimeline
 
-    prof, _ = _second_step(shape, B, T, mode, bf16, record_shapes=True, with_stack=True)
+    prof, _ = _second_step(shape, B, T, mode, bf16, kind, record_shapes=True, with_stack=True)
     memory = prof._memory_profile()
     cpu = torch.device("cpu")
     live: dict = {}
@@ -145,31 +152,31 @@ def _describe(memory, live: dict) -> list:
     return sorted(([b, c, m] for (c, m), b in rows.items()), reverse=True)
 
 
-def rss_peak(shape: dict, B: int, T: int, mode: str = "none", bf16: bool = False) -> dict:
+def rss_peak(shape: dict, B: int, T: int, mode: str = "none", bf16: bool = False, kind: str = "pretrain") -> dict:
     """Peak RSS over the warm baseline (module docstring), in bytes. Linux only."""
     def status(key: str) -> int:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
     torch.set_num_threads(1)
-    model, optimizer = build(TINY, mode)
-    train_step(model, optimizer, 1, 8, bf16)
+    model, optimizer = build(TINY, mode, kind)
+    train_step(model, optimizer, 1, 8, bf16, kind=kind)
     del model, optimizer
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM (the peak) to the current RSS
     baseline = status("VmRSS")
-    model, optimizer = build(shape, mode)
+    model, optimizer = build(shape, mode, kind)
     for _ in range(2):
-        train_step(model, optimizer, B, T, bf16)
+        train_step(model, optimizer, B, T, bf16, kind=kind)
     return {"peak": status("VmHWM") - baseline, "baseline": baseline}
 
 
 def main(argv: list[str]) -> None:
-    what, (shape, B, T, mode, dtype) = argv[0], json.loads(argv[1])
-    bf16 = dtype == "bf16"
-    plan = plan_of(shape, B, T, mode, bf16)
-    measured = {"live": live_peak, "detail": live_detail, "rss": rss_peak}[what](shape, B, T, mode, bf16)
+    what, (shape, B, T, mode, dtype, *kind) = argv[0], json.loads(argv[1])
+    bf16, kind = dtype == "bf16", (kind or ["pretrain"])[0]
+    plan = plan_of(shape, B, T, mode, bf16, kind)
+    measured = {"live": live_peak, "detail": live_detail, "rss": rss_peak}[what](shape, B, T, mode, bf16, kind)
     print(json.dumps({"plan": plan.training_bytes, "plan_phase": plan.peak_phase, "plan_terms": vars(plan),
                       **measured, "ratio": plan.training_bytes / measured["peak"]}))
 

@@ -232,16 +232,20 @@ def plan_memory(model_cfg, micro_batch: int, seq_len: int, *, compute_dtype: tor
     layer_all = N * (attn_part + mlp_part) + attn_fixed + mlp_fixed
     # What the blocks keep at the end of the forward pass, and what backward recomputes of the top
     # block before its backward runs (selective: its MLP sublayer; full: the whole block).
-    # Under autocast the bf16 weight copies not saved stay in autocast's cache until the forward's
-    # autocast region ends (the profiler's memory timeline, tests/memory_peak.py): every layer's.
+    # Under autocast the bf16 copies of trained weights not saved stay in autocast's cache until the
+    # forward's autocast region ends (the profiler's memory timeline, tests/memory_peak.py): every
+    # layer's. (Autocast caches only leaves that require grad: a frozen LoRA base is cast at each use.)
+    def cached(module: torch.nn.Module) -> int:
+        return sum(2 * p.numel() for p in module.parameters() if p.dim() == 2 and p.requires_grad) if autocast else 0
+
     if checkpointing == "none":
         blocks, recomputed, autocast_cache = L * layer_all, 0, 0
     elif checkpointing == "selective":  # a layer keeps its attention part and its input x
         blocks, recomputed = L * (N * (attn_part + r * H) + attn_fixed), N * mlp_part + mlp_fixed
-        autocast_cache = L * mlp_fixed if autocast else 0
+        autocast_cache = L * cached(mlp)
     else:  # each block's input
         blocks, recomputed = L * N * r * H, layer_all
-        autocast_cache = L * (attn_fixed + mlp_fixed) if autocast else 0
+        autocast_cache = L * (cached(attn) + cached(mlp))
     # Outside the blocks: RoPE's cos/sin (fp32, head_dim/2 each, shared by every layer), the final
     # RMSNorm, and the LM head's input and out-of-range flags (bool) when DPO's per-token path saves
     # them (the mean path saves nothing).
@@ -249,38 +253,39 @@ def plan_memory(model_cfg, micro_batch: int, seq_len: int, *, compute_dtype: tor
         blocks -= N * first_layer_less + first_layer_fixed_less
     activations = blocks + N * (4 * cfg.head_dim + norm_bytes(model.norm) + (a * H + 1 if dpo else 0)) + norm_copy
 
-    # The LM head's weight as the GEMMs read it: under autocast a bf16 copy of the fp32 [V, H] weight
-    # (kept by DPO's per-token path), and on a bf16 path without out_dtype GEMMs (CPU) an fp32 copy.
+    # The LM head (model/lm_loss.py). One chunk of logits; on the torch path also its fp32 working copy
+    # (bf16) and the fp32 temporary of its logsumexp (the profiler's memory timeline, tests/memory_peak.py).
+    # The chunk is default_chunk_size's floor: on CUDA bigger chunks come only from memory free at the time.
+    chunk = default_chunk_size(N, V, compute_dtype, backend)
+    logits = chunk * V * (a + ((4 if a != 4 else 0) + 4 if backend == "torch" else 0))
+    cast_weight = a * V * H if autocast else 0  # autocast's bf16 copy of the fp32 [V, H] weight
+    fp32_weight = 4 * V * H if a != 4 and device_type == "cpu" else 0  # bf16 on CPU: GEMMs on fp32 copies
+    weight_grad = 4 * V * H if embedding_trains and n_trainable else 0  # fp32, summed over the chunks
+    if not dpo:
+        # End of forward, last chunk (mean: both gradients are made in the forward pass): the fp32
+        # gradient of the hidden states [N, H]; the hidden states themselves (the final norm's output,
+        # not saved), and under autocast their bf16 cast.
+        lm_head = logits + cast_weight + fp32_weight + weight_grad + N * H * (4 + r + (a if autocast else 0))
+        lm_backward = 0
+    else:
+        # Per token (DPO): the forward keeps the hidden states (in activations) and the weight; its
+        # backward recomputes each chunk and makes both gradients, grad_hidden in the compute dtype.
+        lm_head = logits + cast_weight + (r * N * H if autocast else 0)
+        lm_backward = logits + cast_weight + fp32_weight + weight_grad + a * N * H
     # A trained tied weight's gradient (fp32 under autocast, the parameter's dtype under FSDP) waits in
     # autograd's buffer through the whole backward, to be summed with the embedding's own.
-    weight_copies = (a * V * H if autocast else 0) + (4 * V * H if a != 4 and device_type == "cpu" else 0)
     held_grad = ((4 if autocast or a == 4 else a) * V * H
                  if embedding_trains and cfg.tie_word_embeddings and n_trainable else 0)
-
-    # End of the forward pass (model/lm_loss.py), last chunk: one chunk of logits; the torch path's fp32
-    # working copy (bf16) and the fp32 temporary of its logsumexp (the profiler's memory timeline at the
-    # peak, tests/memory_peak.py); the fp32 gradient of the hidden states [N, H], made in the forward
-    # pass; the hidden states themselves (and under autocast their bf16 cast); the fp32 [V, H] weight
-    # gradient summed over the chunks when the embedding trains. The chunk is default_chunk_size's
-    # floor: on CUDA the LM head takes bigger chunks only from memory that is free at the time.
-    chunk = default_chunk_size(N, V, compute_dtype, backend)
-    lm_head = chunk * V * (a + ((4 if a != 4 else 0) + 4 if backend == "torch" else 0)) + 4 * N * H
-    lm_head += r * N * H if autocast or not dpo else 0  # the final norm's output (DPO saves it, unless cast)
-    lm_head += a * N * H if autocast and not dpo else 0  # its bf16 cast (DPO saves that)
-    lm_head += weight_copies + (4 * V * H if embedding_trains and n_trainable else 0)
-    if dpo:  # the per-token path: gradients in backward, one chunk of logits there too
-        lm_head -= 4 * N * H + (4 * V * H if embedding_trains and n_trainable else 0)
 
     # Backward through the top block, at the SwiGLU's backward: the block's recomputed part (checkpointing),
     # the gradient arriving in the residual stream [N, H], and three [N, I] gradients at once (of the
     # product, of silu(gate) and of up) where the product (kept for down_proj) is already freed: net
     # 2 a I per token (the profiler's memory timeline, tests/memory_peak.py); the final norm's saved
-    # tensors are freed by then; plus the tied LM head weight's gradient held for the embedding's,
-    # and the weight copies the per-token path keeps.
-    backward = (recomputed + N * (2 * a * I + r * H - norm_bytes(model.norm)) + held_grad
-                + (weight_copies if dpo else 0))
-    if dpo:
-        backward += chunk * V * (a + ((4 if a != 4 else 0) + 4 if backend == "torch" else 0))
+    # tensors (and DPO's saved LM head input) are freed by then; plus the tied LM head weight's gradient.
+    # For DPO the LM head's own backward, just before, may be the larger.
+    freed = norm_bytes(model.norm) + (a * H + 1 if dpo else 0)
+    backward = recomputed + N * (2 * a * I + r * H - freed) + held_grad
+    backward = max(backward, lm_backward)
 
     # Other: the token ids and targets (int64); the dense mask itself (bool, CPU); with FSDP the
     # gathered bf16/fp32 copies of the root (embedding) and of two blocks (running + prefetched).

@@ -154,16 +154,18 @@ def test_checkpointing_gives_the_same_loss_and_gradients(mode):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("mode", ["none", "selective", "full"])
-def test_plan_matches_the_live_tensor_peak_of_each_phase(mode, dtype):
+@pytest.mark.parametrize("kind, mode, dtype", [
+    *(("pretrain", mode, dtype) for mode in ("none", "selective", "full") for dtype in ("fp32", "bf16")),
+    ("lora", "full", "bf16"), ("lora", "selective", "fp32"), ("dpo", "none", "bf16"), ("dpo", "full", "fp32")])
+def test_plan_matches_the_live_tensor_peak_of_each_phase(kind, mode, dtype):
     """The forward's peak (the LM head: logits chunk, logsumexp temporary, gradient buffers,
     autocast's weight cache) and the backward's (the top block: recomputed part, SwiGLU gradients,
-    the tied weight's held gradient), each against the profiler's live tensor bytes of a real step."""
+    the tied weight's held gradient; DPO: the LM head's backward), each against the profiler's live
+    tensor bytes of a real step (tests/memory_peak.py; lora and dpo as there)."""
     bf16 = dtype == "bf16"
     shape = dataclasses.asdict(CFG)
-    measured = live_peak(shape, 4, 64, mode, bf16)["phases"]
-    plan = plan_of(shape, 4, 64, mode, bf16)
+    measured = live_peak(shape, 4, 64, mode, bf16, kind)["phases"]
+    plan = plan_of(shape, 4, 64, mode, bf16, kind)
     held = plan.parameters + plan.gradients + plan.optimizer + plan.activations + plan.other
     assert held + plan.end_of_forward == pytest.approx(measured["forward 1"], rel=0.03)
     assert held + plan.backward == pytest.approx(measured["backward 1"], rel=0.03)
