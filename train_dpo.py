@@ -132,7 +132,8 @@ def train(cfg: DPOConfig, info) -> None:
     tokenizer, model_cfg = open_starting_model(cfg)
 
     # --- preference pairs -> prompt + chosen / rejected tokens (tokenized once, cached) ---
-    dataset, val_data, data_sha256 = tokenized_data(cfg, tokenizer, info, "dpo", PreferenceDataset)
+    dataset, val_data, data_sha256 = tokenized_data(
+        cfg, tokenizer, info, "dpo", lambda pairs: PreferenceDataset(pairs, vocab_size=model_cfg.vocab_size))
 
     # --- policy, and the reference it is measured against ---
     lora = lora_settings(cfg)

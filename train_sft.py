@@ -82,7 +82,8 @@ def train(cfg: SFTConfig, info) -> None:
 
     # --- conversations -> tokens + assistant masks (tokenized once, cached) -> rows ---
     dataset, val_data, data_sha256 = tokenized_data(
-        cfg, tokenizer, info, "sft", lambda samples: SFTDataset(samples, cfg.cutoff_len, packing=cfg.packing))
+        cfg, tokenizer, info, "sft", lambda samples: SFTDataset(samples, cfg.cutoff_len, packing=cfg.packing,
+                                                      vocab_size=model_cfg.vocab_size))
 
     # --- model: the base weights, plus adapters for LoRA ---
     model = stage.build_model(model_cfg, cfg.model_name_or_path, lora_settings(cfg))

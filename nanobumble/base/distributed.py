@@ -8,6 +8,11 @@ and gloo on CPUs. With more than one rank the model is sharded with
 `fully_shard`: each transformer block is its own unit (its parameters are
 gathered just before it runs and freed after), then the root takes the rest
 (embedding, final norm, tied LM head).
+
+One process on a GPU runs the same way, on a one-rank mesh (single_process_fsdp
+auto), so that one GPU and N compute alike: bf16 parameters gathered per block,
+fp32 master weights, gradients and optimizer state. The CPU demo stays a plain
+process with no process group; single_process_fsdp true gives it the GPU's path.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
-    mesh: object = None  # DeviceMesh when world_size > 1
+    mesh: object = None  # DeviceMesh when the model is sharded (several ranks, or one under single_process_fsdp)
 
     @property
     def is_main(self) -> bool:
@@ -38,7 +43,9 @@ class DistInfo:
 
     @property
     def sharded(self) -> bool:
-        return self.world_size > 1
+        """The model runs under FSDP2: always with several ranks, and on a one-rank mesh
+        when one process asks for it (single_process_fsdp)."""
+        return self.mesh is not None or self.world_size > 1
 
 
 # Ranks wait this long for each other while rank 0 prepares data once (training a
@@ -48,10 +55,19 @@ PREPARATION_TIMEOUT = datetime.timedelta(hours=24)
 _preparation_group = None
 
 
-def setup_distributed(timeout_minutes: float = 10.0) -> DistInfo:
+def one_process_shards(single_process_fsdp: str, device: torch.device) -> bool:
+    """Whether a lone process runs FSDP2 on a one-rank mesh. auto: on CUDA, so one GPU
+    computes as N do (bf16 parameters gathered per block, fp32 master weights and
+    gradients) instead of autocasting over fp32 weights; the CPU demo needs no process
+    group. true: also on CPU, where tests reach the same path over gloo."""
+    return single_process_fsdp == "true" or (single_process_fsdp == "auto" and device.type == "cuda")
+
+
+def setup_distributed(timeout_minutes: float = 10.0, single_process_fsdp: str = "false") -> DistInfo:
     """Read torchrun's RANK / LOCAL_RANK / WORLD_SIZE, or run as a single process.
     A collective that waits longer than timeout_minutes for a rank (a hung or
-    stopped process) fails and ends the run."""
+    stopped process) fails and ends the run. A single process gets a one-rank
+    process group when one_process_shards says so."""
     global _preparation_group
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -64,13 +80,19 @@ def setup_distributed(timeout_minutes: float = 10.0) -> DistInfo:
         # Ranks on one machine share its cores; without this each would start one
         # thread per core and they would fight over them.
         apply_num_threads()  # this rank's share of the free cores (base/cpu.py; a stage's num_threads may override)
-    if world_size == 1:
+    alone = world_size == 1
+    if alone and not one_process_shards(single_process_fsdp, device):
         return DistInfo(device=device)
     from torch.distributed.device_mesh import init_device_mesh
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
-                            device_id=device if device.type == "cuda" else None)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    device_id = device if device.type == "cuda" else None
+    if alone:  # no torchrun: an in-process store, no port to open
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                device_id=device_id)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout, device_id=device_id)
     _preparation_group = dist.new_group(backend="gloo", timeout=PREPARATION_TIMEOUT)
     mesh = init_device_mesh(device.type, (world_size,))
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device, mesh=mesh)
@@ -84,11 +106,11 @@ def cleanup_distributed() -> None:
 
 
 @contextlib.contextmanager
-def distributed_run(timeout_minutes: float = 10.0):
+def distributed_run(timeout_minutes: float = 10.0, single_process_fsdp: str = "false"):
     """setup_distributed() for the length of a script; on success every rank waits
     for the others before tearing down (a gloo peer that leaves first can make
     the other abort at exit). On an error nobody waits: torchrun stops the rest."""
-    info = setup_distributed(timeout_minutes)
+    info = setup_distributed(timeout_minutes, single_process_fsdp)
     try:
         yield info
         barrier()

@@ -171,6 +171,9 @@ class TrainConfig:
     enable_gradient_checkpointing: str = "auto"
     memory_check: bool = True  # refuse a run whose memory plan (printed at start) does not fit the device
     compile: bool = False  # torch.compile each transformer block
+    # auto: one CUDA process also runs FSDP2 (on a one-rank mesh), so 1 and N GPUs compute alike: bf16
+    # parameters, fp32 master weights and gradients; true: also on CPU (to test that path); false: plain autocast
+    single_process_fsdp: str = "auto"
     kernels: str = "auto"  # auto (Triton on CUDA) | triton | torch (plain PyTorch, model/layers.py)
     # --- logging, checkpoints ---
     logging_steps: int = 10  # print and log the training metrics every N steps
@@ -200,6 +203,9 @@ class TrainConfig:
         self.enable_gradient_checkpointing = ("true" if checkpointing in _TRUE else
                                               "false" if checkpointing in _FALSE else checkpointing)
         _check_choice(self, "enable_gradient_checkpointing", ("auto", "true", "false", "selective"))
+        fsdp = str(self.single_process_fsdp).strip().lower()
+        self.single_process_fsdp = "true" if fsdp in _TRUE else "false" if fsdp in _FALSE else fsdp
+        _check_choice(self, "single_process_fsdp", ("auto", "true", "false"))
         if self.max_steps <= 0 and self.num_epochs <= 0:
             raise ConfigError(f"set key 'max_steps' > 0 or key 'num_epochs' > 0, got {self.max_steps} and "
                               f"{self.num_epochs}")

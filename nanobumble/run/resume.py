@@ -111,7 +111,7 @@ RESUME_SAFE_KEYS = ("logging_steps", "eval_steps", "eval_rows", "save_steps", "s
                     "use_tensorboard", "plot", "resume", "output_dir", "overwrite_output_dir", "allow_schedule_change",
                     "collective_timeout_minutes", "cache_dir", "preprocessing_num_workers",
                     "max_chosen_logp_drop", "eval_tasks", "eval_num_fewshot", "compile", "kernels",
-                    "enable_gradient_checkpointing", "memory_check")
+                    "enable_gradient_checkpointing", "memory_check", "single_process_fsdp")
 
 # The learning-rate schedule: changed only when asked (allow_schedule_change).
 RESUME_SCHEDULE_KEYS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "min_lr_ratio", "max_steps",

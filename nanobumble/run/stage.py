@@ -56,7 +56,7 @@ def run_stage(train, config_class, argv: list[str]) -> None:
     """A training script's main(): its config (dataclass defaults < YAML < command
     line), then train(cfg, info) in the process group torchrun set up (or alone)."""
     cfg = parse_config(argv, config_class)
-    with distributed_run(cfg.collective_timeout_minutes) as info:
+    with distributed_run(cfg.collective_timeout_minutes, cfg.single_process_fsdp) as info:
         try:
             train(cfg, info)
         except BaseException:
@@ -110,6 +110,8 @@ class Stage:
                                                    device_memory_bytes(self.device))
         print0(plan.summary() + (" (chosen by enable_gradient_checkpointing auto)"
                                  if cfg.enable_gradient_checkpointing == "auto" else ""))
+        print0(f"sharding: FSDP2 over {self.info.world_size} rank(s)" if self.info.sharded else
+               "sharding: none (one process, no process group; single_process_fsdp true runs FSDP2 here too)")
         return build_model(model_cfg, self.info, cfg.seed, weights_from, self.dtype, checkpointing,
                            cfg.compile, lora, cfg.kernels)
 
@@ -122,8 +124,8 @@ class Stage:
         self.steps_per_epoch = examples_per_epoch / self.batch_rows
         self.num_steps = total_steps(cfg.max_steps, cfg.num_epochs, self.steps_per_epoch)
         self.warmup_steps = int(cfg.warmup_ratio * self.num_steps)
-        self.batch_arithmetic = (f"{self.micro_batch} per micro-step x {cfg.gradient_accumulation_steps} accumulation x "
-                                 f"{self.info.world_size} ranks = {self.batch_rows}")
+        self.batch_arithmetic = (f"{self.micro_batch} per micro-step x {cfg.gradient_accumulation_steps} "
+                                 f"accumulation x {self.info.world_size} ranks = {self.batch_rows}")
 
     def start(self, model, tokenizer, data_sha256: str, flops_per_token: float | None = None) -> None:
         """Optimizer, the checkpoint to resume from (refused when its data_sha256, the

@@ -27,12 +27,13 @@ SMALL = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermed
 
 def test_the_precision_policy_of_each_case():
     # precision.py's CUDA and sharded branches, reached on CPU with device objects and stand-in ranks.
+    from nanobumble.base.cpu import native_bf16
     from nanobumble.base.distributed import DistInfo
     from nanobumble.base.precision import autocast_dtype, precision_summary, resolve_precision
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_precision("auto", cuda) == torch.bfloat16  # the GPU run computes in bf16
-    assert resolve_precision("auto", cpu) == torch.float32
+    assert resolve_precision("auto", cpu) == (torch.bfloat16 if native_bf16() else torch.float32)  # the CPU's flags
     assert resolve_precision("bf16", cpu) == torch.bfloat16 and resolve_precision("fp32", cuda) == torch.float32
     one, sharded = DistInfo(device=cpu), DistInfo(device=cpu, world_size=2)
     assert autocast_dtype(one, torch.bfloat16) == torch.bfloat16  # one process: autocast does the casting
@@ -103,12 +104,14 @@ def small_task(tmp_path_factory):
     return root
 
 
-def bf16_run(nproc: int, script: str, argv: list[str], out: str) -> list[dict]:
+def bf16_run(nproc: int, script: str, argv: list[str], out: str, fsdp: bool = False) -> list[dict]:
+    """fsdp: one process on a one-rank FSDP2 mesh (single_process_fsdp true), as one GPU runs."""
     # The same global batch: 1 process x 2 micro-steps, or 2 processes x 1.
     extra = ["--gradient_accumulation_steps", "2"] if nproc == 1 else []
+    extra += ["--single_process_fsdp", "true" if fsdp else "auto"]
     result = launch(nproc, argv + extra + ["--output_dir", out, "--train_model_precision", "bf16"], script=script)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert (POLICY_LINE in result.stdout) == (nproc > 1), result.stdout[-2000:]
+    assert (POLICY_LINE in result.stdout) == (nproc > 1 or fsdp), result.stdout[-2000:]
     return read_metrics(out)
 
 
@@ -120,6 +123,15 @@ def assert_agree(a: list[dict], b: list[dict], keys: list[str], tol: float) -> N
                 assert y[key] == pytest.approx(x[key], abs=tol), (x["step"], key)
 
 
+def assert_same_path(one_rank: list[dict], two: list[dict], keys: list[str]) -> None:
+    """One process on a one-rank mesh (how one GPU runs) computes as two ranks do: the
+    same bf16 parameters and roundings, so the first step, before any update, agrees
+    to fp32 rounding (autocast over fp32 weights differs there by ~1e-3). Later steps
+    drift apart as any two bf16 runs do (the gradient sums are ordered differently)."""
+    assert_agree(one_rank[:1], two[:1], keys, 1e-5)
+    assert_agree(one_rank, two, keys, 3e-2)
+
+
 def test_pretraining_bf16_two_ranks_match_one_with_triton_and_torch_kernels(tmp_path, small_task):
     argv = ["--model_name_or_path", str(small_task / "base"), "--dataset_path", str(small_task / "text.jsonl"),
             "--cache_dir", str(tmp_path / "cache"), "--cutoff_len", "16", "--train_micro_batch_size_per_gpu", "2",
@@ -129,13 +141,16 @@ def test_pretraining_bf16_two_ranks_match_one_with_triton_and_torch_kernels(tmp_
             for k in ("triton", "torch") for n in (1, 2)}
     for kernels in ("triton", "torch"):  # bf16 policy vs autocast: bf16 tolerance
         assert_agree(runs[1, kernels], runs[2, kernels], ["train/loss", "val/loss"], 3e-2)
+    one_rank = bf16_run(1, "train_pretrain.py", argv + ["--kernels", "torch"], str(tmp_path / "fsdp1"), fsdp=True)
+    assert_same_path(one_rank, runs[2, "torch"], ["train/loss"])
     assert_agree(runs[2, "torch"], runs[2, "triton"], ["train/loss", "val/loss"], 1e-2)
     losses = [m["train/loss"] for m in runs[2, "triton"] if "train/loss" in m]
     assert len(losses) == 3 and losses[-1] < losses[0]  # it trains
 
 
-SFT_DPO_ARGS = ["--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "32", "--max_steps", "3", "--logging_steps", "1",
-                "--save_steps", "0", "--use_tensorboard", "false", "--plot", "false", "--learning_rate", "1e-2", "--kernels", "triton"]
+SFT_DPO_ARGS = ["--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "32", "--max_steps", "3",
+                "--logging_steps", "1", "--save_steps", "0", "--use_tensorboard", "false", "--plot", "false",
+                "--learning_rate", "1e-2", "--kernels", "triton"]
 
 
 def test_lora_sft_with_packing_bf16_two_ranks_match_one(tmp_path, small_task):
@@ -145,6 +160,8 @@ def test_lora_sft_with_packing_bf16_two_ranks_match_one(tmp_path, small_task):
     one = bf16_run(1, "train_sft.py", argv, str(tmp_path / "one"))
     two = bf16_run(2, "train_sft.py", argv, str(tmp_path / "two"))
     assert_agree(one, two, ["train/loss"], 3e-2)
+    one_rank = bf16_run(1, "train_sft.py", argv, str(tmp_path / "fsdp1"), fsdp=True)
+    assert_same_path(one_rank, two, ["train/loss"])
 
 
 @pytest.mark.slow
@@ -153,4 +170,35 @@ def test_dpo_bf16_two_ranks_match_one(tmp_path, small_task):
                            "1", "--dataset_path", str(small_task / "dpo.jsonl")]
     one = bf16_run(1, "train_dpo.py", argv, str(tmp_path / "one"))
     two = bf16_run(2, "train_dpo.py", argv, str(tmp_path / "two"))
-    assert_agree(one, two, ["train/loss", "rewards/chosen", "rewards/rejected", "logps/chosen"], 3e-2)
+    keys = ["train/loss", "rewards/chosen", "rewards/rejected", "logps/chosen"]
+    assert_agree(one, two, keys, 3e-2)
+    one_rank = bf16_run(1, "train_dpo.py", argv, str(tmp_path / "fsdp1"), fsdp=True)  # with its reference model
+    assert_same_path(one_rank, two, keys)
+
+
+def test_one_gpu_takes_the_fsdp_path_and_the_cpu_demo_needs_no_process_group():
+    from nanobumble.base.distributed import one_process_shards
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert one_process_shards("auto", cuda) and not one_process_shards("auto", cpu)
+    assert one_process_shards("true", cpu) and not one_process_shards("false", cuda)
+
+
+def test_one_rank_fsdp_in_fp32_gives_the_plain_process_losses_over_20_steps(tmp_path, small_task):
+    argv = ["--model_name_or_path", str(small_task / "base"), "--dataset_path", str(small_task / "text.jsonl"),
+            "--cache_dir", str(tmp_path / "cache"), "--cutoff_len", "16", "--train_micro_batch_size_per_gpu", "2",
+            "--max_steps", "20", "--logging_steps", "1", "--eval_steps", "10", "--eval_rows", "2",
+            "--save_steps", "0", "--use_tensorboard", "false", "--plot", "false", "--learning_rate", "1e-2",
+            "--train_model_precision", "fp32", "--kernels", "torch"]
+    outputs, losses = {}, {}
+    for mode in ("auto", "true"):  # auto on CPU: no process group, as the no-argument demo runs
+        out = str(tmp_path / mode)
+        result = launch(1, argv + ["--single_process_fsdp", mode, "--output_dir", out])
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        outputs[mode] = result.stdout
+        losses[mode] = {(m["step"], k): m[k] for m in read_metrics(out) for k in ("train/loss", "val/loss") if k in m}
+    assert "sharding: none (one process, no process group" in outputs["auto"]
+    assert "sharding: FSDP2 over 1 rank(s)" in outputs["true"]
+    assert sorted(losses["auto"]) == sorted(losses["true"]) and len(losses["auto"]) == 22
+    for key, value in losses["auto"].items():
+        assert losses["true"][key] == pytest.approx(value, rel=1e-4), key
