@@ -107,7 +107,7 @@ class Stage:
         # The memory plan (run/memory.py), printed; refused before anything is allocated when it does not fit
         checkpointing, plan = choose_checkpointing(cfg, model_cfg, self.info.world_size, self.dtype, self.device.type,
                                                    resolve_backend(cfg.kernels, self.device),
-                                                   device_memory_bytes(self.device))
+                                                   device_memory_bytes(self.device), fsdp=self.info.sharded)
         print0(plan.summary() + (" (chosen by enable_gradient_checkpointing auto)"
                                  if cfg.enable_gradient_checkpointing == "auto" else ""))
         print0(f"sharding: FSDP2 over {self.info.world_size} rank(s)" if self.info.sharded else
