@@ -25,7 +25,8 @@ REPO = REPO_ROOT
 CORPUS = ("user: where do bees live?\nassistant: bees live in a hive and make honey from flowers.\n" * 5 +
           "蜜蜂住在蜂巢里，用花酿蜜。\n") * 3
 MAX_NEW = 6
-GREEDY = ["--do_sample", "false", "--max_new_tokens", str(MAX_NEW)]
+# fp32: the answers are compared with generate() in fp32 (precision auto is bf16 on a CPU with native bf16)
+GREEDY = ["--do_sample", "false", "--max_new_tokens", str(MAX_NEW), "--precision", "fp32"]
 
 
 @pytest.fixture(scope="module")

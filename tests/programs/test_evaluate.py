@@ -395,7 +395,7 @@ def test_the_command_line_prints_the_table_and_writes_the_json(setup, qa, tmp_pa
     model_dir = str(setup.root / "sft")
     tasks = [os.path.join(EVAL_DATA, "ceval", "val"), MMLU_TEST, HELLASWAG, TEXT, qa]
     result = run_cli(["--model_path", model_dir, "--tasks", *tasks, "--num_fewshot", "1", "--max_new_tokens", "3",
-                      "--batch_size", "16"])
+                      "--batch_size", "16", "--precision", "fp32"])  # compared with fp32 below (auto: bf16 on AMX)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["task", "type", "n", "acc", "acc_norm", "bpb", "exact_match"]
@@ -453,7 +453,7 @@ def test_the_standard_error_is_lm_evaluation_harness_mean_stderr():
 def test_limit_scores_the_first_items_of_each_task_and_says_so(setup, qa, tmp_path, capsys):
     output = tmp_path / "results.json"
     main(["--model_path", str(setup.root / "sft"), "--tasks", CEVAL_VAL, HELLASWAG, "--limit", "0.5",
-          "--output", str(output)])
+          "--output", str(output), "--precision", "fp32"])  # compared with fp32 below (auto: bf16 on AMX)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "limit: 0.5 (the first 50% (rounded up) of each task: not the full benchmark)"
     assert [line.split()[2] for line in lines[3:5]] == ["5/10", "5/10"]

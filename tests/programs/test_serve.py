@@ -86,9 +86,10 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(model_dir, **keys):
-    """The server in a background thread of this process (uvicorn installs no signal handlers there)."""
+    """The server in a background thread of this process (uvicorn installs no signal handlers there). fp32:
+    answers are compared with fp32 references (precision auto is bf16 on a CPU with native bf16)."""
     cfg = serve.ServeConfig(model_path=str(model_dir), port=free_port(), max_new_tokens=MAX_NEW, device="cpu",
-                            **keys)
+                            precision="fp32", **keys)
     uvicorn_server = serve.create_server(cfg)
     thread = threading.Thread(target=uvicorn_server.run, daemon=True)
     thread.start()

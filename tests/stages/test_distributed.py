@@ -9,8 +9,10 @@ import pytest
 from helpers import read_metrics
 from runs import launch
 
+# Runs compared number for number: fp32, as precision auto is bf16 on a CPU with native bf16 (AMX, AVX512-BF16)
+FP32 = ["--train_model_precision", "fp32"]
 FAST = ["--cutoff_len", "64", "--train_micro_batch_size_per_gpu", "4", "--logging_steps", "1",
-        "--eval_rows", "8", "--use_tensorboard", "false", "--plot", "false", "--save_total_limit", "0"]
+        "--eval_rows", "8", "--use_tensorboard", "false", "--plot", "false", "--save_total_limit", "0", *FP32]
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +127,7 @@ def test_sft_and_dpo_on_two_processes_match_one(tmp_path, copy_task_dir, script,
     extra = [str(copy_task_dir / a) if a.endswith(".jsonl") else a for a in extra]
     common = ["--model_name_or_path", str(copy_task_dir / "base"), "--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "48",
               "--max_steps", "4", "--logging_steps", "1", "--save_steps", "0", "--use_tensorboard", "false", "--plot", "false",
-              "--learning_rate", "1e-3", "--train_micro_batch_size_per_gpu", "4"] + extra
+              "--learning_rate", "1e-3", "--train_micro_batch_size_per_gpu", "4"] + extra + FP32
     subprocess_args = lambda out: common + ["--output_dir", str(tmp_path / out)]
     result = launch(1, subprocess_args("one") + ["--gradient_accumulation_steps", "2"], script=script)
     assert result.returncode == 0, result.stderr[-3000:]

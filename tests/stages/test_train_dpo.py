@@ -20,6 +20,8 @@ from nanobumble.store.model_dir import load_model_dir
 
 FAST = ["--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "48", "--use_tensorboard", "false",
         "--plot", "false", "--save_steps", "0", "--warmup_ratio", "0.1"]
+# For runs compared with fp32 computations by hand (precision auto is bf16 on a CPU with native bf16)
+FP32 = ["--train_model_precision", "fp32"]
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +93,7 @@ def test_dpo_prefers_the_chosen_answers_on_held_out_pairs(task, tmp_path, sft_we
     out = tmp_path / "dpo"
     train_dpo.main(dpo_args(task, out, "--max_steps", "150", "--learning_rate", "5e-4", "--logging_steps", "50",
                             "--lora_target_modules", "all", "--lora_rank", "16", "--lora_alpha", "32",
-                            "--lora_dropout", "0", "--sft_weight", str(sft_weight), "--pref_beta", "0.1"))
+                            "--lora_dropout", "0", "--sft_weight", str(sft_weight), "--pref_beta", "0.1", *FP32))
     reference, _ = load_model_dir(str(root / "sft"))
     policy, _ = load_model_dir(str(root / "sft"))
     load_adapter(policy, str(out))
@@ -164,7 +166,7 @@ def test_validation_metrics_are_the_final_policys_on_the_held_out_pairs(task, tm
     out = tmp_path / "dpo"
     train_dpo.main(dpo_args(task, out, "--max_steps", "20", "--learning_rate", "2e-3", "--logging_steps", "10",
                             "--eval_steps", "10", "--eval_rows", "400", "--lora_dropout", "0", "--pref_beta", "0.1",
-                            "--sft_weight", "0.5", "--eval_dataset_path", str(root / "held_out.jsonl")))
+                            "--sft_weight", "0.5", "--eval_dataset_path", str(root / "held_out.jsonl"), *FP32))
     val = [m for m in read_metrics(str(out)) if "val/drift/chosen" in m]
     assert [m["step"] for m in val] == [10, 20]
 

@@ -151,3 +151,19 @@ def test_every_program_has_num_threads(cls):
     with pytest.raises(ConfigError, match="num_threads"):
         parse_config([*PROGRAMS[cls], "--num_threads", "-1"], cls)
     assert "      CPU threads for PyTorch's operations; 0: the free physical cores" in format_help(cls)
+
+
+def test_chat_applies_num_threads_and_prints_the_cpu_line(tmp_path, capsys):
+    from chat_helpers import save_tiny_chat_model
+
+    save_tiny_chat_model(tmp_path, "where do bees live? in a hive.\n" * 20, 64, {"base": "model_name_or_path: tiny\n"})
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        chat.main(["--model_path", str(tmp_path / "base"), "--prompt", "bees", "--max_new_tokens", "2",
+                   "--num_threads", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("cpu: ") and line.endswith("; threads: 1 (num_threads)") for line in err), err
