@@ -3,7 +3,9 @@
 They print tables and assert nothing about speed (machines here are noisy):
 training tokens/s, the data loader's share of a step, and shard preparation
 throughput with one process against all cores. On CUDA they add tokens/s and
-MFU for the tiny model and for bumblebee-1.5b.
+MFU for the tiny model and for bumblebee-1.5b. Side by side with transformers'
+Qwen2ForCausalLM of the same shape, both in the same precision (fp32, and bf16
+autocast over fp32 weights), training tokens/s on CPU (and CUDA when there is one).
 """
 
 import json
@@ -14,12 +16,12 @@ import pytest
 import torch
 from conftest import REPO_ROOT, print_table
 
-from nanobumble.base.precision import autocast
+from nanobumble.base.precision import autocast, resolve_precision
 from nanobumble.data.records import iter_text_records, list_data_files
 from nanobumble.data.shards import TokenShards, prepare_shards
 from nanobumble.data.tokenizer import Tokenizer, train_tokenizer
 from nanobumble.model.mfu import device_peak_flops, training_flops_per_token
-from nanobumble.model.transformer import Transformer
+from nanobumble.model.transformer import PRESETS, ModelConfig, Transformer
 from nanobumble.run.optim import build_optimizer
 from nanobumble.store.model_dir import model_config_for
 
@@ -43,7 +45,7 @@ def time_training(model_name, vocab_size, data, batch, seq, device, steps, warmu
     model = Transformer(cfg).to(device)
     model.gradient_checkpointing = checkpointing
     optimizer = build_optimizer(model, 1e-4, 0.1, (0.9, 0.95))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = resolve_precision("auto", device)  # as a run with the default train_model_precision
     step_times, load_times = [], []
     for step in range(warmup + steps):
         t0 = time.perf_counter()
@@ -78,7 +80,8 @@ def test_bench_training_throughput(tiny_setup, capsys):
     device = torch.device("cpu")
     batch, seq = 8, 256
     cfg, step_time, load_time = time_training("tiny", tokenizer.vocab_size, data, batch, seq, device, steps=10)
-    rows.append(["tiny", "cpu fp32", f"{batch}x{seq}", f"{batch * seq / step_time:,.0f}",
+    precision = str(resolve_precision("auto", device)).removeprefix("torch.")
+    rows.append(["tiny", f"cpu {precision}", f"{batch}x{seq}", f"{batch * seq / step_time:,.0f}",
                  f"{1000 * load_time:.2f}", f"{100 * load_time / step_time:.2f}%", "-"])
     if torch.cuda.is_available():
         device = torch.device("cuda")
@@ -122,3 +125,70 @@ def test_bench_shard_preparation(tiny_setup, tmp_path, capsys):
     with capsys.disabled():
         print_table("shard preparation (tokenize + write)", ["processes", "MB of text", "seconds", "MB/s"], rows)
     assert len(set(token_counts)) == 1  # the process count changes the speed, not the shards
+
+
+SHAPES = {  # mid: the 26.8M-parameter shape of issue 25's CPU measurements
+    "tiny": (PRESETS["tiny"], 4096),
+    "mid": (dict(hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2, intermediate_size=1408,
+                 max_position_embeddings=1024), 8192),
+}
+
+
+def twin_models(shape: str) -> tuple[Transformer, torch.nn.Module]:
+    """nanobumble's Transformer and transformers' Qwen2ForCausalLM of one shape (tied embeddings, q/k/v biases)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    dims, vocab = SHAPES[shape]
+    cfg = ModelConfig(vocab_size=vocab, **dims)
+    torch.manual_seed(0)
+    ours = Transformer(cfg)
+    hf_config = Qwen2Config(vocab_size=vocab, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                            num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+                            intermediate_size=cfg.intermediate_size,
+                            max_position_embeddings=cfg.max_position_embeddings,
+                            rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=True,
+                            use_sliding_window=False, attn_implementation="sdpa")
+    return ours, Qwen2ForCausalLM(hf_config)
+
+
+def train_seconds(model, is_ours: bool, x, y, device, dtype, steps: int) -> float:
+    """Median seconds of a step (forward, backward, AdamW) after one warm-up step."""
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        with autocast(device, dtype):
+            loss = model(x, y) if is_ours else model(input_ids=x, labels=x).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times[1:])[steps // 2]
+
+
+def test_bench_training_against_transformers(capsys):
+    """Both implementations in the same precision, one after the other per row."""
+    devices = [(torch.device("cpu"), 4, 128)] + ([(torch.device("cuda"), 16, 512)] if torch.cuda.is_available() else [])
+    rows = []
+    for device, batch, seq in devices:
+        auto = resolve_precision("auto", device)
+        for shape in SHAPES:
+            ours, theirs = twin_models(shape)
+            x = torch.randint(0, SHAPES[shape][1], (batch, seq), generator=torch.Generator().manual_seed(0))
+            # transformers shifts labels itself: y is x moved one token left, as our loss expects
+            y = torch.cat([x[:, 1:], torch.full((batch, 1), -100)], dim=1)
+            x, y = x.to(device), y.to(device)
+            for dtype in (torch.float32, torch.bfloat16):
+                ours_s = train_seconds(ours, True, x, y, device, dtype, steps=3)
+                theirs_s = train_seconds(theirs, False, x, y, device, dtype, steps=3)
+                name = str(dtype).removeprefix("torch.") + (" (auto)" if dtype == auto else "")
+                rows.append([shape, device.type, name, f"{batch}x{seq}", f"{batch * seq / ours_s:,.0f}",
+                             f"{batch * seq / theirs_s:,.0f}", f"{theirs_s / ours_s:.2f}"])
+            del ours, theirs
+    with capsys.disabled():
+        print_table("training tokens/s side by side with transformers (same precision; bf16: autocast over fp32 "
+                    "weights, AdamW)", ["shape", "device", "precision", "batch", "nanobumble", "transformers",
+                                        "speed ratio"], rows)
