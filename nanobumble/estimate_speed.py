@@ -40,6 +40,7 @@ from nanobumble.model.mfu import document_flops, matmul_parameters
 from nanobumble.model.transformer import PRESETS, ModelConfig, pad_vocab_size
 from nanobumble.run.config import DPOConfig, PretrainConfig, SFTConfig, parse_config
 from nanobumble.run.memory import plan_for_config
+from nanobumble.store.model_dir import load_model_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -393,7 +394,6 @@ def model_config_of(cfg, preset: str) -> tuple[ModelConfig, str]:
     if name in PRESETS:
         return ModelConfig(vocab_size=pad_vocab_size(vocab), **PRESETS[name]), name
     if not preset and os.path.isfile(os.path.join(name, "config.json")):
-        from nanobumble.store.model_dir import load_model_config
         return load_model_config(os.path.join(name, "config.json")), name
     if preset:
         raise ConfigError(f"key 'model': {preset!r} is not a preset ({', '.join(PRESETS)})")
