@@ -7,6 +7,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# precision auto is bf16 on a CPU with native bf16 (base/cpu.py), so the same test would compare bf16
+# numbers on one machine and fp32 on another. The suite runs as a CPU without it (subprocesses inherit
+# this) unless the variable is set: NANOBUMBLE_CPU_BF16=1 pytest ... runs it as an AMX CPU's default
+# would. tests/unit/test_cpu_precision.py reaches both branches whatever is set here.
+os.environ.setdefault("NANOBUMBLE_CPU_BF16", "0")
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Kernel tests run on CUDA when there is one, else on CPU under the interpreter.
