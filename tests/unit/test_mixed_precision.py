@@ -153,13 +153,23 @@ SFT_DPO_ARGS = ["--system_prompt", "", "--val_ratio", "0", "--cutoff_len", "32",
                 "--learning_rate", "1e-2", "--kernels", "triton"]
 
 
+LORA_SFT_ARGS = ["--finetuning_type", "lora", "--packing", "true", "--lora_dropout", "0",
+                 "--train_micro_batch_size_per_gpu", "2"]
+
+
 def test_lora_sft_with_packing_bf16_two_ranks_match_one(tmp_path, small_task):
-    argv = SFT_DPO_ARGS + ["--model_name_or_path", str(small_task / "base"), "--finetuning_type", "lora",
-                           "--packing", "true", "--lora_dropout", "0", "--train_micro_batch_size_per_gpu", "2",
-                           "--dataset_path", str(small_task / "sft.jsonl")]
+    argv = SFT_DPO_ARGS + LORA_SFT_ARGS + ["--model_name_or_path", str(small_task / "base"),
+                                           "--dataset_path", str(small_task / "sft.jsonl")]
     one = bf16_run(1, "train_sft.py", argv, str(tmp_path / "one"))
     two = bf16_run(2, "train_sft.py", argv, str(tmp_path / "two"))
     assert_agree(one, two, ["train/loss"], 3e-2)
+
+
+@pytest.mark.slow
+def test_lora_sft_on_a_one_rank_mesh_takes_the_two_rank_path(tmp_path, small_task):
+    argv = SFT_DPO_ARGS + LORA_SFT_ARGS + ["--model_name_or_path", str(small_task / "base"),
+                                           "--dataset_path", str(small_task / "sft.jsonl")]
+    two = bf16_run(2, "train_sft.py", argv, str(tmp_path / "two"))
     one_rank = bf16_run(1, "train_sft.py", argv, str(tmp_path / "fsdp1"), fsdp=True)
     assert_same_path(one_rank, two, ["train/loss"])
 
