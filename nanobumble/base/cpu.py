@@ -132,18 +132,33 @@ def usable_cores() -> int:
     return max(1, cores)
 
 
+def _own_runnable_threads() -> int:
+    """This process's threads that are running or ready to run (state R in /proc/self/task/*/stat),
+    at least 1 (the caller). A process that already runs threads of its own (a server, a test runner)
+    must not count them as another process's load."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    running = 0
+    for task in tasks:
+        stat = _read(f"/proc/self/task/{task}/stat")
+        running += stat.rpartition(")")[2].split()[:1] == ["R"]
+    return max(1, running)
+
+
 def busy_cores(samples: int = 5) -> int | None:
     """Cores other processes keep busy now: runnable threads in /proc/loadavg ("2/512": 2
-    runnable), less this one, the median of a few snapshots 10 ms apart. None off Linux."""
+    runnable), less this process's own, the median of a few snapshots 10 ms apart. None off Linux."""
     counts = []
     for i in range(samples):
         fields = _read("/proc/loadavg").split()
         if len(fields) < 4 or not fields[3].partition("/")[0].isdigit():
             return None
-        counts.append(int(fields[3].partition("/")[0]))
+        counts.append(int(fields[3].partition("/")[0]) - _own_runnable_threads())
         if i + 1 < samples:
             time.sleep(0.01)
-    return max(0, sorted(counts)[len(counts) // 2] - 1)
+    return max(0, sorted(counts)[len(counts) // 2])
 
 
 def choose_num_threads(requested: int = 0) -> tuple[int, str]:

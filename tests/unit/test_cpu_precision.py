@@ -120,6 +120,21 @@ def test_threads_are_the_free_cores_shared_between_local_ranks(fake_machine, mon
     assert choose_num_threads(0)[0] == threads
 
 
+def test_this_process_own_running_threads_are_not_another_process_load(fake_machine, monkeypatch):
+    # A test runner or a server already running a thread of its own: /proc/loadavg counts that thread
+    # as runnable too, and it used to make an idle 2-core machine look half busy (one thread chosen).
+    fake_machine(cpus=2, loadavg="1.0 1.0 1.0 2/300 1")  # both runnable threads are this process's
+    monkeypatch.setattr(cpu, "_own_runnable_threads", lambda: 2)
+    assert choose_num_threads(0) == (2, "2 cores, 0 busy")
+
+
+def test_own_running_threads_are_read_from_each_thread_state(monkeypatch):
+    stats = {"1": "1 (python) R 0 1", "2": "2 (a thread) R 0 1", "3": "3 (odd) name) S 0 1", "4": "4 (x) D 0 1"}
+    monkeypatch.setattr(os, "listdir", lambda path: list(stats))
+    monkeypatch.setattr(cpu, "_read", lambda path: stats[path.split("/")[-2]])
+    assert cpu._own_runnable_threads() == 2  # R only; a ')' inside a thread's name does not confuse it
+
+
 def test_threads_count_physical_cores_and_the_cgroup_quota(fake_machine):
     fake_machine(cpus=8, siblings={i: f"{i % 4},{i % 4 + 4}" for i in range(8)})  # 4 cores, 2 threads each
     assert choose_num_threads(0) == (4, "4 cores, 0 busy")
