@@ -19,7 +19,7 @@ from nanobumble.inference.batching import generate_batch
 from nanobumble.inference.generation import Decoder, GenerationConfig, Sequence
 from nanobumble.model import attention
 from nanobumble.model.attention import bucket_width, document_attention_mask
-from nanobumble.model.transformer import ModelConfig, Transformer
+from nanobumble.model.transformer import PRESETS, ModelConfig, Transformer
 
 V = 97
 CPU = torch.device("cpu")
@@ -256,8 +256,6 @@ def test_bench_compiled_vs_eager_step():
     import time
 
     from conftest import print_table
-
-    from nanobumble.model.transformer import PRESETS
 
     cfg = ModelConfig(vocab_size=4096, **PRESETS["tiny"])
     models = {"eager": Transformer(cfg), "compiled": Transformer(cfg)}

@@ -13,6 +13,8 @@ from copy_task import LETTERS, make_words, write_dpo_data, write_sft_data
 from helpers import read_metrics
 from runs import launch
 
+from nanobumble.base.cpu import native_bf16
+from nanobumble.base.distributed import one_process_shards
 from nanobumble.data.tokenizer import Tokenizer, train_tokenizer
 from nanobumble.model.transformer import ModelConfig, Transformer, pad_vocab_size
 from nanobumble.store.model_dir import save_model_dir
@@ -27,7 +29,6 @@ SMALL = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermed
 
 def test_the_precision_policy_of_each_case():
     # precision.py's CUDA and sharded branches, reached on CPU with device objects and stand-in ranks.
-    from nanobumble.base.cpu import native_bf16
     from nanobumble.base.distributed import DistInfo
     from nanobumble.base.precision import autocast_dtype, precision_summary, resolve_precision
 
@@ -187,8 +188,6 @@ def test_dpo_bf16_two_ranks_match_one(tmp_path, small_task):
 
 
 def test_one_gpu_takes_the_fsdp_path_and_the_cpu_demo_needs_no_process_group():
-    from nanobumble.base.distributed import one_process_shards
-
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert one_process_shards("auto", cuda) and not one_process_shards("auto", cpu)
     assert one_process_shards("true", cpu) and not one_process_shards("false", cuda)
