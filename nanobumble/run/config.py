@@ -106,6 +106,9 @@ NUMBERS: dict[str, Number] = {
     "ChatConfig.seed": Number(-1, 2**32, integer=True, high_open=True, note="-1: a random seed"),
     # every program that runs the model (training stages, chat, serve, evaluate): base/cpu.py
     "num_threads": Number(0, 4096, integer=True, note="0: the free cores, shared between local ranks"),
+    # sample_pairs
+    "num_samples": Number(1, 1024, integer=True),
+    "pairs_per_prompt": Number(1, 2**20, integer=True),
 }
 
 
