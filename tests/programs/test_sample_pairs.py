@@ -250,3 +250,17 @@ def test_the_command_line_reports_bad_data_in_one_line_with_exit_code_2(setup, t
     assert done.returncode == 2
     assert "bad.jsonl:1: a text record has no prompt" in done.stderr and "Traceback" not in done.stderr
     assert not os.path.exists(tmp_path / "out.jsonl")
+
+
+def test_two_processes_write_the_pairs_of_one(setup, tmp_path):
+    one = run_program(setup, tmp_path / "one.jsonl", "--pairs_per_prompt", "2")
+    args = ["--model_path", setup.model_path, "--dataset_path", setup.prompts, "--output_path",
+            str(tmp_path / "two.jsonl"), "--num_samples", "6", "--max_new_tokens", "6", "--checker", "contains",
+            "--device", "cpu", "--precision", "fp32", "--pairs_per_prompt", "2"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "nanobumble.sample_pairs"] + args, cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with open(tmp_path / "two.jsonl", encoding="utf-8") as f:
+        assert [json.loads(line) for line in f] == one
+    assert "2 processes" in done.stderr
