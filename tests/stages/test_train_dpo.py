@@ -1,6 +1,7 @@
 """train_dpo.py end to end on the synthetic copy task (chosen = the copy,
 rejected = the word reversed)."""
 
+import json
 import math
 
 import pytest
@@ -245,3 +246,43 @@ def test_the_displacement_warning_fires_when_over_optimised_and_not_at_the_defau
     assert "likelihood displacement" not in capsys.readouterr().out
     final = [m for m in read_metrics(str(tmp_path / "default")) if "val/drift/chosen" in m][-1]
     assert final["val/drift/chosen"] > -0.1 and final["val/rewards/accuracies"] > 0.5
+
+
+def test_two_rounds_on_the_models_own_answers(task, tmp_path):
+    """The README's rounds, end to end: sample_pairs -> DPO (LoRA, eval_tasks) -> merge -> sample again.
+    Each round starts from the previous round's merged model, which is also its reference."""
+    from nanobumble import merge_lora, sample_pairs
+
+    root = task["root"]
+    prompts, held_out = tmp_path / "prompts.jsonl", tmp_path / "copy_held_out.jsonl"
+    with open(prompts, "w") as f:
+        for word in make_words(3, 24):
+            f.write(json.dumps({"prompt": f"copy:\n{word}", "answer": word}) + "\n")
+    with open(held_out, "w") as f:
+        for word in task["held_out"][:10]:
+            f.write(json.dumps({"prompt": f"copy:\n{word}", "answer": word}) + "\n")
+    model = str(root / "sft")
+    for r in (1, 2):
+        pairs = str(tmp_path / f"pairs{r}.jsonl")
+        sample_pairs.main(["--model_path", model, "--dataset_path", str(prompts), "--output_path", pairs,
+                           "--num_samples", "4", "--max_new_tokens", "10", "--system_prompt", "",
+                           "--device", "cpu", "--precision", "fp32", "--seed", str(r)])
+        with open(pairs) as f:
+            records = [json.loads(line) for line in f]
+        assert records, "the model should get some copies wrong at temperature 1"
+        for record in records:
+            word = record["conversations"][0]["value"].split("\n")[1]
+            assert record["chosen"]["value"] == word and record["rejected"]["value"] != word
+        out = tmp_path / f"dpo{r}"
+        train_dpo.main(FAST + FP32 + ["--model_name_or_path", model, "--dataset_path", pairs, "--output_dir",
+                                      str(out), "--max_steps", "3", "--logging_steps", "1", "--eval_steps", "3",
+                                      "--eval_tasks", str(held_out), "--learning_rate", "1e-3",
+                                      "--train_micro_batch_size_per_gpu", "4"])
+        metrics = read_metrics(str(out))
+        assert metrics[0]["rewards/chosen"] == pytest.approx(0, abs=1e-6)  # the reference is the starting model
+        scores = [m["eval/copy_held_out/exact_match"] for m in metrics if "eval/copy_held_out/exact_match" in m]
+        assert len(scores) == 1 and 0 <= scores[0] <= 1
+        merge_lora.main(["--base_model_path", model, "--lora_model_path", str(out),
+                         "--save_path", str(tmp_path / f"round{r}")])
+        model = str(tmp_path / f"round{r}")
+    assert load_model_dir(model)[0].config.vocab_size == load_model_dir(str(root / "sft"))[0].config.vocab_size
