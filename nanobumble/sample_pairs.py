@@ -26,8 +26,9 @@ number of processes). Each answer is checked against the reference:
 An answer that did not end (it ran out of --max_new_tokens) never counts as correct.
 Each prompt then gives up to --pairs_per_prompt pairs of distinct texts: chosen is
 a correct sample (the reference when no sample is correct), rejected an incorrect
-one; the first pairs share no text while there are enough. A prompt whose samples
-are all correct gives no pair. The
+one (--rejected random: any; likely: the one the model finds most likely, its
+log-probability scored as DPO will see it); the first pairs share no text while
+there are enough. A prompt whose samples are all correct gives no pair. The
 pairs are written in the ShareGPT layout train_dpo.py reads:
 
     {"conversations": [{"from": "human", "value": ...}, ...], "system"?: ...,
@@ -68,7 +69,7 @@ from nanobumble.base.precision import PRECISIONS, resolve_precision
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
 from nanobumble.data.records import read_records
 from nanobumble.data.sft_data import _detect_sft_format, _language_modeling
-from nanobumble.evals.scoring import normalize_answer
+from nanobumble.evals.scoring import normalize_answer, scoring_row, target_logprobs
 from nanobumble.inference.batching import generate_batch
 from nanobumble.inference.generation import GenerationConfig
 from nanobumble.inference.loading import check_sampling_keys, load_model, resolve_device
@@ -91,6 +92,7 @@ class SamplePairsConfig:
     checker: str = "exact"  # exact | normalized | contains | regex | number (the module docstring)
     pattern: str = ""  # the regex checker's pattern
     pairs_per_prompt: int = 1  # pairs written per prompt at most
+    rejected: str = "random"  # random | likely: the incorrect samples the model finds most likely first
     system_prompt: str = DEFAULT_SYSTEM_PROMPT  # as train_dpo.py's: added when a prompt has no system turn
     seed: int = 0  # sample j of prompt i draws from its own generator, seeded from (seed, i, j)
     batch_size: int = 32  # rows decoded at once per process
@@ -101,6 +103,7 @@ class SamplePairsConfig:
     def __post_init__(self):
         check_numbers(self)
         _check_choice(self, "checker", CHECKERS)
+        _check_choice(self, "rejected", ("random", "likely"))
         _check_choice(self, "precision", PRECISIONS)
         check_sampling_keys(self)
         if self.checker == "regex":
@@ -201,17 +204,22 @@ def make_checker(name: str, pattern: str = "") -> Callable[[str, list[str]], boo
 # --- pairs ------------------------------------------------------------------------------------------
 
 def build_pairs(item: dict, samples: list[tuple[str, bool]], check, pairs_per_prompt: int,
-                rng: random.Random) -> tuple[int, list[tuple[str, str, str]]]:
+                rng: random.Random, likelihood: Callable[[list[str]], list[float]] | None = None
+                ) -> tuple[int, list[tuple[str, str, str]]]:
     """(number of correct samples, [(chosen, rejected, "sample" | "reference")]).
     samples: (text, ended) per sample; one that did not end is never correct. Pairs
     are distinct texts: the first ones share no text while there are enough (a diagonal
-    walk over correct x incorrect); a rejected text equal to a chosen one is dropped."""
+    walk over correct x incorrect); a rejected text equal to a chosen one is dropped.
+    likelihood: scores of texts; given, the incorrect texts go most likely first."""
     right = [ended and check(text, item["references"]) for text, ended in samples]
     chosen = distinct([text for (text, _), ok in zip(samples, right) if ok], rng)
     source = "sample" if chosen else "reference"
     chosen = chosen or [item["references"][0]]
     rejected = [text for text in distinct([text for (text, _), ok in zip(samples, right) if not ok], rng)
                 if text not in chosen]
+    if likelihood is not None and len(rejected) > 1:
+        scores = likelihood(rejected)
+        rejected = [text for _, text in sorted(zip(scores, rejected), key=lambda pair: -pair[0])]
     nc, nr = len(chosen), len(rejected)
     pairs = [(chosen[k % nc], rejected[(k // nc + k % nc) % nr], source)
              for k in range(min(pairs_per_prompt, nc * nr))]
@@ -272,6 +280,7 @@ def sample_chunk(model, tokenizer, items: list[dict], first_index: int, cfg: Sam
         if len(ids) + width > context_len:  # no room for a whole answer: skipped, and counted
             item["too_long"] = True
             continue
+        item["prompt_ids"] = ids
         for j in range(K):
             s = i * K + j
             if s % world_size != rank:
@@ -342,6 +351,14 @@ def run(cfg: SamplePairsConfig, device: torch.device, rank: int, world_size: int
     totals = {"too_long": 0, "prompts": 0, "pass1": 0.0, "passk": 0, "paired": 0, "pairs": 0, "from_reference": 0}
     started = time.time()
 
+    def likelihood(item: dict) -> Callable[[list[str]], list[float]]:
+        """Log-probability of each answer text as DPO will see it (its tokens, then <|im_end|>)."""
+        def score(texts: list[str]) -> list[float]:
+            rows = [scoring_row(item["prompt_ids"], tokenizer.encode(text) + [tokenizer.im_end_id],
+                                model.config.max_position_embeddings, item["where"]) for text in texts]
+            return [float(lp.sum()) for lp in target_logprobs(model, rows, device, dtype, cfg.batch_size)]
+        return score
+
     def sample_all(write: Callable[[dict], None]) -> None:
         for start in range(0, len(items), chunk):
             part = items[start:start + chunk]
@@ -351,7 +368,8 @@ def run(cfg: SamplePairsConfig, device: torch.device, rank: int, world_size: int
                     totals["too_long"] += 1
                     continue
                 rng = random.Random(sample_seed(cfg.seed, start + offset, cfg.num_samples, cfg.num_samples))
-                correct, pairs = build_pairs(item, rows, check, cfg.pairs_per_prompt, rng)
+                likely = likelihood(item) if cfg.rejected == "likely" and rank == 0 else None
+                correct, pairs = build_pairs(item, rows, check, cfg.pairs_per_prompt, rng, likely)
                 totals["prompts"] += 1
                 totals["pass1"] += correct / cfg.num_samples
                 totals["passk"] += correct > 0

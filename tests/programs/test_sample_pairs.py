@@ -91,6 +91,13 @@ def test_pairs_per_prompt_uses_distinct_texts_first_and_never_repeats_a_pair():
     assert len(set(pairs)) == len(pairs)
 
 
+def test_likelihood_puts_the_most_likely_incorrect_text_first():
+    samples = [("cba", True), ("abc", True), ("bca", True), ("acb", True)]
+    scores = {"abc": -3.0, "bca": -1.0, "acb": -2.0}
+    _, pairs = build_pairs(ITEM, samples, EXACT, 3, random.Random(0), lambda texts: [scores[t] for t in texts])
+    assert [p[1] for p in pairs] == ["bca", "acb", "abc"]
+
+
 def test_no_correct_sample_takes_the_reference_and_all_correct_gives_no_pair():
     _, pairs = build_pairs(ITEM, [("abc", True), ("ab", True)], EXACT, 1, random.Random(0))
     assert pairs[0][0] == "cba" and pairs[0][2] == "reference"
@@ -184,6 +191,15 @@ def run_program(setup, output, *extra):
         return [json.loads(line) for line in f]
 
 
+def samples_of(setup, item, index, seed):
+    """(text, ended) of the 6 samples of prompt number index, drawn one at a time from the decoder."""
+    ids, _ = render(item["prompt"], setup.tokenizer, add_generation_prompt=True)
+    configs = [GenerationConfig(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
+                                seed=sample_seed(seed, index, j, 6)) for j in range(6)]
+    outs = generate_batch(setup.model, [ids] * 6, configs, vocab_size=setup.tokenizer.vocab_size, max_batch=1)
+    return [(setup.tokenizer.decode(new), stats["stop"] == "stop_id") for new, stats in outs]
+
+
 def test_samples_are_the_decoders_at_their_seeds_and_the_pairs_follow_the_checker(setup, tmp_path, capsys):
     records = run_program(setup, tmp_path / "pairs.jsonl", "--pairs_per_prompt", "3", "--seed", "5")
     log = capsys.readouterr().err
@@ -192,11 +208,7 @@ def test_samples_are_the_decoders_at_their_seeds_and_the_pairs_follow_the_checke
     # what each prompt's 6 samples are, drawn one prompt at a time from the decoder
     expected_pass1, expected_passk, expected_paired = 0.0, 0, 0
     for i, item in enumerate(prompts):
-        ids, _ = render(item["prompt"], setup.tokenizer, add_generation_prompt=True)
-        configs = [GenerationConfig(max_new_tokens=6, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0,
-                                    seed=sample_seed(5, i, j, 6)) for j in range(6)]
-        outs = generate_batch(setup.model, [ids] * 6, configs, vocab_size=setup.tokenizer.vocab_size, max_batch=1)
-        samples = [(setup.tokenizer.decode(new), stats["stop"] == "stop_id") for new, stats in outs]
+        samples = samples_of(setup, item, i, seed=5)
         right = [text for text, ended in samples if ended and check(text, ["e"])]
         wrong = [text for text, ended in samples if not (ended and check(text, ["e"]))]
         expected_pass1 += len(right) / 6 / len(prompts)
@@ -212,6 +224,33 @@ def test_samples_are_the_decoders_at_their_seeds_and_the_pairs_follow_the_checke
     assert 0 < expected_pass1 < 1 and expected_paired > 0  # the test sees both kinds of answer
     assert f"pass@1 {expected_pass1:.4f}, pass@6 {expected_passk / len(prompts):.4f}; " \
            f"{expected_paired} of {len(prompts)} prompts gave a pair" in log
+
+
+def test_rejected_likely_is_the_incorrect_answer_the_model_finds_most_likely(setup, tmp_path):
+    records = run_program(setup, tmp_path / "likely.jsonl", "--rejected", "likely", "--seed", "5")
+    check = make_checker("contains")
+
+    def logprob(prompt_ids, text):  # float64, as DPO sees the answer: its tokens, then <|im_end|>
+        answer = setup.tokenizer.encode(text) + [setup.tokenizer.im_end_id]
+        with torch.no_grad():
+            logits = setup.model(torch.tensor([prompt_ids + answer]))[0].double()
+        logps = logits.log_softmax(-1)
+        return sum(logps[len(prompt_ids) - 1 + k, token].item() for k, token in enumerate(answer))
+
+    compared = 0
+    for i, item in enumerate(load_prompts(setup.prompts)):
+        samples = samples_of(setup, item, i, seed=5)
+        wrong = {text for text, ended in samples if not (ended and check(text, ["e"]))}
+        chosen = {r["chosen"]["value"] for r in records if r["sampled"]["from"] == item["where"]}
+        wrong -= chosen
+        mine = [r for r in records if r["sampled"]["from"] == item["where"]]
+        if len(wrong) < 2:
+            continue
+        ids, _ = render(item["prompt"], setup.tokenizer, add_generation_prompt=True)
+        scores = {text: logprob(ids, text) for text in wrong}
+        assert scores[mine[0]["rejected"]["value"]] == pytest.approx(max(scores.values()), abs=1e-4)
+        compared += 1
+    assert compared >= 2
 
 
 def test_the_pairs_do_not_depend_on_the_batch_and_train_dpo_reads_them(setup, tmp_path):
