@@ -31,13 +31,15 @@ from nanobumble.run.config import (
     number_rule,
     parse_config,
 )
+from nanobumble.sample_pairs import SamplePairsConfig
 from nanobumble.serve import ServeConfig
 
 # Each config class, with values for its required keys.
 CLASSES = {TrainConfig: {}, PretrainConfig: {}, FinetuneConfig: {}, SFTConfig: {}, DPOConfig: {},
            PrepareConfig: {"dataset_path": "d", "output_dir": "o"}, EvalConfig: {"model_path": "m", "tasks": ["t"]},
            ExportConfig: {}, MergeConfig: {"base_model_path": "b", "lora_model_path": "l", "save_path": "s"},
-           PlotConfig: {"output_dir": "o"}, ServeConfig: {}, ChatConfig: {}}
+           PlotConfig: {"output_dir": "o"}, ServeConfig: {}, ChatConfig: {},
+           SamplePairsConfig: {"model_path": "m", "dataset_path": "d", "output_path": "o"}}
 
 
 def numeric_keys(cls) -> list[tuple[str, bool]]:
