@@ -1,5 +1,5 @@
 """`pytest -m bench` is the kernel and training benchmarks, a run of minutes; the long
-ones (the 3-seed quality run, GB-scale data preparation, tokenizer training) run under
+ones (the 3-seed quality and rounds runs, GB-scale data preparation, tokenizer training) run under
 `-m bench_long` only, and the default run has neither. Checked with pytest's own
 collection (pytest.ini's addopts and markers included), in a fresh process."""
 
@@ -10,7 +10,7 @@ import sys
 
 from conftest import REPO_ROOT
 
-LONG = {"test_bench_quality.py", "test_bench_prepare.py", "test_bench_tokenizer.py"}
+LONG = {"test_bench_quality.py", "test_bench_rounds.py", "test_bench_prepare.py", "test_bench_tokenizer.py"}
 KERNELS = {"test_bench_rmsnorm.py", "test_bench_rope.py", "test_bench_cross_entropy.py"}
 
 # Three collections in one process: the bench modules are imported once.
