@@ -54,9 +54,10 @@ from nanobumble.sample_pairs import make_checker
 
 QUIET = ["--plot", "false", "--use_tensorboard", "false"]
 TASKS = {"words": (write_word_task, "exact"), "sums": (write_sum_task, "number")}
-# The rounds' settings, tuned on the dev prompts (README: "Preference pairs from the model's own answers")
-ROUND_DEFAULTS = {"rounds": 2, "prompts": 1000, "num_samples": 8, "temperature": 1.0, "finetuning_type": "lora",
-                  "learning_rate": 1e-4, "pref_beta": 0.1, "sft_weight": 1.0, "num_epochs": 2.0}
+# The rounds' settings, tuned on each task's dev prompts (README: "Preference pairs from the model's own answers")
+_COMMON = {"rounds": 2, "prompts": 1000, "num_samples": 8, "temperature": 1.0, "finetuning_type": "lora",
+           "lora_target_modules": "all", "pref_beta": 0.1, "sft_weight": 1.0, "num_epochs": 2.0}
+ROUND_SETTINGS = {"words": {**_COMMON, "learning_rate": 3e-4}, "sums": {**_COMMON, "learning_rate": 1e-3}}
 
 
 def score(model_path: str, task_file: str, checker: str, precision: torch.dtype) -> float:
@@ -140,6 +141,10 @@ def one_seed(work_dir: str, base: str, task: str, seed: int, settings: dict, pre
     measure("sft", sft_dir)
     model, control_model = sft_dir, sft_dir
     lr, epochs = str(settings["learning_rate"]), str(settings["num_epochs"])
+    lora = settings["finetuning_type"] == "lora"
+    # the rounds and the control train the same parameters
+    tuned = ["--finetuning_type", settings["finetuning_type"]] + \
+        (["--lora_target_modules", settings["lora_target_modules"]] if lora else [])
     for r in range(1, rounds + 1):
         pairs = os.path.join(root, f"pairs{r}.jsonl")
         seconds, text = run_module("nanobumble.sample_pairs", [
@@ -150,10 +155,8 @@ def one_seed(work_dir: str, base: str, task: str, seed: int, settings: dict, pre
         row["pass1"].append(float(text.split("pass@1 ")[-1].split(",")[0]))
         dpo_dir, merged = os.path.join(root, f"dpo{r}"), os.path.join(root, f"round{r}")
         start = time.time()
-        lora = settings["finetuning_type"] == "lora"
         run_script("train_dpo.py", ["--model_name_or_path", model, "--dataset_path", pairs, "--output_dir", dpo_dir,
-                                    "--finetuning_type", settings["finetuning_type"],
-                                    "--learning_rate", lr, "--num_epochs", epochs,
+                                    *tuned, "--learning_rate", lr, "--num_epochs", epochs,
                                     "--pref_beta", str(settings["pref_beta"]),
                                     "--sft_weight", str(settings["sft_weight"]), "--eval_tasks", paths["dev"]]
                    + common + list(dpo_args), os.path.join(root, f"dpo{r}.log"))
@@ -172,18 +175,17 @@ def one_seed(work_dir: str, base: str, task: str, seed: int, settings: dict, pre
         if control:
             data = os.path.join(root, f"control{r}_data.jsonl")
             chosen_as_sft(pairs, data)
-            sft_lora, merged = os.path.join(root, f"control{r}_lora"), os.path.join(root, f"control{r}")
+            trained, merged = os.path.join(root, f"control{r}_trained"), os.path.join(root, f"control{r}")
             run_script("train_sft.py", ["--model_name_or_path", control_model, "--dataset_path", data,
-                                        "--output_dir", sft_lora, "--finetuning_type", settings["finetuning_type"],
-                                        "--learning_rate", lr, "--num_epochs", epochs,
+                                        "--output_dir", trained, *tuned, "--learning_rate", lr, "--num_epochs", epochs,
                                         "--train_micro_batch_size_per_gpu", "4"] + common,
                        os.path.join(root, f"control{r}.log"))
             if lora:
                 run_module("nanobumble.merge_lora", ["--base_model_path", control_model, "--lora_model_path",
-                                                     sft_lora, "--save_path", merged, "--overwrite_output_dir",
+                                                     trained, "--save_path", merged, "--overwrite_output_dir",
                                                      "true"], os.path.join(root, f"control_merge{r}.log"))
             else:
-                merged = sft_lora
+                merged = trained
             control_model = merged
             measure(f"control{r}", control_model)
     return row
@@ -220,10 +222,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dpo_args", default="", help="extra train_dpo.py arguments (experiments)")
     parser.add_argument("--sample_args", default="", help="extra sample_pairs arguments (experiments)")
     parser.add_argument("--output", default="", help="also write the table to this file")
-    for key, value in ROUND_DEFAULTS.items():
-        parser.add_argument(f"--{key}", type=type(value), default=value)
+    for key, value in ROUND_SETTINGS["words"].items():
+        parser.add_argument(f"--{key}", type=type(value), help="default: the task's in ROUND_SETTINGS")
     args = parser.parse_args(argv)
-    settings = {key: getattr(args, key) for key in ROUND_DEFAULTS}
+    settings = {key: value if getattr(args, key) is None else getattr(args, key)
+                for key, value in ROUND_SETTINGS[args.task].items()}
     start = time.time()
     with tempfile.TemporaryDirectory() as scratch:
         work_dir = args.work_dir or scratch

@@ -14,7 +14,7 @@ import statistics
 
 import pytest
 from bench_quality import pretrain
-from bench_rounds import ROUND_DEFAULTS, one_seed, table
+from bench_rounds import ROUND_SETTINGS, one_seed, table
 from conftest import print_table
 
 pytestmark = pytest.mark.bench_long  # hours, not minutes
@@ -26,11 +26,11 @@ SEEDS = (0, 1, 2)
 def test_bench_rounds(tmp_path_factory, capsys, task):
     work_dir = str(tmp_path_factory.mktemp(task))
     base = pretrain(work_dir, f"{work_dir}/cache")[0]
-    runs = [one_seed(work_dir, base, task, seed, ROUND_DEFAULTS, "fp32") for seed in SEEDS]
+    settings = ROUND_SETTINGS[task]
+    runs = [one_seed(work_dir, base, task, seed, settings, "fp32") for seed in SEEDS]
     with capsys.disabled():
-        print_table(f"{task}: held-out exact match", *table(task, runs, ROUND_DEFAULTS, "test"))
-    last = f"round{ROUND_DEFAULTS['rounds']}"
-    control = f"control{ROUND_DEFAULTS['rounds']}"
+        print_table(f"{task}: held-out exact match", *table(task, runs, settings, "test"))
+    last, control = f"round{settings['rounds']}", f"control{settings['rounds']}"
     gains = [r["test"][last] - r["test"]["sft"] for r in runs]
     assert statistics.mean(gains) >= 0.05
     assert min(gains) >= 0
