@@ -350,6 +350,7 @@ def run(cfg: SamplePairsConfig, device: torch.device, rank: int, world_size: int
     chunk = max(1, 4 * cfg.batch_size * world_size // cfg.num_samples)  # prompts per all-reduce
     totals = {"too_long": 0, "prompts": 0, "pass1": 0.0, "passk": 0, "paired": 0, "pairs": 0, "from_reference": 0}
     started = time.time()
+    last_log = [0.0]  # seconds after start of the last progress line
 
     def likelihood(item: dict) -> Callable[[list[str]], list[float]]:
         """Log-probability of each answer text as DPO will see it (its tokens, then <|im_end|>)."""
@@ -380,9 +381,10 @@ def run(cfg: SamplePairsConfig, device: torch.device, rank: int, world_size: int
                     write(pair_record(item, chosen, rejected, source, correct, cfg.num_samples, cfg.system_prompt))
             done = totals["prompts"] + totals["too_long"]
             elapsed = time.time() - started
-            log(f"  {done}/{len(items)} prompts, pass@1 {totals['pass1'] / max(totals['prompts'], 1):.3f}, "
-                f"{elapsed:.0f} s, "
-                f"ETA {elapsed / done * (len(items) - done):.0f} s")
+            if elapsed - last_log[0] >= 10 or done == len(items):  # a line every 10 s at most
+                last_log[0] = elapsed
+                log(f"  {done}/{len(items)} prompts, pass@1 {totals['pass1'] / max(totals['prompts'], 1):.3f}, "
+                    f"{elapsed:.0f} s, ETA {elapsed / done * (len(items) - done):.0f} s")
 
         if not totals["prompts"]:  # nothing is published
             raise DataError(f"{cfg.dataset_path}: no prompt leaves room for --max_new_tokens {cfg.max_new_tokens} in "
