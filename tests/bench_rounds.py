@@ -18,12 +18,13 @@ user would run it:
              -> the model of round r
     control  the same steps without the preference: train_sft.py from the control
              model of round r-1 with LoRA on the chosen answers of round r's pairs
-             (same learning rate, batch, epochs: the same number of steps), merged
+             (same LoRA targets, learning rate, batch, epochs: the same steps), merged
 
 After each stage: greedy exact match on the dev prompts (what the rounds' settings
 were tuned on) and on the held-out prompts (what is reported), through the chat
 template, case-sensitive for words, by the number for sums. Every stage runs in
---precision (fp32 unless told). Prints one table: exact match per seed, the mean,
+--precision (fp32 unless told), with the task's settings in ROUND_SETTINGS (tuned
+on its dev prompts; --KEY overrides one). Prints one table: exact match per seed, the mean,
 pass@1 of each round's samples, DPO's val/drift/chosen, and the displacement
 warnings.
 """
