@@ -134,7 +134,7 @@ def one_seed(work_dir: str, base: str, task: str, seed: int, settings: dict, pre
         print(f"  {task} seed {seed} {name}: dev {row['dev'][name]:.3f}, held-out {row['test'][name]:.3f}",
               flush=True)
 
-    sft_dir = os.path.join(sft_from or root, "sft")
+    sft_dir = os.path.join(sft_from.format(seed=seed) if sft_from else root, "sft")
     if not sft_from:
         row["seconds"]["sft"] = run_script("train_sft.py", ["--model_name_or_path", base, "--dataset_path",
                                                              paths["sft"], "--output_dir", sft_dir] + common,
@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pretrained", default="", help="start from this pretrained model instead of pretraining")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="every stage's")
     parser.add_argument("--no_control", action="store_true", help="skip the NLL-only control (tuning)")
-    parser.add_argument("--sft_from", default="", help="tuning: take the SFT model of this earlier seed directory")
+    parser.add_argument("--sft_from", default="", help="tuning: take the SFT model of this earlier seed directory "
+                        "({seed} in it: the seed's)")
     parser.add_argument("--name", default="", help="tuning: a suffix for the seed directory")
     parser.add_argument("--dpo_args", default="", help="extra train_dpo.py arguments (experiments)")
     parser.add_argument("--sample_args", default="", help="extra sample_pairs arguments (experiments)")
