@@ -385,9 +385,15 @@ class Engine:
         Joins the batch at the batcher's next step; fills answer's tokens, counts and finish reason."""
         loop = asyncio.get_running_loop()
         arrived = asyncio.Event()  # set (from the batcher thread) when new tokens or the end arrive
+
+        def notify() -> None:
+            try:
+                loop.call_soon_threadsafe(arrived.set)
+            except RuntimeError:  # the loop has closed (shutdown) while a step was under way: no one waits
+                pass
+
         handle = self.batcher.submit(prompt_ids, gen, stop_ids=(self.tokenizer.im_end_id, self.tokenizer.eot_id),
-                                     vocab_size=self.tokenizer.vocab_size,
-                                     notify=lambda: loop.call_soon_threadsafe(arrived.set))
+                                     vocab_size=self.tokenizer.vocab_size, notify=notify)
         streamer, cutter = TextStreamer(self.tokenizer), StopStrings(stops)
         try:
             while not self.closing:

@@ -4,6 +4,7 @@ seeds, OpenAI-shaped errors (every bad request a 4xx, bounded: the body, stop
 strings, a model's chat template), concurrent clients, a client that hangs up,
 Ctrl-C, a busy port, and the web page driven in a headless Chromium."""
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -28,6 +29,7 @@ from nanobumble.base.errors import DataError, UserError
 from nanobumble.data.chat_template import DEFAULT_SYSTEM_PROMPT, render
 from nanobumble.data.tokenizer import EOT_ID, IM_END_ID, load_tokenizer
 from nanobumble.inference.generation import GenerationConfig, apply_repetition_penalty
+from nanobumble.inference.loading import load_model
 from nanobumble.model.transformer import Transformer
 from nanobumble.store.adapter import load_adapter
 from nanobumble.store.model_dir import load_model_dir
@@ -411,6 +413,49 @@ def test_a_client_that_hangs_up_frees_the_model(server, slow_model, stream):
     time.sleep(0.3)
     assert len(slow_model) == calls  # nothing generates any more
     assert server.engine.busy_rows() == 0
+
+
+def test_a_step_that_ends_after_the_event_loop_has_closed_does_not_kill_the_batcher(model_dir, monkeypatch):
+    """Shutdown closes the server's event loop while the batcher thread may be inside a
+    step for an answer of that loop: its token then arrives for a loop that is gone. The
+    batcher must go on (no traceback, the next answer still comes), not die."""
+    model, tokenizer, _, _ = load_model(str(model_dir), "", torch.device("cpu"), torch.float32)
+    engine = serve.Engine(model, tokenizer, "bee-sft", serve.ServeConfig(model_path=str(model_dir)))
+    prompt = render([user("bees")], tokenizer, add_generation_prompt=True)[0]
+    gen = GenerationConfig(max_new_tokens=20, temperature=0)
+    in_step = threading.Event()
+    forward = Transformer.forward
+
+    def slow_forward(self, *args, **kwargs):
+        in_step.set()
+        time.sleep(0.3)  # long enough for the loop below to close while this step runs
+        logits = forward(self, *args, **kwargs)
+        logits[..., [IM_END_ID, EOT_ID]] = float("-inf")
+        return logits
+
+    failures = []
+    monkeypatch.setattr(threading, "excepthook", lambda info: failures.append(info.exc_value))
+    monkeypatch.setattr(Transformer, "forward", slow_forward)
+
+    async def first_piece():
+        async for _ in engine.generate(prompt, gen, [], serve.Answer(len(prompt))):
+            in_step.clear()
+            in_step.wait(5)  # the next step has begun: leave with it under way (the loop closes)
+            return
+
+    try:
+        asyncio.run(first_piece())
+        time.sleep(0.6)  # the step in flight ends, and delivers to the closed loop
+        monkeypatch.setattr(Transformer, "forward", forward)
+        assert not failures, failures
+        handle = engine.batcher.submit(prompt, GenerationConfig(max_new_tokens=3, temperature=0),
+                                       stop_ids=(IM_END_ID, EOT_ID), vocab_size=tokenizer.vocab_size)
+        deadline = time.time() + 30
+        while not handle.done and time.time() < deadline:
+            time.sleep(0.05)
+        assert handle.done and len(handle.poll()) == 3
+    finally:
+        engine.batcher.close()
 
 
 def test_ctrl_c_stops_a_running_answer_and_the_server(model_dir):
