@@ -16,10 +16,9 @@ order) appears in sft.jsonl or dpo.jsonl. Everything is a function of the seed.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 
-from word_task import write_jsonl
+from word_task import write_task_files
 
 
 def instruction(a: int, b: int) -> str:
@@ -57,19 +56,10 @@ def write_sum_task(directory: str, seed: int = 0, num_sft: int = 3000, num_pairs
                 items.append((a, b))
         return items
 
-    def pair(a: int, b: int) -> dict:
-        return {"messages": [{"role": "user", "content": instruction(a, b)}],
-                "chosen": str(a + b), "rejected": wrong_answer(rng, a, b)}
-
-    os.makedirs(directory, exist_ok=True)
-    paths = {name: os.path.join(directory, f"{name}.jsonl") for name in ("sft", "dpo", "held_out", "held_out_pairs")}
-    write_jsonl(paths["sft"], [{"messages": [{"role": "user", "content": instruction(a, b)},
-                                             {"role": "assistant", "content": str(a + b)}]}
-                               for a, b in training_items(num_sft)])
-    write_jsonl(paths["dpo"], [pair(a, b) for a, b in training_items(num_pairs)])
-    write_jsonl(paths["held_out"], [{"prompt": instruction(a, b), "answer": str(a + b)} for a, b in held_out])
-    write_jsonl(paths["held_out_pairs"], [pair(a, b) for a, b in held_out])
-    return paths
+    sft_items = training_items(num_sft)
+    pair_items = training_items(num_pairs)
+    return write_task_files(directory, held_out, sft_items, pair_items, lambda item: instruction(*item),
+                            lambda item: str(sum(item)), lambda item: wrong_answer(rng, *item))
 
 
 if __name__ == "__main__":

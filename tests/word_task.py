@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+from collections.abc import Callable
 
 LETTERS = "abcdefghij"
 OPERATIONS = {
@@ -77,19 +78,27 @@ def write_word_task(directory: str, seed: int = 0, num_sft: int = 3000, num_pair
                 items.append((rng.choice(list(OPERATIONS)), word))
         return items
 
-    def pair(operation: str, word: str) -> dict:
-        return {"messages": [{"role": "user", "content": instruction(operation, word)}],
-                "chosen": OPERATIONS[operation](word), "rejected": wrong_answer(rng, operation, word)}
+    sft_items = training_items(num_sft)
+    pair_items = training_items(num_pairs)
+    return write_task_files(directory, held_out, sft_items, pair_items, lambda item: instruction(*item),
+                            lambda item: OPERATIONS[item[0]](item[1]), lambda item: wrong_answer(rng, *item))
+
+
+def write_task_files(directory: str, held_out: list, sft_items: list, pair_items: list,
+                     prompt: Callable, answer: Callable, wrong: Callable) -> dict[str, str]:
+    """A checkable task's four files in directory from its items (prompt(item), answer(item):
+    the right answer, wrong(item): a wrong one); their paths by name (sft, dpo, held_out, held_out_pairs)."""
+    def pair(item) -> dict:
+        return {"messages": [{"role": "user", "content": prompt(item)}], "chosen": answer(item),
+                "rejected": wrong(item)}
 
     os.makedirs(directory, exist_ok=True)
     paths = {name: os.path.join(directory, f"{name}.jsonl") for name in ("sft", "dpo", "held_out", "held_out_pairs")}
-    write_jsonl(paths["sft"], [{"messages": [{"role": "user", "content": instruction(op, w)},
-                                             {"role": "assistant", "content": OPERATIONS[op](w)}]}
-                               for op, w in training_items(num_sft)])
-    write_jsonl(paths["dpo"], [pair(op, w) for op, w in training_items(num_pairs)])
-    write_jsonl(paths["held_out"], [{"prompt": instruction(op, w), "answer": OPERATIONS[op](w)}
-                                    for op, w in held_out])
-    write_jsonl(paths["held_out_pairs"], [pair(op, w) for op, w in held_out])
+    write_jsonl(paths["sft"], [{"messages": [{"role": "user", "content": prompt(item)},
+                                             {"role": "assistant", "content": answer(item)}]} for item in sft_items])
+    write_jsonl(paths["dpo"], [pair(item) for item in pair_items])
+    write_jsonl(paths["held_out"], [{"prompt": prompt(item), "answer": answer(item)} for item in held_out])
+    write_jsonl(paths["held_out_pairs"], [pair(item) for item in held_out])
     return paths
 
 
