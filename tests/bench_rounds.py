@@ -36,13 +36,11 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
 import torch
-from bench_quality import REPO_ROOT, last_value, pretrain, run_script
+from bench_quality import last_value, pretrain, run_script
 from helpers import format_table
 from sum_task import write_sum_task
 from word_task import write_jsonl, write_word_task
@@ -90,16 +88,10 @@ def write_data(root: str, task: str, seed: int, num_prompts: int, rounds: int) -
 
 
 def run_module(module: str, args: list[str], log_path: str) -> tuple[float, str]:
-    """python -m module args; (seconds, its stderr+stdout)."""
-    start = time.time()
-    with open(log_path, "w") as log:
-        done = subprocess.run([sys.executable, "-m", module] + args, cwd=REPO_ROOT, stdout=log,
-                              stderr=subprocess.STDOUT)
+    """python -m module args, as run_script runs a script; (seconds, its stderr+stdout)."""
+    seconds = run_script("-m", [module, *args], log_path)
     with open(log_path) as log:
-        text = log.read()
-    if done.returncode:
-        raise RuntimeError(f"{module} {shlex.join(args)} failed:\n{text[-3000:]}")
-    return time.time() - start, text
+        return seconds, log.read()
 
 
 def chosen_as_sft(pairs_path: str, out_path: str) -> int:
